@@ -1,0 +1,94 @@
+"""Backend registry: maps a backend name to an implementation of the LARS step.
+
+Every backend implements the same multi-tensor signature as
+``lars._reference.reference_step``; the public API only resolves a name here
+and calls the backend (public API -> dispatch -> backend -> kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from lars._config import LarsConfig
+from lars._reference import reference_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the LARS step.
+
+    Attributes:
+      name: The name users pass as ``backend=``.
+      step: The step function (signature of ``reference_step``).
+      unavailable: Returns None when the backend can run here, else a sentence
+        naming what is missing (no GPU, a package not installed, ...).
+      unsupported: Returns None when the backend handles ``config``, else a
+        sentence naming the option it lacks.
+    """
+
+    name: str
+    step: Callable
+    unavailable: Callable[[], str | None] = lambda: None
+    unsupported: Callable[[LarsConfig], str | None] = lambda config: None
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+# The order "auto" tries backends in, fastest first, per platform. Each entry is
+# backed by a measurement in bench/results/ (the reference is the fallback).
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference",),
+    "gpu": ("reference",),
+    "tpu": ("reference",),
+}
+
+
+def register(backend: Backend) -> None:
+    """Adds ``backend`` to the registry (replacing one of the same name)."""
+    _REGISTRY[backend.name] = backend
+
+
+register(Backend(name="reference", step=reference_step))
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run on this machine."""
+    return [name for name, b in _REGISTRY.items() if b.unavailable() is None]
+
+
+def resolve(name: str, config: LarsConfig, platform: str | None = None) -> Backend:
+    """Returns the backend to use for ``name`` on ``platform``.
+
+    Args:
+      name: "auto" or a registered backend name.
+      config: The hyperparameters; a backend lacking one of the options raises.
+      platform: "cpu", "gpu" or "tpu"; the default JAX backend when None.
+
+    Raises:
+      ValueError: for an unknown name, or a backend that lacks an option.
+      RuntimeError: for a backend that cannot run on this machine.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {name!r}")
+    if name == "auto":
+        if platform is None:
+            import jax
+
+            platform = jax.default_backend()
+        for candidate in _AUTO_ORDER.get(platform, ("reference",)):
+            backend = _REGISTRY.get(candidate)
+            if backend and backend.unavailable() is None and backend.unsupported(config) is None:
+                return backend
+        return _REGISTRY["reference"]
+    if name not in _REGISTRY:
+        known = ", ".join(["auto", *_REGISTRY])
+        raise ValueError(f"unknown backend {name!r}; known backends: {known}")
+    backend = _REGISTRY[name]
+    missing = backend.unavailable()
+    if missing is not None:
+        raise RuntimeError(f"backend {name!r} cannot run here: {missing}")
+    lacking = backend.unsupported(config)
+    if lacking is not None:
+        raise ValueError(f"backend {name!r} does not support this configuration: {lacking}")
+    return backend
