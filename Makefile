@@ -36,6 +36,7 @@ test: lint
 
 demo: $(STAMP)
 	$(VPY) -m examples.digits --quick
+	$(VPY) -m bench --quick
 
 bench: $(STAMP)
 	$(VPY) -m bench
