@@ -74,7 +74,10 @@ def init_state(params: Any) -> LarsState:
     check_params(params)
     return LarsState(
         count=jnp.zeros((), jnp.int32),
-        momentum=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params),
+        # zeros_like keeps a sharded param's sharding for its momentum.
+        momentum=jax.tree.map(
+            lambda p: jnp.zeros_like(p, dtype=compute_dtype(jnp.result_type(p))), params
+        ),
         trust_ratio=jax.tree.map(lambda p: jnp.ones((), jnp.float32), params),
     )
 
