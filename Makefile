@@ -16,9 +16,24 @@ $(VPY):
 	echo "creating $(VENV) with $$py"; \
 	"$$py" -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VPY)
+# The native backend (lars.kernels.native): CMakeLists.txt builds its XLA FFI
+# library into kernels/native/lib/ with the venv's jax headers. cmake and ninja
+# come from PyPI when the machine has no cmake.
+NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
+
+$(STAMP): pyproject.toml $(NATIVE_SRC) | $(VPY)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install -e ".[test,demo,bench]"
+	@cmake="$$(command -v cmake || true)"; \
+	if [ -z "$$cmake" ]; then \
+	  $(VPY) -m pip install cmake ninja && cmake="$(VENV)/bin/cmake"; \
+	fi; \
+	gen=""; if command -v ninja >/dev/null 2>&1 || [ -x "$(VENV)/bin/ninja" ]; then gen="-G Ninja"; fi; \
+	if [ ! -f build/native/CMakeCache.txt ]; then \
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" "$$cmake" -S . -B build/native $$gen \
+	    -DPython3_EXECUTABLE="$(CURDIR)/$(VPY)" || exit 1; \
+	fi; \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" "$$cmake" --build build/native --parallel
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -25,12 +25,17 @@ class Backend:
         naming what is missing (no GPU, a package not installed, ...).
       unsupported: Returns None when the backend handles ``config``, else a
         sentence naming the option it lacks.
+      apply: Optional. The same signature as ``step``, but the first field of
+        the result holds the new params (``optax.apply_updates(params,
+        updates)``, bit for bit) instead of the updates, so a backend can write
+        them over the donated params' buffers; None when it has no such form.
     """
 
     name: str
     step: Callable
     unavailable: Callable[[], str | None] = lambda: None
     unsupported: Callable[[LarsConfig], str | None] = lambda config: None
+    apply: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -50,6 +55,41 @@ def register(backend: Backend) -> None:
 
 
 register(Backend(name="reference", step=reference_step))
+
+
+def _register_native() -> None:
+    """Registers the XLA FFI backend (lars.kernels.native); its library loads lazily."""
+    from lars.kernels import native
+
+    register(
+        Backend(
+            name="native",
+            step=native.step,
+            unavailable=native.unavailable,
+            unsupported=native.unsupported,
+            apply=native.apply,
+        )
+    )
+
+
+_register_native()
+
+
+def _pallas_step(*args, **kwargs):
+    from lars.kernels.pallas import backend
+
+    return backend.pallas_step(*args, **kwargs)
+
+
+def _pallas_unavailable() -> str | None:
+    from lars.kernels.pallas import backend
+
+    return backend.unavailable()
+
+
+# The Pallas kernels (lars.kernels.pallas): Mosaic GPU on Hopper, Mosaic TPU on
+# TPU, interpret mode on a CPU. Imported on first use (Pallas is slow to import).
+register(Backend(name="pallas", step=_pallas_step, unavailable=_pallas_unavailable))
 
 
 def available_backends() -> list[str]:

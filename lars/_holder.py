@@ -30,8 +30,19 @@ def make_holder(value: Any) -> Any:
     return Holder(value)
 
 
+def _has_attr(x: Any, name: str) -> bool:
+    # hasattr() only swallows AttributeError; some containers (brainstate's
+    # FlattedDict) raise KeyError for a missing attribute.
+    try:
+        return hasattr(x, name)
+    except Exception:
+        return False
+
+
 def is_state_object(x: Any) -> bool:
     """True for state objects with a ``.value`` (brainstate.State and the like)."""
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
+    if isinstance(x, (dict, list, tuple)) or x is None:
         return False
-    return hasattr(type(x), "value") or (hasattr(x, "value") and not isinstance(x, dict))
+    if _has_attr(x, "shape") and _has_attr(x, "dtype"):
+        return False
+    return hasattr(type(x), "value") or _has_attr(x, "value")

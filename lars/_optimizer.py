@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +17,26 @@ from lars._holder import is_state_object, make_holder
 from lars._transform import LarsState, apply_lars, init_state, make_spec
 from lars._trees import MaskOrFn, check_like_params, check_params
 from lars.schedules import ConstantLR
+
+
+_STANDARD_DICTS = (dict, collections.OrderedDict, collections.defaultdict)
+
+
+def _plain_dicts(tree: Any) -> Any:
+    """Rebuilds dict subclasses that JAX flattens as custom nodes as plain dicts.
+
+    ``brainstate``'s ``model.states(...)`` is a ``FlattedDict`` (a custom pytree
+    node) while ``brainstate.transform.grad`` returns a plain dict with the same
+    keys; like braintools, the weights are registered as a plain dict.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    if type(tree) in _STANDARD_DICTS:
+        out = copy.copy(tree)
+        for k in out:
+            out[k] = _plain_dicts(out[k])
+        return out
+    return {k: _plain_dicts(v) for k, v in tree.items()}
 
 
 def _is_scheduler(obj: Any) -> bool:
@@ -150,6 +172,7 @@ class Lars:
         Returns:
           ``self``.
         """
+        params = _plain_dicts(params)
         values = self._values_of(params)
         state = init_state(values)
         self._targets = params
@@ -216,6 +239,9 @@ class Lars:
         lr = self.current_lr if self._schedule_fn is None else 0.0
         if not isinstance(lr, jax.core.Tracer):
             check_learning_rate(np.asarray(lr).item(), "lr")
+        # One argument type whatever the scheduler returns (a Python float, a
+        # weakly typed array, ...), so a new rate never retraces the step.
+        lr = jnp.asarray(lr, jnp.float32)
         new_params, new_state = self._jit_step(params, grads, self.opt_state.value, lr)
         self._write_back(new_params)
         self.opt_state.value = new_state

@@ -24,7 +24,10 @@ def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
 
 
 def _dtype(x: Any) -> np.dtype:
-    return jnp.result_type(x) if not hasattr(x, "dtype") else np.dtype(x.dtype)
+    # The dtype the leaf has once on device: with x64 off, a NumPy float64 leaf
+    # becomes float32, so it is compared as float32.
+    dtype = jnp.result_type(x) if not hasattr(x, "dtype") else np.dtype(x.dtype)
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _describe_structure_difference(what: str, tree: Any, ref: Any, ref_name: str) -> str:
@@ -39,6 +42,25 @@ def _describe_structure_difference(what: str, tree: Any, ref: Any, ref_name: str
         parts.append(f"unexpected leaves at {', '.join(extra[:5])}")
     if not missing and not extra:
         parts.append(f"{what}: {treedef}; {ref_name}: {ref_treedef}")
+    return "; ".join(parts)
+
+
+def _describe_mask_difference(name: str, mask: Any, params: Any) -> str:
+    """Names the params no mask leaf covers and the mask leaves matching no params."""
+    m_paths = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(mask)[0]]
+    p_paths = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    covers = lambda m, p: p[: len(m)] == m
+    uncovered = [p for p in p_paths if not any(covers(m, p) for m in m_paths)]
+    unmatched = [m for m in m_paths if not any(covers(m, p) for p in p_paths)]
+    if not uncovered and not unmatched:
+        return _describe_structure_difference(name, mask, params, "params")
+    parts = [f"{name} does not fit the structure of params"]
+    if uncovered:
+        keys = ", ".join(jax.tree_util.keystr(p) or "<root>" for p in uncovered[:5])
+        parts.append(f"no mask entry for params at {keys}")
+    if unmatched:
+        keys = ", ".join(jax.tree_util.keystr(m) or "<root>" for m in unmatched[:5])
+        parts.append(f"mask entries at {keys} match no params")
     return "; ".join(parts)
 
 
@@ -142,7 +164,7 @@ def resolve_mask(mask: MaskOrFn, params: Any, name: str) -> tuple[bool, ...]:
         )
     except (ValueError, TypeError) as e:
         raise ValueError(
-            _describe_structure_difference(name, mask, params, "params")
+            _describe_mask_difference(name, mask, params)
             + " (a mask must be a pytree of bools shaped like params, or a prefix of it)"
         ) from e
     out = [bool(v) for v in jax.tree.leaves(full)]

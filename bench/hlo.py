@@ -1,0 +1,128 @@
+"""What a compiled step costs, read from XLA: kernel launches, memory, bytes.
+
+Launches are counted in the optimized HLO text of the compiled executable
+(``compiled.as_text()``): every instruction of the ENTRY computation is one
+launch (a fusion, a custom call such as a Pallas/Triton kernel or a library
+call, a copy, an unfused op), except the bookkeeping ops that run no code
+(parameter, constant, tuple, get-tuple-element, bitcast, ...). A ``call``
+(e.g. the command-buffer wrapper of the GPU backend) is replaced by the count
+of the computation it calls; a ``while`` or ``conditional`` counts once (its
+body is not unrolled; none of the steps timed here has one).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# Opcodes that launch nothing: they name, pack or reinterpret buffers.
+NO_LAUNCH = frozenset(
+    {
+        "parameter",
+        "constant",
+        "get-tuple-element",
+        "tuple",
+        "bitcast",
+        "after-all",
+        "partition-id",
+        "replica-id",
+        "opt-barrier",
+        "add-dependency",
+    }
+)
+
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_TO_APPLY = re.compile(r"to_apply=%?([\w.\-]+)")
+
+
+def _split_type(rhs: str) -> str:
+    """Drops the result type from ``type opcode(operands), attrs``."""
+    if rhs.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rhs):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rhs[i + 1 :].lstrip()
+        return ""
+    return rhs.split(" ", 1)[1] if " " in rhs else ""
+
+
+def parse_computations(hlo_text: str) -> tuple[str | None, dict[str, list[tuple[str, str]]]]:
+    """Splits HLO text into computations.
+
+    Returns:
+      (name of the ENTRY computation or None, {computation name: [(opcode,
+      instruction line), ...]}).
+    """
+    entry, comps, current = None, {}, None
+    for raw in hlo_text.splitlines():
+        line = raw.strip()
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and "=" not in line.split("{", 1)[0].split("(", 1)[0]:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line == "}":
+            current = None
+            continue
+        if " = " not in line:
+            continue
+        rhs = line.removeprefix("ROOT ").split(" = ", 1)[1]
+        rest = _split_type(rhs)
+        opcode = rest.split("(", 1)[0].strip()
+        if opcode:
+            comps[current].append((opcode, line))
+    return entry, comps
+
+
+def count_launches(hlo_text: str) -> int:
+    """Kernel launches per execution of a compiled program (see the module doc).
+
+    Raises:
+      ValueError: if the text has no ENTRY computation.
+    """
+    entry, comps = parse_computations(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    def count(name: str, depth: int) -> int:
+        total = 0
+        for opcode, line in comps.get(name, []):
+            if opcode in NO_LAUNCH:
+                continue
+            callee = _TO_APPLY.search(line)
+            if opcode == "call" and callee and depth < 8:
+                total += count(callee.group(1), depth + 1)
+            else:
+                total += 1
+        return total
+
+    return count(entry, 0)
+
+
+def cost_bytes_accessed(compiled: Any) -> float:
+    """XLA's own estimate of the bytes the program reads and writes (NaN if none)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:
+        return float("nan")
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "bytes accessed" not in cost:
+        return float("nan")
+    return float(cost["bytes accessed"])
+
+
+def temp_bytes(compiled: Any) -> float:
+    """``memory_analysis().temp_size_in_bytes`` of the compiled program (NaN if none)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:
+        return float("nan")
+    if stats is None:
+        return float("nan")
+    return float(stats.temp_size_in_bytes)

@@ -1,0 +1,199 @@
+"""Measures one workload with one gradient dtype: every step, one row each."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import steps, timing
+from bench.workloads import Workload
+
+# Row dtype label -> gradient dtype (params and momentum are always float32).
+DTYPES: dict[str, Any] = {"fp32": jnp.float32, "bf16-grads": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How long to time each step.
+
+    Attributes:
+      warmup: Untimed steps per runner after the first.
+      rounds: Samples per runner.
+      min_sample_s: Shortest sample (see ``bench.timing``).
+      budget_s: Stop sampling a workload after this many seconds (>= 3 rounds).
+      slow_factor: A backend whose step takes more than this many times
+        optax's is timed on one step and skipped on the larger workloads that
+        follow (0: never).
+    """
+
+    warmup: int = 5
+    rounds: int = 30
+    min_sample_s: float = 0.02
+    budget_s: float = 30.0
+    slow_factor: float = 25.0
+
+
+def bytes_per_param(dtype: str) -> int:
+    """Bytes a LARS step must move per parameter: read w, g, v, write w, v."""
+    grad_bytes = np.dtype(DTYPES[dtype]).itemsize
+    return 4 + grad_bytes + 4 + 4 + 4
+
+
+def host_arrays(
+    shapes: Sequence[tuple[int, ...]], dtype: Any, scale: float, phase: float
+) -> list[np.ndarray]:
+    """Deterministic, varied values on the host, one array per shape.
+
+    Array ``j`` holds ``scale * sin(0.7 * i + phase + j)`` for element ``i``:
+    values spread over [-scale, scale] with non-zero norms, cheap to make and
+    the same on every machine.
+    """
+    out = []
+    for j, shape in enumerate(shapes):
+        i = np.arange(math.prod(shape), dtype=np.float32)
+        values = scale * np.sin(np.float32(0.7) * i + np.float32(phase + j))
+        out.append(values.astype(dtype).reshape(shape))
+    return out
+
+
+def _error(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def measure(
+    workload: Workload,
+    dtype: str,
+    backends: Sequence[str],
+    settings: Settings,
+    skip: Mapping[str, str] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Times optax, each backend and the copy floor on one workload.
+
+    Args:
+      workload: The parameter shapes.
+      dtype: A key of ``DTYPES``.
+      backends: ``lars`` backend names.
+      settings: Timing settings.
+      skip: Backends not to run, with the reason (it goes into ``note``).
+
+    Returns:
+      (rows, slow). ``rows``: one dict of the measured columns of
+      ``bench.report.COLUMNS`` per step: "optax", each backend, "copy". A
+      backend that fails to compile or run, or is skipped, gets a row with NaN
+      figures and the reason in ``note``. ``slow``: the backends whose second
+      step took more than ``settings.slow_factor`` times optax's, with the
+      reason; they are timed on that one step only (``samples`` = 1).
+    """
+    skip = dict(skip or {})
+    # float32 params (scale 0.05) and gradients (scale 1e-3); every step gets
+    # its own device copy of the params (device_put copies), the grads are shared.
+    params0 = host_arrays(workload.shapes, np.float32, 0.05, 0.0)
+    grads = jax.device_put(host_arrays(workload.shapes, DTYPES[dtype], 1e-3, 0.5))
+    moved = workload.n_params * bytes_per_param(dtype)
+    names = [steps.OPTAX, *backends]
+    runners: dict[str, steps.Runner] = {}
+    notes: dict[str, str] = {n: f"skipped: {skip[n]}" for n in backends if n in skip}
+    diffs: dict[str, float] = {}
+    for name in names:
+        if name in notes:
+            continue
+        try:
+            runners[name] = steps.lars_runner(name, jax.device_put(params0), grads)
+        except Exception as e:
+            if name == steps.OPTAX:
+                raise
+            notes[name] = "compile failed: " + _error(e)
+    runners[steps.COPY] = steps.copy_runner(moved)
+
+    # First step of each, from the same params: the updates must agree with optax.
+    runners[steps.OPTAX].run(1)
+    reference = steps.first_update(runners[steps.OPTAX], params0)
+    diffs[steps.OPTAX] = 0.0
+    for name in backends:
+        if name not in runners:
+            continue
+        try:
+            runners[name].run(1)
+            diffs[name] = steps.rel_diff(runners[name], params0, reference)
+        except Exception as e:
+            notes[name] = "run failed: " + _error(e)
+            runners.pop(name).release()
+    runners[steps.COPY].run(1)
+    del reference, params0
+    copy = runners[steps.COPY]
+    if not np.isnan(copy.bytes_xla) and copy.bytes_xla < 0.99 * 2 * (moved // 8) * 4:
+        notes[steps.COPY] = f"XLA reports only {copy.bytes_xla:.0f} bytes accessed"
+
+    # A second step of each: a backend far slower than optax is timed on it alone.
+    second = {name: timing.clock(r, 1) for name, r in runners.items()}
+    slow: dict[str, str] = {}
+    timings: dict[str, timing.Timing] = {}
+    if settings.slow_factor > 0:
+        limit = settings.slow_factor * max(second[steps.OPTAX], 1e-4)
+        for name in backends:
+            if name in runners and second[name] > limit:
+                ratio = second[name] / second[steps.OPTAX]
+                slow[name] = f"{ratio:.0f}x slower than optax on {workload.name} {dtype}"
+                notes[name] = f"slow: one step timed ({ratio:.0f}x optax's)"
+                timings[name] = timing.Timing.of([second[name]], 1)
+    timings.update(
+        timing.time_runners(
+            [r for name, r in runners.items() if name not in slow],
+            warmup=settings.warmup,
+            rounds=settings.rounds,
+            min_sample_s=settings.min_sample_s,
+            budget_s=settings.budget_s,
+        )
+    )
+    copy_s = timings[steps.COPY].median
+    optax_s = timings[steps.OPTAX].median
+    rows = []
+    for name in [*names, steps.COPY]:
+        row: dict[str, Any] = {
+            "workload": workload.name,
+            "group": workload.group,
+            "dtype": dtype,
+            "backend": name,
+            "n_arrays": workload.n_arrays,
+            "n_params": workload.n_params,
+            "param_bytes": 4 * workload.n_params,
+            "bytes_moved": moved,
+            "note": notes.get(name, ""),
+        }
+        t = timings.get(name)
+        r = runners.get(name)
+        if t is None or r is None:
+            rows.append(row)
+            continue
+        row.update(
+            median_ms=1e3 * t.median,
+            p25_ms=1e3 * t.p25,
+            p75_ms=1e3 * t.p75,
+            min_ms=1e3 * t.min,
+            max_ms=1e3 * t.max,
+            samples=t.samples,
+            steps_per_sample=t.steps_per_sample,
+            gb_per_s=moved / t.median / 1e9,
+            copy_gb_per_s=moved / copy_s / 1e9,
+            frac_of_copy=copy_s / t.median,
+            speedup_vs_optax=optax_s / t.median,
+            launches=r.launches,
+            compile_s=r.compile_s,
+            temp_bytes=r.temp_bytes,
+            bytes_xla=r.bytes_xla,
+            rel_diff_vs_optax=diffs.get(name, float("nan")),
+        )
+        rows.append(row)
+    for r in runners.values():
+        r.release()
+    runners.clear()
+    gc.collect()
+    return rows, slow

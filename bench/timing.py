@@ -1,0 +1,101 @@
+"""Timing compiled steps side by side.
+
+Each sample runs ``k`` steps back to back (each step's outputs feed the next,
+as in training) and waits for the last one with ``block_until_ready``; the
+sample's time over ``k`` is one per-step time. ``k`` is chosen per step so a
+sample lasts at least ``min_sample_s`` (1 for any step slower than that).
+The runners take turns, one sample each per round, in an order that rotates
+from round to round, so a change in the machine's load touches them alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from bench.steps import Runner
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Per-step times of one runner, in seconds.
+
+    Attributes:
+      median, p25, p75, min, max: Statistics of the samples' per-step times.
+      samples: The number of samples.
+      steps_per_sample: ``k``.
+    """
+
+    median: float
+    p25: float
+    p75: float
+    min: float
+    max: float
+    samples: int
+    steps_per_sample: int
+
+    @classmethod
+    def of(cls, per_step: Sequence[float], k: int) -> Timing:
+        """Statistics of ``per_step`` times."""
+        a = np.asarray(per_step, dtype=np.float64)
+        return cls(
+            median=float(np.median(a)),
+            p25=float(np.percentile(a, 25)),
+            p75=float(np.percentile(a, 75)),
+            min=float(a.min()),
+            max=float(a.max()),
+            samples=int(a.size),
+            steps_per_sample=k,
+        )
+
+
+def clock(runner: Runner, steps: int) -> float:
+    """Seconds to run ``steps`` steps and wait for the last."""
+    start = time.perf_counter()
+    runner.run(steps)
+    return time.perf_counter() - start
+
+
+def time_runners(
+    runners: Sequence[Runner],
+    *,
+    warmup: int,
+    rounds: int,
+    min_sample_s: float,
+    max_steps_per_sample: int = 200,
+    budget_s: float | None = None,
+) -> dict[str, Timing]:
+    """Times the runners' steps, interleaved (see the module doc).
+
+    Args:
+      runners: Compiled steps, already run once.
+      warmup: Untimed steps per runner first.
+      rounds: Samples per runner (fewer if ``budget_s`` runs out, at least 3).
+      min_sample_s: The shortest a sample should last.
+      max_steps_per_sample: Upper bound on ``k``.
+      budget_s: Stop taking rounds after this many seconds (after 3 rounds).
+
+    Returns:
+      {runner name: Timing}.
+    """
+    steps_per_sample = {}
+    for r in runners:
+        if warmup:
+            r.run(warmup)
+        one = min(clock(r, 1) for _ in range(2))
+        k = 1 if one >= min_sample_s else math.ceil(min_sample_s / max(one, 1e-7))
+        steps_per_sample[r.name] = max(1, min(k, max_steps_per_sample))
+    per_step: dict[str, list[float]] = {r.name: [] for r in runners}
+    start = time.perf_counter()
+    for i in range(rounds):
+        shift = i % len(runners)
+        for r in [*runners[shift:], *runners[:shift]]:
+            k = steps_per_sample[r.name]
+            per_step[r.name].append(clock(r, k) / k)
+        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: Timing.of(ts, steps_per_sample[name]) for name, ts in per_step.items()}

@@ -1,0 +1,371 @@
+"""The native LARS backend: one XLA FFI custom call does the step for all leaves.
+
+The C++ handler (``lars_cpu.cc``) and, when built with a CUDA compiler, the
+CUDA handler (``lars_cuda.cu``) are compiled by the top-level CMakeLists.txt
+into ``lib/`` beside this file (``make venv`` does it). Without the library the
+package still imports and the other backends work; ``unavailable()`` then says
+why "native" cannot run.
+
+Numerics: the elementwise arithmetic is the reference's, in the same dtypes and
+order (float32, or float64 for float64 params; no fused multiply-adds). The
+per-leaf sums of squares are accumulated in float64 in a fixed order (fixed
+chunks of 65,536 elements, 16 lanes, partials added in chunk order), so the
+norms are at least as accurate as the reference's float32 reductions, and the
+results are bitwise identical from run to run, whatever the number of threads.
+
+Two entry points share the handler:
+
+* :func:`step` has the signature of ``lars._reference.reference_step`` and
+  returns updates (written over the gradients' buffers when their dtype is the
+  params', so a step inside a jitted training step needs no new buffer);
+* :func:`apply` returns the new params instead, written in place over the
+  params' buffers: with params and state donated to ``jax.jit``, the step
+  moves each byte once (read w, g, v; write w, v) and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lars._config import LarsConfig
+from lars._reference import StepResult, compute_dtype
+
+TARGET = "lars_native_step"
+LIB_DIR = Path(__file__).resolve().parent / "lib"
+CPU_LIBRARY = "liblars_native_cpu.so"
+CUDA_LIBRARY = "liblars_native_cuda.so"
+
+# (params dtype, grads dtype) pairs the handlers implement.
+SUPPORTED_DTYPES = {
+    (np.dtype(jnp.float32), np.dtype(jnp.float32)),
+    (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)),
+    (np.dtype(jnp.float32), np.dtype(jnp.float16)),
+    (np.dtype(jnp.bfloat16), np.dtype(jnp.bfloat16)),
+    (np.dtype(jnp.float16), np.dtype(jnp.float16)),
+    (np.dtype(jnp.float64), np.dtype(jnp.float64)),
+    (np.dtype(jnp.float64), np.dtype(jnp.bfloat16)),
+    (np.dtype(jnp.float64), np.dtype(jnp.float16)),
+}
+
+_HYPERPARAMETERS = (
+    "momentum",
+    "weight_decay",
+    "trust_coefficient",
+    "eps",
+    "trust_clip",
+    "grad_clip_norm",
+    "grad_clip_value",
+)
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+_num_threads = 0
+
+
+def _load() -> dict[str, Any]:
+    """Loads the libraries once and registers the FFI targets; returns the state.
+
+    The state holds ``cpu`` (the CPU library or None), ``cuda`` (likewise) and
+    ``cpu_error`` / ``cuda_error`` (why a library is missing).
+    """
+    with _lock:
+        if _state:
+            return _state
+        state: dict[str, Any] = {"cpu": None, "cuda": None}
+        cpu_path = LIB_DIR / CPU_LIBRARY
+        if not cpu_path.exists():
+            state["cpu_error"] = (
+                f"the native library is not built ({cpu_path.name} is missing from "
+                "lars/kernels/native/lib); build it with `make venv` or "
+                "`cmake -S . -B build/native && cmake --build build/native`"
+            )
+        else:
+            try:
+                lib = ctypes.CDLL(str(cpu_path))
+                jax.ffi.register_ffi_target(
+                    TARGET, jax.ffi.pycapsule(lib.LarsNativeStepCpu), platform="cpu"
+                )
+                lib.LarsNativeCpuIsa.restype = ctypes.c_char_p
+                lib.LarsNativeSetCpuIsa.argtypes = [ctypes.c_char_p]
+                lib.LarsNativeSetCpuIsa.restype = ctypes.c_int
+                state["cpu"] = lib
+            except (OSError, AttributeError) as e:
+                state["cpu_error"] = f"the native library failed to load: {e}"
+        cuda_path = LIB_DIR / CUDA_LIBRARY
+        if not cuda_path.exists():
+            state["cuda_error"] = (
+                "the CUDA handler is not built (no CUDA compiler was found when the "
+                "native library was built)"
+            )
+        else:
+            try:
+                lib = ctypes.CDLL(str(cuda_path))
+                jax.ffi.register_ffi_target(
+                    TARGET, jax.ffi.pycapsule(lib.LarsNativeStepCuda), platform="CUDA"
+                )
+                state["cuda"] = lib
+            except (OSError, AttributeError) as e:
+                state["cuda_error"] = f"the CUDA handler failed to load: {e}"
+        _state.update(state)
+        return _state
+
+
+def unavailable(platform: str | None = None) -> str | None:
+    """None when the native step can run on ``platform``, else the reason.
+
+    Args:
+      platform: "cpu", "gpu" or "tpu"; the default JAX backend when None.
+    """
+    state = _load()
+    if platform is None:
+        platform = jax.default_backend()
+    if platform == "cpu":
+        return None if state["cpu"] is not None else state["cpu_error"]
+    if platform in ("gpu", "cuda"):
+        return None if state["cuda"] is not None else state["cuda_error"]
+    return f"the native backend has no handler for the {platform!r} platform"
+
+
+def unsupported(config: LarsConfig) -> str | None:
+    """None when the native step implements ``config``, else a sentence naming why.
+
+    Every option of ``LarsConfig`` is implemented; hyperparameters must be
+    concrete numbers (they become attributes of the compiled call), so traced
+    values (e.g. under ``optax.inject_hyperparams``) are not supported.
+    """
+    for name in _HYPERPARAMETERS:
+        value = getattr(config, name)
+        if isinstance(value, jax.core.Tracer):
+            return (
+                f"{name} is a traced value; the native backend compiles hyperparameters "
+                "into the call (only the learning rate may change from step to step)"
+            )
+    return None
+
+
+def set_num_threads(n: int) -> None:
+    """Sets how many threads the CPU handler uses (0: XLA's intra-op pool size).
+
+    Applies to functions traced afterwards (the count is an attribute of the
+    compiled call). Results do not depend on it.
+    """
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"num_threads must be a non-negative int, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The thread count set by :func:`set_num_threads` (0: automatic)."""
+    return _num_threads
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU loops use: "avx512", "avx2" or "base"."""
+    lib = _require_cpu()
+    name = lib.LarsNativeCpuIsa().decode()
+    return name.removeprefix("isa_")
+
+
+def set_cpu_isa(name: str) -> None:
+    """Forces the CPU loops of an instruction set ("avx512", "avx2" or "base").
+
+    Raises:
+      ValueError: if that set was not compiled or the processor lacks it.
+    """
+    lib = _require_cpu()
+    if lib.LarsNativeSetCpuIsa(name.encode()) != 0:
+        raise ValueError(f"instruction set {name!r} is not available on this machine")
+
+
+def _require_cpu() -> Any:
+    state = _load()
+    if state["cpu"] is None:
+        raise RuntimeError(f"native backend unavailable: {state['cpu_error']}")
+    return state["cpu"]
+
+
+def _check_leaves(
+    params: Sequence[jax.Array], grads: Sequence[jax.Array], momentum: Sequence[jax.Array]
+) -> None:
+    if not (len(params) == len(grads) == len(momentum)):
+        raise ValueError(
+            f"params, grads and momentum have {len(params)}, {len(grads)} and "
+            f"{len(momentum)} leaves"
+        )
+    for i, (p, g, v) in enumerate(zip(params, grads, momentum, strict=True)):
+        if not (p.shape == g.shape == v.shape):
+            raise ValueError(
+                f"leaf {i}: params {p.shape}, grads {g.shape} and momentum {v.shape} differ "
+                "in shape"
+            )
+        pair = (np.dtype(p.dtype), np.dtype(g.dtype))
+        if pair not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"leaf {i}: the native backend does not support {pair[0]} params with "
+                f"{pair[1]} gradients"
+            )
+        if np.dtype(v.dtype) != np.dtype(compute_dtype(p.dtype)):
+            raise TypeError(
+                f"leaf {i}: momentum has dtype {v.dtype}, expected "
+                f"{np.dtype(compute_dtype(p.dtype))} for {p.dtype} params"
+            )
+
+
+def _attr(value: Any) -> np.float64:
+    return np.float64(0.0 if value is None else float(value))
+
+
+def _call(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    apply_in_place: bool,
+    num_threads: int | None = None,
+) -> StepResult:
+    """The FFI call behind :func:`step` and :func:`apply`."""
+    lacking = unsupported(config)
+    if lacking is not None:
+        raise ValueError(f"backend 'native' does not support this configuration: {lacking}")
+    params = [jnp.asarray(p) for p in params]
+    grads = [jnp.asarray(g) for g in grads]
+    momentum = [jnp.asarray(v) for v in momentum]
+    _check_leaves(params, grads, momentum)
+    n = len(params)
+    if len(decay_mask) != n or len(trust_mask) != n:
+        raise ValueError(
+            f"decay_mask and trust_mask need one bool per leaf ({n}), got "
+            f"{len(decay_mask)} and {len(trust_mask)}"
+        )
+    if n == 0:
+        return StepResult([], [], [])
+    lr = jnp.asarray(lr, jnp.float32)
+    if lr.shape != ():
+        raise ValueError(f"lr must be a scalar, got shape {lr.shape}")
+
+    out_types = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+    out_types += [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in momentum]
+    out_types += [jax.ShapeDtypeStruct((), jnp.float32)] * n
+    # Operands: lr, params, grads, momentum. Results: out, momentum, ratios.
+    aliases = {1 + 2 * n + i: n + i for i in range(n)}
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if apply_in_place:
+            aliases[1 + i] = i
+        elif g.dtype == p.dtype:
+            aliases[1 + n + i] = i
+    call = jax.ffi.ffi_call(
+        TARGET,
+        out_types,
+        input_output_aliases=aliases,
+        vmap_method="sequential",
+    )
+    threads = _num_threads if num_threads is None else num_threads
+    results = call(
+        lr,
+        *params,
+        *grads,
+        *momentum,
+        momentum=_attr(config.momentum),
+        weight_decay=_attr(config.weight_decay),
+        trust_coefficient=_attr(config.trust_coefficient),
+        eps=_attr(config.eps),
+        trust_clip=_attr(config.trust_clip),
+        grad_clip_norm=_attr(config.grad_clip_norm),
+        grad_clip_value=_attr(config.grad_clip_value),
+        nesterov=np.bool_(config.nesterov),
+        lr_inside_momentum=np.bool_(config.lr_inside_momentum),
+        apply=np.bool_(apply_in_place),
+        decay_mask=np.asarray(decay_mask, np.uint8),
+        trust_mask=np.asarray(trust_mask, np.uint8),
+        num_threads=np.int64(threads),
+    )
+    return StepResult(list(results[:n]), list(results[n : 2 * n]), list(results[2 * n :]))
+
+
+def step(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+) -> StepResult:
+    """One LARS step over all leaves in one native call; returns updates.
+
+    Same signature and result as ``lars._reference.reference_step``.
+
+    Raises:
+      ValueError, TypeError: for mismatched leaves or an unsupported dtype pair.
+      RuntimeError: when the native library is not built.
+    """
+    _require_cpu_or_cuda()
+    return _call(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        apply_in_place=False,
+    )
+
+
+def apply(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+) -> StepResult:
+    """Like :func:`step`, but the first field holds the new params, not updates.
+
+    The new params equal ``optax.apply_updates(params, updates)`` bit for bit;
+    they are written over the params' buffers (donate them to ``jax.jit``).
+    """
+    _require_cpu_or_cuda()
+    return _call(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        apply_in_place=True,
+    )
+
+
+def _require_cpu_or_cuda() -> None:
+    state = _load()
+    if state["cpu"] is None and state["cuda"] is None:
+        raise RuntimeError(f"native backend unavailable: {state['cpu_error']}")
+
+
+def bytes_per_step(params: Sequence[Any], grads: Sequence[Any]) -> int:
+    """The ideal memory traffic of one in-place step: read w, g, v; write w, v."""
+    total = 0
+    for p, g in zip(params, grads, strict=True):
+        size = math.prod(np.shape(p))
+        v_bytes = np.dtype(compute_dtype(p.dtype)).itemsize
+        total += size * (2 * np.dtype(p.dtype).itemsize + np.dtype(g.dtype).itemsize + 2 * v_bytes)
+    return total

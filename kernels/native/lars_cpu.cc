@@ -1,0 +1,441 @@
+// XLA FFI handler for the CPU: one custom call performs the LARS step on all
+// leaves (the "multi-tensor" step).
+//
+// Work is cut into items that any worker may take, in list order, from a shared
+// counter (the calling thread and `num_threads - 1` tasks on XLA's intra-op
+// thread pool):
+//   * small leaves (<= kSmallLeaf elements): one item computes the sums, the
+//     trust ratio and the update, so the update pass reads the leaf from cache;
+//   * large leaves: one item per kChunk elements computes partial sums; the
+//     worker that finishes the last one adds the partials in chunk order and
+//     computes the ratio; the leaf's update items are queued one large leaf
+//     later, so they rarely wait and mostly hit the last-level cache;
+//   * with grad_clip_norm, a first round of items sums g^2 for the global norm,
+//     and every item of the main round waits for it.
+// Every reduction has a fixed order (fixed chunks, fixed lanes, partials added
+// in index order), so results are bitwise identical from run to run and do not
+// depend on the number of threads or on which worker ran which item.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LARS_PAUSE() _mm_pause()
+#else
+#define LARS_PAUSE() std::this_thread::yield()
+#endif
+
+#include "lars_common.h"
+#include "lars_cpu_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace lars_native {
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Instruction-set selection.
+
+std::atomic<const CpuKernels*> g_kernels{nullptr};
+
+const CpuKernels* KernelsByName(const std::string& name) {
+  if (name == "base") return &isa_base::Kernels();
+#if defined(LARS_HAVE_AVX2)
+  if (name == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    return &isa_avx2::Kernels();
+  }
+#endif
+#if defined(LARS_HAVE_AVX512)
+  if (name == "avx512" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c")) {
+    return &isa_avx512::Kernels();
+  }
+#endif
+  return nullptr;
+}
+
+const CpuKernels& ActiveKernels() {
+  const CpuKernels* k = g_kernels.load(std::memory_order_acquire);
+  if (k != nullptr) return *k;
+  for (const char* name : {"avx512", "avx2", "base"}) {
+    k = KernelsByName(name);
+    if (k != nullptr) break;
+  }
+  g_kernels.store(k, std::memory_order_release);
+  return *k;
+}
+
+// ---------------------------------------------------------------------------
+// The work list.
+
+enum Kind : uint8_t { kSq, kSmall, kSum, kUpd };
+
+struct Item {
+  Kind kind;
+  int32_t leaf;
+  int64_t begin;
+  int64_t end;
+  int32_t slot;    // partial-sum slot (kSq, kSum)
+  int32_t wait;    // group that must be ready first, or -1
+  int32_t signal;  // group this item counts towards, or -1
+};
+
+struct Group {
+  std::atomic<int32_t> remaining{0};
+  std::atomic<uint8_t> ready{0};
+  int32_t leaf = -1;  // -1: the global gradient norm
+  int32_t first_slot = 0;
+  int32_t num_slots = 0;
+};
+
+struct Job {
+  const CpuKernels* kernels = nullptr;
+  Hyper hyper;
+  StepScalars scalars;
+  std::vector<LeafView> leaves;
+  std::vector<float*> ratio_out;
+  std::vector<double> ratio;  // per leaf, a value of the leaf's compute dtype
+  std::vector<Item> items;
+  std::unique_ptr<Group[]> groups;
+  std::vector<double> sq_slots;
+  std::vector<double> sum_slots;  // two per slot: sum w^2, sum g^2
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+inline void SpinUntil(const std::atomic<uint8_t>& flag) {
+  for (int spins = 0; flag.load(std::memory_order_acquire) == 0; ++spins) {
+    if (spins < 2048) {
+      LARS_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+double LeafRatio(const Job& job, int32_t leaf, double sum_w2, double sum_g2) {
+  const LeafView& lv = job.leaves[leaf];
+  if (lv.p == kF64) return trust_ratio<double>(sum_w2, sum_g2, lv.trust, job.hyper);
+  return static_cast<double>(trust_ratio<float>(sum_w2, sum_g2, lv.trust, job.hyper));
+}
+
+void SetRatio(Job& job, int32_t leaf, double r) {
+  job.ratio[leaf] = r;
+  *job.ratio_out[leaf] = static_cast<float>(r);
+}
+
+void Finalize(Job& job, int32_t group_index) {
+  const Group& grp = job.groups[group_index];
+  if (grp.leaf < 0) {
+    double total = 0.0;
+    for (int32_t k = 0; k < grp.num_slots; ++k) total += job.sq_slots[grp.first_slot + k];
+    job.scalars.global_norm = std::sqrt(total);
+    return;
+  }
+  double sw = 0.0, sg = 0.0;
+  for (int32_t k = 0; k < grp.num_slots; ++k) {
+    sw += job.sum_slots[2 * (grp.first_slot + k)];
+    sg += job.sum_slots[2 * (grp.first_slot + k) + 1];
+  }
+  SetRatio(job, grp.leaf, LeafRatio(job, grp.leaf, sw, sg));
+}
+
+void Execute(Job& job, const Item& it) {
+  const LeafView& leaf = job.leaves[it.leaf];
+  const CpuKernels& k = *job.kernels;
+  switch (it.kind) {
+    case kSq:
+      k.sum_g2(leaf, it.begin, it.end, &job.sq_slots[it.slot]);
+      break;
+    case kSmall: {
+      double r = 1.0;
+      if (leaf.trust) {
+        double s[2];
+        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, s);
+        r = LeafRatio(job, it.leaf, s[0], s[1]);
+      }
+      SetRatio(job, it.leaf, r);
+      k.update(leaf, it.begin, it.end, job.hyper, job.scalars, r);
+      break;
+    }
+    case kSum:
+      k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, &job.sum_slots[2 * it.slot]);
+      break;
+    case kUpd:
+      k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.ratio[it.leaf]);
+      break;
+  }
+}
+
+void RunItems(Job& job) {
+  const int64_t n = static_cast<int64_t>(job.items.size());
+  for (;;) {
+    const int64_t index = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (index >= n) return;
+    const Item& it = job.items[index];
+    if (it.wait >= 0) SpinUntil(job.groups[it.wait].ready);
+    Execute(job, it);
+    if (it.signal >= 0) {
+      Group& grp = job.groups[it.signal];
+      if (grp.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        Finalize(job, it.signal);
+        grp.ready.store(1, std::memory_order_release);
+      }
+    }
+    job.done.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+int64_t NumChunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// Builds the work list (see the top of this file).
+void BuildItems(Job& job) {
+  const int32_t num_leaves = static_cast<int32_t>(job.leaves.size());
+  const bool clip = job.hyper.has_clip_norm;
+  int32_t num_groups = clip ? 1 : 0;
+  for (const LeafView& lv : job.leaves) {
+    if (lv.trust && lv.n > kSmallLeaf) ++num_groups;
+  }
+  job.groups.reset(new Group[num_groups]);
+  int32_t next_group = 0;
+  const int32_t global = clip ? next_group++ : -1;
+
+  if (clip) {
+    Group& grp = job.groups[global];
+    grp.leaf = -1;
+    int32_t slots = 0;
+    for (int32_t i = 0; i < num_leaves; ++i) {
+      const int64_t n = job.leaves[i].n;
+      for (int64_t c = 0; c < NumChunks(n); ++c) {
+        job.items.push_back(Item{kSq, i, c * kChunk, std::min(n, (c + 1) * kChunk), slots++,
+                                 -1, global});
+      }
+    }
+    grp.num_slots = slots;
+    grp.remaining.store(slots, std::memory_order_relaxed);
+    job.sq_slots.assign(slots, 0.0);
+    if (slots == 0) grp.ready.store(1, std::memory_order_relaxed);
+  }
+
+  int32_t sum_slots = 0;
+  int32_t pending_leaf = -1, pending_group = -1;
+  auto emit_updates = [&](int32_t leaf, int32_t wait) {
+    const int64_t n = job.leaves[leaf].n;
+    for (int64_t c = 0; c < NumChunks(n); ++c) {
+      job.items.push_back(
+          Item{kUpd, leaf, c * kChunk, std::min(n, (c + 1) * kChunk), -1, wait, -1});
+    }
+  };
+  for (int32_t i = 0; i < num_leaves; ++i) {
+    const LeafView& lv = job.leaves[i];
+    if (lv.n == 0) {
+      SetRatio(job, i, LeafRatio(job, i, 0.0, 0.0));  // 1, or trust_clip when below 1
+      continue;
+    }
+    if (lv.n <= kSmallLeaf) {
+      job.items.push_back(Item{kSmall, i, 0, lv.n, -1, global, -1});
+      continue;
+    }
+    if (!lv.trust) {
+      SetRatio(job, i, 1.0);
+      emit_updates(i, global);
+      continue;
+    }
+    const int32_t g = next_group++;
+    Group& grp = job.groups[g];
+    grp.leaf = i;
+    grp.first_slot = sum_slots;
+    grp.num_slots = static_cast<int32_t>(NumChunks(lv.n));
+    grp.remaining.store(grp.num_slots, std::memory_order_relaxed);
+    for (int64_t c = 0; c < NumChunks(lv.n); ++c) {
+      job.items.push_back(Item{kSum, i, c * kChunk, std::min(lv.n, (c + 1) * kChunk),
+                               sum_slots++, global, g});
+    }
+    if (pending_leaf >= 0) emit_updates(pending_leaf, pending_group);
+    pending_leaf = i;
+    pending_group = g;
+  }
+  if (pending_leaf >= 0) emit_updates(pending_leaf, pending_group);
+  job.sum_slots.assign(2 * static_cast<size_t>(sum_slots), 0.0);
+}
+
+Dtype ToDtype(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32:
+      return kF32;
+    case ffi::DataType::F64:
+      return kF64;
+    case ffi::DataType::BF16:
+      return kBF16;
+    case ffi::DataType::F16:
+      return kF16;
+    default:
+      return kBadDtype;
+  }
+}
+
+ffi::Error Invalid(const std::string& message) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "lars native step: " + message);
+}
+
+ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs args,
+                   ffi::RemainingRets rets, double momentum, double weight_decay,
+                   double trust_coefficient, double eps, double trust_clip,
+                   double grad_clip_norm, double grad_clip_value, bool nesterov,
+                   bool lr_inside_momentum, bool apply, ffi::Span<const uint8_t> decay_mask,
+                   ffi::Span<const uint8_t> trust_mask, int64_t num_threads) {
+  const size_t num_leaves = decay_mask.size();
+  if (trust_mask.size() != num_leaves) return Invalid("mask lengths differ");
+  if (args.size() != 3 * num_leaves || rets.size() != 3 * num_leaves) {
+    return Invalid("expected 3 operands and 3 results per leaf");
+  }
+  if (lr.element_count() != 1 || lr.element_type() != ffi::DataType::F32) {
+    return Invalid("the learning rate must be a float32 scalar");
+  }
+
+  auto job = std::make_shared<Job>();
+  job->kernels = &ActiveKernels();
+  Hyper& h = job->hyper;
+  h.momentum = momentum;
+  h.weight_decay = weight_decay;
+  h.trust_coefficient = trust_coefficient;
+  h.eps = eps;
+  h.has_trust_clip = trust_clip > 0.0;
+  h.trust_clip = trust_clip;
+  h.has_clip_norm = grad_clip_norm > 0.0;
+  h.grad_clip_norm = grad_clip_norm;
+  h.has_clip_value = grad_clip_value > 0.0;
+  h.grad_clip_value = grad_clip_value;
+  h.nesterov = nesterov;
+  h.lr_inside = lr_inside_momentum;
+  h.apply = apply;
+  job->scalars.lr = static_cast<double>(*static_cast<const float*>(lr.untyped_data()));
+
+  job->leaves.resize(num_leaves);
+  job->ratio_out.resize(num_leaves);
+  job->ratio.assign(num_leaves, 1.0);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    auto w = args.get<ffi::AnyBuffer>(i);
+    auto g = args.get<ffi::AnyBuffer>(num_leaves + i);
+    auto v = args.get<ffi::AnyBuffer>(2 * num_leaves + i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    auto v_out = rets.get<ffi::AnyBuffer>(num_leaves + i);
+    auto r_out = rets.get<ffi::AnyBuffer>(2 * num_leaves + i);
+    if (!w.has_value() || !g.has_value() || !v.has_value() || !out.has_value() ||
+        !v_out.has_value() || !r_out.has_value()) {
+      return Invalid("an operand or result is not a buffer");
+    }
+    LeafView& lv = job->leaves[i];
+    lv.n = static_cast<int64_t>(w->element_count());
+    lv.p = ToDtype(w->element_type());
+    lv.gt = ToDtype(g->element_type());
+    const Dtype vt = ToDtype(v->element_type());
+    const std::string where = "leaf " + std::to_string(i) + ": ";
+    if (!SupportedPair(lv.p, lv.gt)) return Invalid(where + "unsupported params/grads dtypes");
+    if (vt != (lv.p == kF64 ? kF64 : kF32)) {
+      return Invalid(where + "momentum must be float32 (float64 for float64 params)");
+    }
+    if (static_cast<int64_t>(g->element_count()) != lv.n ||
+        static_cast<int64_t>(v->element_count()) != lv.n ||
+        static_cast<int64_t>((*out)->element_count()) != lv.n ||
+        static_cast<int64_t>((*v_out)->element_count()) != lv.n) {
+      return Invalid(where + "params, grads, momentum and results differ in size");
+    }
+    if (ToDtype((*out)->element_type()) != lv.p || ToDtype((*v_out)->element_type()) != vt) {
+      return Invalid(where + "result dtypes differ from the params/momentum dtypes");
+    }
+    if ((*r_out)->element_type() != ffi::DataType::F32 || (*r_out)->element_count() != 1) {
+      return Invalid(where + "the trust-ratio result must be a float32 scalar");
+    }
+    lv.w = w->untyped_data();
+    lv.g = g->untyped_data();
+    lv.v = v->untyped_data();
+    lv.out = (*out)->untyped_data();
+    lv.v_out = (*v_out)->untyped_data();
+    lv.decay = decay_mask[i] != 0;
+    lv.trust = trust_mask[i] != 0;
+    job->ratio_out[i] = static_cast<float*>((*r_out)->untyped_data());
+  }
+
+  BuildItems(*job);
+  const int64_t num_items = static_cast<int64_t>(job->items.size());
+  int64_t threads = num_threads > 0 ? num_threads : pool.num_threads();
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
+  // Helpers that start late find no items left and return; the job stays alive
+  // through their shared_ptr. The caller never waits for a helper to start, so
+  // a busy or absent pool cannot deadlock the step.
+  for (int64_t t = 1; t < threads; ++t) {
+    pool.Schedule([job]() { RunItems(*job); });
+  }
+  RunItems(*job);
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < num_items; ++spins) {
+    if (spins < 4096) {
+      LARS_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+bool SupportedPair(Dtype p, Dtype g) {
+  switch (p) {
+    case kF32:
+      return g == kF32 || g == kBF16 || g == kF16;
+    case kF64:
+      return g == kF64 || g == kBF16 || g == kF16;
+    case kBF16:
+      return g == kBF16;
+    case kF16:
+      return g == kF16;
+    default:
+      return false;
+  }
+}
+
+}  // namespace lars_native
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LarsNativeStepCpu, lars_native::StepCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // learning rate
+                                  .RemainingArgs()        // params, grads, momentum
+                                  .RemainingRets()        // out, momentum, trust ratios
+                                  .Attr<double>("momentum")
+                                  .Attr<double>("weight_decay")
+                                  .Attr<double>("trust_coefficient")
+                                  .Attr<double>("eps")
+                                  .Attr<double>("trust_clip")
+                                  .Attr<double>("grad_clip_norm")
+                                  .Attr<double>("grad_clip_value")
+                                  .Attr<bool>("nesterov")
+                                  .Attr<bool>("lr_inside_momentum")
+                                  .Attr<bool>("apply")
+                                  .Attr<ffi::Span<const uint8_t>>("decay_mask")
+                                  .Attr<ffi::Span<const uint8_t>>("trust_mask")
+                                  .Attr<int64_t>("num_threads"));
+
+// The instruction set the CPU loops use ("avx512", "avx2" or "base").
+extern "C" const char* LarsNativeCpuIsa() { return lars_native::ActiveKernels().isa; }
+
+// Forces an instruction set for the following steps; returns 0 on success, -1
+// when `name` is not built or not supported by this processor.
+extern "C" int LarsNativeSetCpuIsa(const char* name) {
+  const lars_native::CpuKernels* k = lars_native::KernelsByName(name);
+  if (k == nullptr) return -1;
+  lars_native::g_kernels.store(k, std::memory_order_release);
+  return 0;
+}

@@ -1,0 +1,239 @@
+"""The "pallas" backend: the multi-tensor LARS step on the Pallas kernels.
+
+One step is two kernel launches for all leaves together (three with
+``grad_clip_norm``), whatever their number, sizes, dtypes and masks:
+
+1. (``grad_clip_norm`` only) a norm pass over every gradient: the global norm.
+2. a norm pass over the leaves with an adaptive trust ratio: per leaf, the sums
+   of w**2 and of u**2, u the clipped and decayed gradient. Summing u**2
+   directly (rather than folding decay in as sum g**2 + 2*lambda*sum g*w +
+   lambda**2 * sum w**2) keeps the norm accurate when g is close to -lambda*w.
+3. the update pass: per element, the same operations as the reference.
+
+Between the passes a few scalar operations (in XLA) turn the sums into trust
+ratios. The kernel is chosen by platform: Mosaic GPU on a GPU, Mosaic TPU on a
+TPU; on a CPU the Mosaic TPU kernel runs in interpret mode (the Mosaic GPU one
+with ``kernel="mosaic_gpu"``), slowly but with the kernel's own code.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lars._config import LarsConfig
+from lars._reference import StepResult, compute_dtype
+
+from . import elementwise as ew
+
+KERNELS = ("mosaic_gpu", "mosaic_tpu")
+_PARAM_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+
+
+def default_kernel(platform: str | None = None) -> tuple[str, bool]:
+    """(kernel, interpret) for ``platform`` (the default JAX backend when None)."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu":
+        return "mosaic_gpu", False
+    if platform == "tpu":
+        return "mosaic_tpu", False
+    return "mosaic_tpu", True
+
+
+def unavailable() -> str | None:
+    """None if the kernels can run here, else a sentence saying what is missing."""
+    platform = jax.default_backend()
+    if platform == "tpu" or platform == "cpu":
+        return None
+    if platform != "gpu":
+        return f"there is no Pallas kernel for the {platform!r} platform"
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    if not capability or capability.startswith("gfx"):
+        return "the Mosaic GPU kernels need an NVIDIA GPU (this is not one)"
+    major = int(capability.split(".")[0])
+    if major < 9:
+        return (
+            "the Mosaic GPU kernels need an NVIDIA Hopper (sm_90) or newer GPU; "
+            f"this one has compute capability {capability}"
+        )
+    return None
+
+
+def unsupported(config: LarsConfig) -> str | None:
+    """Every option of LarsConfig is supported."""
+    del config
+    return None
+
+
+def _kernel_module(kernel: str):
+    if kernel == "mosaic_gpu":
+        from . import mosaic_gpu
+
+        return mosaic_gpu
+    if kernel == "mosaic_tpu":
+        from . import mosaic_tpu
+
+        return mosaic_tpu
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _leaf_specs(params, grads, momentum, decay_mask, trust_mask, has_decay) -> list[ew.LeafSpec]:
+    specs = []
+    for i, (p, g, v) in enumerate(zip(params, grads, momentum, strict=True)):
+        p_dtype, g_dtype, v_dtype = np.dtype(p.dtype), np.dtype(g.dtype), np.dtype(v.dtype)
+        if p_dtype not in _PARAM_DTYPES or g_dtype not in _PARAM_DTYPES:
+            raise TypeError(
+                f"the pallas backend handles float32, bfloat16 and float16 params and "
+                f"gradients; leaf {i} has a {p_dtype} param and a {g_dtype} gradient "
+                "(use backend='reference' for other dtypes)"
+            )
+        if v_dtype != np.dtype(compute_dtype(p_dtype)):
+            raise TypeError(f"leaf {i}: momentum must be float32, got {v_dtype}")
+        specs.append(
+            ew.LeafSpec(
+                size=int(np.prod(p.shape, dtype=np.int64)),
+                param_dtype=p_dtype,
+                grad_dtype=g_dtype,
+                momentum_dtype=v_dtype,
+                decay=bool(decay_mask[i]) and has_decay,
+                trust=bool(trust_mask[i]),
+            )
+        )
+    return specs
+
+
+def pallas_step(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    kernel: str | None = None,
+    interpret: bool | None = None,
+    kernel_options: dict | None = None,
+) -> StepResult:
+    """One LARS step over all leaves on the Pallas kernels.
+
+    Args:
+      params, grads, momentum, lr, config, decay_mask, trust_mask: As in
+        ``lars._reference.reference_step``.
+      kernel: "mosaic_gpu" or "mosaic_tpu"; by default the platform's.
+      interpret: Run the kernels in interpret mode (by default on a CPU only):
+        True for the kernel's default interpreter (XLA for Mosaic TPU, the GPU
+        simulator for Mosaic GPU), or the interpreter's parameters object
+        (``pltpu.InterpretParams``, ``plgpu.InterpretGPUParams``).
+      kernel_options: Extra keyword arguments for the kernel launchers (block
+        sizes: ``tile`` for Mosaic GPU, ``block_rows``/``block_lanes`` for
+        Mosaic TPU).
+
+    Returns:
+      A ``StepResult``.
+
+    Raises:
+      TypeError: for a dtype the kernels do not handle (float64).
+    """
+    default, default_interpret = default_kernel()
+    kernel = kernel or default
+    interpret = default_interpret if interpret is None else interpret
+    _kernel_module(kernel)  # validates the name
+    flags = ew.StepFlags(
+        clip_norm=config.grad_clip_norm is not None,
+        clip_value=config.grad_clip_value is not None,
+        nesterov=bool(config.nesterov),
+        lr_inside_momentum=bool(config.lr_inside_momentum),
+    )
+    leaves = _leaf_specs(params, grads, momentum, decay_mask, trust_mask, config.has_weight_decay)
+    hyper = {
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay if config.has_weight_decay else 0.0,
+        "trust_coefficient": config.trust_coefficient,
+        "eps": config.eps,
+        "trust_clip": 0.0 if config.trust_clip is None else config.trust_clip,
+        "grad_clip_norm": 0.0 if config.grad_clip_norm is None else config.grad_clip_norm,
+        "grad_clip_value": 0.0 if config.grad_clip_value is None else config.grad_clip_value,
+    }
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
+    options = tuple(sorted((kernel_options or {}).items()))
+    updates, new_momentum, ratios = _step(
+        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32), hyper,
+        flags=flags, leaves=tuple(leaves), trust_clip=config.trust_clip is not None,
+        kernel=kernel, interpret=interpret, options=options,
+    )
+    return StepResult(updates, new_momentum, ratios)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("flags", "leaves", "trust_clip", "kernel", "interpret", "options")
+)
+def _step(params, grads, momentum, lr, hyper, *, flags, leaves, trust_clip, kernel, interpret,
+          options):
+    """The traced step (jitted so that eager calls reuse the compiled kernels)."""
+    impl = _kernel_module(kernel)
+    kw = dict(interpret=interpret, **dict(options))
+    active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
+    pick = lambda xs, idx: [xs[i] for i in idx]
+
+    scalars = jnp.zeros((ew.NUM_SCALARS,), jnp.float32)
+    scalars = scalars.at[ew.LR].set(lr)
+    scalars = scalars.at[ew.MOMENTUM].set(hyper["momentum"])
+    scalars = scalars.at[ew.WEIGHT_DECAY].set(hyper["weight_decay"])
+    scalars = scalars.at[ew.CLIP_DIVISOR].set(1.0).at[ew.CLIP_FACTOR].set(1.0)
+    scalars = scalars.at[ew.CLIP_VALUE].set(hyper["grad_clip_value"])
+
+    if flags.clip_norm:
+        # optax.clip_by_global_norm: g <- g if ||g|| < c else (g / ||g||) * c.
+        if active:
+            sums = impl.leaf_sums(
+                None, pick(grads, active), scalars, flags=ew.StepFlags(),
+                leaves=pick(leaves, active), **kw,
+            )
+            g_norm = jnp.sqrt(jnp.sum(sums[:, ew.SUM_W2]))
+        else:
+            g_norm = jnp.zeros((), jnp.float32)
+        c = hyper["grad_clip_norm"]
+        trigger = g_norm < c
+        scalars = scalars.at[ew.CLIP_DIVISOR].set(jnp.where(trigger, 1.0, g_norm))
+        scalars = scalars.at[ew.CLIP_FACTOR].set(jnp.where(trigger, 1.0, c))
+
+    ratios = [jnp.ones((), jnp.float32) for _ in leaves]
+    adaptive = [i for i, leaf in enumerate(leaves) if leaf.trust]
+    if adaptive:
+        # Empty leaves have zero sums (r = 1, then trust_clip), as in the reference.
+        sums = jnp.zeros((len(adaptive), 2), jnp.float32)
+        nonempty = [k for k, i in enumerate(adaptive) if leaves[i].size > 0]
+        if nonempty:
+            idx = [adaptive[k] for k in nonempty]
+            part = impl.leaf_sums(
+                pick(params, idx), pick(grads, idx), scalars, flags=flags,
+                leaves=pick(leaves, idx), **kw,
+            )
+            sums = sums.at[np.asarray(nonempty)].set(part)
+        w_norm = jnp.sqrt(sums[:, ew.SUM_W2])
+        u_norm = jnp.sqrt(sums[:, ew.SUM_U2])
+        r = hyper["trust_coefficient"] * w_norm / (u_norm + hyper["eps"])
+        r = jnp.where(jnp.logical_or(w_norm == 0.0, u_norm == 0.0), 1.0, r)
+        if trust_clip:
+            r = jnp.minimum(r, hyper["trust_clip"])
+        for k, i in enumerate(adaptive):
+            ratios[i] = r[k]
+
+    updates = [jnp.zeros(p.shape, p.dtype) for p in params]
+    new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves)]
+    if active:
+        upd, mom = impl.update(
+            pick(params, active), pick(grads, active), pick(momentum, active),
+            jnp.stack(pick(ratios, active)), scalars, flags=flags,
+            leaves=pick(leaves, active), **kw,
+        )
+        for k, i in enumerate(active):
+            updates[i] = upd[k]
+            new_momentum[i] = mom[k]
+    return updates, new_momentum, ratios

@@ -1,0 +1,355 @@
+"""Multi-tensor LARS kernels for NVIDIA Hopper in Pallas Mosaic GPU.
+
+Design (after apex ``multi_tensor_apply``): every leaf stays the separate
+array it is (no concatenation); a *tile table* maps each block of one launch to
+a (branch, start) pair. A branch is the code for one leaf and one tile shape:
+``full`` tiles of ``tile`` elements at a dynamic start, and one ``end`` branch
+for the leaf's last ``size % tile`` elements at a static start. The block picks
+its branch with ``lax.switch`` (an ``scf.index_switch``), so one launch serves
+every leaf, whatever its size, dtype or masks.
+
+* :func:`sums_kernel` (the norm pass) writes per-block partial sums, one row
+  per block; the launcher reduces each leaf's rows in a fixed order (no
+  atomics: the result is bitwise repeatable).
+* :func:`update_kernel` reads per-leaf trust ratios and writes each leaf's
+  update and new momentum.
+
+Tiles are loaded straight from global memory into registers (a warpgroup-wide
+strided layout: coalesced vector loads). The ``end`` branch loads the largest
+multiple of 128 elements the same way and the last < 128 elements one by one,
+so no access ever leaves the leaf: no padding, no masking, any size works.
+
+On a CPU the kernels run in Mosaic GPU's interpret mode
+(``plgpu.InterpretGPUParams``), which executes the same kernel code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from . import elementwise as ew
+
+# Elements per block of a full tile. 4096 fp32 elements are 32 values per thread
+# of the 128-thread warpgroup per array: enough bytes in flight per block to
+# stream at full bandwidth while staying far from register spills. Chosen by
+# that arithmetic, not yet by measurement (gpu_check.py sweeps it).
+TILE = 4096
+# Elements per vector access: 4 fp32 values are one 16-byte load. Not measured.
+VEC = 4
+# Threads of one Pallas Mosaic GPU thread (a warpgroup): the granule of a
+# strided register array.
+WARPGROUP = 128
+
+_AXIS = "block"
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """The code of one kind of block.
+
+    Attributes:
+      leaf: Position of the leaf in the launch's leaf list.
+      full: A full tile at the table's (dynamic) start; else the leaf's end.
+      start: Static first element of an ``end`` branch.
+      size: Elements the branch handles (``tile`` for a full tile).
+    """
+
+    leaf: int
+    full: bool
+    start: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """The tile table of one launch.
+
+    Attributes:
+      tile: Elements per full tile.
+      branches: The branches, indexed by the table's first column.
+      table: (blocks, 2) int32: branch id and first element of every block.
+      leaf_blocks: Per leaf, its [first, last) block range (consecutive).
+    """
+
+    tile: int
+    branches: tuple[Branch, ...]
+    table: np.ndarray
+    leaf_blocks: tuple[tuple[int, int], ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.table.shape[0])
+
+
+def plan_tiles(sizes: Sequence[int], tile: int = TILE) -> TilePlan:
+    """Lays the leaves of ``sizes`` out as blocks, leaf after leaf.
+
+    Raises:
+      ValueError: if ``tile`` is not a positive multiple of ``VEC * 128``.
+    """
+    if tile <= 0 or tile % (VEC * WARPGROUP):
+        raise ValueError(f"tile must be a positive multiple of {VEC * WARPGROUP}, got {tile}")
+    branches: list[Branch] = []
+    rows: list[tuple[int, int]] = []
+    leaf_blocks = []
+    for leaf, n in enumerate(sizes):
+        first = len(rows)
+        n_full = n // tile
+        if n_full:
+            branches.append(Branch(leaf, True, 0, tile))
+            rows.extend((len(branches) - 1, t * tile) for t in range(n_full))
+        if n % tile:
+            start = n_full * tile
+            branches.append(Branch(leaf, False, start, n - start))
+            rows.append((len(branches) - 1, start))
+        leaf_blocks.append((first, len(rows)))
+    table = np.asarray(rows, np.int32).reshape(-1, 2)
+    return TilePlan(tile, tuple(branches), table, tuple(leaf_blocks))
+
+
+def _strided(ref, start, size: int):
+    """Loads ``ref[start:start+size]`` into a warpgroup-strided register array."""
+    vec = VEC
+    while size % (vec * WARPGROUP):
+        vec //= 2
+    layout = plgpu.Layout.WG_STRIDED((size,), vec_size=vec)
+    return plgpu.load(ref.at[pl.ds(start, size)], layout=layout)
+
+
+def _chunks(branch: Branch, start) -> list[tuple[object, int, bool]]:
+    """(start, size, vector?) pieces of a branch: one vector piece, then scalars."""
+    if branch.full:
+        return [(pl.multiple_of(start, branch.size), branch.size, True)]
+    bulk = branch.size // WARPGROUP * WARPGROUP
+    pieces: list[tuple[object, int, bool]] = []
+    if bulk:
+        pieces.append((branch.start, bulk, True))
+    pieces.extend((i, 1, False) for i in range(branch.start + bulk, branch.start + branch.size))
+    return pieces
+
+
+def _load(ref, start, size: int, vector: bool):
+    return _strided(ref, start, size) if vector else ref[start]
+
+
+def _store(ref, start, size: int, vector: bool, value) -> None:
+    if vector:
+        ref[pl.ds(start, size)] = value
+    else:
+        ref[start] = value
+
+
+def _scalar_getter(ref):
+    return lambda i: ref[i]
+
+
+def sums_kernel(
+    table_ref,
+    scalars_ref,
+    *refs,
+    plan: TilePlan,
+    leaves: Sequence[ew.LeafSpec],
+    flags: ew.StepFlags,
+    with_params: bool,
+) -> None:
+    """Norm pass: block b writes its tile's two float32 sums to ``out[b]``.
+
+    ``refs`` are the leaves' params (when ``with_params``), their gradients,
+    then the (blocks, 2) output. Without params this is the global-norm pass
+    (sum of g**2).
+    """
+    n = len(leaves)
+    w_refs = refs[:n] if with_params else (None,) * n
+    g_refs = refs[n:2 * n] if with_params else refs[:n]
+    out_ref = refs[-1]
+    scalars = _scalar_getter(scalars_ref)
+    block = lax.axis_index(_AXIS)
+    start = table_ref[block, 1]
+
+    def branch_fn(branch: Branch):
+        leaf = leaves[branch.leaf]
+        w_ref, g_ref = w_refs[branch.leaf], g_refs[branch.leaf]
+
+        def run() -> None:
+            s_w = s_u = None
+            for piece_start, size, vector in _chunks(branch, start):
+                w = None if w_ref is None else _load(w_ref, piece_start, size, vector)
+                g = _load(g_ref, piece_start, size, vector)
+                a, b = ew.tile_sums(w, g, scalars, flags, leaf)
+                s_w = a if s_w is None else s_w + a
+                s_u = b if s_u is None else s_u + b
+            out_ref[block, ew.SUM_W2] = s_w
+            out_ref[block, ew.SUM_U2] = s_u
+
+        return run
+
+    lax.switch(table_ref[block, 0], [branch_fn(b) for b in plan.branches])
+
+
+def update_kernel(
+    table_ref,
+    scalars_ref,
+    ratios_ref,
+    *refs,
+    plan: TilePlan,
+    leaves: Sequence[ew.LeafSpec],
+    flags: ew.StepFlags,
+) -> None:
+    """Update pass: each block updates one tile of one leaf.
+
+    ``refs`` are the params, gradients and momenta of the leaves, then their
+    updates and new momenta (outputs).
+    """
+    n = len(leaves)
+    w_refs, g_refs, v_refs, upd_refs, vout_refs = (refs[i * n:(i + 1) * n] for i in range(5))
+    scalars = _scalar_getter(scalars_ref)
+    block = lax.axis_index(_AXIS)
+    start = table_ref[block, 1]
+
+    def branch_fn(branch: Branch):
+        i = branch.leaf
+        leaf = leaves[i]
+
+        def run() -> None:
+            ratio = ratios_ref[i]
+            for piece_start, size, vector in _chunks(branch, start):
+                w = _load(w_refs[i], piece_start, size, vector)
+                g = _load(g_refs[i], piece_start, size, vector)
+                v = _load(v_refs[i], piece_start, size, vector)
+                upd, v_new = ew.tile_update(w, g, v, ratio, scalars, flags, leaf)
+                _store(upd_refs[i], piece_start, size, vector, upd)
+                _store(vout_refs[i], piece_start, size, vector, v_new)
+
+        return run
+
+    lax.switch(table_ref[block, 0], [branch_fn(b) for b in plan.branches])
+
+
+# --------------------------------------------------------------------------
+# Launchers.
+
+
+def _interpret_params(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    return interpret or None
+
+
+def leaf_sums(
+    params: Sequence[jax.Array] | None,
+    grads: Sequence[jax.Array],
+    scalars: jax.Array,
+    *,
+    flags: ew.StepFlags,
+    leaves: Sequence[ew.LeafSpec],
+    tile: int = TILE,
+    interpret: bool | plgpu.InterpretGPUParams = False,
+) -> jax.Array:
+    """Runs the norm pass over non-empty leaves; returns (len(leaves), 2) float32 sums.
+
+    Args:
+      params: The leaves' params, or None for the global-norm pass (sum g**2).
+      grads: The leaves' gradients.
+      scalars: The float32 scalars vector (see ``elementwise``).
+      flags: Static options.
+      leaves: Static per-leaf facts (sizes must be positive).
+      tile: Elements per full tile.
+      interpret: Run in Mosaic GPU interpret mode (on a CPU): True, or a
+        ``plgpu.InterpretGPUParams``.
+    """
+    plan = plan_tiles([leaf.size for leaf in leaves], tile)
+    flat = [x.reshape(-1) for x in ([] if params is None else params)]
+    flat += [x.reshape(-1) for x in grads]
+    kernel = plgpu.kernel(
+        functools.partial(
+            sums_kernel, plan=plan, leaves=tuple(leaves), flags=flags,
+            with_params=params is not None,
+        ),
+        out_type=jax.ShapeDtypeStruct((plan.num_blocks, 2), jnp.float32),
+        grid=(plan.num_blocks,),
+        grid_names=(_AXIS,),
+        interpret=_interpret_params(interpret),
+    )
+    partials = kernel(jnp.asarray(plan.table), scalars, *flat)
+    return reduce_partials(partials, plan)
+
+
+def reduce_partials(partials: jax.Array, plan: TilePlan) -> jax.Array:
+    """Sums each leaf's block rows in block order (a gather and one reduction).
+
+    Every leaf's rows are gathered into a zero-padded (leaves, max_blocks, 2)
+    array, so the reduction order is fixed by the plan, not by scheduling.
+    """
+    counts = [b - a for a, b in plan.leaf_blocks]
+    width = max(counts)
+    zero_row = plan.num_blocks  # index of an appended row of zeros
+    index = np.full((len(counts), width), zero_row, np.int32)
+    for leaf, (a, b) in enumerate(plan.leaf_blocks):
+        index[leaf, : b - a] = np.arange(a, b)
+    padded = jnp.concatenate([partials, jnp.zeros((1, 2), partials.dtype)])
+    return jnp.sum(padded[index], axis=1)
+
+
+def leaf_sums_reference(*args, **kwargs) -> jax.Array:
+    """The plain-JAX reference of :func:`leaf_sums` (same arguments, no tiling)."""
+    kwargs.pop("tile", None)
+    kwargs.pop("interpret", None)
+    return ew.leaf_sums_reference(*args, **kwargs)
+
+
+def update(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    ratios: jax.Array,
+    scalars: jax.Array,
+    *,
+    flags: ew.StepFlags,
+    leaves: Sequence[ew.LeafSpec],
+    tile: int = TILE,
+    interpret: bool | plgpu.InterpretGPUParams = False,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Runs the update pass over non-empty leaves.
+
+    Args:
+      params, grads, momentum: The leaves' arrays.
+      ratios: (len(leaves),) float32 trust ratios.
+      scalars: The float32 scalars vector.
+      flags, leaves, tile, interpret: As in :func:`leaf_sums`.
+
+    Returns:
+      (updates, new momenta), in the leaves' shapes.
+    """
+    plan = plan_tiles([leaf.size for leaf in leaves], tile)
+    flat = [x.reshape(-1) for x in (*params, *grads, *momentum)]
+    out_type = [jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves]
+    out_type += [jax.ShapeDtypeStruct((leaf.size,), leaf.momentum_dtype) for leaf in leaves]
+    kernel = plgpu.kernel(
+        functools.partial(update_kernel, plan=plan, leaves=tuple(leaves), flags=flags),
+        out_type=tuple(out_type),
+        grid=(plan.num_blocks,),
+        grid_names=(_AXIS,),
+        interpret=_interpret_params(interpret),
+    )
+    outs = kernel(jnp.asarray(plan.table), scalars, ratios, *flat)
+    n = len(leaves)
+    shapes = [p.shape for p in params]
+    updates = [o.reshape(s) for o, s in zip(outs[:n], shapes, strict=True)]
+    new_momentum = [o.reshape(s) for o, s in zip(outs[n:], shapes, strict=True)]
+    return updates, new_momentum
+
+
+def update_reference(*args, **kwargs) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The plain-JAX reference of :func:`update` (same arguments, no tiling)."""
+    kwargs.pop("tile", None)
+    kwargs.pop("interpret", None)
+    return ew.update_reference(*args, **kwargs)

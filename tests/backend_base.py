@@ -1,0 +1,542 @@
+"""The shared test suite every LARS backend must pass.
+
+``BackendTests`` runs a backend through the public API (``lars.lars`` and
+``lars.Lars`` with ``backend=self.backend``) for several steps on a pytree of
+awkward shapes and compares params, momentum and trust ratios with the float64
+NumPy oracle in ``oracle.py``. A backend's test module subclasses it::
+
+    class TestMyBackend(BackendTests):
+        backend = "my_backend"
+        big = 4099  # optional: a smaller largest leaf for a slow backend
+
+Each case compiles one program; the cases are chosen so that every option and
+the useful combinations are covered with a few dozen compilations in all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import oracle
+import pytest
+
+import lars
+
+# --------------------------------------------------------------------------
+# Learning rates: each comes with an independent float64 formula for the oracle.
+
+LR = 0.5
+
+
+def warmup_cosine(count: Any) -> Any:
+    """The schedule under test (optax, float32 on device)."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.05, peak_value=0.5, warmup_steps=3, decay_steps=12, end_value=0.02
+    )(count)
+
+
+def warmup_cosine_f64(t: int) -> float:
+    """``warmup_cosine`` written out in float64: linear warmup, then cosine decay."""
+    if t < 3:
+        return 0.05 + (0.5 - 0.05) * t / 3
+    progress = min(t - 3, 9) / 9
+    return 0.02 + (0.5 - 0.02) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------
+# The cases: lars.lars keyword arguments (except the learning rate and masks).
+
+BASE_KWARGS = {"momentum": 0.9, "trust_coefficient": 0.02, "eps": 1e-8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration of the optimizer.
+
+    Attributes:
+      name: The test id.
+      kwargs: Overrides of ``BASE_KWARGS`` (``lars.lars`` keyword arguments).
+      schedule: Use ``warmup_cosine`` instead of the constant ``LR``.
+      decay_mask: How ``weight_decay_mask`` is given (see ``MASKS``), or None.
+      trust_mask: How ``trust_ratio_mask`` is given, or None.
+      base: Start from ``BASE_KWARGS`` (False: the package's defaults, lr 1.0).
+    """
+
+    name: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    schedule: bool = False
+    decay_mask: str | None = None
+    trust_mask: str | None = None
+    base: bool = True
+
+    def lars_kwargs(self) -> dict:
+        return {**(BASE_KWARGS if self.base else {}), **self.kwargs}
+
+    def learning_rate(self) -> float | Callable:
+        return warmup_cosine if self.schedule else (LR if self.base else 1.0)
+
+    def oracle_config(self) -> oracle.OracleConfig:
+        lr = warmup_cosine_f64 if self.schedule else (LR if self.base else 1.0)
+        return oracle.OracleConfig(learning_rate=lr, **self.lars_kwargs())
+
+
+DECAY = 0.05
+CLIP = 0.1  # below most leaves' ratio eta*||w||/||g|| in the tree below
+
+CASES = [
+    Case("defaults"),
+    Case("package_defaults", base=False),
+    Case("no_momentum", {"momentum": 0.0}),
+    Case("weight_decay", {"weight_decay": DECAY}),
+    Case("decay_mask_tree", {"weight_decay": DECAY}, decay_mask="ndim_tree"),
+    Case("decay_mask_callable", {"weight_decay": DECAY}, decay_mask="callable"),
+    Case("trust_mask_prefix", trust_mask="prefix"),
+    Case("both_masks", {"weight_decay": DECAY}, decay_mask="callable", trust_mask="callable"),
+    Case("nesterov", {"nesterov": True}),
+    Case("trust_clip", {"trust_clip": CLIP}),
+    Case("trust_clip_masked", {"trust_clip": CLIP, "weight_decay": DECAY}, trust_mask="ndim_tree"),
+    Case("schedule", schedule=True),
+    Case("lr_inside_momentum", {"lr_inside_momentum": True}, schedule=True),
+    Case(
+        "optax_form_nesterov",
+        {"lr_inside_momentum": True, "nesterov": True, "eps": 0.0, "weight_decay": DECAY},
+        schedule=True,
+        decay_mask="prefix",
+    ),
+    Case("grad_clip_norm", {"grad_clip_norm": 1.0, "weight_decay": DECAY}),
+    Case("grad_clip_value", {"grad_clip_value": 0.05}),
+    Case("large_eps", {"eps": 0.5}),
+    Case(
+        "everything",
+        {
+            "momentum": 0.8,
+            "weight_decay": DECAY,
+            "nesterov": True,
+            "trust_clip": CLIP,
+            "grad_clip_norm": 5.0,
+            "grad_clip_value": 0.15,
+            "eps": 1e-3,
+            "lr_inside_momentum": True,
+        },
+        schedule=True,
+        decay_mask="prefix",
+        trust_mask="callable",
+    ),
+]
+CASES_BY_NAME = {c.name: c for c in CASES}
+
+# --------------------------------------------------------------------------
+# The pytree: odd shapes, empty leaves, zero leaves, nesting.
+
+PREFIX_FALSE = ("conv", "layer")  # top-level subtrees a prefix mask turns off
+
+
+def leaf_shapes(big: int, mid: int) -> dict:
+    """The nested dict of leaf shapes of the test pytree."""
+    return {
+        "scalar": (),
+        "one": (1,),
+        "odd": (127,),
+        "mid": (mid,),
+        "big": (big,),
+        "conv": {"kernel": (3, 3, 16, 32), "bias": (32,)},
+        "empty": (0,),
+        "empty2": (0, 5),
+        "zero_w": (33,),  # zero weights at the start: r = 1 on the first step
+        "zero_g": (5, 3),  # zero gradients throughout
+        "dead": (6,),  # zero weights and zero gradients: must stay exactly zero
+        "layer": {"w": (8, 4), "b": (4,)},
+    }
+
+
+def _paths_and_shapes(shapes: dict) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return [(tuple(k.key for k in path), shape) for path, shape in flat]
+
+
+def make_problem(
+    big: int, mid: int, steps: int, seed: int = 0
+) -> tuple[dict, list[dict], list[tuple[str, ...]]]:
+    """Float64 params, per-step grads (nested dicts of NumPy arrays) and leaf paths.
+
+    Each leaf gets its own weight and gradient scale, so trust ratios span
+    about 0.01 to 1 and ``trust_clip=CLIP`` binds on some leaves only.
+    """
+    shapes = leaf_shapes(big, mid)
+    items = _paths_and_shapes(shapes)
+    rng = np.random.default_rng(seed)
+    w_scales = np.geomspace(0.05, 3.0, len(items))
+    g_scales = np.geomspace(0.3, 0.03, len(items))
+    params_flat, grads_flat = [], [[] for _ in range(steps)]
+    for (path, shape), ws, gs in zip(items, w_scales, g_scales, strict=True):
+        zero_w = path[0] in ("zero_w", "dead")
+        zero_g = path[0] in ("zero_g", "dead")
+        params_flat.append(np.zeros(shape) if zero_w else ws * rng.standard_normal(shape))
+        for t in range(steps):
+            grads_flat[t].append(np.zeros(shape) if zero_g else gs * rng.standard_normal(shape))
+    treedef = jax.tree.structure(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    params = jax.tree.unflatten(treedef, params_flat)
+    grads = [jax.tree.unflatten(treedef, g) for g in grads_flat]
+    return params, grads, [p for p, _ in items]
+
+
+def expected_mask(kind: str | None, paths: list[tuple[str, ...]], shapes: list) -> list[bool]:
+    """The per-leaf mask each mask form must resolve to (computed independently)."""
+    if kind is None:
+        return [True] * len(paths)
+    if kind in ("ndim_tree", "callable"):
+        return [len(s) > 1 for s in shapes]
+    if kind == "prefix":
+        return [p[0] not in PREFIX_FALSE for p in paths]
+    raise ValueError(kind)
+
+
+def lars_mask(kind: str | None, params: Any) -> Any:
+    """The mask argument handed to lars for each mask form."""
+    if kind is None:
+        return None
+    if kind == "ndim_tree":
+        return jax.tree.map(lambda x: bool(np.ndim(x) > 1), params)
+    if kind == "callable":
+        return lars.exclude_bias_and_norm
+    if kind == "prefix":
+        return {k: k not in PREFIX_FALSE for k in params}
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------
+# Tolerances.
+
+
+@dataclasses.dataclass(frozen=True)
+class Tol:
+    """Per-dtype tolerances, relative to what each quantity can be compared with.
+
+    Attributes:
+      delta: Param error allowed relative to the leaf's largest total change
+        ``max|w_T - w_0|`` (the oracle's).
+      ulps: Param error allowed in units of the storage dtype's spacing at the
+        leaf's largest magnitude (rounding of the stored params).
+      momentum: Momentum error relative to the leaf's largest |v| over the run.
+      ratio: Trust-ratio error relative to the ratio.
+    """
+
+    delta: float
+    ulps: float
+    momentum: float
+    ratio: float
+
+
+# Why these numbers: float32 compute rounds each norm, ratio and product to
+# 2**-24 relative; over 10 steps the oracle (float64, rounded only where the
+# params are stored) and the backend drift apart by about 1e-6 of the update,
+# and the observed error of the reference backend is below 1e-6 of the total
+# change. 2e-5 leaves room for another summation order (tree or chunked
+# reductions) without letting a wrong rule through: every option changes the
+# result by far more than that (checked in test_oracle.py).
+# bfloat16 gradients on float32 params: the gradients are exactly representable
+# in float64, so the oracle sees the same inputs and only float32 compute
+# differs: the float32 tolerances apply.
+# bfloat16 params: the params are rounded to 8 significant bits at every step.
+# The oracle models that rounding, but when the float32 and float64 updates
+# straddle a rounding boundary the stored params differ by one bfloat16 ulp
+# (2**-8 relative), and that difference feeds the following steps, so params
+# are allowed 4 ulps plus 2% of the change; momentum and ratios are computed in
+# float32 from those params, hence 2%.
+TOLERANCES = {
+    "float32": Tol(delta=2e-5, ulps=8.0, momentum=2e-5, ratio=2e-5),
+    "bf16_grads": Tol(delta=2e-5, ulps=8.0, momentum=2e-5, ratio=2e-5),
+    "bf16_params": Tol(delta=2e-2, ulps=4.0, momentum=2e-2, ratio=2e-2),
+}
+DTYPES = {  # (param dtype, grad dtype)
+    "float32": (jnp.float32, jnp.float32),
+    "bf16_grads": (jnp.float32, jnp.bfloat16),
+    "bf16_params": (jnp.bfloat16, jnp.bfloat16),
+}
+
+
+def _spacing(dtype: Any, magnitude: float) -> float:
+    """The spacing of ``dtype`` at ``magnitude`` (at least its smallest normal's)."""
+    info = jnp.finfo(dtype)
+    return float(max(magnitude, float(info.tiny))) * float(info.eps)
+
+
+def assert_matches_oracle(
+    params: Any,
+    state: lars.LarsState,
+    want: oracle.OracleState,
+    params0: list[np.ndarray],
+    paths: list[tuple[str, ...]],
+    tol: Tol,
+    param_dtype: Any,
+) -> None:
+    """Compares the backend's params and state with the oracle, leaf by leaf."""
+    got_p = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+    got_v = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.momentum)]
+    got_r = [float(x) for x in jax.tree.leaves(state.trust_ratio)]
+    assert int(state.count) == want.count
+    assert len(got_p) == len(want.params) == len(paths)
+    for i, path in enumerate(paths):
+        where = "/".join(path)
+        w0, gp, wp = params0[i], got_p[i], want.params[i]
+        assert gp.shape == wp.shape, where
+        assert np.all(np.isfinite(gp)), f"non-finite params at {where}"
+        if gp.size:
+            change = float(np.max(np.abs(wp - w0)))
+            mag = float(max(np.max(np.abs(wp)), np.max(np.abs(w0))))
+            allowed = tol.delta * change + tol.ulps * _spacing(param_dtype, mag)
+            err = float(np.max(np.abs(gp - wp)))
+            assert err <= allowed, (
+                f"params at {where}: max error {err:.3g} > {allowed:.3g} "
+                f"(total change {change:.3g})"
+            )
+            v_scale = want.momentum_scale[i]
+            v_err = float(np.max(np.abs(got_v[i] - want.momentum[i])))
+            assert v_err <= tol.momentum * v_scale + 1e-30, (
+                f"momentum at {where}: max error {v_err:.3g} vs scale {v_scale:.3g}"
+            )
+        r_want = want.trust_ratio[i]
+        assert abs(got_r[i] - r_want) <= tol.ratio * r_want, (
+            f"trust ratio at {where}: {got_r[i]!r} vs oracle {r_want!r}"
+        )
+
+
+def to_device(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def as_f64_leaves(tree: Any) -> list[np.ndarray]:
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+# --------------------------------------------------------------------------
+# The suite.
+
+
+class BackendTests:
+    """Runs one backend through ``lars.lars`` and ``lars.Lars`` against the oracle.
+
+    Attributes:
+      backend: The backend name passed as ``backend=``.
+      big: Size of the largest leaf (a subclass may shrink it).
+      mid: Size of the mid-sized leaf.
+      steps: Steps per trajectory (>= 10).
+    """
+
+    backend: ClassVar[str] = "reference"
+    big: ClassVar[int] = 65537
+    mid: ClassVar[int] = 4097
+    steps: ClassVar[int] = 10
+
+    # -- helpers --------------------------------------------------------------
+    def problem(self, dtype_case: str = "float32", seed: int = 0):
+        """Device params, per-step device grads, float64 params, paths, shapes."""
+        p_dtype, g_dtype = DTYPES[dtype_case]
+        params64, grads64, paths = make_problem(self.big, self.mid, self.steps, seed)
+        params = to_device(params64, p_dtype)
+        grads = [to_device(g, g_dtype) for g in grads64]
+        shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+        return params, grads, paths, shapes
+
+    def run_transform(self, case: Case, params: Any, grads: list, *, jit: bool = True):
+        """Runs ``lars.lars`` for ``len(grads)`` steps; returns (params, state)."""
+        opt = lars.lars(
+            case.learning_rate(),
+            weight_decay_mask=lars_mask(case.decay_mask, params),
+            trust_ratio_mask=lars_mask(case.trust_mask, params),
+            backend=self.backend,
+            **case.lars_kwargs(),
+        )
+
+        def step(p, s, g):
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        step = jax.jit(step) if jit else step
+        state = opt.init(params)
+        for g in grads:
+            params, state = step(params, state, g)
+        return params, state
+
+    def oracle_for(self, case: Case, params: Any, grads: list, paths, shapes, lr=None):
+        """The oracle's trajectory for ``case`` on the same (rounded) inputs."""
+        cfg = case.oracle_config()
+        if lr is not None:
+            cfg = dataclasses.replace(cfg, learning_rate=lr)
+        dtypes = [x.dtype for x in jax.tree.leaves(params)]
+        return oracle.run(
+            as_f64_leaves(params),
+            [as_f64_leaves(g) for g in grads],
+            cfg,
+            decay_mask=expected_mask(case.decay_mask, paths, shapes),
+            trust_mask=expected_mask(case.trust_mask, paths, shapes),
+            round_params=[oracle.rounder(d) for d in dtypes],
+        )
+
+    def check(self, case: Case, dtype_case: str, params0, grads, paths, shapes, got, lr=None):
+        got_params, got_state = got
+        want = self.oracle_for(case, params0, grads, paths, shapes, lr=lr)
+        assert_matches_oracle(
+            got_params,
+            got_state,
+            want,
+            as_f64_leaves(params0),
+            paths,
+            TOLERANCES[dtype_case],
+            DTYPES[dtype_case][0],
+        )
+
+    # -- lars.lars against the oracle -------------------------------------------
+    @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+    def test_transform_matches_oracle(self, case: Case):
+        params, grads, paths, shapes = self.problem()
+        got = self.run_transform(case, params, grads)
+        self.check(case, "float32", params, grads, paths, shapes, got)
+
+    @pytest.mark.parametrize("dtype_case", ["bf16_grads", "bf16_params"])
+    @pytest.mark.parametrize("name", ["defaults", "both_masks", "everything"])
+    def test_low_precision_matches_oracle(self, name: str, dtype_case: str):
+        case = CASES_BY_NAME[name]
+        params, grads, paths, shapes = self.problem(dtype_case)
+        got = self.run_transform(case, params, grads)
+        p_dtype = DTYPES[dtype_case][0]
+        assert all(x.dtype == p_dtype for x in jax.tree.leaves(got[0]))
+        assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(got[1].momentum))
+        self.check(case, dtype_case, params, grads, paths, shapes, got)
+
+    def test_eager_matches_jit(self):
+        """Without jax.jit the step computes the same numbers (3 steps)."""
+        case = CASES_BY_NAME["everything"]
+        params, grads, paths, shapes = self.problem()
+        got = self.run_transform(case, params, grads[:3], jit=False)
+        self.check(case, "float32", params, grads[:3], paths, shapes, got)
+
+    def test_deterministic(self):
+        """Two independent runs give bitwise identical params and state."""
+        case = CASES_BY_NAME["everything"]
+        params, grads, _, _ = self.problem()
+        a = self.run_transform(case, params, grads)
+        b = self.run_transform(case, params, grads)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def test_zero_and_empty_leaves(self):
+        """Zero-norm leaves get r = 1 exactly; empty leaves stay empty; no NaN."""
+        case = CASES_BY_NAME["weight_decay"]
+        params, grads, paths, _ = self.problem()
+        new_params, state = self.run_transform(case, params, grads)
+        by_path = dict(zip(paths, jax.tree.leaves(new_params), strict=True))
+        ratios = dict(zip(paths, jax.tree.leaves(state.trust_ratio), strict=True))
+        momentum = dict(zip(paths, jax.tree.leaves(state.momentum), strict=True))
+        for path in paths:
+            assert np.all(np.isfinite(np.asarray(by_path[path]))), path
+        for path in [("empty",), ("empty2",), ("dead",)]:
+            assert float(ratios[path]) == 1.0, path
+            assert np.all(np.asarray(momentum[path]) == 0.0), path
+        assert by_path[("empty",)].shape == (0,) and by_path[("empty2",)].shape == (0, 5)
+        np.testing.assert_array_equal(np.asarray(by_path[("dead",)]), np.zeros(6, np.float32))
+        # The zero-grad leaf still moves under weight decay, with r = eta / decay.
+        eta = BASE_KWARGS["trust_coefficient"]
+        np.testing.assert_allclose(float(ratios[("zero_g",)]), eta / DECAY, rtol=1e-5)
+
+    def test_first_step_of_zero_weight_leaf_is_unscaled(self):
+        """A zero-initialised leaf takes a full lr step on step 1 (r = 1)."""
+        params, grads, paths, _ = self.problem()
+        new_params, state = self.run_transform(CASES_BY_NAME["defaults"], params, grads[:1])
+        i = paths.index(("zero_w",))
+        assert float(jax.tree.leaves(state.trust_ratio)[i]) == 1.0
+        g = np.asarray(jax.tree.leaves(grads[0])[i])
+        np.testing.assert_allclose(
+            np.asarray(jax.tree.leaves(new_params)[i]), -LR * g, rtol=1e-6, atol=1e-12
+        )
+
+    def test_containers_and_bare_arrays(self):
+        """Tuples, lists, None subtrees and a bare 0-d array as the whole params."""
+        case = CASES_BY_NAME["everything"]
+        rng = np.random.default_rng(3)
+        params = {
+            "t": (jnp.asarray(rng.standard_normal((3, 2)), jnp.float32), None),
+            "l": [jnp.asarray(rng.standard_normal(5), jnp.float32)],
+        }
+        grads = [
+            jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+            for _ in range(self.steps)
+        ]
+        got = self.run_transform(case, params, grads)
+        paths = [("l",), ("t",)]  # flattening order: sorted keys
+        shapes = [(5,), (3, 2)]
+        self.check(case, "float32", params, grads, paths, shapes, got)
+        assert got[0]["t"][1] is None
+
+        scalar = jnp.asarray(1.5, jnp.float32)
+        g_scalar = [jnp.asarray(v, jnp.float32) for v in rng.standard_normal(self.steps)]
+        case = CASES_BY_NAME["weight_decay"]
+        got = self.run_transform(case, scalar, g_scalar)
+        self.check(case, "float32", scalar, g_scalar, [("<root>",)], [()], got)
+
+    # -- lars.Lars against the oracle ----------------------------------------------
+    def run_optimizer(self, lr: Any, case: Case, params: Any, grads: list, on_step=None):
+        """Runs ``lars.Lars``; ``on_step(opt, t)`` runs after update t."""
+        kwargs = case.lars_kwargs()
+        opt = lars.Lars(
+            lr,
+            weight_decay_mask=lars_mask(case.decay_mask, params),
+            trust_ratio_mask=lars_mask(case.trust_mask, params),
+            backend=self.backend,
+            **kwargs,
+        )
+        opt.register_trainable_weights(params)
+        for t, g in enumerate(grads):
+            opt.update(g)
+            if on_step is not None:
+                on_step(opt, t)
+        assert opt.step_count.value == len(grads)
+        return opt.params, opt.opt_state.value
+
+    @pytest.mark.parametrize("name", ["package_defaults", "everything"])
+    def test_optimizer_float_lr(self, name: str):
+        case = CASES_BY_NAME[name]
+        params, grads, paths, shapes = self.problem()
+        lr = 0.3
+        got = self.run_optimizer(lr, case, params, grads)
+        self.check(case, "float32", params, grads, paths, shapes, got, lr=lr)
+
+    def test_optimizer_scheduler(self):
+        """A lars.schedules scheduler stepped by the user between updates."""
+        case = CASES_BY_NAME["both_masks"]
+        params, grads, paths, shapes = self.problem()
+        sched = lars.schedules.StepLR(base_lr=0.6, step_size=3, gamma=0.5)
+        got = self.run_optimizer(sched, case, params, grads, lambda opt, t: sched.step())
+        lr = lambda t: 0.6 * 0.5 ** (t // 3)
+        self.check(case, "float32", params, grads, paths, shapes, got, lr=lr)
+
+    def test_optimizer_schedule_function_and_current_lr(self):
+        """An optax schedule as lr; then a float lr changed through current_lr."""
+        case = CASES_BY_NAME["lr_inside_momentum"]
+        params, grads, paths, shapes = self.problem()
+        got = self.run_optimizer(warmup_cosine, case, params, grads)
+        self.check(case, "float32", params, grads, paths, shapes, got, lr=warmup_cosine_f64)
+
+        def halve_at_4(opt, t):
+            if t == 3:
+                opt.current_lr = 0.15
+
+        got = self.run_optimizer(0.3, case, params, grads, halve_at_4)
+        lr = lambda t: 0.3 if t < 4 else 0.15
+        self.check(case, "float32", params, grads, paths, shapes, got, lr=lr)
+
+    def test_optimizer_and_transform_agree_bitwise(self):
+        """lars.Lars(lr=f) and lars.lars(f) run the same computation."""
+        case = CASES_BY_NAME["everything"]
+        params, grads, _, _ = self.problem()
+        a = self.run_transform(case, params, grads)
+        b = self.run_optimizer(warmup_cosine, case, params, grads)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

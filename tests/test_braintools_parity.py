@@ -1,0 +1,211 @@
+"""``lars.Lars`` is ``braintools.optim.Lars`` (0.4.0) by default, option by option.
+
+Both optimizers train their own copies of the same ``brainstate.ParamState``
+params (plain arrays, and one state holding a ``{"weight", "bias"}`` dict as
+``brainstate.nn.Linear`` does) with the same gradients; schedulers of the same
+class and arguments are stepped between updates.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lars
+
+brainstate = pytest.importorskip("brainstate")
+braintools = pytest.importorskip("braintools")
+
+STEPS = 25
+
+
+def initial_values(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    return {
+        "conv": f32(3, 3, 4, 8),
+        "dense": {"weight": f32(16, 8), "bias": jnp.zeros(8, jnp.float32)},
+        "scale": jnp.ones(8, jnp.float32),
+        "scalar": f32(),
+        "frozen": jnp.zeros(3, jnp.float32),  # zero weights and zero grads
+    }
+
+
+def gradients(values: dict, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+
+    def one(path, v):
+        if path[0].key == "frozen":
+            return jnp.zeros_like(v)
+        return jnp.asarray(0.1 * rng.standard_normal(v.shape), jnp.float32)
+
+    return [jax.tree_util.tree_map_with_path(one, values) for _ in range(STEPS)]
+
+
+def make_states(values: dict) -> dict:
+    return {k: brainstate.ParamState(v) for k, v in values.items()}
+
+
+def read(states: dict) -> dict:
+    return {k: s.value for k, s in states.items()}
+
+
+def assert_close(got: dict, want: dict, start: dict, what: str) -> None:
+    """Few float32 ulps plus 1e-5 of each leaf's total change."""
+    for path, a in jax.tree_util.tree_leaves_with_path(got):
+        b = np.asarray(_at(want, path), np.float64)
+        x0 = np.asarray(_at(start, path), np.float64)
+        a = np.asarray(a, np.float64)
+        change = np.max(np.abs(b - x0), initial=0.0)
+        allowed = 1e-5 * change + 4 * np.finfo(np.float32).eps * np.max(np.abs(b), initial=0.0)
+        err = np.max(np.abs(a - b), initial=0.0)
+        assert err <= allowed, f"{what} at {jax.tree_util.keystr(path)}: {err:.3g} > {allowed:.3g}"
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def run_both(make_ours, make_theirs, *, schedulers=(), steps: int = STEPS, jit_ours=False):
+    """Steps both optimizers with the same grads; compares params after every step."""
+    values = initial_values()
+    grads = gradients(values)
+    ours_states, theirs_states = make_states(values), make_states(values)
+    ours, theirs = make_ours(), make_theirs()
+    ours.register_trainable_weights(ours_states)
+    theirs.register_trainable_weights(theirs_states)
+    update_theirs = brainstate.transform.jit(theirs.update)
+    update_ours = brainstate.transform.jit(ours.update) if jit_ours else ours.update
+    for t in range(steps):
+        update_theirs(grads[t])
+        update_ours(grads[t])
+        for s in schedulers:
+            s.step()
+        assert_close(read(ours_states), read(theirs_states), values, f"step {t}")
+    assert int(ours.step_count.value) == int(theirs.step_count.value) == steps
+    # Not a trivial run: the params moved.
+    assert float(jnp.max(jnp.abs(read(ours_states)["conv"] - values["conv"]))) > 1e-4
+    np.testing.assert_array_equal(np.asarray(read(ours_states)["frozen"]), np.zeros(3))
+    return ours, theirs
+
+
+OPTIONS = {
+    "defaults": {},
+    "momentum_0.5": {"momentum": 0.5},
+    "no_momentum": {"momentum": 0.0},
+    "weight_decay": {"weight_decay": 1e-2},
+    "trust_coefficient": {"trust_coefficient": 0.02},
+    "eps": {"eps": 1e-1},
+    "grad_clip_norm": {"grad_clip_norm": 0.5, "weight_decay": 1e-2},
+    "grad_clip_value": {"grad_clip_value": 0.02},
+    "all": {
+        "momentum": 0.8,
+        "weight_decay": 5e-3,
+        "trust_coefficient": 0.01,
+        "eps": 1e-4,
+        "grad_clip_norm": 1.0,
+        "grad_clip_value": 0.15,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_options_match_braintools(name: str):
+    kw = OPTIONS[name]
+    lr = 0.7
+    run_both(lambda: lars.Lars(lr, **kw), lambda: braintools.optim.Lars(lr, **kw))
+
+
+def test_positional_arguments_match_braintools():
+    args = (0.3, 0.85, 1e-3, 0.01, 1e-6, 2.0, 0.1)
+    run_both(lambda: lars.Lars(*args), lambda: braintools.optim.Lars(*args), steps=5)
+
+
+SCHEDULERS = {
+    "ConstantLR": dict(base_lr=0.5, factor=0.25, total_iters=4),
+    "StepLR": dict(base_lr=0.5, step_size=4, gamma=0.5),
+    "MultiStepLR": dict(base_lr=0.5, milestones=[3, 7, 15], gamma=0.3),
+    "ExponentialLR": dict(base_lr=0.5, gamma=0.9),
+    "CosineAnnealingLR": dict(base_lr=0.5, T_max=12, eta_min=0.01),
+    "LinearLR": dict(base_lr=0.5, start_factor=0.1, end_factor=1.0, total_iters=8),
+    "PolynomialLR": dict(base_lr=0.5, total_iters=12, power=2.0),
+    "WarmupScheduler": dict(base_lr=0.5, warmup_epochs=5, warmup_start_lr=0.01),
+    "WarmupCosineSchedule": dict(
+        base_lr=0.5, warmup_steps=5, total_steps=20, warmup_start_lr=0.0, eta_min=0.01
+    ),
+}
+KW = {"trust_coefficient": 0.02, "weight_decay": 1e-3}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedulers_match_braintools(name: str):
+    ours_s = getattr(lars.schedules, name)(**SCHEDULERS[name])
+    theirs_s = getattr(braintools.optim, name)(**SCHEDULERS[name])
+    run_both(
+        lambda: lars.Lars(ours_s, **KW),
+        lambda: braintools.optim.Lars(theirs_s, **KW),
+        schedulers=(ours_s, theirs_s),
+    )
+
+
+def test_braintools_scheduler_object_drives_lars():
+    """A braintools scheduler passed as lr is read at every update, never advanced."""
+    ours_s = braintools.optim.MultiStepLR(base_lr=0.5, milestones=[2, 5], gamma=0.2)
+    theirs_s = braintools.optim.MultiStepLR(base_lr=0.5, milestones=[2, 5], gamma=0.2)
+    ours, _ = run_both(
+        lambda: lars.Lars(ours_s, **KW),
+        lambda: braintools.optim.Lars(theirs_s, **KW),
+        schedulers=(ours_s, theirs_s),
+        steps=8,
+    )
+    assert ours.lr is ours_s and ours.lr_scheduler is ours_s
+    assert int(ours_s.last_epoch.value) == 8
+    assert float(ours.current_lr) == pytest.approx(0.5 * 0.2**2, rel=1e-6)
+    assert ours.base_lr == 0.5
+
+
+def test_inside_brainstate_jit_matches_braintools():
+    """lars.Lars.update traced by brainstate.transform.jit, with a scheduler."""
+    ours_s = lars.schedules.CosineAnnealingLR(base_lr=0.5, T_max=10)
+    theirs_s = braintools.optim.CosineAnnealingLR(base_lr=0.5, T_max=10)
+    run_both(
+        lambda: lars.Lars(ours_s, **KW),
+        lambda: braintools.optim.Lars(theirs_s, **KW),
+        schedulers=(ours_s, theirs_s),
+        steps=12,
+        jit_ours=True,
+    )
+
+
+def test_current_lr_setter_matches_braintools():
+    values = initial_values()
+    grads = gradients(values)
+    ours_states, theirs_states = make_states(values), make_states(values)
+    ours = lars.Lars(0.5, **KW).register_trainable_weights(ours_states)
+    theirs = braintools.optim.Lars(0.5, **KW)
+    theirs.register_trainable_weights(theirs_states)
+    for t in range(6):
+        if t == 3:
+            ours.current_lr = 0.05
+            theirs.current_lr = 0.05
+        ours.update(grads[t])
+        theirs.update(grads[t])
+        assert float(ours.current_lr) == pytest.approx(float(theirs.current_lr))
+    assert_close(read(ours_states), read(theirs_states), values, "after current_lr change")
+
+
+def test_interface_attributes_match_braintools():
+    kw = dict(momentum=0.8, weight_decay=1e-3, trust_coefficient=0.01, eps=1e-6)
+    kw.update(grad_clip_norm=1.0, grad_clip_value=0.5)
+    ours, theirs = lars.Lars(0.25, **kw), braintools.optim.Lars(0.25, **kw)
+    for name in [*kw, "base_lr"]:
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert float(ours.current_lr) == float(theirs.current_lr) == 0.25
+    assert type(ours.lr).__name__ == type(theirs.lr).__name__ == "ConstantLR"
+    states = make_states(initial_values())
+    assert ours.register_trainable_weights(states) is ours
+    assert int(ours.step_count.value) == 0

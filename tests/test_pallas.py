@@ -1,0 +1,394 @@
+"""Kernel-level tests of the Pallas LARS kernels (lars.kernels.pallas).
+
+Both kernels run here in interpret mode, which executes the kernel code on the
+CPU: Mosaic TPU through Pallas' XLA interpreter, Mosaic GPU through its GPU
+simulator (slow: its cases are few and small). Each kernel is compared with
+its ``*_reference`` (same operations, no tiling) and with float64 NumPy written
+here. The block plans are checked exhaustively in pure Python, and every kernel
+is lowered for the real device (Mosaic GPU for "cuda", Mosaic TPU for "tpu"),
+which runs the Pallas and Mosaic lowering passes that can run without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lars
+from lars._config import LarsConfig
+from lars._reference import reference_step
+from lars.kernels.pallas import backend, elementwise as ew, mosaic_gpu, mosaic_tpu
+
+F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
+
+ALL_ON = ew.StepFlags(clip_norm=True, clip_value=True, nesterov=True, lr_inside_momentum=True)
+FLAG_SETS = {"plain": ew.StepFlags(), "all": ALL_ON}
+# lr, momentum, weight decay, clip divisor (||g||), clip factor (max norm), clip value.
+SCALARS = np.array([0.3, 0.9, 0.05, 4.0, 1.5, 0.4, 0.0, 0.0], np.float32)
+
+# Small blocks, so that the test leaves span several full blocks plus remainders.
+TPU_BLOCKS = {"block_rows": 32, "block_lanes": 256}
+GPU_TILE = 512
+
+
+# --------------------------------------------------------------------------
+# Test data and the float64 oracle.
+
+
+@dataclasses.dataclass
+class Leaves:
+    specs: list
+    shapes: list
+    params: list
+    grads: list
+    momentum: list
+    ratios: np.ndarray
+
+
+def make_leaves(shapes, dtypes, seed=0) -> Leaves:
+    """Leaves of the given shapes and (param, grad) dtypes; every 2nd leaf decays."""
+    rng = np.random.default_rng(seed)
+    specs, params, grads, momentum = [], [], [], []
+    for i, (shape, (p_dtype, g_dtype)) in enumerate(zip(shapes, dtypes, strict=True)):
+        size = int(np.prod(shape, dtype=np.int64))
+        specs.append(ew.LeafSpec(size, p_dtype, g_dtype, F32, decay=i % 2 == 0, trust=True))
+        params.append(jnp.asarray(rng.standard_normal(shape), p_dtype))
+        grads.append(jnp.asarray(0.5 * rng.standard_normal(shape), g_dtype))
+        momentum.append(jnp.asarray(0.1 * rng.standard_normal(shape), F32))
+    ratios = rng.uniform(0.05, 1.0, len(shapes)).astype(np.float32)
+    return Leaves(specs, list(shapes), params, grads, momentum, ratios)
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def oracle_grad(g, w, scalars, flags, decay) -> np.ndarray:
+    s = scalars.astype(np.float64)
+    if flags.clip_norm:
+        g = g / s[ew.CLIP_DIVISOR] * s[ew.CLIP_FACTOR]
+    if flags.clip_value:
+        g = np.clip(g, -s[ew.CLIP_VALUE], s[ew.CLIP_VALUE])
+    if decay:
+        g = g + s[ew.WEIGHT_DECAY] * w
+    return g
+
+
+def oracle_sums(leaves: Leaves, flags, with_params=True) -> np.ndarray:
+    rows = []
+    for spec, w, g in zip(leaves.specs, leaves.params, leaves.grads, strict=True):
+        w, g = f64(w).ravel(), f64(g).ravel()
+        if not with_params:
+            rows.append([np.sum(g * g), 0.0])
+        else:
+            u = oracle_grad(g, w, SCALARS, flags, spec.decay)
+            rows.append([np.sum(w * w), np.sum(u * u)])
+    return np.asarray(rows)
+
+
+def oracle_update(leaves: Leaves, flags):
+    s = SCALARS.astype(np.float64)
+    lr, mu = s[ew.LR], s[ew.MOMENTUM]
+    out = []
+    for i, spec in enumerate(leaves.specs):
+        w, g, v = f64(leaves.params[i]), f64(leaves.grads[i]), f64(leaves.momentum[i])
+        u = oracle_grad(g, w, SCALARS, flags, spec.decay) * np.float64(leaves.ratios[i])
+        if flags.lr_inside_momentum:
+            u = lr * u
+        v_new = u + mu * v
+        direction = u + mu * v_new if flags.nesterov else v_new
+        step = direction if flags.lr_inside_momentum else lr * direction
+        out.append((-step, v_new))
+    return out
+
+
+def assert_close(got, want, rtol, what):
+    """|got - want| <= rtol * max|want| (errors judged against the leaf's scale)."""
+    got, want = f64(got), np.asarray(want, np.float64)
+    assert got.shape == want.shape, what
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    assert err <= rtol * scale + 1e-30, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+# --------------------------------------------------------------------------
+# Plans: every element in exactly one block, no block past a leaf's end.
+
+SIZES = [1, 2, 127, 128, 129, 4096, 4097, 65537, 3 * 3 * 64 * 64, 1000]
+
+
+@pytest.mark.parametrize("tile", [512, 4096])
+def test_gpu_plan_covers_every_element_once(tile):
+    plan = mosaic_gpu.plan_tiles(SIZES, tile)
+    covered = [np.zeros(n, np.int32) for n in SIZES]
+    for block, (b, start) in enumerate(plan.table):
+        branch = plan.branches[b]
+        first, last = plan.leaf_blocks[branch.leaf]
+        assert first <= block < last
+        start = int(start) if branch.full else branch.start
+        for piece_start, size, _ in mosaic_gpu._chunks(branch, start):
+            piece_start = int(piece_start)
+            assert 0 <= piece_start and piece_start + size <= SIZES[branch.leaf]
+            covered[branch.leaf][piece_start : piece_start + size] += 1
+    assert all(np.all(c == 1) for c in covered)
+    # Vector pieces are whole warpgroup granules; at most 127 scalar loads per leaf.
+    for branch in plan.branches:
+        pieces = mosaic_gpu._chunks(branch, 0)
+        assert all(size % 128 == 0 for _, size, vector in pieces if vector)
+        assert sum(1 for *_, vector in pieces if not vector) < 128
+
+
+@pytest.mark.parametrize("blocks", [(32, 256), (512, 8192)])
+def test_tpu_plan_covers_every_element_once(blocks):
+    plan = mosaic_tpu.plan_tiles(SIZES, *blocks)
+    covered = [np.zeros(mosaic_tpu.leaf_view(n), np.int32) for n in SIZES]
+    for b, start in plan.table:
+        branch = plan.branches[b]
+        start = int(start) if branch.full else branch.start
+        window = mosaic_tpu._window(branch, start)
+        view = covered[branch.leaf]
+        index = tuple(slice(w.start, w.start + w.size) if hasattr(w, "size") else w for w in window)
+        axis = 0 if branch.kind == mosaic_tpu.ROWS else 1
+        assert index[axis].stop <= view.shape[axis]
+        view[index] += 1
+    assert all(np.all(c == 1) for c in covered)
+    for view, n in zip(plan.views, SIZES, strict=True):
+        assert view[0] * view[1] == n and (view[1] == 128 or view[0] == 1)
+
+
+def test_plans_reject_untileable_blocks():
+    with pytest.raises(ValueError, match="multiple of 512"):
+        mosaic_gpu.plan_tiles([10], 1000)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mosaic_tpu.plan_tiles([10], 40, 256)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        mosaic_tpu.plan_tiles([10], 32, 200)
+
+
+# --------------------------------------------------------------------------
+# The Mosaic TPU kernels (XLA interpreter).
+
+# 0-d; one element; odd; odd spanning 16 (1, 256) blocks plus a remainder; 2 full
+# (32, 128) blocks plus a remainder; a conv kernel (36 rows: one block plus 4 rows).
+TPU_SHAPES = [(), (1,), (127,), (4097,), (80, 128), (3, 3, 16, 32)]
+MIXED = [(F32, F32), (F32, BF16), (BF16, BF16), (F32, F16), (F32, BF16), (BF16, BF16)]
+
+
+@pytest.mark.parametrize("flags_name", ["plain", "all"])
+def test_tpu_kernels_match_references_and_float64(flags_name):
+    flags = FLAG_SETS[flags_name]
+    leaves = make_leaves(TPU_SHAPES, MIXED, seed=1)
+    scalars = jnp.asarray(SCALARS)
+    kw = dict(flags=flags, leaves=leaves.specs)
+    sums = jax.jit(lambda w, g, s: mosaic_tpu.leaf_sums(w, g, s, interpret=True, **kw, **TPU_BLOCKS))(
+        leaves.params, leaves.grads, scalars
+    )
+    want = oracle_sums(leaves, flags)
+    ref = mosaic_tpu.leaf_sums_reference(leaves.params, leaves.grads, scalars, **kw)
+    for j in range(len(TPU_SHAPES)):
+        assert_close(sums[j], want[j], 1e-5, f"sums of leaf {j} vs float64")
+        assert_close(sums[j], ref[j], 2e-6, f"sums of leaf {j} vs reference")
+
+    upd, mom = jax.jit(
+        lambda w, g, v, r, s: mosaic_tpu.update(w, g, v, r, s, interpret=True, **kw, **TPU_BLOCKS)
+    )(leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars)
+    ref_upd, ref_mom = mosaic_tpu.update_reference(
+        leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars, **kw
+    )
+    for j, (spec, (want_upd, want_mom)) in enumerate(
+        zip(leaves.specs, oracle_update(leaves, flags), strict=True)
+    ):
+        assert upd[j].dtype == spec.param_dtype and upd[j].shape == TPU_SHAPES[j]
+        assert mom[j].dtype == F32 and mom[j].shape == TPU_SHAPES[j]
+        low = spec.param_dtype != F32
+        assert_close(upd[j], want_upd, 8e-3 if low else 1e-5, f"update of leaf {j}")
+        assert_close(mom[j], want_mom, 1e-5, f"momentum of leaf {j}")
+        assert_close(upd[j], ref_upd[j], 8e-3 if low else 2e-6, f"update {j} vs reference")
+        assert_close(mom[j], ref_mom[j], 2e-6, f"momentum {j} vs reference")
+
+
+def test_tpu_global_norm_pass():
+    leaves = make_leaves(TPU_SHAPES, MIXED, seed=2)
+    sums = jax.jit(
+        lambda g, s: mosaic_tpu.leaf_sums(
+            None, g, s, flags=ew.StepFlags(), leaves=leaves.specs, interpret=True, **TPU_BLOCKS
+        )
+    )(leaves.grads, jnp.asarray(SCALARS))
+    want = oracle_sums(leaves, ew.StepFlags(), with_params=False)
+    for j in range(len(TPU_SHAPES)):
+        assert_close(sums[j], want[j], 1e-5, f"sum of g**2 of leaf {j}")
+
+
+def test_tpu_kernel_in_the_tpu_simulator():
+    """The TPU simulator (which models DMAs and semaphores) gives the same numbers.
+
+    Up to float32 rounding: the two interpreters compile the arithmetic into
+    different XLA programs, which may contract a multiply and an add into one
+    fused operation in one and not the other.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    shapes = [(5,), (300,), (70, 128)]
+    leaves = make_leaves(shapes, [(F32, BF16), (F32, F32), (BF16, BF16)], seed=3)
+    args = (leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios))
+    kw = dict(flags=ALL_ON, leaves=leaves.specs, **TPU_BLOCKS)
+    run = lambda interpret: jax.jit(
+        lambda w, g, v, r, s: mosaic_tpu.update(w, g, v, r, s, interpret=interpret, **kw)
+    )(*args, jnp.asarray(SCALARS))
+    sim, xla = run(pltpu.InterpretParams()), run(True)
+    for j, (a, b) in enumerate(zip(jax.tree.leaves(sim), jax.tree.leaves(xla), strict=True)):
+        assert_close(a, b, 2e-6, f"output {j}")
+
+
+# --------------------------------------------------------------------------
+# The Mosaic GPU kernels (GPU simulator: about half a second per block).
+
+GPU_SHAPES = [(), (127,), (300,), (3, 515)]  # 0-d, scalar-only, vector + scalars, 3 tiles + end
+GPU_DTYPES = [(F32, F32), (F32, BF16), (BF16, BF16), (F32, F16)]
+
+
+def test_gpu_kernels_match_references_and_float64():
+    flags = ALL_ON
+    leaves = make_leaves(GPU_SHAPES, GPU_DTYPES, seed=4)
+    scalars = jnp.asarray(SCALARS)
+    kw = dict(flags=flags, leaves=leaves.specs, tile=GPU_TILE, interpret=True)
+    sums = jax.jit(lambda w, g, s: mosaic_gpu.leaf_sums(w, g, s, **kw))(
+        leaves.params, leaves.grads, scalars
+    )
+    want = oracle_sums(leaves, flags)
+    for j in range(len(GPU_SHAPES)):
+        assert_close(sums[j], want[j], 1e-5, f"sums of leaf {j} vs float64")
+
+    upd, mom = jax.jit(lambda w, g, v, r, s: mosaic_gpu.update(w, g, v, r, s, **kw))(
+        leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars
+    )
+    ref_upd, ref_mom = mosaic_gpu.update_reference(
+        leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars,
+        flags=flags, leaves=leaves.specs,
+    )
+    for j, (spec, (want_upd, want_mom)) in enumerate(
+        zip(leaves.specs, oracle_update(leaves, flags), strict=True)
+    ):
+        assert upd[j].dtype == spec.param_dtype and upd[j].shape == GPU_SHAPES[j]
+        low = spec.param_dtype != F32
+        assert_close(upd[j], want_upd, 8e-3 if low else 1e-5, f"update of leaf {j}")
+        assert_close(mom[j], want_mom, 1e-5, f"momentum of leaf {j}")
+        assert_close(upd[j], ref_upd[j], 8e-3 if low else 2e-6, f"update {j} vs reference")
+        assert_close(mom[j], ref_mom[j], 2e-6, f"momentum {j} vs reference")
+
+
+def test_gpu_global_norm_pass():
+    leaves = make_leaves(GPU_SHAPES[1:], GPU_DTYPES[1:], seed=5)
+    sums = jax.jit(
+        lambda g, s: mosaic_gpu.leaf_sums(
+            None, g, s, flags=ew.StepFlags(), leaves=leaves.specs, tile=GPU_TILE, interpret=True
+        )
+    )(leaves.grads, jnp.asarray(SCALARS))
+    want = oracle_sums(leaves, ew.StepFlags(), with_params=False)
+    for j in range(len(leaves.specs)):
+        assert_close(sums[j], want[j], 1e-5, f"sum of g**2 of leaf {j}")
+
+
+# --------------------------------------------------------------------------
+# Lowering for the real devices (no device needed).
+
+
+def _lower_both_passes(module, platform, leaves, **kw):
+    scalars = jnp.asarray(SCALARS)
+    opts = dict(flags=ALL_ON, leaves=leaves.specs, **kw)
+    sums = jax.jit(lambda w, g, s: module.leaf_sums(w, g, s, **opts))
+    sums.trace(leaves.params, leaves.grads, scalars).lower(lowering_platforms=(platform,))
+    upd = jax.jit(lambda w, g, v, r, s: module.update(w, g, v, r, s, **opts))
+    lowered = upd.trace(
+        leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars
+    ).lower(lowering_platforms=(platform,))
+    return lowered.as_text()
+
+
+def test_mosaic_tpu_lowers_for_tpu():
+    leaves = make_leaves(TPU_SHAPES, MIXED, seed=6)
+    text = _lower_both_passes(mosaic_tpu, "tpu", leaves)
+    assert text.count("tpu_custom_call") == 1
+
+
+def test_mosaic_gpu_lowers_for_cuda():
+    leaves = make_leaves(TPU_SHAPES, MIXED, seed=7)
+    text = _lower_both_passes(mosaic_gpu, "cuda", leaves)
+    assert text.count("mosaic_gpu") >= 1
+
+
+# --------------------------------------------------------------------------
+# The backend step.
+
+
+def _tree_case(seed=8):
+    rng = np.random.default_rng(seed)
+    shapes = [(), (7,), (0,), (33,), (300,), (2, 2, 4, 8), (0, 3)]
+    params = [jnp.asarray(rng.standard_normal(s), F32) for s in shapes]
+    params[3] = jnp.zeros((33,), F32)  # zero weights: r = 1
+    grads = [jnp.asarray(0.1 * rng.standard_normal(s), BF16 if i % 3 == 0 else F32)
+             for i, s in enumerate(shapes)]
+    grads[1] = jnp.zeros((7,), grads[1].dtype)  # zero gradient
+    momentum = [jnp.asarray(0.01 * rng.standard_normal(s), F32) for s in shapes]
+    return params, grads, momentum
+
+
+def test_backend_step_matches_reference_step():
+    params, grads, momentum = _tree_case()
+    config = LarsConfig(
+        momentum=0.8, weight_decay=0.01, trust_coefficient=0.02, eps=1e-6, nesterov=True,
+        trust_clip=0.5, grad_clip_norm=0.2, grad_clip_value=0.03,
+    )
+    masks = dict(
+        decay_mask=[True, False, True, True, True, False, True],
+        trust_mask=[True, True, True, True, False, True, True],
+    )
+    lr = jnp.asarray(0.1, jnp.float32)
+    got = backend.pallas_step(params, grads, momentum, lr, config=config, **masks)
+    want = reference_step(params, grads, momentum, lr, config=config, **masks)
+    for name, g, w in zip(("updates", "momentum", "trust_ratio"), got, want, strict=True):
+        for j, (a, b) in enumerate(zip(g, w, strict=True)):
+            assert a.shape == b.shape and a.dtype == b.dtype, (name, j)
+            assert_close(a, b, 1e-5, f"{name} of leaf {j}")
+    assert float(got.trust_ratio[3]) == 0.5  # zero weights: r = 1, clipped to 0.5
+    assert float(got.trust_ratio[2]) == 0.5  # empty leaf: the same, as in the reference
+
+
+def test_backend_rejects_float64():
+    config = LarsConfig()
+    w = np.zeros(3, np.float64)
+    with pytest.raises(TypeError, match="float64"):
+        backend.pallas_step(
+            [w], [w], [w], jnp.asarray(0.1), config=config, decay_mask=[True], trust_mask=[True]
+        )
+
+
+def test_backend_is_registered_and_available_here():
+    assert "pallas" in lars.available_backends()
+    assert backend.unavailable() is None
+    assert backend.unsupported(LarsConfig(nesterov=True, trust_clip=1.0)) is None
+    assert backend.default_kernel("gpu") == ("mosaic_gpu", False)
+    assert backend.default_kernel("tpu") == ("mosaic_tpu", False)
+    assert backend.default_kernel("cpu") == ("mosaic_tpu", True)
+
+
+def test_backend_deterministic_and_lr_does_not_recompile():
+    params, grads, momentum = _tree_case(9)
+    config = LarsConfig(weight_decay=0.01, grad_clip_norm=0.5)
+    masks = dict(decay_mask=[True] * 7, trust_mask=[True] * 7)
+
+    @jax.jit
+    def step(lr):
+        return backend.pallas_step(params, grads, momentum, lr, config=config, **masks)
+
+    a = step(jnp.asarray(0.1, jnp.float32))
+    b = step(jnp.asarray(0.1, jnp.float32))
+    c = step(jnp.asarray(0.2, jnp.float32))
+    assert step._cache_size() == 1
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(a.updates[4]), np.asarray(c.updates[4]))

@@ -1,0 +1,144 @@
+"""Property-based tests: random pytrees and hyperparameters, reference vs the oracle.
+
+The update runs eagerly (no jax.jit): each random tree structure would
+otherwise compile a new program, while eager operations are cached per leaf
+shape, and the shapes come from a small fixed set.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import oracle
+from backend_base import TOLERANCES, assert_matches_oracle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lars
+
+SHAPES = [(), (0,), (1,), (3,), (17,), (4, 5), (0, 3), (2, 3, 4)]
+STEPS = 3
+
+
+@st.composite
+def leaf(draw, magnitudes=(-3.0, 2.0), shape=None):
+    """A float32 array: normal values, all zeros, or normal with some exact zeros."""
+    if shape is None:
+        shape = draw(st.sampled_from(SHAPES))
+    kind = draw(st.sampled_from(["normal", "zeros", "sparse"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    lo, hi = magnitudes
+    scale = 10.0 ** draw(st.floats(lo, hi))
+    x = scale * rng.standard_normal(shape)
+    if kind == "zeros":
+        x = np.zeros(shape)
+    elif kind == "sparse":
+        x = np.where(rng.random(shape) < 0.5, 0.0, x)
+    return np.asarray(x, np.float32)
+
+
+def trees(leaves):
+    return st.recursive(
+        leaves,
+        lambda children: st.one_of(
+            st.dictionaries(st.sampled_from("abcdef"), children, min_size=1, max_size=4),
+            st.lists(children, min_size=1, max_size=3),
+            st.tuples(children, children),
+        ),
+        max_leaves=6,
+    )
+
+
+optional = lambda s: st.one_of(st.none(), s)
+hyperparameters = st.fixed_dictionaries(
+    {
+        "learning_rate": st.floats(0.0, 2.0),
+        "momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
+        # Not below 1e-6: float32 flushes a subnormal decay term (3e-42 * w) to
+        # zero, so a zero gradient stays zero (r = 1, no step), while float64
+        # keeps it and scales it up by the trust ratio to eta * ||w||.
+        "weight_decay": st.one_of(st.just(0.0), st.floats(1e-6, 0.1)),
+        "trust_coefficient": st.floats(1e-4, 1.0),
+        "eps": st.sampled_from([0.0, 1e-8, 1e-3, 0.5]),
+        "nesterov": st.booleans(),
+        "trust_clip": optional(st.floats(0.01, 10.0)),
+        "grad_clip_norm": optional(st.floats(0.01, 10.0)),
+        "grad_clip_value": optional(st.floats(0.01, 10.0)),
+        "lr_inside_momentum": st.booleans(),
+    }
+)
+
+
+@st.composite
+def problems(draw, magnitudes=(-3.0, 2.0)):
+    params = draw(trees(leaf(magnitudes)))
+    n = len(jax.tree.leaves(params))
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    treedef = jax.tree.structure(params)
+    grads = []
+    for _ in range(STEPS):
+        gs = [draw(leaf(magnitudes, shape)) for shape in shapes]
+        grads.append(jax.tree.unflatten(treedef, gs))
+    decay_mask = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    trust_mask = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    return params, grads, decay_mask, trust_mask
+
+
+def _run(params, grads, hp, decay_mask, trust_mask):
+    treedef = jax.tree.structure(params)
+    opt = lars.lars(
+        weight_decay_mask=jax.tree.unflatten(treedef, decay_mask),
+        trust_ratio_mask=jax.tree.unflatten(treedef, trust_mask),
+        backend="reference",
+        **hp,
+    )
+    p = jax.tree.map(jnp.asarray, params)
+    state = opt.init(p)
+    for g in grads:
+        updates, state = opt.update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, updates)
+    return p, state
+
+
+@settings(max_examples=80, deadline=None)
+@given(problem=problems(), hp=hyperparameters)
+def test_reference_matches_oracle(problem, hp):
+    params, grads, decay_mask, trust_mask = problem
+    got_params, got_state = _run(params, grads, hp, decay_mask, trust_mask)
+    n = len(decay_mask)
+    want = oracle.run(
+        [np.asarray(x, np.float64) for x in jax.tree.leaves(params)],
+        [[np.asarray(x, np.float64) for x in jax.tree.leaves(g)] for g in grads],
+        oracle.OracleConfig(**hp),
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        round_params=[oracle.rounder(np.float32)] * n,
+    )
+    assert_matches_oracle(
+        got_params,
+        got_state,
+        want,
+        [np.asarray(x, np.float64) for x in jax.tree.leaves(params)],
+        [(str(i),) for i in range(n)],
+        TOLERANCES["float32"],
+        jnp.float32,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem=problems(magnitudes=(-12.0, 12.0)), hp=hyperparameters)
+def test_no_nan_or_inf_for_finite_inputs(problem, hp):
+    """Values from 1e-12 to 1e12 in magnitude: every output stays finite."""
+    params, grads, decay_mask, trust_mask = problem
+    got_params, got_state = _run(params, grads, hp, decay_mask, trust_mask)
+    for x in jax.tree.leaves((got_params, got_state)):
+        assert np.all(np.isfinite(np.asarray(x)))
+    assert jax.tree.structure(got_params) == jax.tree.structure(
+        jax.tree.map(jnp.asarray, params)
+    )
+    for r, tm in zip(jax.tree.leaves(got_state.trust_ratio), trust_mask, strict=True):
+        if not tm:
+            assert float(r) == 1.0
