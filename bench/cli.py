@@ -11,8 +11,8 @@ from typing import Any
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
-QUICK = dict(warmup=2, rounds=5, min_sample_s=0.005, budget_s=2.0)
-FULL = dict(warmup=5, rounds=30, min_sample_s=0.02, budget_s=30.0)
+QUICK = dict(warmup=2, rounds=5, min_sample_s=0.005, budget_s=2.0, max_compile_s=10.0)
+FULL = dict(warmup=5, rounds=30, min_sample_s=0.02, budget_s=30.0, max_compile_s=300.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="a backend more than this many times slower than optax on a workload is timed "
-        "once there and skipped on larger ones (0: never; default %(default)s)",
+        "once there and skipped on the rest (0: never; default %(default)s)",
+    )
+    p.add_argument(
+        "--max-compile",
+        type=float,
+        help="skip a backend on a workload where its compile time, estimated from optax's, "
+        "would exceed this many seconds (0: never; default 300, --quick 10)",
     )
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
@@ -130,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_sample_s=base["min_sample_s"],
         budget_s=base["budget_s"] if args.budget is None else args.budget,
         slow_factor=args.slow_factor,
+        max_compile_s=base["max_compile_s"] if args.max_compile is None else args.max_compile,
     )
     if settings.rounds < 1 or settings.warmup < 0:
         print("error: --rounds must be >= 1 and --warmup >= 0", file=sys.stderr)
@@ -141,21 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"lars {env['lars']} | backends: {', '.join(backends)}",
         file=sys.stderr,
     )
-    # Smallest workloads first, so that a backend far slower than optax (an
-    # interpreter, say) is found on a small one and skipped on the larger ones.
+    # Fewest arrays, then fewest params first, so that a backend far slower than
+    # optax to run or to compile (an interpreter, say) shows it on a small
+    # workload and is skipped on the larger ones (see measure.History).
     tasks = sorted(
-        ((w, d) for w in selected for d in dtypes), key=lambda t: (t[0].n_params, t[0].n_arrays)
+        ((w, d) for w in selected for d in dtypes), key=lambda t: (t[0].n_arrays, t[0].n_params)
     )
     bar = _progress(len(tasks), args.no_progress)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    skip: dict[str, str] = {}
+    history = measure.History()
     start = time.perf_counter()
     try:
         for w, d in tasks:
             bar.set_description(f"{w.name} {d}")
-            task_rows, slow = measure.measure(w, d, backends, settings, skip)
-            results[(w.name, d)] = task_rows
-            skip.update(slow)
+            results[(w.name, d)] = measure.measure(w, d, backends, settings, history)
             bar.update(1)
     finally:
         bar.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -29,8 +29,11 @@ class Settings:
       min_sample_s: Shortest sample (see ``bench.timing``).
       budget_s: Stop sampling a workload after this many seconds (>= 3 rounds).
       slow_factor: A backend whose step takes more than this many times
-        optax's is timed on one step and skipped on the larger workloads that
-        follow (0: never).
+        optax's is timed on one step and skipped on the workloads that follow
+        (0: never).
+      max_compile_s: A backend is skipped on a workload where its compile
+        time, estimated from optax's there and the largest ratio of the two
+        seen so far, would exceed this (0: never).
     """
 
     warmup: int = 5
@@ -38,6 +41,25 @@ class Settings:
     min_sample_s: float = 0.02
     budget_s: float = 30.0
     slow_factor: float = 25.0
+    max_compile_s: float = 300.0
+
+
+@dataclasses.dataclass
+class History:
+    """What the workloads measured so far showed about each backend.
+
+    The command line measures the smallest workloads first and passes the same
+    ``History`` to every call, so an interpreter-speed backend (e.g. Pallas in
+    interpret mode on a CPU) is found on a small workload and not compiled or
+    run on the large ones.
+
+    Attributes:
+      skip: Backend -> reason: skipped from now on.
+      compile_ratio: Backend -> the largest (its compile time / optax's) seen.
+    """
+
+    skip: dict[str, str] = dataclasses.field(default_factory=dict)
+    compile_ratio: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def bytes_per_param(dtype: str) -> int:
@@ -73,8 +95,8 @@ def measure(
     dtype: str,
     backends: Sequence[str],
     settings: Settings,
-    skip: Mapping[str, str] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    history: History | None = None,
+) -> list[dict[str, Any]]:
     """Times optax, each backend and the copy floor on one workload.
 
     Args:
@@ -82,17 +104,16 @@ def measure(
       dtype: A key of ``DTYPES``.
       backends: ``lars`` backend names.
       settings: Timing settings.
-      skip: Backends not to run, with the reason (it goes into ``note``).
+      history: What earlier workloads showed; updated in place.
 
     Returns:
-      (rows, slow). ``rows``: one dict of the measured columns of
-      ``bench.report.COLUMNS`` per step: "optax", each backend, "copy". A
-      backend that fails to compile or run, or is skipped, gets a row with NaN
-      figures and the reason in ``note``. ``slow``: the backends whose second
-      step took more than ``settings.slow_factor`` times optax's, with the
-      reason; they are timed on that one step only (``samples`` = 1).
+      One dict of the measured columns of ``bench.report.COLUMNS`` per step:
+      "optax", each backend, "copy". A backend that fails to compile or run, or
+      is skipped, gets a row with NaN figures and the reason in ``note``; one
+      whose second step took more than ``settings.slow_factor`` times optax's
+      is timed on that step alone (``samples`` = 1) and skipped from then on.
     """
-    skip = dict(skip or {})
+    history = History() if history is None else history
     # float32 params (scale 0.05) and gradients (scale 1e-3); every step gets
     # its own device copy of the params (device_put copies), the grads are shared.
     params0 = host_arrays(workload.shapes, np.float32, 0.05, 0.0)
@@ -100,17 +121,27 @@ def measure(
     moved = workload.n_params * bytes_per_param(dtype)
     names = [steps.OPTAX, *backends]
     runners: dict[str, steps.Runner] = {}
-    notes: dict[str, str] = {n: f"skipped: {skip[n]}" for n in backends if n in skip}
+    notes: dict[str, str] = {}
     diffs: dict[str, float] = {}
-    for name in names:
-        if name in notes:
+    runners[steps.OPTAX] = steps.lars_runner(steps.OPTAX, jax.device_put(params0), grads)
+    optax_compile = max(runners[steps.OPTAX].compile_s, 1e-3)
+    for name in backends:
+        ratio = history.compile_ratio.get(name)
+        if name in history.skip:
+            notes[name] = f"skipped: {history.skip[name]}"
+            continue
+        if settings.max_compile_s > 0 and ratio and ratio * optax_compile > settings.max_compile_s:
+            notes[name] = (
+                f"skipped: compiling would take about {ratio * optax_compile:.0f} s "
+                f"({ratio:.1f}x optax's {optax_compile:.1f} s; limit {settings.max_compile_s:g} s)"
+            )
             continue
         try:
             runners[name] = steps.lars_runner(name, jax.device_put(params0), grads)
         except Exception as e:
-            if name == steps.OPTAX:
-                raise
             notes[name] = "compile failed: " + _error(e)
+            continue
+        history.compile_ratio[name] = max(ratio or 0.0, runners[name].compile_s / optax_compile)
     runners[steps.COPY] = steps.copy_runner(moved)
 
     # First step of each, from the same params: the updates must agree with optax.
@@ -134,14 +165,15 @@ def measure(
 
     # A second step of each: a backend far slower than optax is timed on it alone.
     second = {name: timing.clock(r, 1) for name, r in runners.items()}
-    slow: dict[str, str] = {}
+    slow: set[str] = set()
     timings: dict[str, timing.Timing] = {}
     if settings.slow_factor > 0:
         limit = settings.slow_factor * max(second[steps.OPTAX], 1e-4)
         for name in backends:
             if name in runners and second[name] > limit:
                 ratio = second[name] / second[steps.OPTAX]
-                slow[name] = f"{ratio:.0f}x slower than optax on {workload.name} {dtype}"
+                slow.add(name)
+                history.skip[name] = f"{ratio:.0f}x slower than optax on {workload.name} {dtype}"
                 notes[name] = f"slow: one step timed ({ratio:.0f}x optax's)"
                 timings[name] = timing.Timing.of([second[name]], 1)
     timings.update(
@@ -196,4 +228,4 @@ def measure(
         r.release()
     runners.clear()
     gc.collect()
-    return rows, slow
+    return rows

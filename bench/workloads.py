@@ -194,7 +194,7 @@ def full_workloads() -> list[Workload]:
     ]
 
 
-QUICK_SWEEP_SIZES = (1_000, 16_000, 250_000, 4_000_000)
+QUICK_SWEEP_SIZES = (1_000, 16_000, 250_000, 1_000_000)
 
 
 def quick_workloads() -> list[Workload]:

@@ -72,7 +72,8 @@ class RunResult:
     spec: RunSpec
     history: dict  # lists per epoch: train_loss, train_acc, test_loss, test_acc, lr
     diverged: bool
-    seconds: float
+    seconds: float  # wall clock of the run's epochs (compilation included)
+    cpu_seconds: float  # CPU time of the process over the same span (all threads)
 
     @property
     def final_test_acc(self) -> float:
@@ -127,6 +128,7 @@ class Runner:
         self.resume = resume
         self.progress = progress
         self._compiled: dict[RunSpec, _Compiled] = {}
+        self._eval: dict[tuple[int, ...], object] = {}
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Steps per epoch at ``batch_size`` (the incomplete last batch is dropped)."""
@@ -150,10 +152,13 @@ class Runner:
                 trust_coefficient=spec.trust_coefficient,
             )
             graphdef, eval_graphdef, state = training.split_model(model, tx)
+            evaluate = self._eval.get(spec.widths)
+            if evaluate is None:
+                evaluate = self._eval[spec.widths] = training.make_eval_fn(eval_graphdef)
             compiled = _Compiled(
                 tx=tx,
                 step=training.make_train_step(graphdef, tx),
-                evaluate=training.make_eval_fn(eval_graphdef),
+                evaluate=evaluate,
                 schedule=schedule,
             )
             self._compiled[key] = compiled
@@ -176,7 +181,7 @@ class Runner:
         """
         compiled, state = self.build(spec)
         history = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}
-        start_epoch, seconds, diverged = 0, 0.0, False
+        start_epoch, seconds, cpu_seconds, diverged = 0, 0.0, 0.0, False
         path = self.checkpoint_path(spec)
         if self.resume and path.exists():
             state, meta = training.load_checkpoint(path, state)
@@ -186,7 +191,8 @@ class Runner:
                     "remove it or choose another checkpoint folder"
                 )
             history, start_epoch = meta["history"], meta["epoch"]
-            seconds, diverged = meta["seconds"], meta["diverged"]
+            seconds, cpu_seconds = meta["seconds"], meta["cpu_seconds"]
+            diverged = meta["diverged"]
         spe = self.steps_per_epoch(spec.batch_size)
         bar = tqdm(
             total=spec.epochs,
@@ -199,18 +205,21 @@ class Runner:
         )
         epoch = start_epoch
         while epoch < spec.epochs and not diverged:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state, metrics = train_epoch(
                 compiled.step, state, self.x_train, self.y_train, spec.batch_size, spec.seed, epoch
             )
             scores = compiled.evaluate(state, self.x_eval, self.y_eval)
             train_loss = float(jnp.mean(jnp.stack([m["loss"] for m in metrics])))
             history["train_loss"].append(train_loss)
-            history["train_acc"].append(float(jnp.mean(jnp.stack([m["accuracy"] for m in metrics]))))
+            history["train_acc"].append(
+                float(jnp.mean(jnp.stack([m["accuracy"] for m in metrics])))
+            )
             history["test_loss"].append(float(scores["loss"]))
             history["test_acc"].append(float(scores["accuracy"]))
             history["lr"].append(float(compiled.schedule(epoch * spe)))
             seconds += time.perf_counter() - t0
+            cpu_seconds += time.process_time() - c0
             epoch += 1
             diverged = not math.isfinite(train_loss)
             bar.update(1)
@@ -221,11 +230,12 @@ class Runner:
                     "epoch": epoch,
                     "history": history,
                     "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
                     "diverged": diverged,
                 }
                 training.save_checkpoint(path, state, meta)
         bar.close()
-        return RunResult(spec=spec, history=history, diverged=diverged, seconds=seconds)
+        return RunResult(spec, history, diverged, seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 def train_epoch(

@@ -64,6 +64,7 @@ def summarise(results: Sequence[RunResult]) -> list[dict]:
                 "test_acc_std": round(std, 3),
                 "diverged": sum(r.diverged for r in runs),
                 "seconds_per_run": round(float(np.mean([r.seconds for r in runs])), 1),
+                "cpu_seconds_per_run": round(float(np.mean([r.cpu_seconds for r in runs])), 1),
             }
         )
     return rows
@@ -94,6 +95,7 @@ def run_rows(results: Sequence[RunResult]) -> list[dict]:
             "final_train_loss": r.final_train_loss,
             "diverged": r.diverged,
             "seconds": round(r.seconds, 1),
+            "cpu_seconds": round(r.cpu_seconds, 1),
         }
         for r in results
     ]
@@ -114,7 +116,7 @@ def markdown_table(summary: Sequence[dict], n_train: int) -> str:
     batches = sorted({r["batch_size"] for r in summary})
     lines = [
         "| batch size | steps/epoch | SGD peak lr | SGD test acc (%) "
-        "| LARS peak lr | LARS test acc (%) | LARS − SGD (points) |",
+        "| LARS peak lr | LARS test acc (%) | LARS - SGD (points) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in batches:
@@ -185,8 +187,9 @@ def plot_accuracy_vs_batch(path: Path, results: Sequence[RunResult], n_train: in
     ax.set_xticklabels([f"{b}\n(full)" if b == n_train else str(b) for b in batches])
     ax.set_xlabel("batch size (learning rate scaled linearly)")
     ax.set_ylabel("test accuracy (%)")
-    epochs = results[0].spec.epochs
-    ax.set_title(f"Digits, ResNet-8, {epochs} epochs: accuracy vs batch size")
+    spec = results[0].spec
+    depth = 2 * len(spec.widths) + 2
+    ax.set_title(f"Digits, ResNet-{depth}, {spec.epochs} epochs: accuracy vs batch size")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -219,10 +222,11 @@ def plot_curves(path: Path, results: Sequence[RunResult], batch_size: int) -> No
                     epochs, np.nanmin(curves, 0), np.nanmax(curves, 0), color=COLORS[opt], alpha=0.2
                 )
     n = len({r.spec.seed for r in results})
+    seeds = f"{n} seeds" if n > 1 else "1 seed"
     ax_acc.set_xlabel("epoch (= step at full batch)")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_ylim(0, 100)
-    ax_acc.set_title(f"Test accuracy, batch {batch_size} (mean, min-max of {n} seeds)")
+    ax_acc.set_title(f"Test accuracy, batch {batch_size} (mean, min-max of {seeds})")
     ax_loss.set_xlabel("epoch (= step at full batch)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")

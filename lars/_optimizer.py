@@ -18,7 +18,6 @@ from lars._transform import LarsState, apply_lars, init_state, make_spec
 from lars._trees import MaskOrFn, check_like_params, check_params
 from lars.schedules import ConstantLR
 
-
 _STANDARD_DICTS = (dict, collections.OrderedDict, collections.defaultdict)
 
 

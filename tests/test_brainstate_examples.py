@@ -18,7 +18,9 @@ braintools = pytest.importorskip("braintools")
 
 
 def param_values(model) -> dict:
-    return {k: jax.tree.map(np.asarray, s.value) for k, s in model.states(brainstate.ParamState).items()}
+    return {
+        k: jax.tree.map(np.asarray, s.value) for k, s in model.states(brainstate.ParamState).items()
+    }
 
 
 def copy_weights(src, dst) -> None:
@@ -72,7 +74,7 @@ def test_short_examples_match_braintools(name: str):
     brainstate.random.seed(0)
     ours_model, ours, losses = _linear_step(lambda: lars.Lars(**kw))
     brainstate.random.seed(0)
-    theirs_model, theirs, _ = _linear_step(lambda: braintools.optim.Lars(**kw))
+    theirs_model, _, _ = _linear_step(lambda: braintools.optim.Lars(**kw))
     assert int(ours.step_count.value) == 5
     assert np.all(np.isfinite(losses))
     if kw["lr"] <= 0.1:

@@ -75,11 +75,13 @@ def test_inject_hyperparams_changes_lr_without_recompiling():
     # Masks are passed through static_args: inject_hyperparams would otherwise
     # take a callable mask for a schedule of the step count.
     factory = optax.inject_hyperparams(lars.lars, static_args=("weight_decay_mask",))
-    opt = factory(learning_rate=0.1, weight_decay=1e-2, weight_decay_mask=lars.exclude_bias_and_norm)
+    opt = factory(
+        learning_rate=0.1, weight_decay=1e-2, weight_decay_mask=lars.exclude_bias_and_norm
+    )
     params = params_tree()
     state = opt.init(params)
     update = jax.jit(opt.update)
-    first, state = update(grads_tree(0), state, params)
+    _, state = update(grads_tree(0), state, params)
     state.hyperparams["learning_rate"] = jnp.asarray(0.05, jnp.float32)
     second, state = update(grads_tree(1), state, params)
     assert update._cache_size() == 1

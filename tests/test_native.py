@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import jax
@@ -354,6 +358,8 @@ def test_bitwise_deterministic_across_runs_and_threads(name: str):
     _assert_bitwise(first, _native_threads(0, params, grads, momentum, cfg))
     for threads in (1, 2, 3, 8):
         _assert_bitwise(first, _native_threads(threads, params, grads, momentum, cfg))
+        if jax.default_backend() == "cpu":
+            assert native.last_step_threads()[0] == threads
 
 
 def test_bitwise_identical_across_instruction_sets():
@@ -627,3 +633,34 @@ def test_bytes_per_step():
     # float32 params, bf16 grads: 4+4 + 2 + 4+4 = 18 B; bf16 params: 2+2+2+4+4 = 14 B.
     assert native.bytes_per_step(p, g) == 10 * 18 + 4 * 14
     assert math.isclose(native.bytes_per_step(p[:1], p[:1]) / 10, 20)
+
+
+def test_refuses_several_cpu_devices():
+    """With a simulated device mesh, "native" says why not and "auto" falls back."""
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, lars
+        from lars.kernels import native
+        assert jax.device_count() == 4
+        print(native.unavailable())
+        assert "native" not in lars.available_backends()
+        opt = lars.lars(0.1, backend="auto")
+        p = {"w": jnp.ones(3)}
+        u, _ = opt.update(p, opt.init(p), p)
+        try:
+            lars.lars(0.1, backend="native")
+        except RuntimeError as e:
+            print("refused:", e)
+        """
+    )
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "runs on one CPU device; this process has 4" in out.stdout
+    assert "refused: backend 'native' cannot run here" in out.stdout

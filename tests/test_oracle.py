@@ -177,7 +177,9 @@ def test_oracle_matches_braintools_lars():
     braintools = pytest.importorskip("braintools")
     brainstate = pytest.importorskip("brainstate")
     params, grads, _ = make_problem(257, 65, 20, seed=3)
-    flat = {"/".join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        "/".join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     states = {k: brainstate.ParamState(jnp.asarray(v, jnp.float32)) for k, v in flat.items()}
     kw = dict(momentum=0.8, weight_decay=0.01, trust_coefficient=0.02, eps=1e-3)
     opt = braintools.optim.Lars(lr=0.4, grad_clip_norm=2.0, grad_clip_value=0.2, **kw)

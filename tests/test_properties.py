@@ -55,7 +55,7 @@ def trees(leaves):
 optional = lambda s: st.one_of(st.none(), s)
 hyperparameters = st.fixed_dictionaries(
     {
-        "learning_rate": st.floats(0.0, 2.0),
+        "learning_rate": st.one_of(st.just(0.0), st.floats(1e-4, 2.0)),
         "momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
         # Not below 1e-6: float32 flushes a subnormal decay term (3e-42 * w) to
         # zero, so a zero gradient stays zero (r = 1, no step), while float64
@@ -103,7 +103,7 @@ def _run(params, grads, hp, decay_mask, trust_mask):
     return p, state
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(problem=problems(), hp=hyperparameters)
 def test_reference_matches_oracle(problem, hp):
     params, grads, decay_mask, trust_mask = problem
@@ -128,7 +128,7 @@ def test_reference_matches_oracle(problem, hp):
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(problem=problems(magnitudes=(-12.0, 12.0)), hp=hyperparameters)
 def test_no_nan_or_inf_for_finite_inputs(problem, hp):
     """Values from 1e-12 to 1e12 in magnitude: every output stays finite."""
@@ -136,9 +136,7 @@ def test_no_nan_or_inf_for_finite_inputs(problem, hp):
     got_params, got_state = _run(params, grads, hp, decay_mask, trust_mask)
     for x in jax.tree.leaves((got_params, got_state)):
         assert np.all(np.isfinite(np.asarray(x)))
-    assert jax.tree.structure(got_params) == jax.tree.structure(
-        jax.tree.map(jnp.asarray, params)
-    )
+    assert jax.tree.structure(got_params) == jax.tree.structure(jax.tree.map(jnp.asarray, params))
     for r, tm in zip(jax.tree.leaves(got_state.trust_ratio), trust_mask, strict=True):
         if not tm:
             assert float(r) == 1.0

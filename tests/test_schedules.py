@@ -139,4 +139,3 @@ def test_state_dict_is_compatible_with_braintools():
 def test_bad_arguments_raise(make, match: str):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
-

@@ -186,7 +186,9 @@ def test_bad_grads_raise_in_lars_lars(path):
     with pytest.raises(ValueError, match=re.escape(key)):
         opt.update(_with(grads_tree(), path, jnp.ones(7)), state, p)
     with pytest.raises(TypeError, match=re.escape(key)):
-        opt.update(_with(grads_tree(), path, jnp.ones(np.shape(_get(p, path)), jnp.int32)), state, p)
+        opt.update(
+            _with(grads_tree(), path, jnp.ones(np.shape(_get(p, path)), jnp.int32)), state, p
+        )
 
 
 def _get(tree, path):
@@ -200,7 +202,8 @@ def test_grad_dtype_rules():
     p32 = params_tree()
     opt = lars.lars(0.1)
     for dt in (jnp.bfloat16, jnp.float16):
-        updates, _ = opt.update(jax.tree.map(lambda x: x.astype(dt), grads_tree()), opt.init(p32), p32)
+        grads = jax.tree.map(lambda x, dt=dt: x.astype(dt), grads_tree())
+        updates, _ = opt.update(grads, opt.init(p32), p32)
         assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
     with pytest.raises(TypeError, match=r"\['layer'\]\['b'\] has dtype float32.*bfloat16"):

@@ -7,11 +7,17 @@ package still imports and the other backends work; ``unavailable()`` then says
 why "native" cannot run.
 
 Numerics: the elementwise arithmetic is the reference's, in the same dtypes and
-order (float32, or float64 for float64 params; no fused multiply-adds). The
-per-leaf sums of squares are accumulated in float64 in a fixed order (fixed
-chunks of 65,536 elements, 16 lanes, partials added in chunk order), so the
-norms are at least as accurate as the reference's float32 reductions, and the
-results are bitwise identical from run to run, whatever the number of threads.
+order (float32, or float64 for float64 params), each operation rounded on its
+own (no fused multiply-adds: the un-jitted reference gives the same bits; a
+jitted one may fuse ``u + momentum * v`` and differ in the last bit). The
+per-leaf sums of squares have a fixed order: on the CPU, 16 lanes (element i of
+a range in lane i mod 16), each adding 16 squares in float32 (float64 for
+float64 params) before adding that partial in float64; ranges are fixed chunks
+of 65,536 elements whose sums are added in chunk order; on the GPU, float64
+per thread, a fixed tree per block, blocks added in order. The norms are at
+least as accurate as the reference's float32 reductions, and results are
+bitwise identical from run to run, whatever the number of threads or the
+instruction set.
 
 Two entry points share the handler:
 
@@ -97,6 +103,7 @@ def _load() -> dict[str, Any]:
                 lib.LarsNativeCpuIsa.restype = ctypes.c_char_p
                 lib.LarsNativeSetCpuIsa.argtypes = [ctypes.c_char_p]
                 lib.LarsNativeSetCpuIsa.restype = ctypes.c_int
+                lib.LarsNativeLastStepThreads.restype = None
                 state["cpu"] = lib
             except (OSError, AttributeError) as e:
                 state["cpu_error"] = f"the native library failed to load: {e}"
@@ -124,12 +131,24 @@ def unavailable(platform: str | None = None) -> str | None:
 
     Args:
       platform: "cpu", "gpu" or "tpu"; the default JAX backend when None.
+
+    On the CPU it also refuses processes with several CPU devices (simulated
+    meshes): one call sees whole leaves, so sharded leaves would be gathered.
     """
     state = _load()
     if platform is None:
         platform = jax.default_backend()
     if platform == "cpu":
-        return None if state["cpu"] is not None else state["cpu_error"]
+        if state["cpu"] is None:
+            return state["cpu_error"]
+        if len(jax.devices("cpu")) > 1:
+            # One custom call holds whole leaves: XLA would gather sharded
+            # leaves onto every device and return replicated momentum.
+            return (
+                "the native backend runs on one CPU device; this process has "
+                f"{len(jax.devices('cpu'))} (sharded params need backend='reference')"
+            )
+        return None
     if platform in ("gpu", "cuda"):
         return None if state["cuda"] is not None else state["cuda_error"]
     return f"the native backend has no handler for the {platform!r} platform"
@@ -187,6 +206,14 @@ def set_cpu_isa(name: str) -> None:
         raise ValueError(f"instruction set {name!r} is not available on this machine")
 
 
+def last_step_threads() -> tuple[int, int]:
+    """(threads used, work items run by pool threads) of the last CPU step."""
+    lib = _require_cpu()
+    threads, helper_items = ctypes.c_int64(), ctypes.c_int64()
+    lib.LarsNativeLastStepThreads(ctypes.byref(threads), ctypes.byref(helper_items))
+    return threads.value, helper_items.value
+
+
 def _require_cpu() -> Any:
     state = _load()
     if state["cpu"] is None:
@@ -238,6 +265,7 @@ def _call(
     num_threads: int | None = None,
 ) -> StepResult:
     """The FFI call behind :func:`step` and :func:`apply`."""
+    _require_cpu_or_cuda()
     lacking = unsupported(config)
     if lacking is not None:
         raise ValueError(f"backend 'native' does not support this configuration: {lacking}")
@@ -314,7 +342,6 @@ def step(
       ValueError, TypeError: for mismatched leaves or an unsupported dtype pair.
       RuntimeError: when the native library is not built.
     """
-    _require_cpu_or_cuda()
     return _call(
         params,
         grads,
@@ -342,7 +369,6 @@ def apply(
     The new params equal ``optax.apply_updates(params, updates)`` bit for bit;
     they are written over the params' buffers (donate them to ``jax.jit``).
     """
-    _require_cpu_or_cuda()
     return _call(
         params,
         grads,

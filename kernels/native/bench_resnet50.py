@@ -9,7 +9,13 @@ params and state donated and the learning rate passed as a device array:
 * ``native``: ``lars.lars(backend="native")`` (updates, then
   ``optax.apply_updates``);
 * ``native_apply``: the native handler writing the new params in place
-  (``lars.kernels.native.apply``).
+  (``lars.kernels.native.apply``);
+* ``Lars:<backend>``: ``lars.Lars(...).update(grads)`` (jitted inside, without
+  donation);
+* ``train:<name>``: the first three inside a training step that computes the
+  gradients in the same program (``g = c * p``, the gradient of
+  ``0.5 * c * sum(p**2)``), where the native step writes the updates over the
+  gradients' buffers.
 
 and three memory-bandwidth floors, each moving 20 bytes per parameter:
 
@@ -81,6 +87,17 @@ def make_variants(
 
         return jax.jit(step, donate_argnums=(0, 1))
 
+    def train_step(make_opt: Callable) -> Callable:
+        # The gradients are computed in the same program (as in a training
+        # step): here of 0.5 * c * sum(p**2), i.e. g = c * p.
+        def step(params, state, c, lr):
+            grads = jax.grad(lambda p: 0.5 * c * sum(jnp.sum(x * x) for x in p))(params)
+            opt = make_opt(lambda count: lr)
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
     makers = {
         "optax.lars": lambda lr_fn: optax.lars(lr_fn, weight_decay=weight_decay, momentum=0.9),
         "reference": lambda lr_fn: lars.lars(
@@ -95,6 +112,22 @@ def make_variants(
         grads = _arrays(shapes, seed + 100)
         state = make_opt(lambda count: 0.1).init(params)
         variants[name] = (optimizer_step(make_opt), [params, state, grads, lr])
+        params = _arrays(shapes, seed + 200)
+        state = make_opt(lambda count: 0.1).init(params)
+        c = jnp.asarray(0.01, jnp.float32)
+        variants["train:" + name] = (train_step(make_opt), [params, state, c, lr])
+
+    # lars.Lars (the braintools-style object: its step is jitted without
+    # donation, so every step writes fresh buffers).
+    for seed, backend in enumerate(("reference", "native")):
+        opt = lars.Lars(0.1, momentum=0.9, weight_decay=weight_decay, backend=backend)
+        opt.register_trainable_weights(_arrays(shapes, seed + 300))
+
+        def lars_object_step(opt, grads, lr):
+            opt.update(grads)
+            return opt, grads
+
+        variants["Lars:" + backend] = (lars_object_step, [opt, _arrays(shapes, seed + 400), lr])
 
     config = LarsConfig(momentum=0.9, weight_decay=weight_decay)
     mask = [True] * len(shapes)
@@ -135,7 +168,7 @@ def make_floors(num_params: int) -> dict[str, tuple[Callable, list]]:
 
 def _run(fn: Callable, args: list, steps: int) -> float:
     """Runs ``steps`` steps (feeding donated outputs back); returns seconds per step."""
-    jax.block_until_ready(args)
+    jax.block_until_ready([a for a in args if not isinstance(a, lars.Lars)])
     start = time.perf_counter()
     for _ in range(steps):
         out = fn(*args)
@@ -143,7 +176,7 @@ def _run(fn: Callable, args: list, steps: int) -> float:
             args[0], args[1] = out
         else:
             args[0] = out
-    jax.block_until_ready(args[0])
+    jax.block_until_ready(args[0].params if isinstance(args[0], lars.Lars) else args[0])
     return (time.perf_counter() - start) / steps
 
 
@@ -174,6 +207,9 @@ def measure(rounds: int, steps: int, weight_decay: float, threads: int) -> dict[
         "optax.lars / native": t["optax.lars"] / t["native"],
         "reference / native_apply": t["reference"] / t["native_apply"],
         "reference / native": t["reference"] / t["native"],
+        "train: optax.lars / native": t["train:optax.lars"] / t["train:native"],
+        "train: reference / native": t["train:reference"] / t["train:native"],
+        "Lars: reference / native": t["Lars:reference"] / t["Lars:native"],
         f"native_apply / floor ({floor_name})": t["native_apply"] / t[floor_name],
         f"native / floor ({floor_name})": t["native"] / t[floor_name],
     }

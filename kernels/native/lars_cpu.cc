@@ -48,6 +48,10 @@ namespace {
 
 std::atomic<const CpuKernels*> g_kernels{nullptr};
 
+// Diagnostics of the last step: threads used and items run off the caller.
+std::atomic<int64_t> g_last_threads{0};
+std::atomic<int64_t> g_last_helper_items{0};
+
 const CpuKernels* KernelsByName(const std::string& name) {
   if (name == "base") return &isa_base::Kernels();
 #if defined(LARS_HAVE_AVX2)
@@ -112,6 +116,7 @@ struct Job {
   std::vector<double> sum_slots;  // two per slot: sum w^2, sum g^2
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+  std::atomic<int64_t> helper_items{0};
 };
 
 inline void SpinUntil(const std::atomic<uint8_t>& flag) {
@@ -178,11 +183,12 @@ void Execute(Job& job, const Item& it) {
   }
 }
 
-void RunItems(Job& job) {
+// Runs items until none is left; returns how many it ran.
+int64_t RunItems(Job& job) {
   const int64_t n = static_cast<int64_t>(job.items.size());
-  for (;;) {
+  for (int64_t ran = 0;; ++ran) {
     const int64_t index = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (index >= n) return;
+    if (index >= n) return ran;
     const Item& it = job.items[index];
     if (it.wait >= 0) SpinUntil(job.groups[it.wait].ready);
     Execute(job, it);
@@ -376,7 +382,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   // through their shared_ptr. The caller never waits for a helper to start, so
   // a busy or absent pool cannot deadlock the step.
   for (int64_t t = 1; t < threads; ++t) {
-    pool.Schedule([job]() { RunItems(*job); });
+    pool.Schedule([job]() { job->helper_items.fetch_add(RunItems(*job)); });
   }
   RunItems(*job);
   for (int spins = 0; job->done.load(std::memory_order_acquire) < num_items; ++spins) {
@@ -386,6 +392,8 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
       std::this_thread::yield();
     }
   }
+  g_last_threads.store(threads, std::memory_order_relaxed);
+  g_last_helper_items.store(job->helper_items.load(), std::memory_order_relaxed);
   return ffi::Error::Success();
 }
 
@@ -438,4 +446,12 @@ extern "C" int LarsNativeSetCpuIsa(const char* name) {
   if (k == nullptr) return -1;
   lars_native::g_kernels.store(k, std::memory_order_release);
   return 0;
+}
+
+// Diagnostics of the last step: the number of threads it used, and how many
+// work items pool threads ran (the rest ran on the calling thread). Items still
+// being run when the call returned are not counted.
+extern "C" void LarsNativeLastStepThreads(int64_t* threads, int64_t* helper_items) {
+  *threads = lars_native::g_last_threads.load(std::memory_order_relaxed);
+  *helper_items = lars_native::g_last_helper_items.load(std::memory_order_relaxed);
 }

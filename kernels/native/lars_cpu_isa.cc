@@ -9,6 +9,7 @@
 // the number of threads.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "lars_cpu_kernels.h"
 
@@ -159,13 +160,15 @@ struct Eff {
         clip_norm(static_cast<C>(h.grad_clip_norm)),
         clip_value(static_cast<C>(h.grad_clip_value)),
         wd(static_cast<C>(h.weight_decay)) {}
-  inline C operator()(C g, C w) const {
-    if (CN) g = (g / norm) * clip_norm;
-    if (CV) {
+  // T is C or a vector of C (the same IEEE operations lane by lane).
+  template <class T>
+  inline T operator()(T g, T w) const {
+    if constexpr (CN) g = (g / norm) * clip_norm;
+    if constexpr (CV) {
       g = g < -clip_value ? -clip_value : g;
       g = g > clip_value ? clip_value : g;
     }
-    if (WD) g = g + wd * w;
+    if constexpr (WD) g = g + wd * w;
     return g;
   }
 };
@@ -177,18 +180,128 @@ inline double TreeSum(double* a) {
   return a[0];
 }
 
+// Blocks of kLanes elements as GCC/Clang vectors (lowered to whatever width the
+// instruction set has; every lane is plain IEEE arithmetic, so all variants
+// give the same bits). Lane l of a block holds element l of the block.
+typedef float VF16 __attribute__((vector_size(64)));
+typedef double VD16 __attribute__((vector_size(128)));
+typedef float VF8 __attribute__((vector_size(32)));
+typedef double VD8 __attribute__((vector_size(64)));
+typedef uint16_t VU16x16 __attribute__((vector_size(32)));
+typedef uint32_t VU32x16 __attribute__((vector_size(64)));
+#if defined(__FLT16_MAX__)
+typedef _Float16 VH16 __attribute__((vector_size(32)));
+#endif
+
+template <class C>
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = VF16;
+};
+template <>
+struct Vec<double> {
+  using type = VD16;
+};
+
+inline VF16 BlockF(const float* p) {
+  VF16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline VF16 BlockF(const Bf16* p) {
+  VU16x16 bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const VU32x16 wide = __builtin_convertvector(bits, VU32x16) << 16;
+  VF16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+inline VF16 BlockF(const F16* p) {
+#if defined(__FLT16_MAX__)
+  VH16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, VF16);
+#else
+  VF16 v;
+  for (int l = 0; l < kLanes; ++l) v[l] = F16ToF32(p[l]);
+  return v;
+#endif
+}
+
+// A block of kLanes stored values in the compute dtype C.
+template <class C, class S>
+inline typename Vec<C>::type Block(const S* p) {
+  if constexpr (std::is_same_v<C, float>) {
+    return BlockF(p);
+  } else if constexpr (std::is_same_v<S, double>) {
+    VD16 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else {
+    return __builtin_convertvector(BlockF(p), VD16);
+  }
+}
+
+// acc_lo/acc_hi hold lanes 0-7 / 8-15 of the float64 accumulators.
+inline void AddWide(VF16 x, VD8& acc_lo, VD8& acc_hi) {
+  acc_lo += __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), VD8);
+  acc_hi +=
+      __builtin_convertvector(__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), VD8);
+}
+inline void AddSquaresWide(VD16 x, VD8& acc_lo, VD8& acc_hi) {
+  const VD8 lo = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const VD8 hi = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  acc_lo += lo * lo;
+  acc_hi += hi * hi;
+}
+
+inline void ToLanes(VD8 lo, VD8 hi, double* lanes) {
+  for (int l = 0; l < 8; ++l) {
+    lanes[l] = lo[l];
+    lanes[l + 8] = hi[l];
+  }
+}
+
+// Sums of squares of kLanes-element blocks [i, i + kLanes) of `x(i)` into
+// float64 lanes; returns the index of the first element not in a full block.
+// float32: each lane first adds the squares of up to kInner blocks in float32
+// (16 terms, relative error below 16 * 2^-24), then that partial is added in
+// float64; float64: every square is added in float64.
+constexpr int kInner = 16;
+
+template <class C, class F>
+int64_t SquareBlocks(int64_t i, int64_t end, F&& x, VD8* lo, VD8* hi, int num) {
+  if constexpr (std::is_same_v<C, float>) {
+    while (i + kLanes <= end) {
+      VF16 part[2] = {};
+      for (int k = 0; k < kInner && i + kLanes <= end; ++k, i += kLanes) {
+        VF16 v[2];
+        x(i, v);
+        for (int j = 0; j < num; ++j) part[j] += v[j] * v[j];
+      }
+      for (int j = 0; j < num; ++j) AddWide(part[j], lo[j], hi[j]);
+    }
+  } else {
+    for (; i + kLanes <= end; i += kLanes) {
+      VD16 v[2];
+      x(i, v);
+      for (int j = 0; j < num; ++j) AddSquaresWide(v[j], lo[j], hi[j]);
+    }
+  }
+  return i;
+}
+
 template <class P, class G>
 void SumG2(const LeafView& leaf, int64_t begin, int64_t end, double* out) {
   using C = typename ComputeOf<P>::type;
   const G* g = static_cast<const G*>(leaf.g);
-  double acc[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double x = static_cast<double>(Ld<C>(g[i + l]));
-      acc[l] += x * x;
-    }
-  }
+  VD8 lo[1] = {}, hi[1] = {};
+  int64_t i = SquareBlocks<C>(
+      begin, end, [&](int64_t k, typename Vec<C>::type* v) { v[0] = Block<C>(g + k); }, lo, hi,
+      1);
+  double acc[kLanes];
+  ToLanes(lo[0], hi[0], acc);
   for (int l = 0; i < end; ++i, ++l) {
     const double x = static_cast<double>(Ld<C>(g[i]));
     acc[l] += x * x;
@@ -203,17 +316,17 @@ void Sums(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
   const P* w = static_cast<const P*>(leaf.w);
   const G* g = static_cast<const G*>(leaf.g);
   const Eff<C, CN, CV, WD> eff(h, s);
-  double aw[kLanes] = {};
-  double ag[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const C wc = Ld<C>(w[i + l]);
-      const C gc = eff(Ld<C>(g[i + l]), wc);
-      aw[l] += static_cast<double>(wc) * static_cast<double>(wc);
-      ag[l] += static_cast<double>(gc) * static_cast<double>(gc);
-    }
-  }
+  VD8 lo[2] = {}, hi[2] = {};
+  int64_t i = SquareBlocks<C>(
+      begin, end,
+      [&](int64_t k, typename Vec<C>::type* v) {
+        v[0] = Block<C>(w + k);
+        v[1] = eff(Block<C>(g + k), v[0]);
+      },
+      lo, hi, 2);
+  double aw[kLanes], ag[kLanes];
+  ToLanes(lo[0], hi[0], aw);
+  ToLanes(lo[1], hi[1], ag);
   for (int l = 0; i < end; ++i, ++l) {
     const C wc = Ld<C>(w[i]);
     const C gc = eff(Ld<C>(g[i]), wc);

@@ -91,10 +91,15 @@ class TilePlan:
 
 
 def plan_tiles(sizes: Sequence[int], tile: int = TILE) -> TilePlan:
-    """Lays the leaves of ``sizes`` out as blocks, leaf after leaf.
+    """Lays the leaves of ``sizes`` (each >= 128 elements) out as blocks.
+
+    A leaf's full tiles come first, then its ``end`` block: the rest of the
+    leaf, at least 128 elements (when less would be left, the end block takes
+    the last full tile as well).
 
     Raises:
-      ValueError: if ``tile`` is not a positive multiple of ``VEC * 128``.
+      ValueError: if ``tile`` is not a positive multiple of ``VEC * 128``, or a
+        leaf is smaller than 128 elements.
     """
     if tile <= 0 or tile % (VEC * WARPGROUP):
         raise ValueError(f"tile must be a positive multiple of {VEC * WARPGROUP}, got {tile}")
@@ -102,12 +107,16 @@ def plan_tiles(sizes: Sequence[int], tile: int = TILE) -> TilePlan:
     rows: list[tuple[int, int]] = []
     leaf_blocks = []
     for leaf, n in enumerate(sizes):
+        if n < WARPGROUP:
+            raise ValueError(f"leaf {leaf} has {n} < {WARPGROUP} elements (see small_leaves)")
         first = len(rows)
-        n_full = n // tile
+        n_full, rem = divmod(n, tile)
+        if 0 < rem < WARPGROUP:  # too short for a vector: the end takes a full tile too
+            n_full -= 1
         if n_full:
             branches.append(Branch(leaf, True, 0, tile))
             rows.extend((len(branches) - 1, t * tile) for t in range(n_full))
-        if n % tile:
+        if n > n_full * tile:
             start = n_full * tile
             branches.append(Branch(leaf, False, start, n - start))
             rows.append((len(branches) - 1, start))
@@ -125,27 +134,32 @@ def _strided(ref, start, size: int):
     return plgpu.load(ref.at[pl.ds(start, size)], layout=layout)
 
 
-def _chunks(branch: Branch, start) -> list[tuple[object, int, bool]]:
-    """(start, size, vector?) pieces of a branch: one vector piece, then scalars."""
+def _pieces(branch: Branch, start) -> list[tuple[object, int, int]]:
+    """(start, size, skip) vector pieces covering a branch's elements.
+
+    A full tile is one piece. An end block of size S is a piece of the largest
+    multiple of 128 elements, then, if S is not one, the last 128 elements of
+    the leaf: that window overlaps the first piece by ``skip`` elements, which
+    the window recomputes (same inputs, same operations, same values) and which
+    its sums leave out. No access leaves the leaf, and no element is handled by
+    two blocks.
+    """
     if branch.full:
-        return [(pl.multiple_of(start, branch.size), branch.size, True)]
+        return [(pl.multiple_of(start, branch.size), branch.size, 0)]
     bulk = branch.size // WARPGROUP * WARPGROUP
-    pieces: list[tuple[object, int, bool]] = []
-    if bulk:
-        pieces.append((branch.start, bulk, True))
-    pieces.extend((i, 1, False) for i in range(branch.start + bulk, branch.start + branch.size))
+    pieces = [(branch.start, bulk, 0)]
+    if branch.size > bulk:
+        end = branch.start + branch.size
+        pieces.append((end - WARPGROUP, WARPGROUP, WARPGROUP - (branch.size - bulk)))
     return pieces
 
 
-def _load(ref, start, size: int, vector: bool):
-    return _strided(ref, start, size) if vector else ref[start]
-
-
-def _store(ref, start, size: int, vector: bool, value) -> None:
-    if vector:
-        ref[pl.ds(start, size)] = value
-    else:
-        ref[start] = value
+def _skip_mask(x, skip: int):
+    """Zeroes the first ``skip`` elements of a window (they belong to another piece)."""
+    if not skip:
+        return x
+    index = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.where(index >= skip, x, jnp.zeros_like(x))
 
 
 def _scalar_getter(ref):
@@ -181,9 +195,12 @@ def sums_kernel(
 
         def run() -> None:
             s_w = s_u = None
-            for piece_start, size, vector in _chunks(branch, start):
-                w = None if w_ref is None else _load(w_ref, piece_start, size, vector)
-                g = _load(g_ref, piece_start, size, vector)
+            for piece_start, size, skip in _pieces(branch, start):
+                w = None if w_ref is None else _strided(w_ref, piece_start, size)
+                g = _strided(g_ref, piece_start, size)
+                if skip:  # a zero contributes nothing to either sum
+                    g = _skip_mask(g, skip)
+                    w = None if w is None else _skip_mask(w, skip)
                 a, b = ew.tile_sums(w, g, scalars, flags, leaf)
                 s_w = a if s_w is None else s_w + a
                 s_u = b if s_u is None else s_u + b
@@ -221,13 +238,16 @@ def update_kernel(
 
         def run() -> None:
             ratio = ratios_ref[i]
-            for piece_start, size, vector in _chunks(branch, start):
-                w = _load(w_refs[i], piece_start, size, vector)
-                g = _load(g_refs[i], piece_start, size, vector)
-                v = _load(v_refs[i], piece_start, size, vector)
+            pieces = _pieces(branch, start)
+            # All loads before any store: correct even if outputs alias inputs.
+            loaded = [
+                [_strided(r[i], piece_start, size) for r in (w_refs, g_refs, v_refs)]
+                for piece_start, size, _ in pieces
+            ]
+            for (piece_start, size, _), (w, g, v) in zip(pieces, loaded, strict=True):
                 upd, v_new = ew.tile_update(w, g, v, ratio, scalars, flags, leaf)
-                _store(upd_refs[i], piece_start, size, vector, upd)
-                _store(vout_refs[i], piece_start, size, vector, v_new)
+                upd_refs[i][pl.ds(piece_start, size)] = upd
+                vout_refs[i][pl.ds(piece_start, size)] = v_new
 
         return run
 
@@ -242,6 +262,23 @@ def _interpret_params(interpret):
     if interpret is True:
         return plgpu.InterpretGPUParams()
     return interpret or None
+
+
+def small_leaves(leaves: Sequence[ew.LeafSpec]) -> list[int]:
+    """Indices of the leaves under 128 elements, which the kernels leave to XLA.
+
+    A warpgroup-wide register array has at least 128 elements (one per thread),
+    so such a leaf cannot be loaded as one. These leaves are tiny by definition
+    (biases and normalisation vectors of narrow layers); the launchers compute
+    them with the same ``elementwise`` functions in XLA, which fuses them.
+    """
+    return [i for i, leaf in enumerate(leaves) if leaf.size < WARPGROUP]
+
+
+def _split(items, leaves):
+    small = set(small_leaves(leaves))
+    big = [i for i in range(len(leaves)) if i not in small]
+    return big, sorted(small), (lambda xs, idx: [xs[i] for i in idx])
 
 
 def leaf_sums(
@@ -266,13 +303,32 @@ def leaf_sums(
       interpret: Run in Mosaic GPU interpret mode (on a CPU): True, or a
         ``plgpu.InterpretGPUParams``.
     """
+    big, small, pick = _split(grads, leaves)
+    rows = [None] * len(leaves)
+    if small:
+        part = ew.leaf_sums_reference(
+            None if params is None else pick(params, small), pick(grads, small), scalars,
+            flags, pick(leaves, small),
+        )
+        for k, i in enumerate(small):
+            rows[i] = part[k]
+    if big:
+        part = _kernel_sums(
+            None if params is None else pick(params, big), pick(grads, big), scalars,
+            flags, tuple(pick(leaves, big)), tile, interpret,
+        )
+        for k, i in enumerate(big):
+            rows[i] = part[k]
+    return jnp.stack(rows)
+
+
+def _kernel_sums(params, grads, scalars, flags, leaves, tile, interpret) -> jax.Array:
     plan = plan_tiles([leaf.size for leaf in leaves], tile)
     flat = [x.reshape(-1) for x in ([] if params is None else params)]
     flat += [x.reshape(-1) for x in grads]
     kernel = plgpu.kernel(
         functools.partial(
-            sums_kernel, plan=plan, leaves=tuple(leaves), flags=flags,
-            with_params=params is not None,
+            sums_kernel, plan=plan, leaves=leaves, flags=flags, with_params=params is not None
         ),
         out_type=jax.ShapeDtypeStruct((plan.num_blocks, 2), jnp.float32),
         grid=(plan.num_blocks,),
@@ -329,12 +385,33 @@ def update(
     Returns:
       (updates, new momenta), in the leaves' shapes.
     """
+    big, small, pick = _split(grads, leaves)
+    updates: list = [None] * len(leaves)
+    new_momentum: list = [None] * len(leaves)
+    if small:
+        upd, mom = ew.update_reference(
+            pick(params, small), pick(grads, small), pick(momentum, small),
+            ratios[np.asarray(small)], scalars, flags, pick(leaves, small),
+        )
+        for k, i in enumerate(small):
+            updates[i], new_momentum[i] = upd[k], mom[k]
+    if big:
+        upd, mom = _kernel_update(
+            pick(params, big), pick(grads, big), pick(momentum, big),
+            ratios[np.asarray(big)], scalars, flags, tuple(pick(leaves, big)), tile, interpret,
+        )
+        for k, i in enumerate(big):
+            updates[i], new_momentum[i] = upd[k], mom[k]
+    return updates, new_momentum
+
+
+def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile, interpret):
     plan = plan_tiles([leaf.size for leaf in leaves], tile)
     flat = [x.reshape(-1) for x in (*params, *grads, *momentum)]
     out_type = [jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves]
     out_type += [jax.ShapeDtypeStruct((leaf.size,), leaf.momentum_dtype) for leaf in leaves]
     kernel = plgpu.kernel(
-        functools.partial(update_kernel, plan=plan, leaves=tuple(leaves), flags=flags),
+        functools.partial(update_kernel, plan=plan, leaves=leaves, flags=flags),
         out_type=tuple(out_type),
         grid=(plan.num_blocks,),
         grid_names=(_AXIS,),

@@ -1,0 +1,227 @@
+"""Tests of the benchmark harness in bench/: workloads, counting, and the quick run.
+
+No timing is asserted: the figures depend on the machine and its load. What is
+checked is what the harness claims about its inputs (shapes, bytes, launches)
+and that a quick run writes every row and column it promises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# bench/ is a folder of the source tree, not an installed package.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lars  # noqa: E402
+from bench import cli, hlo, measure, report, steps, workloads  # noqa: E402
+
+
+def _bottleneck_resnet_params(blocks: list[int]) -> int:
+    """Parameter count of a bottleneck ResNet, written out independently."""
+    total = 7 * 7 * 3 * 64 + 2 * 64
+    cin = 64
+    for width, n in zip([64, 128, 256, 512], blocks, strict=True):
+        for b in range(n):
+            total += cin * width + 2 * width
+            total += 9 * width * width + 2 * width
+            total += width * 4 * width + 2 * 4 * width
+            if b == 0:
+                total += cin * 4 * width + 2 * 4 * width
+            cin = 4 * width
+    return total + 2048 * 1000 + 1000
+
+
+def test_resnet50_parameter_set():
+    shapes = workloads.RESNET50.shapes
+    convs = [s for s in shapes if len(s) == 4]
+    vectors = [s for s in shapes[:-2] if len(s) == 1]
+    assert len(shapes) == 161
+    assert len(convs) == 53
+    assert len(vectors) == 106
+    assert shapes[0] == (7, 7, 3, 64)  # HWIO
+    assert (3, 3, 512, 512) in convs
+    assert (1, 1, 1024, 2048) in convs  # the last stage's projection shortcut
+    assert shapes[-2:] == ((2048, 1000), (1000,))
+    # Each conv kernel is followed by its BatchNorm scale and offset.
+    for i, s in enumerate(shapes[:-2]):
+        if len(s) == 4:
+            assert shapes[i + 1] == shapes[i + 2] == (s[3],)
+    assert workloads.RESNET50.n_params == _bottleneck_resnet_params([3, 4, 6, 3])
+    assert workloads.RESNET50.n_params == 25_557_032  # torchvision's resnet50
+
+
+def test_resnet18_and_transformer_parameter_sets():
+    assert workloads.RESNET18.n_arrays == 62
+    assert workloads.RESNET18.n_params == 11_689_512  # torchvision's resnet18
+    d, layers = 768, 12
+    per_layer = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    assert workloads.TRANSFORMER.n_params == layers * per_layer + 2 * d
+    assert workloads.TRANSFORMER.n_arrays == 12 * layers + 2
+
+
+def test_sweep_and_small_workloads():
+    sizes = [w.n_params for w in workloads.full_workloads() if w.group == "sweep"]
+    assert min(sizes) == 1_000 and max(sizes) == 64_000_000
+    small = workloads.small_arrays_workload(1000, 1000)
+    assert small.n_arrays == 1000 and small.n_params == 1_000_000
+
+
+def test_select_by_name_and_group():
+    full = workloads.full_workloads()
+    picked = workloads.select(full, "resnet50,sweep")
+    assert picked[0].name == "resnet50"
+    assert {w.group for w in picked[1:]} == {"sweep"}
+    assert workloads.select(full, None) == full
+    with pytest.raises(ValueError, match="unknown workload"):
+        workloads.select(full, "resnet51")
+
+
+def test_bytes_per_param():
+    # read w, g, v and write w, v: 5 x 4 B, or 4 + 2 + 4 + 4 + 4 B with bf16 grads
+    assert measure.bytes_per_param("fp32") == 20
+    assert measure.bytes_per_param("bf16-grads") == 18
+
+
+SYNTHETIC_HLO = """\
+HloModule m, entry_computation_layout={(f32[8]{0})->(f32[8]{0}, f32[])}
+
+%fused_a (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %n = f32[8]{0} negate(%p)
+}
+
+%body (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %f1 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_a
+  ROOT %f2 = f32[8]{0} fusion(%f1), kind=kLoop, calls=%fused_a
+}
+
+ENTRY %main (a: f32[8]) -> (f32[8], f32[]) {
+  %a = f32[8]{0} parameter(0)
+  %c = f32[] constant(1)
+  %f = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_a
+  %k = (f32[8]{0}, f32[]) custom-call(%f, %c), custom_call_target="kernel"
+  %g = f32[8]{0} get-tuple-element(%k), index=0
+  %b = f32[8]{0} bitcast(%g)
+  %w = f32[8]{0} call(%b), to_apply=%body
+  %s = f32[] reduce(%w, %c), dimensions={0}, to_apply=%add
+  ROOT %t = (f32[8]{0}, f32[]) tuple(%w, %s)
+}
+"""
+
+
+def test_count_launches_on_hlo_text():
+    # fusion + custom-call + the called computation's 2 fusions + reduce = 5;
+    # parameter, constant, get-tuple-element, bitcast and tuple launch nothing.
+    assert hlo.count_launches(SYNTHETIC_HLO) == 5
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo.count_launches("HloModule m\n")
+
+
+def test_count_launches_on_a_compiled_program():
+    compiled = jax.jit(lambda x: jnp.sin(x) * 2.0 + 1.0).lower(jnp.ones(1000)).compile()
+    assert hlo.count_launches(compiled.as_text()) == 1  # one elementwise fusion
+
+
+def test_copy_floor_reads_and_writes_the_buffer_once():
+    nbytes = 8_000_000
+    runner = steps.copy_runner(nbytes)
+    (x,) = runner.carry
+    assert x.nbytes == nbytes // 2
+    if not math.isnan(runner.bytes_xla):
+        assert runner.bytes_xla == pytest.approx(nbytes, rel=1e-3)
+    assert runner.launches == 1
+    runner.run(2)
+    assert x.is_deleted()  # donated: written in place
+    np.testing.assert_array_equal(np.asarray(runner.carry[0]), 1.0)
+
+
+def test_agreement_check_measures_the_update():
+    w = workloads.sweep_workload(1000)
+    params0 = measure.host_arrays(w.shapes, np.float32, 0.05, 0.0)
+    grads = jax.device_put(measure.host_arrays(w.shapes, np.float32, 1e-3, 0.5))
+    runner = steps.lars_runner(steps.OPTAX, jax.device_put(params0), grads)
+    runner.run(1)
+    update = steps.first_update(runner, params0)
+    assert np.max(np.abs(update[0])) > 0
+    assert steps.rel_diff(runner, params0, update) == 0.0
+    # An update 1.5 times optax's is off by 0.5 / 1.5 of its size.
+    scaled = [1.5 * u for u in update]
+    assert steps.rel_diff(runner, params0, scaled) == pytest.approx(1 / 3, rel=1e-2)
+
+
+def test_table_and_markdown_show_skipped_rows():
+    rows = [
+        {"workload": "w", "group": "model", "dtype": "fp32", "backend": "optax", "median_ms": 2.0},
+        {"workload": "w", "group": "model", "dtype": "fp32", "backend": "x", "note": "skipped"},
+        {"workload": "w", "group": "model", "dtype": "fp32", "backend": "copy", "median_ms": 1.0},
+    ]
+    text = report.format_table(rows)
+    assert "skipped" in text and text.count("\n") == 4
+    env = {k: "v" for k in [*report.ENV_COLUMNS, "os", "command"]}
+    assert "| w | fp32 | x |" in report.format_markdown(rows, env)
+
+
+def test_cli_rejects_unknown_names(tmp_path, capsys):
+    assert cli.main(["--backends", "no-such-backend", "--out", str(tmp_path)]) == 2
+    assert "not available" in capsys.readouterr().err
+    assert cli.main(["--workloads", "no-such-workload", "--out", str(tmp_path)]) == 2
+    assert cli.main(["--dtypes", "fp8", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_quick_run_writes_every_row_and_column(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-progress", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        header = f.readline().strip().split(",")
+    assert tuple(header) == report.COLUMNS
+    rows = report.read_csv(out / "results.csv")
+
+    backends = lars.available_backends()
+    expected = {
+        (w.name, b, d)
+        for w in workloads.quick_workloads()
+        for b in [steps.OPTAX, *backends, steps.COPY]
+        for d in measure.DTYPES
+    }
+    got = [(r["workload"], r["backend"], r["dtype"]) for r in rows]
+    assert len(got) == len(set(got)), "a workload x backend x dtype appears twice"
+    assert set(got) == expected
+    assert {r["backend"] for r in rows} >= set(backends)
+
+    for r in rows:
+        for column in report.ENV_COLUMNS:
+            assert r[column], f"{column} is empty"
+        assert int(r["bytes_moved"]) == int(r["n_params"]) * measure.bytes_per_param(r["dtype"])
+        if r["backend"] in (steps.OPTAX, steps.COPY):  # the baselines always run
+            assert float(r["median_ms"]) > 0 and int(r["samples"]) >= 1
+            assert float(r["compile_s"]) > 0 and int(r["launches"]) >= 1
+        if r["backend"] == steps.OPTAX:
+            assert float(r["speedup_vs_optax"]) == 1.0
+        if r["backend"] == steps.COPY:
+            assert float(r["frac_of_copy"]) == 1.0
+        if not r["median_ms"]:
+            assert r["note"], "a row without figures must say why"
+    assert (out / "results.md").read_text().startswith("# LARS step benchmark")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "sweep_gbps.png").stat().st_size > 0
+        assert (out / "sweep_copy_fraction.png").stat().st_size > 0
