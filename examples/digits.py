@@ -38,7 +38,7 @@ BASE_BATCH = 32
 SGD_GRID = (0.0125, 0.025, 0.05, 0.1)
 LARS_GRID = (0.05, 0.1, 0.2, 0.4)
 # What the sweep chose in examples/results (used when not tuning, e.g. --quick).
-DEFAULT_SGD_LR = 0.025
+DEFAULT_SGD_LR = 0.0125
 DEFAULT_LARS_LR = 0.1
 TUNE_SEED = 1000
 MAX_EXTENSIONS = 2

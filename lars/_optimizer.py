@@ -234,6 +234,7 @@ class Lars:
         if self.opt_state is None:
             raise ValueError("register_trainable_weights(params) must be called before update")
         params = self.params
+        grads = _plain_dicts(grads)
         check_like_params("grads", grads, params)
         lr = self.current_lr if self._schedule_fn is None else 0.0
         if not isinstance(lr, jax.core.Tracer):

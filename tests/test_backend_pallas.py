@@ -1,9 +1,46 @@
-"""The shared backend suite on the "pallas" backend (interpret mode on a CPU)."""
+"""The shared backend suite on the "pallas" backend.
 
-from backend_base import BackendTests
+On a GPU or TPU every case of the suite runs on the compiled kernels. On a CPU
+the kernels run in interpret mode, where each case costs several seconds of
+compilation (the interpreted kernel is a large XLA program); there the option
+cases are cut to a set that still switches every option on at least once and
+every mask form, and the remaining tests of the suite (eager, determinism,
+zero and empty leaves, containers, ``lars.Lars`` and schedules) all run.
+The kernels' own tests, option by option, are in test_pallas.py.
+"""
+
+import backend_base
+import pytest
+from backend_base import CASES_BY_NAME, BackendTests
+from lars.kernels.pallas import backend
+
+INTERPRET = backend.default_kernel()[1]
+
+# Every option and mask form of CASES, in 6 cases (all 18 off the CPU).
+CPU_CASES = [
+    "defaults",  # braintools defaults
+    "both_masks",  # weight decay, both masks as callables
+    "trust_clip_masked",  # trust_clip with an ndim-tree trust mask
+    "optax_form_nesterov",  # lr inside momentum, nesterov, eps 0, prefix mask, schedule
+    "grad_clip_norm",  # global-norm clipping with weight decay
+    "everything",  # every option at once
+]
+CASES = backend_base.CASES if not INTERPRET else [CASES_BY_NAME[n] for n in CPU_CASES]
+LOW_PRECISION = ["defaults", "both_masks", "everything"] if not INTERPRET else ["everything"]
 
 
 class TestPallasBackend(BackendTests):
     backend = "pallas"
-    big = 4099
-    mid = 1025
+    # The leaf count, not the size, sets the interpret-mode cost; the largest
+    # leaf still spans several blocks of the kernels' default sizes.
+    big = 20_000
+    mid = 4097
+
+    @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+    def test_transform_matches_oracle(self, case):
+        super().test_transform_matches_oracle(case)
+
+    @pytest.mark.parametrize("dtype_case", ["bf16_grads", "bf16_params"])
+    @pytest.mark.parametrize("name", LOW_PRECISION)
+    def test_low_precision_matches_oracle(self, name, dtype_case):
+        super().test_low_precision_matches_oracle(name, dtype_case)

@@ -175,3 +175,27 @@ def test_trust_ratios_per_array_leaf():
     w = model.states(brainstate.ParamState)[key].value["weight"]
     assert 0.0 < float(opt.trust_ratios[key]["weight"]) < 1.0
     assert w.shape == (10, 5)
+
+
+def test_states_mapping_as_registered_and_as_grads():
+    """``model.states(...)`` (a brainstate FlattedDict) registers like braintools'.
+
+    Gradients may come as the plain dict ``brainstate.transform.grad`` returns
+    or in the same FlattedDict container; both are accepted.
+    """
+    from brainstate.util import FlattedDict
+
+    model = brainstate.nn.Linear(3, 2)
+    states = model.states(brainstate.ParamState)
+    assert isinstance(states, FlattedDict)
+    opt = lars.Lars(lr=0.1).register_trainable_weights(states)
+    grads = brainstate.transform.grad(
+        lambda: jnp.sum(model(jnp.ones((1, 3))) ** 2), model.states(brainstate.ParamState)
+    )()
+    assert type(grads) is dict
+    before = param_values(model)
+    opt.update(grads)
+    opt.update(FlattedDict(grads))
+    assert int(opt.step_count.value) == 2
+    (key,) = before
+    assert not np.allclose(param_values(model)[key]["weight"], before[key]["weight"])

@@ -198,3 +198,17 @@ def test_command_line_help_and_bad_input():
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "batch size must be >= 1" in bad.stderr
+
+
+def test_resnet50_step_help_and_bad_input():
+    # The benchmark itself needs minutes on a CPU even at a tiny size; its options are checked.
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.resnet50_step", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and "--image-size" in done.stdout and "--batch" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "examples.resnet50_step", "--image-size", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--image-size must be >= 32" in bad.stderr

@@ -181,6 +181,9 @@ def run_and_compare(
         got = native.step(params, grads, momentum, lr, **kw)
         ref = _reference_jit(params, grads, momentum, lr, **kw)
         applied = native.apply(params, grads, momentum, lr, **kw)
+        # The handler's own updates equal those step() derives from the momentum.
+        written = native._call(params, grads, momentum, lr, **kw, mode=native.WRITE_UPDATES)
+        _assert_bitwise(written, got)
 
         # The oracle's step from the same state, inputs as stored on device.
         state = oracle.OracleState(
@@ -341,7 +344,7 @@ def _native_threads(threads: int, params, grads, momentum, cfg: LarsConfig):
     n = len(params)
     return native._call(
         params, grads, momentum, jnp.float32(0.1), config=cfg, decay_mask=[True] * n,
-        trust_mask=[True] * n, apply_in_place=True, num_threads=threads,
+        trust_mask=[True] * n, mode=native.WRITE_PARAMS, num_threads=threads,
     )  # fmt: skip
 
 
@@ -425,15 +428,36 @@ def test_in_place_apply_allocates_no_temporaries():
     assert stats.alias_size_in_bytes >= 2 * param_bytes, stats
 
 
+@pytest.mark.parametrize("name", ["weight_decay", "everything"])
+def test_optax_step_allocates_no_temporaries(name: str):
+    """lars.lars + optax.apply_updates, params and state donated (grads are not).
+
+    Without nesterov the updates never exist as a buffer ("everything" has
+    lr_inside_momentum, so they are -v).
+    """
+    params, grads, _ = _big_problem()
+    kwargs = {k: v for k, v in CONFIGS[name].items() if k != "nesterov"}
+    opt = lars.lars(0.1, backend="native", **kwargs)
+    state = opt.init(params)
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    stats = compiled.memory_analysis()
+    assert stats.temp_size_in_bytes < 0.01 * _param_bytes(params), stats
+
+
 def test_training_step_needs_no_buffer_beyond_the_gradients():
-    """lars.lars in a jitted training step: the updates overwrite the gradients.
+    """Nesterov in a jitted training step: the updates overwrite the gradients.
 
     The gradients are temporaries of any training step; the native step adds
-    no other buffer (the updates reuse the gradients' buffers and the new
-    params and momentum reuse the donated ones).
+    no other buffer (the handler writes the updates over the gradients and the
+    new params and momentum reuse the donated buffers).
     """
     params, _, _ = _big_problem()
-    opt = lars.lars(0.1, weight_decay=1e-4, backend="native")
+    opt = lars.lars(0.1, weight_decay=1e-4, nesterov=True, backend="native")
     state = opt.init(params)
 
     def loss(params, x):
@@ -582,7 +606,7 @@ def test_handler_validates_its_operands():
         "grad_clip_value": np.float64(0.0),
         "nesterov": np.bool_(False),
         "lr_inside_momentum": np.bool_(False),
-        "apply": np.bool_(False),
+        "mode": np.int32(native.WRITE_UPDATES),
         "decay_mask": np.ones(1, np.uint8),
         "trust_mask": np.ones(1, np.uint8),
         "num_threads": np.int64(0),
@@ -594,6 +618,19 @@ def test_handler_validates_its_operands():
         jax.block_until_ready(call(jnp.float32(0.1), w, w.astype(jnp.int32), w, **attrs))
     with pytest.raises(Exception, match="lars native step: expected 3 operands"):
         jax.block_until_ready(call(jnp.float32(0.1), w, w, **attrs))
+    with pytest.raises(Exception, match="lars native step: unknown output mode 7"):
+        jax.block_until_ready(call(jnp.float32(0.1), w, w, w, **{**attrs, "mode": np.int32(7)}))
+
+
+def test_modes_are_checked():
+    p, g, v = _small()
+    with pytest.raises(ValueError, match="unknown mode"):
+        native._call(p, g, v, jnp.float32(0.1), **KW, mode=5)
+    with pytest.raises(ValueError, match="nesterov"):
+        native._call(
+            p, g, v, jnp.float32(0.1), **{**KW, "config": LarsConfig(nesterov=True)},
+            mode=native.MOMENTUM_ONLY,
+        )  # fmt: skip
 
 
 def test_traced_hyperparameters_are_unsupported():

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lars.kernels.pallas import backend, mosaic_gpu, mosaic_tpu
+from lars.kernels.pallas import elementwise as ew
 
 import lars
 from lars._config import LarsConfig
 from lars._reference import reference_step
-from lars.kernels.pallas import backend, elementwise as ew, mosaic_gpu, mosaic_tpu
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 
@@ -118,28 +119,28 @@ def assert_close(got, want, rtol, what):
 # --------------------------------------------------------------------------
 # Plans: every element in exactly one block, no block past a leaf's end.
 
-SIZES = [1, 2, 127, 128, 129, 4096, 4097, 65537, 3 * 3 * 64 * 64, 1000]
+SIZES = [1, 2, 127, 128, 129, 4096, 4097, 65537, 3 * 3 * 64 * 64, 1000, 4096 + 130]
 
 
 @pytest.mark.parametrize("tile", [512, 4096])
 def test_gpu_plan_covers_every_element_once(tile):
-    plan = mosaic_gpu.plan_tiles(SIZES, tile)
-    covered = [np.zeros(n, np.int32) for n in SIZES]
+    sizes = [n for n in SIZES if n >= 128]
+    plan = mosaic_gpu.plan_tiles(sizes, tile)
+    covered = [np.zeros(n, np.int32) for n in sizes]
     for block, (b, start) in enumerate(plan.table):
         branch = plan.branches[b]
         first, last = plan.leaf_blocks[branch.leaf]
         assert first <= block < last
-        start = int(start) if branch.full else branch.start
-        for piece_start, size, _ in mosaic_gpu._chunks(branch, start):
+        for piece_start, size, skip in mosaic_gpu._pieces(branch, int(start)):
             piece_start = int(piece_start)
-            assert 0 <= piece_start and piece_start + size <= SIZES[branch.leaf]
-            covered[branch.leaf][piece_start : piece_start + size] += 1
+            assert 0 <= piece_start and piece_start + size <= sizes[branch.leaf]  # in bounds
+            assert size % 128 == 0 and 0 <= skip < size  # whole warpgroup granules
+            covered[branch.leaf][piece_start + skip : piece_start + size] += 1
     assert all(np.all(c == 1) for c in covered)
-    # Vector pieces are whole warpgroup granules; at most 127 scalar loads per leaf.
-    for branch in plan.branches:
-        pieces = mosaic_gpu._chunks(branch, 0)
-        assert all(size % 128 == 0 for _, size, vector in pieces if vector)
-        assert sum(1 for *_, vector in pieces if not vector) < 128
+    with pytest.raises(ValueError, match="127 < 128"):
+        mosaic_gpu.plan_tiles([4096, 127], tile)
+    small = [ew.LeafSpec(n, F32, F32, F32, True, True) for n in SIZES]
+    assert mosaic_gpu.small_leaves(small) == [i for i, n in enumerate(SIZES) if n < 128]
 
 
 @pytest.mark.parametrize("blocks", [(32, 256), (512, 8192)])
@@ -184,9 +185,9 @@ def test_tpu_kernels_match_references_and_float64(flags_name):
     leaves = make_leaves(TPU_SHAPES, MIXED, seed=1)
     scalars = jnp.asarray(SCALARS)
     kw = dict(flags=flags, leaves=leaves.specs)
-    sums = jax.jit(lambda w, g, s: mosaic_tpu.leaf_sums(w, g, s, interpret=True, **kw, **TPU_BLOCKS))(
-        leaves.params, leaves.grads, scalars
-    )
+    sums = jax.jit(
+        lambda w, g, s: mosaic_tpu.leaf_sums(w, g, s, interpret=True, **kw, **TPU_BLOCKS)
+    )(leaves.params, leaves.grads, scalars)
     want = oracle_sums(leaves, flags)
     ref = mosaic_tpu.leaf_sums_reference(leaves.params, leaves.grads, scalars, **kw)
     for j in range(len(TPU_SHAPES)):
@@ -247,8 +248,10 @@ def test_tpu_kernel_in_the_tpu_simulator():
 # --------------------------------------------------------------------------
 # The Mosaic GPU kernels (GPU simulator: about half a second per block).
 
-GPU_SHAPES = [(), (127,), (300,), (3, 515)]  # 0-d, scalar-only, vector + scalars, 3 tiles + end
-GPU_DTYPES = [(F32, F32), (F32, BF16), (BF16, BF16), (F32, F16)]
+# 0-d and 127 (left to XLA); 130 = a 128 piece + a window; 300 = 256 + a window;
+# 3 * 515 = 1545 = 2 full 512-tiles + an end block of 521 (512 + a window).
+GPU_SHAPES = [(), (127,), (130,), (300,), (3, 515)]
+GPU_DTYPES = [(F32, F32), (F32, BF16), (BF16, BF16), (F32, F16), (F32, BF16)]
 
 
 def test_gpu_kernels_match_references_and_float64():
@@ -267,8 +270,13 @@ def test_gpu_kernels_match_references_and_float64():
         leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars
     )
     ref_upd, ref_mom = mosaic_gpu.update_reference(
-        leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios), scalars,
-        flags=flags, leaves=leaves.specs,
+        leaves.params,
+        leaves.grads,
+        leaves.momentum,
+        jnp.asarray(leaves.ratios),
+        scalars,
+        flags=flags,
+        leaves=leaves.specs,
     )
     for j, (spec, (want_upd, want_mom)) in enumerate(
         zip(leaves.specs, oracle_update(leaves, flags), strict=True)
@@ -330,8 +338,10 @@ def _tree_case(seed=8):
     shapes = [(), (7,), (0,), (33,), (300,), (2, 2, 4, 8), (0, 3)]
     params = [jnp.asarray(rng.standard_normal(s), F32) for s in shapes]
     params[3] = jnp.zeros((33,), F32)  # zero weights: r = 1
-    grads = [jnp.asarray(0.1 * rng.standard_normal(s), BF16 if i % 3 == 0 else F32)
-             for i, s in enumerate(shapes)]
+    grads = [
+        jnp.asarray(0.1 * rng.standard_normal(s), BF16 if i % 3 == 0 else F32)
+        for i, s in enumerate(shapes)
+    ]
     grads[1] = jnp.zeros((7,), grads[1].dtype)  # zero gradient
     momentum = [jnp.asarray(0.01 * rng.standard_normal(s), F32) for s in shapes]
     return params, grads, momentum
@@ -340,8 +350,14 @@ def _tree_case(seed=8):
 def test_backend_step_matches_reference_step():
     params, grads, momentum = _tree_case()
     config = LarsConfig(
-        momentum=0.8, weight_decay=0.01, trust_coefficient=0.02, eps=1e-6, nesterov=True,
-        trust_clip=0.5, grad_clip_norm=0.2, grad_clip_value=0.03,
+        momentum=0.8,
+        weight_decay=0.01,
+        trust_coefficient=0.02,
+        eps=1e-6,
+        nesterov=True,
+        trust_clip=0.5,
+        grad_clip_norm=0.2,
+        grad_clip_value=0.03,
     )
     masks = dict(
         decay_mask=[True, False, True, True, True, False, True],

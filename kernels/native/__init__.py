@@ -22,8 +22,10 @@ instruction set.
 Two entry points share the handler:
 
 * :func:`step` has the signature of ``lars._reference.reference_step`` and
-  returns updates (written over the gradients' buffers when their dtype is the
-  params', so a step inside a jitted training step needs no new buffer);
+  returns updates; the handler writes the momentum only and XLA computes the
+  updates ``-lr * v`` where ``optax.apply_updates`` uses them, so the step needs
+  no buffer for them (with nesterov the handler writes the updates, over the
+  gradients' buffers);
 * :func:`apply` returns the new params instead, written in place over the
   params' buffers: with params and state donated to ``jax.jit``, the step
   moves each byte once (read w, g, v; write w, v) and allocates nothing.
@@ -46,6 +48,8 @@ from lars._config import LarsConfig
 from lars._reference import StepResult, compute_dtype
 
 TARGET = "lars_native_step"
+# What the handler writes besides the momentum and ratios (OutputMode in C++).
+WRITE_UPDATES, WRITE_PARAMS, MOMENTUM_ONLY = 0, 1, 2
 LIB_DIR = Path(__file__).resolve().parent / "lib"
 CPU_LIBRARY = "liblars_native_cpu.so"
 CUDA_LIBRARY = "liblars_native_cuda.so"
@@ -261,10 +265,16 @@ def _call(
     config: LarsConfig,
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
-    apply_in_place: bool,
+    mode: int,
     num_threads: int | None = None,
 ) -> StepResult:
-    """The FFI call behind :func:`step` and :func:`apply`."""
+    """The FFI call behind :func:`step` and :func:`apply`.
+
+    ``mode`` is one of ``WRITE_UPDATES``, ``WRITE_PARAMS`` (the first result
+    field holds the new params) and ``MOMENTUM_ONLY`` (the handler writes the
+    momentum and ratios only; the updates, ``-lr * v`` or ``-v``, are left to
+    XLA, which fuses them into ``optax.apply_updates``; not with nesterov).
+    """
     _require_cpu_or_cuda()
     lacking = unsupported(config)
     if lacking is not None:
@@ -285,15 +295,22 @@ def _call(
     if lr.shape != ():
         raise ValueError(f"lr must be a scalar, got shape {lr.shape}")
 
-    out_types = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+    if mode not in (WRITE_UPDATES, WRITE_PARAMS, MOMENTUM_ONLY):
+        raise ValueError(f"unknown mode {mode!r}")
+    if mode == MOMENTUM_ONLY and config.nesterov:
+        raise ValueError("MOMENTUM_ONLY cannot give nesterov updates (they need r * g)")
+    # Operands: lr, params, grads, momentum. Results: [out,] momentum, ratios.
+    outs = 0 if mode == MOMENTUM_ONLY else n
+    out_types = (
+        [] if mode == MOMENTUM_ONLY else [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+    )
     out_types += [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in momentum]
     out_types += [jax.ShapeDtypeStruct((), jnp.float32)] * n
-    # Operands: lr, params, grads, momentum. Results: out, momentum, ratios.
-    aliases = {1 + 2 * n + i: n + i for i in range(n)}
+    aliases = {1 + 2 * n + i: outs + i for i in range(n)}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if apply_in_place:
+        if mode == WRITE_PARAMS:
             aliases[1 + i] = i
-        elif g.dtype == p.dtype:
+        elif mode == WRITE_UPDATES and g.dtype == p.dtype:
             aliases[1 + n + i] = i
     call = jax.ffi.ffi_call(
         TARGET,
@@ -316,12 +333,22 @@ def _call(
         grad_clip_value=_attr(config.grad_clip_value),
         nesterov=np.bool_(config.nesterov),
         lr_inside_momentum=np.bool_(config.lr_inside_momentum),
-        apply=np.bool_(apply_in_place),
+        mode=np.int32(mode),
         decay_mask=np.asarray(decay_mask, np.uint8),
         trust_mask=np.asarray(trust_mask, np.uint8),
         num_threads=np.int64(threads),
     )
-    return StepResult(list(results[:n]), list(results[n : 2 * n]), list(results[2 * n :]))
+    momentum_out = list(results[outs : outs + n])
+    ratios = list(results[outs + n :])
+    if mode != MOMENTUM_ONLY:
+        return StepResult(list(results[:n]), momentum_out, ratios)
+    # The reference's updates from the new momentum, in the same operations:
+    # -(lr * v) (or -v with lr inside the momentum), in the param dtype.
+    lr_updates = []
+    for p, v in zip(params, momentum_out, strict=True):
+        step = v if config.lr_inside_momentum else lr.astype(v.dtype) * v
+        lr_updates.append((-step).astype(p.dtype))
+    return StepResult(lr_updates, momentum_out, ratios)
 
 
 def step(
@@ -336,7 +363,12 @@ def step(
 ) -> StepResult:
     """One LARS step over all leaves in one native call; returns updates.
 
-    Same signature and result as ``lars._reference.reference_step``.
+    Same signature and result as ``lars._reference.reference_step``. Without
+    nesterov the call writes the momentum only and the updates are ``-lr * v``
+    (``-v`` with ``lr_inside_momentum``) in XLA, which fuses them into
+    ``optax.apply_updates``: no buffer for the updates. With nesterov the call
+    writes the updates too, over the gradients' buffers when their dtype is the
+    params' (free in a training step, where the gradients are temporaries).
 
     Raises:
       ValueError, TypeError: for mismatched leaves or an unsupported dtype pair.
@@ -350,7 +382,7 @@ def step(
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
-        apply_in_place=False,
+        mode=WRITE_UPDATES if config.nesterov else MOMENTUM_ONLY,
     )
 
 
@@ -377,7 +409,7 @@ def apply(
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
-        apply_in_place=True,
+        mode=WRITE_PARAMS,
     )
 
 

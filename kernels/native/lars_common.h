@@ -30,6 +30,13 @@ enum Dtype : uint8_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kBadDtype = 255 
 constexpr int64_t kSmallLeaf = 65536;
 constexpr int64_t kChunk = 65536;
 
+// What the step writes besides the momentum and the trust ratios.
+enum OutputMode : int32_t {
+  kWriteUpdates = 0,  // the updates -(lr * direction), in the param dtype
+  kWriteParams = 1,   // the new params, params + updates (optax.apply_updates)
+  kMomentumOnly = 2,  // nothing else (the caller derives the updates from v)
+};
+
 // The static hyperparameters of one step (FFI attributes).
 struct Hyper {
   double momentum = 0.9;
@@ -44,7 +51,7 @@ struct Hyper {
   bool has_clip_value = false;
   bool nesterov = false;
   bool lr_inside = false;
-  bool apply = false;  // write new params (true) or updates (false)
+  int32_t mode = kWriteUpdates;  // an OutputMode
 };
 
 // Values known only at run time, in float64: the learning rate and, with

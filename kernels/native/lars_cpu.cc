@@ -299,12 +299,18 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
                    ffi::RemainingRets rets, double momentum, double weight_decay,
                    double trust_coefficient, double eps, double trust_clip,
                    double grad_clip_norm, double grad_clip_value, bool nesterov,
-                   bool lr_inside_momentum, bool apply, ffi::Span<const uint8_t> decay_mask,
+                   bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
                    ffi::Span<const uint8_t> trust_mask, int64_t num_threads) {
   const size_t num_leaves = decay_mask.size();
   if (trust_mask.size() != num_leaves) return Invalid("mask lengths differ");
-  if (args.size() != 3 * num_leaves || rets.size() != 3 * num_leaves) {
-    return Invalid("expected 3 operands and 3 results per leaf");
+  if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
+    return Invalid("unknown output mode " + std::to_string(mode));
+  }
+  // Results: [out per leaf,] momentum per leaf, trust ratio per leaf.
+  const size_t outs = mode == kMomentumOnly ? 0 : num_leaves;
+  if (args.size() != 3 * num_leaves || rets.size() != outs + 2 * num_leaves) {
+    return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
+                                         : "expected 3 operands and 3 results per leaf");
   }
   if (lr.element_count() != 1 || lr.element_type() != ffi::DataType::F32) {
     return Invalid("the learning rate must be a float32 scalar");
@@ -325,7 +331,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   h.grad_clip_value = grad_clip_value;
   h.nesterov = nesterov;
   h.lr_inside = lr_inside_momentum;
-  h.apply = apply;
+  h.mode = mode;
   job->scalars.lr = static_cast<double>(*static_cast<const float*>(lr.untyped_data()));
 
   job->leaves.resize(num_leaves);
@@ -335,9 +341,9 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     auto w = args.get<ffi::AnyBuffer>(i);
     auto g = args.get<ffi::AnyBuffer>(num_leaves + i);
     auto v = args.get<ffi::AnyBuffer>(2 * num_leaves + i);
-    auto out = rets.get<ffi::AnyBuffer>(i);
-    auto v_out = rets.get<ffi::AnyBuffer>(num_leaves + i);
-    auto r_out = rets.get<ffi::AnyBuffer>(2 * num_leaves + i);
+    auto v_out = rets.get<ffi::AnyBuffer>(outs + i);
+    auto r_out = rets.get<ffi::AnyBuffer>(outs + num_leaves + i);
+    auto out = outs ? rets.get<ffi::AnyBuffer>(i) : v_out;  // out is unused without outs
     if (!w.has_value() || !g.has_value() || !v.has_value() || !out.has_value() ||
         !v_out.has_value() || !r_out.has_value()) {
       return Invalid("an operand or result is not a buffer");
@@ -358,7 +364,8 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
         static_cast<int64_t>((*v_out)->element_count()) != lv.n) {
       return Invalid(where + "params, grads, momentum and results differ in size");
     }
-    if (ToDtype((*out)->element_type()) != lv.p || ToDtype((*v_out)->element_type()) != vt) {
+    if ((outs && ToDtype((*out)->element_type()) != lv.p) ||
+        ToDtype((*v_out)->element_type()) != vt) {
       return Invalid(where + "result dtypes differ from the params/momentum dtypes");
     }
     if ((*r_out)->element_type() != ffi::DataType::F32 || (*r_out)->element_count() != 1) {
@@ -367,7 +374,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     lv.w = w->untyped_data();
     lv.g = g->untyped_data();
     lv.v = v->untyped_data();
-    lv.out = (*out)->untyped_data();
+    lv.out = outs ? (*out)->untyped_data() : nullptr;
     lv.v_out = (*v_out)->untyped_data();
     lv.decay = decay_mask[i] != 0;
     lv.trust = trust_mask[i] != 0;
@@ -431,7 +438,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LarsNativeStepCpu, lars_native::StepCpu,
                                   .Attr<double>("grad_clip_value")
                                   .Attr<bool>("nesterov")
                                   .Attr<bool>("lr_inside_momentum")
-                                  .Attr<bool>("apply")
+                                  .Attr<int32_t>("mode")
                                   .Attr<ffi::Span<const uint8_t>>("decay_mask")
                                   .Attr<ffi::Span<const uint8_t>>("trust_mask")
                                   .Attr<int64_t>("num_threads"));

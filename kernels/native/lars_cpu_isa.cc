@@ -337,7 +337,7 @@ void Sums(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
   out[1] = TreeSum(ag);
 }
 
-template <class P, class G, bool CN, bool CV, bool WD, bool APPLY, bool NESTEROV>
+template <class P, class G, bool CN, bool CV, bool WD, int MODE, bool NESTEROV>
 void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
                 const StepScalars& s, double ratio) {
   using C = typename ComputeOf<P>::type;
@@ -361,14 +361,16 @@ void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h
     const C gc = eff(Ld<C>(g[i]), wc);
     const C u = lr_in * (gc * r);
     const C vn = u + mu * v[i];
-    const C dir = NESTEROV ? u + mu * vn : vn;
-    const C step = lr_out * dir;
     v_out[i] = vn;
-    if constexpr (APPLY) {
-      // optax.apply_updates: p + u in the param dtype, u = (-step) as that dtype.
-      out[i] = St<P>::Do(wc + Ld<C>(St<P>::Do(-step)));
-    } else {
-      out[i] = St<P>::Do(-step);
+    if constexpr (MODE != kMomentumOnly) {
+      const C dir = NESTEROV ? u + mu * vn : vn;
+      const C step = lr_out * dir;
+      if constexpr (MODE == kWriteParams) {
+        // optax.apply_updates: p + u in the param dtype, u = (-step) as that dtype.
+        out[i] = St<P>::Do(wc + Ld<C>(St<P>::Do(-step)));
+      } else {
+        out[i] = St<P>::Do(-step);
+      }
     }
   }
 }
@@ -376,19 +378,19 @@ void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h
 template <class P, class G, bool CN, bool CV, bool WD>
 void Update(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
             const StepScalars& s, double ratio) {
-  if (h.apply) {
-    if (h.nesterov) {
-      UpdateLoop<P, G, CN, CV, WD, true, true>(leaf, begin, end, h, s, ratio);
-    } else {
-      UpdateLoop<P, G, CN, CV, WD, true, false>(leaf, begin, end, h, s, ratio);
-    }
-  } else {
-    if (h.nesterov) {
-      UpdateLoop<P, G, CN, CV, WD, false, true>(leaf, begin, end, h, s, ratio);
-    } else {
-      UpdateLoop<P, G, CN, CV, WD, false, false>(leaf, begin, end, h, s, ratio);
-    }
+#define LARS_LOOP(MODE, NEST) UpdateLoop<P, G, CN, CV, WD, MODE, NEST>(leaf, begin, end, h, s, ratio)
+  switch (h.mode) {
+    case kWriteParams:
+      h.nesterov ? LARS_LOOP(kWriteParams, true) : LARS_LOOP(kWriteParams, false);
+      break;
+    case kMomentumOnly:
+      LARS_LOOP(kMomentumOnly, false);
+      break;
+    default:
+      h.nesterov ? LARS_LOOP(kWriteUpdates, true) : LARS_LOOP(kWriteUpdates, false);
+      break;
   }
+#undef LARS_LOOP
 }
 
 // Selects the template for the run-time flags of one leaf.

@@ -9,9 +9,10 @@
 
 namespace lars_native {
 
-// One leaf: its size, dtypes, masks and buffers. `out` receives the new params
-// (Hyper::apply) or the updates; it may alias `w` or `g`, and `v_out` may alias
-// `v`: every loop reads element i of all inputs before it writes element i.
+// One leaf: its size, dtypes, masks and buffers. `out` receives the updates or
+// the new params (Hyper::mode; unused with kMomentumOnly); it may alias `w` or
+// `g`, and `v_out` may alias `v`: every loop reads element i of all inputs
+// before it writes element i.
 struct LeafView {
   int64_t n = 0;
   const void* w = nullptr;

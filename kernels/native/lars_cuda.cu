@@ -272,10 +272,11 @@ __device__ void ChunkUpdate(const GpuLeaf& leaf, int64_t begin, int64_t end, con
     const C gc = eff(Ld<C>(g[i]), wc);
     const C u = lr_in * (gc * r);
     const C vn = u + mu * v[i];
+    v_out[i] = vn;
+    if (h.mode == kMomentumOnly) continue;
     const C dir = h.nesterov ? u + mu * vn : vn;
     const C step = lr_out * dir;
-    v_out[i] = vn;
-    if (h.apply) {
+    if (h.mode == kWriteParams) {
       out[i] = St<P>::Do(wc + Ld<C>(St<P>::Do(-step)));
     } else {
       out[i] = St<P>::Do(-step);
@@ -353,12 +354,17 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     ffi::RemainingArgs args, ffi::RemainingRets rets, double momentum,
                     double weight_decay, double trust_coefficient, double eps, double trust_clip,
                     double grad_clip_norm, double grad_clip_value, bool nesterov,
-                    bool lr_inside_momentum, bool apply, ffi::Span<const uint8_t> decay_mask,
+                    bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
                     ffi::Span<const uint8_t> trust_mask, int64_t /*num_threads*/) {
   const size_t num_leaves = decay_mask.size();
   if (trust_mask.size() != num_leaves) return Invalid("mask lengths differ");
-  if (args.size() != 3 * num_leaves || rets.size() != 3 * num_leaves) {
-    return Invalid("expected 3 operands and 3 results per leaf");
+  if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
+    return Invalid("unknown output mode " + std::to_string(mode));
+  }
+  const size_t outs = mode == kMomentumOnly ? 0 : num_leaves;
+  if (args.size() != 3 * num_leaves || rets.size() != outs + 2 * num_leaves) {
+    return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
+                                         : "expected 3 operands and 3 results per leaf");
   }
   if (lr.element_count() != 1 || lr.element_type() != ffi::DataType::F32) {
     return Invalid("the learning rate must be a float32 scalar");
@@ -377,7 +383,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   h.grad_clip_value = grad_clip_value;
   h.nesterov = nesterov;
   h.lr_inside = lr_inside_momentum;
-  h.apply = apply;
+  h.mode = mode;
   d.lr = static_cast<const float*>(lr.untyped_data());
 
   // Leaves, grouped into launches of at most kMaxLeaves.
@@ -387,9 +393,9 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     auto w = args.get<ffi::AnyBuffer>(i);
     auto g = args.get<ffi::AnyBuffer>(num_leaves + i);
     auto v = args.get<ffi::AnyBuffer>(2 * num_leaves + i);
-    auto out = rets.get<ffi::AnyBuffer>(i);
-    auto v_out = rets.get<ffi::AnyBuffer>(num_leaves + i);
-    auto r_out = rets.get<ffi::AnyBuffer>(2 * num_leaves + i);
+    auto v_out = rets.get<ffi::AnyBuffer>(outs + i);
+    auto r_out = rets.get<ffi::AnyBuffer>(outs + num_leaves + i);
+    auto out = outs ? rets.get<ffi::AnyBuffer>(i) : v_out;  // out is unused without outs
     if (!w.has_value() || !g.has_value() || !v.has_value() || !out.has_value() ||
         !v_out.has_value() || !r_out.has_value()) {
       return Invalid("an operand or result is not a buffer");
@@ -412,13 +418,17 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
         static_cast<int64_t>((*v_out)->element_count()) != leaf.n) {
       return Invalid(where + "params, grads, momentum and results differ in size");
     }
+    if ((outs && ToDtype((*out)->element_type()) != leaf.p) ||
+        ToDtype((*v_out)->element_type()) != vt) {
+      return Invalid(where + "result dtypes differ from the params/momentum dtypes");
+    }
     if ((*r_out)->element_type() != ffi::DataType::F32 || (*r_out)->element_count() != 1) {
       return Invalid(where + "the trust-ratio result must be a float32 scalar");
     }
     leaf.w = w->untyped_data();
     leaf.g = g->untyped_data();
     leaf.v = v->untyped_data();
-    leaf.out = (*out)->untyped_data();
+    leaf.out = outs ? (*out)->untyped_data() : nullptr;
     leaf.v_out = (*v_out)->untyped_data();
     leaf.ratio_out = static_cast<float*>((*r_out)->untyped_data());
     leaf.decay = decay_mask[i] != 0;
@@ -490,7 +500,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LarsNativeStepCuda, lars_native::StepCuda,
                                   .Attr<double>("grad_clip_value")
                                   .Attr<bool>("nesterov")
                                   .Attr<bool>("lr_inside_momentum")
-                                  .Attr<bool>("apply")
+                                  .Attr<int32_t>("mode")
                                   .Attr<ffi::Span<const uint8_t>>("decay_mask")
                                   .Attr<ffi::Span<const uint8_t>>("trust_mask")
                                   .Attr<int64_t>("num_threads"));

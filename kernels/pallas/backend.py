@@ -163,9 +163,17 @@ def pallas_step(
     hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
     options = tuple(sorted((kernel_options or {}).items()))
     updates, new_momentum, ratios = _step(
-        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32), hyper,
-        flags=flags, leaves=tuple(leaves), trust_clip=config.trust_clip is not None,
-        kernel=kernel, interpret=interpret, options=options,
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        hyper,
+        flags=flags,
+        leaves=tuple(leaves),
+        trust_clip=config.trust_clip is not None,
+        kernel=kernel,
+        interpret=interpret,
+        options=options,
     )
     return StepResult(updates, new_momentum, ratios)
 
@@ -173,65 +181,85 @@ def pallas_step(
 @functools.partial(
     jax.jit, static_argnames=("flags", "leaves", "trust_clip", "kernel", "interpret", "options")
 )
-def _step(params, grads, momentum, lr, hyper, *, flags, leaves, trust_clip, kernel, interpret,
-          options):
+def _step(
+    params, grads, momentum, lr, hyper, *, flags, leaves, trust_clip, kernel, interpret, options
+):
     """The traced step (jitted so that eager calls reuse the compiled kernels)."""
     impl = _kernel_module(kernel)
     kw = dict(interpret=interpret, **dict(options))
     active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
     pick = lambda xs, idx: [xs[i] for i in idx]
 
-    scalars = jnp.zeros((ew.NUM_SCALARS,), jnp.float32)
-    scalars = scalars.at[ew.LR].set(lr)
-    scalars = scalars.at[ew.MOMENTUM].set(hyper["momentum"])
-    scalars = scalars.at[ew.WEIGHT_DECAY].set(hyper["weight_decay"])
-    scalars = scalars.at[ew.CLIP_DIVISOR].set(1.0).at[ew.CLIP_FACTOR].set(1.0)
-    scalars = scalars.at[ew.CLIP_VALUE].set(hyper["grad_clip_value"])
+    one = jnp.ones((), jnp.float32)
+    values = {
+        ew.LR: lr,
+        ew.MOMENTUM: hyper["momentum"],
+        ew.WEIGHT_DECAY: hyper["weight_decay"],
+        ew.CLIP_DIVISOR: one,
+        ew.CLIP_FACTOR: one,
+        ew.CLIP_VALUE: hyper["grad_clip_value"],
+    }
+    stack = lambda: jnp.stack([values.get(i, 0.0 * one) for i in range(ew.NUM_SCALARS)])
+    scalars = stack()
 
     if flags.clip_norm:
         # optax.clip_by_global_norm: g <- g if ||g|| < c else (g / ||g||) * c.
         if active:
             sums = impl.leaf_sums(
-                None, pick(grads, active), scalars, flags=ew.StepFlags(),
-                leaves=pick(leaves, active), **kw,
+                None,
+                pick(grads, active),
+                scalars,
+                flags=ew.StepFlags(),
+                leaves=pick(leaves, active),
+                **kw,
             )
             g_norm = jnp.sqrt(jnp.sum(sums[:, ew.SUM_W2]))
         else:
             g_norm = jnp.zeros((), jnp.float32)
         c = hyper["grad_clip_norm"]
         trigger = g_norm < c
-        scalars = scalars.at[ew.CLIP_DIVISOR].set(jnp.where(trigger, 1.0, g_norm))
-        scalars = scalars.at[ew.CLIP_FACTOR].set(jnp.where(trigger, 1.0, c))
+        values[ew.CLIP_DIVISOR] = jnp.where(trigger, one, g_norm)
+        values[ew.CLIP_FACTOR] = jnp.where(trigger, one, c)
+        scalars = stack()
 
-    ratios = [jnp.ones((), jnp.float32) for _ in leaves]
-    adaptive = [i for i, leaf in enumerate(leaves) if leaf.trust]
-    if adaptive:
-        # Empty leaves have zero sums (r = 1, then trust_clip), as in the reference.
-        sums = jnp.zeros((len(adaptive), 2), jnp.float32)
-        nonempty = [k for k, i in enumerate(adaptive) if leaves[i].size > 0]
-        if nonempty:
-            idx = [adaptive[k] for k in nonempty]
-            part = impl.leaf_sums(
-                pick(params, idx), pick(grads, idx), scalars, flags=flags,
-                leaves=pick(leaves, idx), **kw,
-            )
-            sums = sums.at[np.asarray(nonempty)].set(part)
-        w_norm = jnp.sqrt(sums[:, ew.SUM_W2])
-        u_norm = jnp.sqrt(sums[:, ew.SUM_U2])
-        r = hyper["trust_coefficient"] * w_norm / (u_norm + hyper["eps"])
-        r = jnp.where(jnp.logical_or(w_norm == 0.0, u_norm == 0.0), 1.0, r)
-        if trust_clip:
-            r = jnp.minimum(r, hyper["trust_clip"])
-        for k, i in enumerate(adaptive):
-            ratios[i] = r[k]
+    # Per leaf: r from its sums where the trust ratio applies, else 1. Empty
+    # leaves have zero sums (r = 1, then trust_clip), as in the reference.
+    measured = [i for i in active if leaves[i].trust]
+    sums = jnp.zeros((1, 2), jnp.float32)  # row 0: the zero sums
+    if measured:
+        part = impl.leaf_sums(
+            pick(params, measured),
+            pick(grads, measured),
+            scalars,
+            flags=flags,
+            leaves=pick(leaves, measured),
+            **kw,
+        )
+        sums = jnp.concatenate([sums, part])
+    row = {i: k + 1 for k, i in enumerate(measured)}
+    sums = sums[np.asarray([row.get(i, 0) for i in range(len(leaves))], np.int32)]
+    w_norm = jnp.sqrt(sums[:, ew.SUM_W2])
+    u_norm = jnp.sqrt(sums[:, ew.SUM_U2])
+    r = hyper["trust_coefficient"] * w_norm / (u_norm + hyper["eps"])
+    r = jnp.where(jnp.logical_or(w_norm == 0.0, u_norm == 0.0), 1.0, r)
+    if trust_clip:
+        r = jnp.minimum(r, hyper["trust_clip"])
+    trust = np.asarray([leaf.trust for leaf in leaves], bool)
+    ratio_vector = jnp.where(trust, r, 1.0)
+    ratios = [ratio_vector[i] for i in range(len(leaves))]
 
     updates = [jnp.zeros(p.shape, p.dtype) for p in params]
-    new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves)]
+    new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves, strict=True)]
     if active:
         upd, mom = impl.update(
-            pick(params, active), pick(grads, active), pick(momentum, active),
-            jnp.stack(pick(ratios, active)), scalars, flags=flags,
-            leaves=pick(leaves, active), **kw,
+            pick(params, active),
+            pick(grads, active),
+            pick(momentum, active),
+            ratio_vector[np.asarray(active, np.int32)],
+            scalars,
+            flags=flags,
+            leaves=pick(leaves, active),
+            **kw,
         )
         for k, i in enumerate(active):
             updates[i] = upd[k]

@@ -94,9 +94,7 @@ def clipped_grad(g: jax.Array, scalars, flags: StepFlags) -> jax.Array:
     return g
 
 
-def effective_grad(
-    g: jax.Array, w: jax.Array, scalars, flags: StepFlags, decay: bool
-) -> jax.Array:
+def effective_grad(g: jax.Array, w: jax.Array, scalars, flags: StepFlags, decay: bool) -> jax.Array:
     """Steps 1-3: the clipped gradient plus ``weight_decay * w`` where decay applies."""
     g = clipped_grad(g, scalars, flags)
     if decay:
@@ -145,7 +143,12 @@ def tile_sums(
 
 
 def tile_update(
-    w: jax.Array, g: jax.Array, v: jax.Array, ratio: jax.Array, scalars, flags: StepFlags,
+    w: jax.Array,
+    g: jax.Array,
+    v: jax.Array,
+    ratio: jax.Array,
+    scalars,
+    flags: StepFlags,
     leaf: LeafSpec,
 ) -> tuple[jax.Array, jax.Array]:
     """One tile of the update: returns (update in the param dtype, new momentum)."""

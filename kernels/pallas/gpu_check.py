@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -40,11 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from lars.kernels.pallas import backend, mosaic_gpu
 
 import lars
 from lars._config import LarsConfig
 from lars._reference import reference_step
-from lars.kernels.pallas import backend, mosaic_gpu
 
 # --------------------------------------------------------------------------
 # Parameter sets.
@@ -95,8 +96,15 @@ CONFIGS = {
         momentum=0.8, weight_decay=1e-4, trust_coefficient=0.02, nesterov=True, trust_clip=1.0
     ),
     "everything": LarsConfig(
-        momentum=0.9, weight_decay=5e-4, trust_coefficient=0.01, eps=1e-6, nesterov=True,
-        trust_clip=0.5, grad_clip_norm=1.0, grad_clip_value=0.02, lr_inside_momentum=True,
+        momentum=0.9,
+        weight_decay=5e-4,
+        trust_coefficient=0.01,
+        eps=1e-6,
+        nesterov=True,
+        trust_clip=0.5,
+        grad_clip_norm=1.0,
+        grad_clip_value=0.02,
+        lr_inside_momentum=True,
     ),
 }
 
@@ -112,8 +120,11 @@ def max_scaled_error(got, want) -> float:
 
 def check_correctness(log) -> dict:
     results = {}
-    dtypes = {"fp32": (jnp.float32, jnp.float32), "bf16_grads": (jnp.float32, jnp.bfloat16),
-              "bf16_params": (jnp.bfloat16, jnp.bfloat16)}
+    dtypes = {
+        "fp32": (jnp.float32, jnp.float32),
+        "bf16_grads": (jnp.float32, jnp.bfloat16),
+        "bf16_params": (jnp.bfloat16, jnp.bfloat16),
+    }
     for dname, (p_dtype, g_dtype) in dtypes.items():
         params, grads, momentum = make_leaves(ODD_SHAPES, p_dtype, g_dtype, seed=1, zero=(7,))
         grads[8] = jnp.zeros_like(grads[8])
@@ -133,8 +144,9 @@ def check_correctness(log) -> dict:
                 )
                 errs = {
                     field: max(max_scaled_error(a, b) for a, b in zip(x, y, strict=True))
-                    for field, x, y in zip(("updates", "momentum", "trust_ratio"), got, want,
-                                           strict=True)
+                    for field, x, y in zip(
+                        ("updates", "momentum", "trust_ratio"), got, want, strict=True
+                    )
                 }
                 tol = 2e-2 if dname == "bf16_params" else 1e-5
                 ok = all(e <= tol for e in errs.values()) and all(
@@ -150,15 +162,20 @@ def check_correctness(log) -> dict:
     f = jax.jit(lambda p, g, v, lr: backend.pallas_step(p, g, v, lr, **kw))
     a = f(params, grads, momentum, jnp.asarray(0.1, jnp.float32))
     b = f(params, grads, momentum, jnp.asarray(0.1, jnp.float32))
-    same = all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    same = all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
     results["resnet50/deterministic"] = {"ok": bool(same)}
     log(f"  resnet50 bitwise deterministic: {same}")
     # The global-norm pass against float64.
     g64 = sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads)
     specs = backend._leaf_specs(params, grads, momentum, [True] * n, [True] * n, True)
-    sums = jax.jit(lambda g: mosaic_gpu.leaf_sums(
-        None, g, jnp.zeros((8,), jnp.float32), flags=backend.ew.StepFlags(), leaves=specs))(grads)
+    sums = jax.jit(
+        lambda g: mosaic_gpu.leaf_sums(
+            None, g, jnp.zeros((8,), jnp.float32), flags=backend.ew.StepFlags(), leaves=specs
+        )
+    )(grads)
     rel = abs(float(jnp.sum(sums[:, 0])) - g64) / g64
     results["resnet50/global_norm_vs_float64"] = {"ok": bool(rel < 1e-5), "rel_error": rel}
     log(f"  resnet50 sum g**2 vs float64: relative error {rel:.2e}")
@@ -228,11 +245,34 @@ def time_step(fn, args, *, n_state: int, warmup=3, iters=30, repeats=5) -> dict:
     }
 
 
-def timing(log, quick: bool) -> dict:
+def flat_step(step_fn, config, masks):
+    """A training step on flat lists: (params, momentum, grads, lr) -> (params, momentum)."""
+
+    def f(params, momentum, grads, lr):
+        res = step_fn(params, grads, momentum, lr, config=config, **masks)
+        new = [(w + u).astype(w.dtype) for w, u in zip(params, res.updates, strict=True)]
+        return new, res.momentum
+
+    return f
+
+
+def _optax_step(tx, params, state, grads, lr):
+    del lr
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def timing(log, quick: bool, smoke: bool = False) -> dict:
     results = {}
+    # Samples: warmup steps, then `repeats` samples of `iters` steps each.
+    counts = dict(warmup=1, iters=1, repeats=2) if smoke else dict(warmup=3, iters=30, repeats=5)
     workloads = {"resnet50": resnet50_shapes(), "one_64M": [(64 * 1024 * 1024,)]}
     grad_dtypes = {"fp32": jnp.float32, "bf16_grads": jnp.bfloat16}
     tiles = [mosaic_gpu.TILE] if quick else sorted({2048, mosaic_gpu.TILE, 8192})
+    if smoke:  # the harness on a CPU: tiny workloads, kernels in interpret mode
+        workloads = {"small": [(300,), (5, 3), (1000,)]}
+        grad_dtypes = {"fp32": jnp.float32}
+        tiles = [512]
     config = LarsConfig(momentum=0.9, weight_decay=5e-5, trust_coefficient=0.001)
     lr = jnp.asarray(0.1, jnp.float32)
     for wname, shapes in workloads.items():
@@ -248,37 +288,27 @@ def timing(log, quick: bool) -> dict:
 
             # Device-to-device copy of floor_bytes (read + write floor_bytes / 2 each).
             buf = jnp.zeros((floor_bytes // 8,), jnp.float32)
-            copy = time_step(lambda x: x + 1.0, (buf,), n_state=1)
+            copy = time_step(lambda x: x + 1.0, (buf,), n_state=1, **counts)
             bandwidth = floor_bytes / (copy["median_ms"] * 1e-3)
             row["copy"] = {**copy, "GB_per_s": bandwidth / 1e9}
             del buf
 
-            def flat_step(step_fn):
-                def f(p, v, g, lr):
-                    res = step_fn(p, g, v, lr, config=config, **masks)
-                    new_p = [(w + u).astype(w.dtype) for w, u in zip(p, res.updates, strict=True)]
-                    return new_p, res.momentum
-                return f
-
-            impls = {"reference": flat_step(reference_step)}
+            impls = {"reference": flat_step(reference_step, config, masks)}
             for tile in tiles:
-                impls[f"pallas_tile{tile}"] = flat_step(
-                    lambda *a, tile=tile, **k: backend.pallas_step(
-                        *a, **k, kernel_options={"tile": tile}
-                    )
+                pallas = functools.partial(
+                    backend.pallas_step, kernel="mosaic_gpu", kernel_options={"tile": tile}
                 )
+                impls[f"pallas_tile{tile}"] = flat_step(pallas, config, masks)
             tx = optax.lars(0.1, weight_decay=5e-5, trust_coefficient=0.001, momentum=0.9)
-
-            def optax_step(p, s, g, lr):
-                del lr
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s
+            optax_step = functools.partial(_optax_step, tx)
 
             for name, fn in impls.items():
                 try:
                     r = time_step(
-                        fn, ([jnp.copy(x) for x in params], [jnp.copy(v) for v in momentum], grads, lr),
+                        fn,
+                        ([jnp.copy(x) for x in params], [jnp.copy(v) for v in momentum], grads, lr),
                         n_state=2,
+                        **counts,
                     )
                     r["fraction_of_floor"] = (floor_bytes / bandwidth) / (r["median_ms"] * 1e-3)
                     row[name] = r
@@ -289,7 +319,9 @@ def timing(log, quick: bool) -> dict:
             try:
                 tree_p = {str(i): jnp.copy(x) for i, x in enumerate(params)}
                 tree_g = {str(i): x for i, x in enumerate(grads)}
-                r = time_step(optax_step, (tree_p, tx.init(tree_p), tree_g, lr), n_state=2)
+                r = time_step(
+                    optax_step, (tree_p, tx.init(tree_p), tree_g, lr), n_state=2, **counts
+                )
                 r["fraction_of_floor"] = (floor_bytes / bandwidth) / (r["median_ms"] * 1e-3)
                 row["optax_lars"] = r
             except Exception as e:
@@ -305,8 +337,13 @@ def lowering_only(log) -> dict:
     shapes = resnet50_shapes()
     params, grads, momentum = make_leaves(shapes, jnp.float32, jnp.bfloat16, seed=4)
     n = len(params)
-    kw = dict(config=CONFIGS["everything"], decay_mask=[True] * n, trust_mask=[True] * n,
-              kernel="mosaic_gpu", interpret=False)
+    kw = dict(
+        config=CONFIGS["everything"],
+        decay_mask=[True] * n,
+        trust_mask=[True] * n,
+        kernel="mosaic_gpu",
+        interpret=False,
+    )
     t0 = time.perf_counter()
     text = (
         jax.jit(lambda p, g, v, lr: backend.pallas_step(p, g, v, lr, **kw))
@@ -325,6 +362,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="one tile size only")
     parser.add_argument("--lower-only", action="store_true", help="no GPU: lowering only")
+    parser.add_argument("--smoke", action="store_true", help="no GPU: the harness, tiny inputs")
     args = parser.parse_args(argv)
     lines: list[str] = []
 
@@ -346,9 +384,13 @@ def main(argv=None) -> int:
     }
     log(f"environment: {env}")
     out: dict[str, Any] = {"environment": env}
-    log("lowering (ResNet-50, cuda):")
-    out["lowering"] = lowering_only(log)
-    if not args.lower_only:
+    if args.smoke:
+        log("timing harness on tiny inputs (interpret mode, numbers meaningless):")
+        out["timing"] = timing(log, True, smoke=True)
+    else:
+        log("lowering (ResNet-50, cuda):")
+        out["lowering"] = lowering_only(log)
+    if not (args.lower_only or args.smoke):
         if jax.default_backend() != "gpu":
             log("no GPU: stopping after the lowering check")
             return 1

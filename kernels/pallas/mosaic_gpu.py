@@ -4,9 +4,9 @@ Design (after apex ``multi_tensor_apply``): every leaf stays the separate
 array it is (no concatenation); a *tile table* maps each block of one launch to
 a (branch, start) pair. A branch is the code for one leaf and one tile shape:
 ``full`` tiles of ``tile`` elements at a dynamic start, and one ``end`` branch
-for the leaf's last ``size % tile`` elements at a static start. The block picks
-its branch with ``lax.switch`` (an ``scf.index_switch``), so one launch serves
-every leaf, whatever its size, dtype or masks.
+for the rest of the leaf (at least 128 elements) at a static start. The block
+picks its branch with ``lax.switch`` (an ``scf.index_switch``), so one launch
+serves every leaf, whatever its size, dtype or masks.
 
 * :func:`sums_kernel` (the norm pass) writes per-block partial sums, one row
   per block; the launcher reduces each leaf's rows in a fixed order (no
@@ -16,8 +16,11 @@ every leaf, whatever its size, dtype or masks.
 
 Tiles are loaded straight from global memory into registers (a warpgroup-wide
 strided layout: coalesced vector loads). The ``end`` branch loads the largest
-multiple of 128 elements the same way and the last < 128 elements one by one,
-so no access ever leaves the leaf: no padding, no masking, any size works.
+multiple of 128 elements the same way, then the leaf's last 128 elements (a
+window overlapping the previous piece, masked out of the sums), so no access
+ever leaves the leaf: no padding, any size of at least 128 works. Leaves under
+128 elements (narrow biases and norms) are left to XLA by the launchers, with
+the same elementwise code (see :func:`small_leaves`).
 
 On a CPU the kernels run in Mosaic GPU's interpret mode
 (``plgpu.InterpretGPUParams``), which executes the same kernel code.
@@ -48,6 +51,12 @@ VEC = 4
 # Threads of one Pallas Mosaic GPU thread (a warpgroup): the granule of a
 # strided register array.
 WARPGROUP = 128
+
+# Lane semantics: the kernel states its register layouts (warpgroup-strided)
+# and Pallas emits them directly. The Warpgroup semantics (Pallas' default)
+# infers layouts over the whole module instead, which took minutes for the 161
+# leaves of ResNet-50 (its cost grows faster than the number of branches).
+SEMANTICS = plgpu.LoweringSemantics.Lane
 
 _AXIS = "block"
 
@@ -125,13 +134,17 @@ def plan_tiles(sizes: Sequence[int], tile: int = TILE) -> TilePlan:
     return TilePlan(tile, tuple(branches), table, tuple(leaf_blocks))
 
 
-def _strided(ref, start, size: int):
-    """Loads ``ref[start:start+size]`` into a warpgroup-strided register array."""
+def _layout(size: int):
+    """The warpgroup-strided layout of ``size`` elements with the widest vectors."""
     vec = VEC
     while size % (vec * WARPGROUP):
         vec //= 2
-    layout = plgpu.Layout.WG_STRIDED((size,), vec_size=vec)
-    return plgpu.load(ref.at[pl.ds(start, size)], layout=layout)
+    return plgpu.Layout.WG_STRIDED((size,), vec_size=vec)
+
+
+def _strided(ref, start, size: int):
+    """Loads ``ref[start:start+size]`` into a warpgroup-strided register array."""
+    return plgpu.load(ref.at[pl.ds(start, size)], layout=_layout(size))
 
 
 def _pieces(branch: Branch, start) -> list[tuple[object, int, int]]:
@@ -158,7 +171,7 @@ def _skip_mask(x, skip: int):
     """Zeroes the first ``skip`` elements of a window (they belong to another piece)."""
     if not skip:
         return x
-    index = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    index = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=_layout(x.shape[0]))
     return jnp.where(index >= skip, x, jnp.zeros_like(x))
 
 
@@ -183,7 +196,7 @@ def sums_kernel(
     """
     n = len(leaves)
     w_refs = refs[:n] if with_params else (None,) * n
-    g_refs = refs[n:2 * n] if with_params else refs[:n]
+    g_refs = refs[n : 2 * n] if with_params else refs[:n]
     out_ref = refs[-1]
     scalars = _scalar_getter(scalars_ref)
     block = lax.axis_index(_AXIS)
@@ -227,7 +240,7 @@ def update_kernel(
     updates and new momenta (outputs).
     """
     n = len(leaves)
-    w_refs, g_refs, v_refs, upd_refs, vout_refs = (refs[i * n:(i + 1) * n] for i in range(5))
+    w_refs, g_refs, v_refs, upd_refs, vout_refs = (refs[i * n : (i + 1) * n] for i in range(5))
     scalars = _scalar_getter(scalars_ref)
     block = lax.axis_index(_AXIS)
     start = table_ref[block, 1]
@@ -275,7 +288,7 @@ def small_leaves(leaves: Sequence[ew.LeafSpec]) -> list[int]:
     return [i for i, leaf in enumerate(leaves) if leaf.size < WARPGROUP]
 
 
-def _split(items, leaves):
+def _split(leaves):
     small = set(small_leaves(leaves))
     big = [i for i in range(len(leaves)) if i not in small]
     return big, sorted(small), (lambda xs, idx: [xs[i] for i in idx])
@@ -303,19 +316,27 @@ def leaf_sums(
       interpret: Run in Mosaic GPU interpret mode (on a CPU): True, or a
         ``plgpu.InterpretGPUParams``.
     """
-    big, small, pick = _split(grads, leaves)
+    big, small, pick = _split(leaves)
     rows = [None] * len(leaves)
     if small:
         part = ew.leaf_sums_reference(
-            None if params is None else pick(params, small), pick(grads, small), scalars,
-            flags, pick(leaves, small),
+            None if params is None else pick(params, small),
+            pick(grads, small),
+            scalars,
+            flags,
+            pick(leaves, small),
         )
         for k, i in enumerate(small):
             rows[i] = part[k]
     if big:
         part = _kernel_sums(
-            None if params is None else pick(params, big), pick(grads, big), scalars,
-            flags, tuple(pick(leaves, big)), tile, interpret,
+            None if params is None else pick(params, big),
+            pick(grads, big),
+            scalars,
+            flags,
+            tuple(pick(leaves, big)),
+            tile,
+            interpret,
         )
         for k, i in enumerate(big):
             rows[i] = part[k]
@@ -333,6 +354,7 @@ def _kernel_sums(params, grads, scalars, flags, leaves, tile, interpret) -> jax.
         out_type=jax.ShapeDtypeStruct((plan.num_blocks, 2), jnp.float32),
         grid=(plan.num_blocks,),
         grid_names=(_AXIS,),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS),
         interpret=_interpret_params(interpret),
     )
     partials = kernel(jnp.asarray(plan.table), scalars, *flat)
@@ -385,20 +407,32 @@ def update(
     Returns:
       (updates, new momenta), in the leaves' shapes.
     """
-    big, small, pick = _split(grads, leaves)
+    big, small, pick = _split(leaves)
     updates: list = [None] * len(leaves)
     new_momentum: list = [None] * len(leaves)
     if small:
         upd, mom = ew.update_reference(
-            pick(params, small), pick(grads, small), pick(momentum, small),
-            ratios[np.asarray(small)], scalars, flags, pick(leaves, small),
+            pick(params, small),
+            pick(grads, small),
+            pick(momentum, small),
+            ratios[np.asarray(small)],
+            scalars,
+            flags,
+            pick(leaves, small),
         )
         for k, i in enumerate(small):
             updates[i], new_momentum[i] = upd[k], mom[k]
     if big:
         upd, mom = _kernel_update(
-            pick(params, big), pick(grads, big), pick(momentum, big),
-            ratios[np.asarray(big)], scalars, flags, tuple(pick(leaves, big)), tile, interpret,
+            pick(params, big),
+            pick(grads, big),
+            pick(momentum, big),
+            ratios[np.asarray(big)],
+            scalars,
+            flags,
+            tuple(pick(leaves, big)),
+            tile,
+            interpret,
         )
         for k, i in enumerate(big):
             updates[i], new_momentum[i] = upd[k], mom[k]
@@ -415,6 +449,7 @@ def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile
         out_type=tuple(out_type),
         grid=(plan.num_blocks,),
         grid_names=(_AXIS,),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS),
         interpret=_interpret_params(interpret),
     )
     outs = kernel(jnp.asarray(plan.table), scalars, ratios, *flat)

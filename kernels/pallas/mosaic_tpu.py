@@ -206,7 +206,7 @@ def _streams(dtype_attrs, hbm_groups, scratch, leaves, plan) -> list[_Stream]:
     """Splits the kernel's scratch refs into one ``_Stream`` per role."""
     scratch = list(scratch)
     keys = [_buffer_keys(attr, leaves, plan) for attr in dtype_attrs]
-    sems = scratch[sum(map(len, keys)):]
+    sems = scratch[sum(map(len, keys)) :]
     streams = []
     for attr, hbm, role_keys, sem in zip(dtype_attrs, hbm_groups, keys, sems, strict=True):
         buffers = {key: scratch.pop(0) for key in role_keys}
@@ -281,17 +281,24 @@ def _pipeline(plan: TilePlan, leaves, ins, outs, compute, carry=None):
     for e, (branch, count) in enumerate(schedule):
         first = firsts[e]
         nxt = schedule[e + 1][0] if e + 1 < len(schedule) else None
-        nxt_start = 0  # first block of the next entry (a remainder's start is static)
 
         def prefetch_next(slot, nxt=nxt):
+            # The next entry's first block: start 0 (a remainder's start is static).
             if nxt is not None:
-                start_in(nxt, nxt_start, slot)
+                start_in(nxt, 0, slot)
 
         if branch.full:
             size = branch.length
 
-            def body(k, carry, branch=branch, first=first, count=count, size=size,
-                     prefetch_next=prefetch_next):
+            def body(
+                k,
+                carry,
+                branch=branch,
+                first=first,
+                count=count,
+                size=size,
+                prefetch_next=prefetch_next,
+            ):
                 slot = (first + k) % 2
                 start = k * size
 
@@ -353,9 +360,9 @@ def sums_kernel(
     """
     n = len(leaves)
     roles = _SUMS_ROLES if with_params else _SUMS_ROLES[1:]
-    hbm_groups = [refs[i * n:(i + 1) * n] for i in range(len(roles))]
+    hbm_groups = [refs[i * n : (i + 1) * n] for i in range(len(roles))]
     out_ref = refs[len(roles) * n]
-    streams = _streams(roles, hbm_groups, refs[len(roles) * n + 1:], leaves, plan)
+    streams = _streams(roles, hbm_groups, refs[len(roles) * n + 1 :], leaves, plan)
     scalars = _scalar_getter(scalars_ref)
 
     def zero(i, carry):
@@ -390,8 +397,8 @@ def update_kernel(
     updates and new momenta (outputs, HBM), then VMEM buffers and semaphores.
     """
     n = len(leaves)
-    hbm_groups = [refs[i * n:(i + 1) * n] for i in range(5)]
-    streams = _streams(_UPDATE_ROLES, hbm_groups, refs[5 * n:], leaves, plan)
+    hbm_groups = [refs[i * n : (i + 1) * n] for i in range(5)]
+    streams = _streams(_UPDATE_ROLES, hbm_groups, refs[5 * n :], leaves, plan)
     scalars = _scalar_getter(scalars_ref)
 
     def compute(branch, in_blocks, out_blocks, carry):
@@ -451,7 +458,10 @@ def leaf_sums(
     flat = [x.reshape(v) for x, v in zip(arrays, plan.views * len(roles), strict=True)]
     kernel = pl.pallas_call(
         functools.partial(
-            sums_kernel, plan=plan, leaves=leaves, flags=flags,
+            sums_kernel,
+            plan=plan,
+            leaves=leaves,
+            flags=flags,
             with_params=params is not None,
         ),
         out_shape=jax.ShapeDtypeStruct((2 * len(leaves),), jnp.float32),
@@ -498,12 +508,14 @@ def update(
     """
     leaves = tuple(leaves)
     plan = plan_tiles([leaf.size for leaf in leaves], block_rows, block_lanes)
-    flat = [
-        x.reshape(v) for x, v in zip((*params, *grads, *momentum), plan.views * 3, strict=True)
+    flat = [x.reshape(v) for x, v in zip((*params, *grads, *momentum), plan.views * 3, strict=True)]
+    out_shape = [
+        jax.ShapeDtypeStruct(v, leaf.param_dtype)
+        for v, leaf in zip(plan.views, leaves, strict=True)
     ]
-    out_shape = [jax.ShapeDtypeStruct(v, leaf.param_dtype) for v, leaf in zip(plan.views, leaves)]
     out_shape += [
-        jax.ShapeDtypeStruct(v, leaf.momentum_dtype) for v, leaf in zip(plan.views, leaves)
+        jax.ShapeDtypeStruct(v, leaf.momentum_dtype)
+        for v, leaf in zip(plan.views, leaves, strict=True)
     ]
     kernel = pl.pallas_call(
         functools.partial(update_kernel, plan=plan, leaves=leaves, flags=flags),
