@@ -13,8 +13,8 @@ of the training set.
 
 Run from the repository root::
 
-  python -m examples.digits --quick     # ~1-2 minutes on a laptop CPU
-  python -m examples.digits             # the full experiment (~30 minutes)
+  python -m examples.digits --quick     # a 1-minute demo (8x8 images, 40 epochs)
+  python -m examples.digits             # the full experiment (~15 CPU minutes)
   python -m examples.digits --resume    # continue an interrupted run
 
 The full run writes a Markdown table, CSVs and plots to ``examples/results``.
@@ -88,10 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="short demo: batch 64 and full, 1 seed, 30 epochs, no tuning; writes to "
-        "examples/out/quick",
+        help="short demo: 8x8 images, batch 64 and full, 1 seed, 40 epochs, no sweep (the "
+        "learning rates the full sweep chose); writes to examples/out/quick",
     )
-    p.add_argument("--epochs", type=_positive_int, help="epochs per run (default 60; quick 30)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs per run (default 60; quick 40)")
     p.add_argument(
         "--batch-sizes",
         nargs="+",
@@ -125,7 +125,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup-epochs", type=int, help="linear warmup epochs (default: 10%% of the epochs)"
     )
     p.add_argument("--widths", type=_widths, default=(8, 16, 32), help="ResNet stage widths")
-    p.add_argument("--image-size", type=int, default=16, help="images are resized to this side")
+    p.add_argument(
+        "--image-size", type=int, help="images are resized to this side (default 16; quick 8)"
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -144,7 +146,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     if args.epochs is None:
-        args.epochs = 30 if args.quick else 60
+        args.epochs = 40 if args.quick else 60
+    if args.image_size is None:
+        args.image_size = 8 if args.quick else 16
     if args.batch_sizes is None:
         args.batch_sizes = [64, "full"] if args.quick else [32, 128, 512, "full"]
     if args.seeds is None:
@@ -226,9 +230,9 @@ def tune(args: argparse.Namespace, data, say) -> tuple[dict[str, float], list[di
                     "base_lr": base,
                     "trust_coefficient": args.lars_tc if opt == "lars" else "",
                     "batch_size": batch,
-                    "peak_lr": spec.peak_lr,
-                    "val_acc": acc,
-                    "val_loss": loss,
+                    "peak_lr": round(spec.peak_lr, 6),
+                    "val_acc": round(acc, 5),
+                    "val_loss": round(loss, 6),
                     "diverged": result.diverged,
                     "extension": base not in grid,
                     "seconds": round(result.seconds, 1),
@@ -251,6 +255,21 @@ def tune(args: argparse.Namespace, data, say) -> tuple[dict[str, float], list[di
             if row["optimizer"] == opt and row["base_lr"] == chosen[opt]:
                 row["chosen"] = True
     return chosen, rows
+
+
+def _result_flags(argv: Sequence[str] | None) -> list[str]:
+    """The command-line flags that change results (not --resume, --out, progress, ...)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dropped = {"--resume": 0, "--no-progress": 0, "--out": 1, "--ckpt-dir": 1, "--ckpt-every": 1}
+    kept, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in dropped:
+            i += 1 + (dropped[flag] if "=" not in argv[i] else 0)
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,26 +353,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     run_wall = sum(r.seconds for r in results) + sum(r["seconds"] for r in tuning_rows)
     run_cpu = sum(r.cpu_seconds for r in results) + sum(r["cpu_seconds"] for r in tuning_rows)
-    command = "python -m examples.digits " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m examples.digits", *_result_flags(argv)])
+    depth = 2 * len(args.widths) + 2
     md = [
-        "# Digits ResNet-8: SGD vs LARS as the batch grows",
+        f"# Digits ResNet-{depth}: SGD vs LARS as the batch grows",
         "",
         f"Test accuracy (%) after {args.epochs} epochs, mean ± std over {args.seeds} seed(s); "
         f"{n_train} training and {len(data.x_test)} test images.",
         "",
         table,
         "",
-        f"- command: `{command.strip()}`: {elapsed / 60:.1f} min wall clock, "
-        f"{cpu / 60:.1f} min CPU time (all threads) in this invocation; all runs "
-        f"together (sweep included, compilation included): {run_wall / 60:.1f} min wall "
-        f"clock, {run_cpu / 60:.1f} min CPU time (per run: runs.csv, tuning.csv)",
+        f"- reproduce with: `{command}`",
+        f"- time, all runs together (sweep and compilation included): {run_wall / 60:.1f} min "
+        f"wall clock, {run_cpu / 60:.1f} min CPU time (all threads); per run: runs.csv, "
+        "tuning.csv",
         f"- base learning rates at batch {BASE_BATCH} (peak lr = base * batch / {BASE_BATCH}): "
         f"SGD {base_lrs['sgd']:g}, LARS {base_lrs['lars']:g} "
         f"(trust coefficient {args.lars_tc:g})",
         f"- warmup {args.warmup_epochs} epochs, then polynomial (power 2) decay to 0; "
         f"momentum {args.momentum}; weight decay {args.weight_decay:g} "
         "(not on biases or BatchNorm)",
-        f"- date: {env['date']}; device: {env['device']} ({env['cpu']}); Python {env['python']}",
+        f"- date: {env['date']}; device: {env['device']}, {env['cpu']}; Python {env['python']}",
         f"- versions: {env['versions']}",
     ]
     if tuning_rows:

@@ -23,6 +23,13 @@ def environment() -> dict[str, str]:
     import jax
 
     device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: the CPU's model name
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
     versions = {}
     for package in ("lars", "jax", "jaxlib", "flax", "optax", "numpy", "scikit-learn"):
         try:
@@ -31,8 +38,8 @@ def environment() -> dict[str, str]:
             versions[package] = "not installed"
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{device.platform}: {device.device_kind}",
-        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+        "device": f"{device.platform.upper()} ({device.device_kind})",
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
         "python": platform.python_version(),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
     }
@@ -57,7 +64,7 @@ def summarise(results: Sequence[RunResult]) -> list[dict]:
             {
                 "optimizer": opt,
                 "batch_size": batch,
-                "peak_lr": runs[0].spec.peak_lr,
+                "peak_lr": round(runs[0].spec.peak_lr, 6),
                 "trust_coefficient": runs[0].spec.trust_coefficient if opt == "lars" else "",
                 "seeds": len(runs),
                 "test_acc_mean": round(mean, 3),
@@ -87,12 +94,12 @@ def run_rows(results: Sequence[RunResult]) -> list[dict]:
             "batch_size": r.spec.batch_size,
             "seed": r.spec.seed,
             "epochs": r.spec.epochs,
-            "peak_lr": r.spec.peak_lr,
+            "peak_lr": round(r.spec.peak_lr, 6),
             "trust_coefficient": r.spec.trust_coefficient if r.spec.optimizer == "lars" else "",
             "weight_decay": r.spec.weight_decay,
             "final_test_acc": round(r.final_test_acc, 5),
             "best_test_acc": round(max(r.history["test_acc"]), 5),
-            "final_train_loss": r.final_train_loss,
+            "final_train_loss": round(r.final_train_loss, 6),
             "diverged": r.diverged,
             "seconds": round(r.seconds, 1),
             "cpu_seconds": round(r.cpu_seconds, 1),
@@ -163,7 +170,7 @@ def plot_accuracy_vs_batch(path: Path, results: Sequence[RunResult], n_train: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     batches = sorted({r.spec.batch_size for r in results})
     for opt in ("sgd", "lars"):
         runs = [r for r in results if r.spec.optimizer == opt]
@@ -191,7 +198,7 @@ def plot_accuracy_vs_batch(path: Path, results: Sequence[RunResult], n_train: in
     depth = 2 * len(spec.widths) + 2
     ax.set_title(f"Digits, ResNet-{depth}, {spec.epochs} epochs: accuracy vs batch size")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -325,6 +325,8 @@ def as_f64_leaves(tree: Any) -> list[np.ndarray]:
 # --------------------------------------------------------------------------
 # The suite.
 
+_STEP_CACHE: dict = {}  # (backend, case, jit, input signature) -> (transform, step)
+
 
 class BackendTests:
     """Runs one backend through ``lars.lars`` and ``lars.Lars`` against the oracle.
@@ -352,7 +354,28 @@ class BackendTests:
         return params, grads, paths, shapes
 
     def run_transform(self, case: Case, params: Any, grads: list, *, jit: bool = True):
-        """Runs ``lars.lars`` for ``len(grads)`` steps; returns (params, state)."""
+        """Runs ``lars.lars`` for ``len(grads)`` steps; returns (params, state).
+
+        Jitted steps are cached per backend, case and input signature, so the
+        tests that rerun a case (determinism, zero leaves, ...) in the same
+        process do not compile it again (compiling dominates a slow backend).
+        """
+        opt, step = self._transform_step(case, params, grads[0], jit)
+        state = opt.init(params)
+        for g in grads:
+            params, state = step(params, state, g)
+        return params, state
+
+    def _transform_step(self, case: Case, params: Any, grads: Any, jit: bool):
+        signature = (
+            self.backend,
+            repr(case),
+            jit,
+            jax.tree.structure(params),
+            tuple((np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves((params, grads))),
+        )
+        if signature in _STEP_CACHE:
+            return _STEP_CACHE[signature]
         opt = lars.lars(
             case.learning_rate(),
             weight_decay_mask=lars_mask(case.decay_mask, params),
@@ -365,11 +388,8 @@ class BackendTests:
             updates, s = opt.update(g, s, p)
             return optax.apply_updates(p, updates), s
 
-        step = jax.jit(step) if jit else step
-        state = opt.init(params)
-        for g in grads:
-            params, state = step(params, state, g)
-        return params, state
+        _STEP_CACHE[signature] = (opt, jax.jit(step) if jit else step)
+        return _STEP_CACHE[signature]
 
     def oracle_for(self, case: Case, params: Any, grads: list, paths, shapes, lr=None):
         """The oracle's trajectory for ``case`` on the same (rounded) inputs."""

@@ -143,6 +143,17 @@ def test_gpu_plan_covers_every_element_once(tile):
     assert mosaic_gpu.small_leaves(small) == [i for i, n in enumerate(SIZES) if n < 128]
 
 
+def test_gpu_launch_groups_respect_the_parameter_budget():
+    for n, per_leaf, budget in [(161, 5, mosaic_gpu.PARAM_BYTES), (161, 2, 4096), (7, 5, 456)]:
+        groups = mosaic_gpu.launch_groups(n, per_leaf, budget)
+        assert [i for g in groups for i in g] == list(range(n))  # all, in order, once
+        for g in groups:  # 40-byte descriptors per buffer, 256 bytes for the rest
+            assert 256 + 40 * per_leaf * len(g) <= budget
+    assert len(mosaic_gpu.launch_groups(161, 5)) == 2  # ResNet-50's update: 2 launches
+    with pytest.raises(ValueError, match="no room"):
+        mosaic_gpu.launch_groups(3, 5, 300)
+
+
 @pytest.mark.parametrize("blocks", [(32, 256), (512, 8192)])
 def test_tpu_plan_covers_every_element_once(blocks):
     plan = mosaic_tpu.plan_tiles(SIZES, *blocks)
@@ -258,7 +269,8 @@ def test_gpu_kernels_match_references_and_float64():
     flags = ALL_ON
     leaves = make_leaves(GPU_SHAPES, GPU_DTYPES, seed=4)
     scalars = jnp.asarray(SCALARS)
-    kw = dict(flags=flags, leaves=leaves.specs, tile=GPU_TILE, interpret=True)
+    # 600 parameter bytes: the update pass takes one launch per leaf (3 launches).
+    kw = dict(flags=flags, leaves=leaves.specs, tile=GPU_TILE, param_bytes=600, interpret=True)
     sums = jax.jit(lambda w, g, s: mosaic_gpu.leaf_sums(w, g, s, **kw))(
         leaves.params, leaves.grads, scalars
     )

@@ -52,6 +52,15 @@ VEC = 4
 # strided register array.
 WARPGROUP = 128
 
+# Kernel parameter bytes one launch may use. Mosaic GPU passes every buffer as
+# an MLIR memref descriptor (2 pointers, offset, size, stride: 40 bytes for 1-D)
+# and CUDA caps a kernel's parameters at 32,764 bytes (4 KiB before CUDA 12.1),
+# so the leaves are split into launches of at most this many bytes: ResNet-50's
+# 161 leaves take 2 launches per pass. Chosen from that limit, with margin.
+PARAM_BYTES = 24 * 1024
+_DESCRIPTOR_BYTES = 40  # a 1-D memref descriptor
+_FIXED_PARAM_BYTES = 256  # the table (2-D), the scalars and the ratios
+
 # Lane semantics: the kernel states its register layouts (warpgroup-strided)
 # and Pallas emits them directly. The Warpgroup semantics (Pallas' default)
 # infers layouts over the whole module instead, which took minutes for the 161
@@ -288,6 +297,16 @@ def small_leaves(leaves: Sequence[ew.LeafSpec]) -> list[int]:
     return [i for i, leaf in enumerate(leaves) if leaf.size < WARPGROUP]
 
 
+def launch_groups(
+    num_leaves: int, buffers_per_leaf: int, param_bytes: int = PARAM_BYTES
+) -> list[range]:
+    """Consecutive groups of leaves, each small enough for one launch's parameters."""
+    per_launch = (param_bytes - _FIXED_PARAM_BYTES) // (buffers_per_leaf * _DESCRIPTOR_BYTES)
+    if per_launch < 1:
+        raise ValueError(f"param_bytes={param_bytes} leaves no room for a single leaf")
+    return [range(a, min(a + per_launch, num_leaves)) for a in range(0, num_leaves, per_launch)]
+
+
 def _split(leaves):
     small = set(small_leaves(leaves))
     big = [i for i in range(len(leaves)) if i not in small]
@@ -302,6 +321,7 @@ def leaf_sums(
     flags: ew.StepFlags,
     leaves: Sequence[ew.LeafSpec],
     tile: int = TILE,
+    param_bytes: int = PARAM_BYTES,
     interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
     """Runs the norm pass over non-empty leaves; returns (len(leaves), 2) float32 sums.
@@ -313,6 +333,7 @@ def leaf_sums(
       flags: Static options.
       leaves: Static per-leaf facts (sizes must be positive).
       tile: Elements per full tile.
+      param_bytes: Kernel parameter bytes per launch (see ``PARAM_BYTES``).
       interpret: Run in Mosaic GPU interpret mode (on a CPU): True, or a
         ``plgpu.InterpretGPUParams``.
     """
@@ -328,17 +349,18 @@ def leaf_sums(
         )
         for k, i in enumerate(small):
             rows[i] = part[k]
-    if big:
+    for group in launch_groups(len(big), 1 if params is None else 2, param_bytes):
+        idx = [big[k] for k in group]
         part = _kernel_sums(
-            None if params is None else pick(params, big),
-            pick(grads, big),
+            None if params is None else pick(params, idx),
+            pick(grads, idx),
             scalars,
             flags,
-            tuple(pick(leaves, big)),
+            tuple(pick(leaves, idx)),
             tile,
             interpret,
         )
-        for k, i in enumerate(big):
+        for k, i in enumerate(idx):
             rows[i] = part[k]
     return jnp.stack(rows)
 
@@ -379,8 +401,8 @@ def reduce_partials(partials: jax.Array, plan: TilePlan) -> jax.Array:
 
 def leaf_sums_reference(*args, **kwargs) -> jax.Array:
     """The plain-JAX reference of :func:`leaf_sums` (same arguments, no tiling)."""
-    kwargs.pop("tile", None)
-    kwargs.pop("interpret", None)
+    for k in ("tile", "param_bytes", "interpret"):
+        kwargs.pop(k, None)
     return ew.leaf_sums_reference(*args, **kwargs)
 
 
@@ -394,6 +416,7 @@ def update(
     flags: ew.StepFlags,
     leaves: Sequence[ew.LeafSpec],
     tile: int = TILE,
+    param_bytes: int = PARAM_BYTES,
     interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """Runs the update pass over non-empty leaves.
@@ -402,7 +425,7 @@ def update(
       params, grads, momentum: The leaves' arrays.
       ratios: (len(leaves),) float32 trust ratios.
       scalars: The float32 scalars vector.
-      flags, leaves, tile, interpret: As in :func:`leaf_sums`.
+      flags, leaves, tile, param_bytes, interpret: As in :func:`leaf_sums`.
 
     Returns:
       (updates, new momenta), in the leaves' shapes.
@@ -422,19 +445,20 @@ def update(
         )
         for k, i in enumerate(small):
             updates[i], new_momentum[i] = upd[k], mom[k]
-    if big:
+    for group in launch_groups(len(big), 5, param_bytes):
+        idx = [big[k] for k in group]
         upd, mom = _kernel_update(
-            pick(params, big),
-            pick(grads, big),
-            pick(momentum, big),
-            ratios[np.asarray(big)],
+            pick(params, idx),
+            pick(grads, idx),
+            pick(momentum, idx),
+            ratios[np.asarray(idx)],
             scalars,
             flags,
-            tuple(pick(leaves, big)),
+            tuple(pick(leaves, idx)),
             tile,
             interpret,
         )
-        for k, i in enumerate(big):
+        for k, i in enumerate(idx):
             updates[i], new_momentum[i] = upd[k], mom[k]
     return updates, new_momentum
 
@@ -462,6 +486,6 @@ def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile
 
 def update_reference(*args, **kwargs) -> tuple[list[jax.Array], list[jax.Array]]:
     """The plain-JAX reference of :func:`update` (same arguments, no tiling)."""
-    kwargs.pop("tile", None)
-    kwargs.pop("interpret", None)
+    for k in ("tile", "param_bytes", "interpret"):
+        kwargs.pop(k, None)
     return ew.update_reference(*args, **kwargs)
