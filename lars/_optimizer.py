@@ -10,11 +10,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lars._config import check_learning_rate
 from lars._holder import is_state_object, make_holder
-from lars._transform import LarsState, apply_lars, init_state, make_spec
+from lars._transform import LarsState, apply_lars_to_params, init_state, make_spec
 from lars._trees import MaskOrFn, check_like_params, check_params
 from lars.schedules import ConstantLR
 
@@ -59,7 +58,7 @@ class Lars:
       grad_clip_norm: Clip all gradients to this global norm first.
       grad_clip_value: Then clip every entry to [-v, v].
       nesterov, weight_decay_mask, trust_ratio_mask, trust_clip,
-      lr_inside_momentum, backend: As in :func:`lars.lars`.
+      lr_inside_momentum, skip_nonfinite, backend: As in :func:`lars.lars`.
 
     Example:
       >>> import jax.numpy as jnp, lars
@@ -85,6 +84,7 @@ class Lars:
         trust_ratio_mask: MaskOrFn = None,
         trust_clip: float | None = None,
         lr_inside_momentum: bool = False,
+        skip_nonfinite: bool = False,
         backend: str = "auto",
     ) -> None:
         self._schedule_fn: Callable | None = None
@@ -108,6 +108,7 @@ class Lars:
             grad_clip_norm=grad_clip_norm,
             grad_clip_value=grad_clip_value,
             lr_inside_momentum=lr_inside_momentum,
+            skip_nonfinite=skip_nonfinite,
             backend=backend,
         )
         self.momentum = momentum
@@ -216,8 +217,7 @@ class Lars:
     ) -> tuple[Any, LarsState]:
         if self._schedule_fn is not None:
             lr = self._schedule_fn(state.count)
-        updates, new_state = apply_lars(grads, state, params, lr, self._spec)
-        return optax.apply_updates(params, updates), new_state
+        return apply_lars_to_params(grads, state, params, lr, self._spec)
 
     def step(self, grads: Any) -> None:
         """Applies one LARS step with ``grads`` (shaped like the registered values).
@@ -307,6 +307,7 @@ class Lars:
                 trust_ratio=jax.tree.map(
                     lambda v: jnp.asarray(v, jnp.float32), saved["trust_ratio"]
                 ),
+                skipped=jnp.asarray(saved.get("skipped", 0), jnp.int32),
             )
         if (state_dict["scheduler"] is None) != (self._scheduler is None):
             raise ValueError("state_dict's scheduler does not match this optimizer's lr")

@@ -22,6 +22,7 @@ class LarsState(NamedTuple):
     count: jax.Array  # int32 scalar: the number of steps taken so far.
     momentum: optax.Updates  # per-leaf momentum v, float32 (float64 for float64 params).
     trust_ratio: optax.Updates  # per-leaf float32 scalar: ratio r of the last step (1 before).
+    skipped: jax.Array  # int32 scalar: steps skipped for a non-finite gradient (skip_nonfinite).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class LarsSpec:
     backend: _dispatch.Backend
     weight_decay_mask: MaskOrFn = None
     trust_ratio_mask: MaskOrFn = None
+    skip_nonfinite: bool = False
 
 
 def make_spec(
@@ -47,9 +49,12 @@ def make_spec(
     grad_clip_norm: float | None,
     grad_clip_value: float | None,
     lr_inside_momentum: bool,
+    skip_nonfinite: bool,
     backend: str,
 ) -> LarsSpec:
     """Validates every hyperparameter and resolves the backend."""
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     config = LarsConfig(
         momentum=momentum,
         weight_decay=weight_decay,
@@ -66,6 +71,7 @@ def make_spec(
         backend=_dispatch.resolve(backend, config),
         weight_decay_mask=weight_decay_mask,
         trust_ratio_mask=trust_ratio_mask,
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -79,13 +85,77 @@ def init_state(params: Any) -> LarsState:
             lambda p: jnp.zeros_like(p, dtype=compute_dtype(jnp.result_type(p))), params
         ),
         trust_ratio=jax.tree.map(lambda p: jnp.ones((), jnp.float32), params),
+        skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    """A bool scalar: every entry of every leaf is finite."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _lars_step(
+    grads: Any, state: LarsState, params: Any, lr: jax.Array, spec: LarsSpec, *, emit_params: bool
+) -> tuple[Any, LarsState]:
+    """Checks the inputs, calls the backend on all leaves, handles skipped steps.
+
+    With ``emit_params`` the first result is the new params (through the
+    backend's in-place ``apply`` form where it has one), else the updates.
+    """
+    if params is None:
+        raise ValueError("lars needs params: call update(grads, state, params)")
+    if not isinstance(state, LarsState):
+        raise TypeError(f"state must be a LarsState, got {type(state).__name__}")
+    check_params(params)
+    check_like_params("grads", grads, params)
+    check_like_params("state.momentum", state.momentum, params, grads=False)
+    decay_mask = resolve_mask(spec.weight_decay_mask, params, "weight_decay_mask")
+    trust_mask = resolve_mask(spec.trust_ratio_mask, params, "trust_ratio_mask")
+
+    p_leaves, treedef = jax.tree.flatten(params)
+    p_leaves = [jnp.asarray(p) for p in p_leaves]
+    g_leaves = [jnp.asarray(g) for g in treedef.flatten_up_to(grads)]
+    v_leaves = treedef.flatten_up_to(state.momentum)
+    r_leaves = treedef.flatten_up_to(state.trust_ratio)
+    in_place = emit_params and spec.backend.apply is not None
+    result = (spec.backend.apply if in_place else spec.backend.step)(
+        p_leaves,
+        g_leaves,
+        v_leaves,
+        jnp.asarray(lr, jnp.float32),
+        config=spec.config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+    )
+    out, momentum, ratios = list(result.updates), list(result.momentum), list(result.trust_ratio)
+    if emit_params and not in_place:
+        out = [(p + u).astype(p.dtype) for p, u in zip(p_leaves, out, strict=True)]
+    count = optax.safe_increment(state.count)
+    skipped = state.skipped
+    if spec.skip_nonfinite:
+        # A skipped step leaves params and momentum bitwise as they were: the
+        # update is -0.0 (x + -0.0 == x for every x, signed zeros included).
+        ok = _all_finite(g_leaves)
+        keep = p_leaves if emit_params else [jnp.full_like(u, -0.0) for u in out]
+        out = [jnp.where(ok, a, b) for a, b in zip(out, keep, strict=True)]
+        momentum = [jnp.where(ok, a, b) for a, b in zip(momentum, v_leaves, strict=True)]
+        ratios = [jnp.where(ok, a, b) for a, b in zip(ratios, r_leaves, strict=True)]
+        count = jnp.where(ok, count, state.count)
+        skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
+    new_state = LarsState(
+        count=count,
+        momentum=treedef.unflatten(momentum),
+        trust_ratio=treedef.unflatten(ratios),
+        skipped=skipped,
+    )
+    return treedef.unflatten(out), new_state
 
 
 def apply_lars(
     grads: Any, state: LarsState, params: Any, lr: jax.Array, spec: LarsSpec
 ) -> tuple[Any, LarsState]:
-    """One LARS step: checks the inputs, then calls the backend on all leaves.
+    """One LARS step as optax updates.
 
     Args:
       grads: Gradients, shaped like ``params``.
@@ -100,32 +170,18 @@ def apply_lars(
     Raises:
       ValueError, TypeError: on malformed input, naming the offending leaf.
     """
-    if params is None:
-        raise ValueError("lars needs params: call update(grads, state, params)")
-    if not isinstance(state, LarsState):
-        raise TypeError(f"state must be a LarsState, got {type(state).__name__}")
-    check_params(params)
-    check_like_params("grads", grads, params)
-    check_like_params("state.momentum", state.momentum, params, grads=False)
-    decay_mask = resolve_mask(spec.weight_decay_mask, params, "weight_decay_mask")
-    trust_mask = resolve_mask(spec.trust_ratio_mask, params, "trust_ratio_mask")
+    return _lars_step(grads, state, params, lr, spec, emit_params=False)
 
-    p_leaves, treedef = jax.tree.flatten(params)
-    result = spec.backend.step(
-        [jnp.asarray(p) for p in p_leaves],
-        [jnp.asarray(g) for g in treedef.flatten_up_to(grads)],
-        treedef.flatten_up_to(state.momentum),
-        jnp.asarray(lr, jnp.float32),
-        config=spec.config,
-        decay_mask=decay_mask,
-        trust_mask=trust_mask,
-    )
-    new_state = LarsState(
-        count=optax.safe_increment(state.count),
-        momentum=treedef.unflatten(result.momentum),
-        trust_ratio=treedef.unflatten(result.trust_ratio),
-    )
-    return treedef.unflatten(result.updates), new_state
+
+def apply_lars_to_params(
+    grads: Any, state: LarsState, params: Any, lr: jax.Array, spec: LarsSpec
+) -> tuple[Any, LarsState]:
+    """Like :func:`apply_lars`, but returns the new params themselves.
+
+    Backends with an in-place form write them over the (donated) params'
+    buffers; the result is ``optax.apply_updates(params, updates)`` bit for bit.
+    """
+    return _lars_step(grads, state, params, lr, spec, emit_params=True)
 
 
 def lars(
@@ -142,6 +198,7 @@ def lars(
     grad_clip_norm: float | None = None,
     grad_clip_value: float | None = None,
     lr_inside_momentum: bool = False,
+    skip_nonfinite: bool = False,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
     r"""LARS: layer-wise adaptive rate scaling, as an optax transformation.
@@ -176,6 +233,11 @@ def lars(
       grad_clip_norm: If set, clip all gradients to this global L2 norm first.
       grad_clip_value: If set, then clip every entry to ``[-v, v]``.
       lr_inside_momentum: The optax.lars form of momentum (see above).
+      skip_nonfinite: If True, a step whose gradients hold any NaN or Inf
+        leaves params, momentum, trust ratios and the step count bitwise
+        unchanged (the updates are -0.0) and adds one to ``state.skipped``.
+        If False (the default, as braintools and optax), NaN/Inf propagate into
+        the params and momentum.
       backend: "auto" or a backend name (see :func:`lars.available_backends`).
 
     Returns:
@@ -221,6 +283,7 @@ def lars(
         grad_clip_norm=grad_clip_norm,
         grad_clip_value=grad_clip_value,
         lr_inside_momentum=lr_inside_momentum,
+        skip_nonfinite=skip_nonfinite,
         backend=backend,
     )
 
