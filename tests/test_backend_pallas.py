@@ -12,6 +12,7 @@ The kernels' own tests, option by option, are in test_pallas.py.
 import backend_base
 import pytest
 from backend_base import CASES_BY_NAME, BackendTests
+
 from lars.kernels.pallas import backend
 
 INTERPRET = backend.default_kernel()[1]

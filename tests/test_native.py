@@ -25,11 +25,11 @@ import numpy as np
 import optax
 import oracle
 import pytest
-from lars.kernels import native
 
 import lars
 from lars._config import LarsConfig
 from lars._reference import compute_dtype, reference_step
+from lars.kernels import native
 
 
 @pytest.fixture(autouse=True)
@@ -518,7 +518,13 @@ def test_vmap_runs_each_problem():
 
 
 def test_public_api_runs_native_under_jit():
-    """lars.lars and lars.Lars with backend="native" match the reference backend."""
+    """lars.lars and lars.Lars with backend="native" match the reference backend.
+
+    lars.Lars may take the in-place form (new params from the handler, rounded
+    as ``p + (-(lr * v))`` twice) while lars.lars leaves ``p + (-(lr * v))`` to
+    XLA, which may fuse it into one multiply-add: the two agree to the last bit
+    or two, not necessarily bitwise.
+    """
     params64, grads64 = make_leaves(3)
     params = {n: jnp.asarray(p, jnp.float32) for n, p in zip(NAMES, params64, strict=True)}
     grads = [
@@ -542,7 +548,12 @@ def test_public_api_runs_native_under_jit():
         obj = lars.Lars(0.3, backend=backend, **kwargs).register_trainable_weights(params)
         for g in grads:
             obj.update(g)
-        _assert_bitwise(results[backend], (obj.params, obj.opt_state.value))
+        for x, y in zip(
+            jax.tree.leaves(results[backend]),
+            jax.tree.leaves((obj.params, obj.opt_state.value)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-8)
     for x, y in zip(
         jax.tree.leaves(results["native"]), jax.tree.leaves(results["reference"]), strict=True
     ):

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lars.kernels.pallas import backend, mosaic_gpu, mosaic_tpu
-from lars.kernels.pallas import elementwise as ew
 
 import lars
 from lars._config import LarsConfig
 from lars._reference import reference_step
+from lars.kernels.pallas import backend, mosaic_gpu, mosaic_tpu
+from lars.kernels.pallas import elementwise as ew
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 

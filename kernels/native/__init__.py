@@ -28,13 +28,20 @@ Two entry points share the handler:
   gradients' buffers);
 * :func:`apply` returns the new params instead, written in place over the
   params' buffers: with params and state donated to ``jax.jit``, the step
-  moves each byte once (read w, g, v; write w, v) and allocates nothing.
+  allocates nothing.
+
+Memory traffic (CPU): a leaf of up to 65,536 elements is done by one thread in
+one go (sums, then the update while it is in cache): read w, g, v and write w,
+v once, 20 bytes per float32 parameter. A larger leaf needs its norms before
+any update, so w and g are read twice (28 bytes). Work is shared by the calling
+thread and XLA's intra-op thread pool (:func:`set_num_threads`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,8 +58,9 @@ TARGET = "lars_native_step"
 # What the handler writes besides the momentum and ratios (OutputMode in C++).
 WRITE_UPDATES, WRITE_PARAMS, MOMENTUM_ONLY = 0, 1, 2
 LIB_DIR = Path(__file__).resolve().parent / "lib"
-CPU_LIBRARY = "liblars_native_cpu.so"
-CUDA_LIBRARY = "liblars_native_cuda.so"
+_SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
+CPU_LIBRARY = "liblars_native_cpu" + _SUFFIX
+CUDA_LIBRARY = "liblars_native_cuda" + _SUFFIX
 
 # (params dtype, grads dtype) pairs the handlers implement.
 SUPPORTED_DTYPES = {

@@ -14,8 +14,7 @@ params and state donated and the learning rate passed as a device array:
   donation);
 * ``train:<name>``: the first three inside a training step that computes the
   gradients in the same program (``g = c * p``, the gradient of
-  ``0.5 * c * sum(p**2)``), where the native step writes the updates over the
-  gradients' buffers.
+  ``0.5 * c * sum(p**2)``, materialized as backprop leaves real gradients).
 
 and three memory-bandwidth floors, each moving 20 bytes per parameter:
 
@@ -36,6 +35,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -45,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from lars.kernels import native
 
 import lars
 from lars._config import LarsConfig
+from lars.kernels import native
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -89,9 +89,12 @@ def make_variants(
 
     def train_step(make_opt: Callable) -> Callable:
         # The gradients are computed in the same program (as in a training
-        # step): here of 0.5 * c * sum(p**2), i.e. g = c * p.
+        # step): here of 0.5 * c * sum(p**2), i.e. g = c * p, materialized in
+        # memory as backprop through conv and dense layers leaves them (the
+        # barrier keeps XLA from fusing this toy gradient into the optimizer).
         def step(params, state, c, lr):
             grads = jax.grad(lambda p: 0.5 * c * sum(jnp.sum(x * x) for x in p))(params)
+            grads = jax.lax.optimization_barrier(grads)
             opt = make_opt(lambda count: lr)
             updates, state = opt.update(grads, state, params)
             return optax.apply_updates(params, updates), state
@@ -180,6 +183,18 @@ def _run(fn: Callable, args: list, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _cpu_model() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def temp_bytes(fn: Callable, args: list) -> int | None:
     """XLA's temporary allocation for one call (None for non-jitted functions)."""
     if not hasattr(fn, "lower"):
@@ -215,9 +230,12 @@ def measure(rounds: int, steps: int, weight_decay: float, threads: int) -> dict[
     }
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": jax.local_devices()[0].device_kind,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "load_average_after": os.getloadavg()[0],
         "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__,
+        "optax": optax.__version__,
         "native_isa": native.cpu_isa(),
         "threads": threads,
         "num_params": num_params,

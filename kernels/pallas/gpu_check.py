@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from lars.kernels.pallas import backend, mosaic_gpu
 
 import lars
 from lars._config import LarsConfig
 from lars._reference import reference_step
+from lars.kernels.pallas import backend, mosaic_gpu
 
 # --------------------------------------------------------------------------
 # Parameter sets.
