@@ -243,7 +243,8 @@ def test_state_dict_contents():
     assert sd["step_count"] == 2 and sd["lr"] == pytest.approx(0.5)
     assert sd["base_lr"] == 0.5
     assert sd["scheduler"]["last_epoch"] == 2
-    assert set(sd["opt_state"]) == {"count", "momentum", "trust_ratio"}
+    assert set(sd["opt_state"]) == {"count", "momentum", "trust_ratio", "skipped"}
+    assert int(sd["opt_state"]["skipped"]) == 0
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(sd["opt_state"]))
     assert int(sd["opt_state"]["count"]) == 2
 
