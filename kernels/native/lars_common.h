@@ -61,6 +61,22 @@ struct StepScalars {
   double global_norm = 0.0;
 };
 
+// The (params, grads) dtype pairs the handlers accept: grads of the params'
+// dtype, or bfloat16/float16 grads on float32/float64 params.
+inline bool SupportedPair(Dtype p, Dtype g) {
+  switch (p) {
+    case kF32:
+    case kF64:
+      return g == p || g == kBF16 || g == kF16;
+    case kBF16:
+      return g == kBF16;
+    case kF16:
+      return g == kF16;
+    default:
+      return false;
+  }
+}
+
 // The trust ratio of one leaf from its float64 sums of w^2 and g^2 (g after
 // clipping and weight decay), in the compute dtype C, as the reference
 // computes it: r = eta * ||w|| / (||g|| + eps); 1 where a norm is 0; then

@@ -40,9 +40,6 @@ struct CpuKernels {
                  double ratio);
 };
 
-// Whether a (params, grads) dtype pair is supported.
-bool SupportedPair(Dtype p, Dtype g);
-
 namespace isa_base {
 const CpuKernels& Kernels();
 }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "lars_common.h"
+#include "lars_ffi_leaf.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -316,40 +317,6 @@ __global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
 }
 
 // --- handler ------------------------------------------------------------------
-Dtype ToDtype(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32:
-      return kF32;
-    case ffi::DataType::F64:
-      return kF64;
-    case ffi::DataType::BF16:
-      return kBF16;
-    case ffi::DataType::F16:
-      return kF16;
-    default:
-      return kBadDtype;
-  }
-}
-
-bool SupportedPair(Dtype p, Dtype g) {
-  switch (p) {
-    case kF32:
-      return g == kF32 || g == kBF16 || g == kF16;
-    case kF64:
-      return g == kF64 || g == kBF16 || g == kF16;
-    case kBF16:
-      return g == kBF16;
-    case kF16:
-      return g == kF16;
-    default:
-      return false;
-  }
-}
-
-ffi::Error Invalid(const std::string& message) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "lars native step: " + message);
-}
-
 ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer lr,
                     ffi::RemainingArgs args, ffi::RemainingRets rets, double momentum,
                     double weight_decay, double trust_coefficient, double eps, double trust_clip,
@@ -357,80 +324,36 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
                     ffi::Span<const uint8_t> trust_mask, int64_t /*num_threads*/) {
   const size_t num_leaves = decay_mask.size();
-  if (trust_mask.size() != num_leaves) return Invalid("mask lengths differ");
-  if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
-    return Invalid("unknown output mode " + std::to_string(mode));
-  }
-  const size_t outs = mode == kMomentumOnly ? 0 : num_leaves;
-  if (args.size() != 3 * num_leaves || rets.size() != outs + 2 * num_leaves) {
-    return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
-                                         : "expected 3 operands and 3 results per leaf");
-  }
-  if (lr.element_count() != 1 || lr.element_type() != ffi::DataType::F32) {
-    return Invalid("the learning rate must be a float32 scalar");
-  }
   DeviceHyper d{};
-  Hyper& h = d.h;
-  h.momentum = momentum;
-  h.weight_decay = weight_decay;
-  h.trust_coefficient = trust_coefficient;
-  h.eps = eps;
-  h.has_trust_clip = trust_clip > 0.0;
-  h.trust_clip = trust_clip;
-  h.has_clip_norm = grad_clip_norm > 0.0;
-  h.grad_clip_norm = grad_clip_norm;
-  h.has_clip_value = grad_clip_value > 0.0;
-  h.grad_clip_value = grad_clip_value;
-  h.nesterov = nesterov;
-  h.lr_inside = lr_inside_momentum;
-  h.mode = mode;
+  size_t outs = 0;
+  if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,
+                                      weight_decay, trust_coefficient, eps, trust_clip,
+                                      grad_clip_norm, grad_clip_value, nesterov,
+                                      lr_inside_momentum, mode, &d.h, &outs);
+      err.failure()) {
+    return err;
+  }
   d.lr = static_cast<const float*>(lr.untyped_data());
 
   // Leaves, grouped into launches of at most kMaxLeaves.
   std::vector<GpuTable> tables;
   int32_t total_blocks = 0;
   for (size_t i = 0; i < num_leaves; ++i) {
-    auto w = args.get<ffi::AnyBuffer>(i);
-    auto g = args.get<ffi::AnyBuffer>(num_leaves + i);
-    auto v = args.get<ffi::AnyBuffer>(2 * num_leaves + i);
-    auto v_out = rets.get<ffi::AnyBuffer>(outs + i);
-    auto r_out = rets.get<ffi::AnyBuffer>(outs + num_leaves + i);
-    auto out = outs ? rets.get<ffi::AnyBuffer>(i) : v_out;  // out is unused without outs
-    if (!w.has_value() || !g.has_value() || !v.has_value() || !out.has_value() ||
-        !v_out.has_value() || !r_out.has_value()) {
-      return Invalid("an operand or result is not a buffer");
+    LeafBuffers b;
+    if (ffi::Error err = ReadLeafBuffers(args, rets, num_leaves, outs, i, &b); err.failure()) {
+      return err;
     }
     const std::string where = "leaf " + std::to_string(i) + ": ";
     GpuLeaf leaf{};
-    leaf.n = static_cast<int64_t>(w->element_count());
-    leaf.p = ToDtype(w->element_type());
-    leaf.gt = ToDtype(g->element_type());
-    const Dtype vt = ToDtype(v->element_type());
-    if (!SupportedPair(Dtype(leaf.p), Dtype(leaf.gt))) {
-      return Invalid(where + "unsupported params/grads dtypes");
-    }
-    if (vt != (leaf.p == kF64 ? kF64 : kF32)) {
-      return Invalid(where + "momentum must be float32 (float64 for float64 params)");
-    }
-    if (static_cast<int64_t>(g->element_count()) != leaf.n ||
-        static_cast<int64_t>(v->element_count()) != leaf.n ||
-        static_cast<int64_t>((*out)->element_count()) != leaf.n ||
-        static_cast<int64_t>((*v_out)->element_count()) != leaf.n) {
-      return Invalid(where + "params, grads, momentum and results differ in size");
-    }
-    if ((outs && ToDtype((*out)->element_type()) != leaf.p) ||
-        ToDtype((*v_out)->element_type()) != vt) {
-      return Invalid(where + "result dtypes differ from the params/momentum dtypes");
-    }
-    if ((*r_out)->element_type() != ffi::DataType::F32 || (*r_out)->element_count() != 1) {
-      return Invalid(where + "the trust-ratio result must be a float32 scalar");
-    }
-    leaf.w = w->untyped_data();
-    leaf.g = g->untyped_data();
-    leaf.v = v->untyped_data();
-    leaf.out = outs ? (*out)->untyped_data() : nullptr;
-    leaf.v_out = (*v_out)->untyped_data();
-    leaf.ratio_out = static_cast<float*>((*r_out)->untyped_data());
+    leaf.n = b.n;
+    leaf.p = b.p;
+    leaf.gt = b.gt;
+    leaf.w = b.w;
+    leaf.g = b.g;
+    leaf.v = b.v;
+    leaf.out = b.out;
+    leaf.v_out = b.v_out;
+    leaf.ratio_out = b.ratio_out;
     leaf.decay = decay_mask[i] != 0;
     leaf.trust = trust_mask[i] != 0;
     const int64_t blocks = std::max<int64_t>(1, (leaf.n + kGpuChunk - 1) / kGpuChunk);
@@ -463,7 +386,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   double* sq_partial = partial + 2 * static_cast<size_t>(total_blocks);
   double* norm = sq_partial + total_blocks;
 
-  if (h.has_clip_norm) {
+  if (d.h.has_clip_norm) {
     for (const GpuTable& t : tables) SqKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, sq_partial);
     NormKernel<<<1, kThreads, 0, stream>>>(sq_partial, total_blocks, norm);
     d.global_norm = norm;

@@ -1,0 +1,140 @@
+// Host-side FFI helpers shared by the CPU and CUDA handlers: dtype codes of XLA
+// buffers, the error the handlers return, and reading and checking one leaf's
+// operand and result buffers.
+#ifndef LARS_NATIVE_FFI_LEAF_H_
+#define LARS_NATIVE_FFI_LEAF_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "lars_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace lars_native {
+
+inline Dtype ToDtype(xla::ffi::DataType t) {
+  switch (t) {
+    case xla::ffi::DataType::F32:
+      return kF32;
+    case xla::ffi::DataType::F64:
+      return kF64;
+    case xla::ffi::DataType::BF16:
+      return kBF16;
+    case xla::ffi::DataType::F16:
+      return kF16;
+    default:
+      return kBadDtype;
+  }
+}
+
+inline xla::ffi::Error Invalid(const std::string& message) {
+  return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument, "lars native step: " + message);
+}
+
+// Checks what every step handler receives (mask lengths, output mode, operand
+// and result counts, the learning rate) and fills the static hyperparameters.
+// `*outs` is the number of updates/params results: 0 or num_leaves.
+inline xla::ffi::Error ReadStepHeader(const xla::ffi::AnyBuffer& lr,
+                                      const xla::ffi::RemainingArgs& args,
+                                      const xla::ffi::RemainingRets& rets, size_t num_leaves,
+                                      size_t trust_mask_size, double momentum,
+                                      double weight_decay, double trust_coefficient, double eps,
+                                      double trust_clip, double grad_clip_norm,
+                                      double grad_clip_value, bool nesterov,
+                                      bool lr_inside_momentum, int32_t mode, Hyper* h,
+                                      size_t* outs) {
+  if (trust_mask_size != num_leaves) return Invalid("mask lengths differ");
+  if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
+    return Invalid("unknown output mode " + std::to_string(mode));
+  }
+  // Results: [out per leaf,] momentum per leaf, trust ratio per leaf.
+  *outs = mode == kMomentumOnly ? 0 : num_leaves;
+  if (args.size() != 3 * num_leaves || rets.size() != *outs + 2 * num_leaves) {
+    return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
+                                         : "expected 3 operands and 3 results per leaf");
+  }
+  if (lr.element_count() != 1 || lr.element_type() != xla::ffi::DataType::F32) {
+    return Invalid("the learning rate must be a float32 scalar");
+  }
+  h->momentum = momentum;
+  h->weight_decay = weight_decay;
+  h->trust_coefficient = trust_coefficient;
+  h->eps = eps;
+  h->has_trust_clip = trust_clip > 0.0;
+  h->trust_clip = trust_clip;
+  h->has_clip_norm = grad_clip_norm > 0.0;
+  h->grad_clip_norm = grad_clip_norm;
+  h->has_clip_value = grad_clip_value > 0.0;
+  h->grad_clip_value = grad_clip_value;
+  h->nesterov = nesterov;
+  h->lr_inside = lr_inside_momentum;
+  h->mode = mode;
+  return xla::ffi::Error::Success();
+}
+
+// One leaf's buffers, read off the handler's operands and results.
+struct LeafBuffers {
+  int64_t n = 0;
+  Dtype p = kF32;   // params (and updates / new params)
+  Dtype gt = kF32;  // gradients
+  const void* w = nullptr;
+  const void* g = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;  // updates or new params; null when the step writes neither
+  void* v_out = nullptr;
+  float* ratio_out = nullptr;
+};
+
+// Reads leaf i of num_leaves. Operands are params, grads, momentum (num_leaves
+// each); results are `outs` updates/params (0 or num_leaves), then momentum,
+// then the float32 trust-ratio scalars. Checks dtypes and sizes; on failure
+// returns an Invalid error naming the leaf.
+inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
+                                       const xla::ffi::RemainingRets& rets, size_t num_leaves,
+                                       size_t outs, size_t i, LeafBuffers* leaf) {
+  namespace ffi = xla::ffi;
+  auto w = args.get<ffi::AnyBuffer>(i);
+  auto g = args.get<ffi::AnyBuffer>(num_leaves + i);
+  auto v = args.get<ffi::AnyBuffer>(2 * num_leaves + i);
+  auto v_out = rets.get<ffi::AnyBuffer>(outs + i);
+  auto r_out = rets.get<ffi::AnyBuffer>(outs + num_leaves + i);
+  auto out = outs ? rets.get<ffi::AnyBuffer>(i) : v_out;  // out is unused without outs
+  if (!w.has_value() || !g.has_value() || !v.has_value() || !out.has_value() ||
+      !v_out.has_value() || !r_out.has_value()) {
+    return Invalid("an operand or result is not a buffer");
+  }
+  const std::string where = "leaf " + std::to_string(i) + ": ";
+  leaf->n = static_cast<int64_t>(w->element_count());
+  leaf->p = ToDtype(w->element_type());
+  leaf->gt = ToDtype(g->element_type());
+  const Dtype vt = ToDtype(v->element_type());
+  if (!SupportedPair(leaf->p, leaf->gt)) return Invalid(where + "unsupported params/grads dtypes");
+  if (vt != (leaf->p == kF64 ? kF64 : kF32)) {
+    return Invalid(where + "momentum must be float32 (float64 for float64 params)");
+  }
+  if (static_cast<int64_t>(g->element_count()) != leaf->n ||
+      static_cast<int64_t>(v->element_count()) != leaf->n ||
+      static_cast<int64_t>((*out)->element_count()) != leaf->n ||
+      static_cast<int64_t>((*v_out)->element_count()) != leaf->n) {
+    return Invalid(where + "params, grads, momentum and results differ in size");
+  }
+  if ((outs && ToDtype((*out)->element_type()) != leaf->p) ||
+      ToDtype((*v_out)->element_type()) != vt) {
+    return Invalid(where + "result dtypes differ from the params/momentum dtypes");
+  }
+  if ((*r_out)->element_type() != ffi::DataType::F32 || (*r_out)->element_count() != 1) {
+    return Invalid(where + "the trust-ratio result must be a float32 scalar");
+  }
+  leaf->w = w->untyped_data();
+  leaf->g = g->untyped_data();
+  leaf->v = v->untyped_data();
+  leaf->out = outs ? (*out)->untyped_data() : nullptr;
+  leaf->v_out = (*v_out)->untyped_data();
+  leaf->ratio_out = static_cast<float*>((*r_out)->untyped_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace lars_native
+
+#endif  // LARS_NATIVE_FFI_LEAF_H_
