@@ -29,6 +29,11 @@ class Backend:
         the result holds the new params (``optax.apply_updates(params,
         updates)``, bit for bit) instead of the updates, so a backend can write
         them over the donated params' buffers; None when it has no such form.
+      update_with_ratios: Optional. The update half of the step for sharded
+        params (``lars._sharded``): the signature of ``step`` plus ``ratios``
+        (one per leaf) and ``global_norm`` after ``lr``, and ``write_params``;
+        None for a backend that XLA partitions itself (the reference) or that
+        has no such form (its leaves are then gathered on every device).
     """
 
     name: str
@@ -36,6 +41,7 @@ class Backend:
     unavailable: Callable[[], str | None] = lambda: None
     unsupported: Callable[[LarsConfig], str | None] = lambda config: None
     apply: Callable | None = None
+    update_with_ratios: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -70,6 +76,7 @@ def _register_native() -> None:
             unavailable=native.unavailable,
             unsupported=native.unsupported,
             apply=native.apply,
+            update_with_ratios=native.step_with_ratios,
         )
     )
 
@@ -89,9 +96,22 @@ def _pallas_unavailable() -> str | None:
     return backend.unavailable()
 
 
+def _pallas_update_with_ratios(*args, **kwargs):
+    from lars.kernels.pallas import backend
+
+    return backend.update_with_ratios(*args, **kwargs)
+
+
 # The Pallas kernels (lars.kernels.pallas): Mosaic GPU on Hopper, Mosaic TPU on
 # TPU, interpret mode on a CPU. Imported on first use (Pallas is slow to import).
-register(Backend(name="pallas", step=_pallas_step, unavailable=_pallas_unavailable))
+register(
+    Backend(
+        name="pallas",
+        step=_pallas_step,
+        unavailable=_pallas_unavailable,
+        update_with_ratios=_pallas_update_with_ratios,
+    )
+)
 
 
 def available_backends() -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lars import _dispatch
+from lars import _dispatch, _sharded
 from lars._config import LarsConfig, check_learning_rate
 from lars._reference import compute_dtype
 from lars._trees import MaskOrFn, check_like_params, check_params, resolve_mask
@@ -119,11 +120,17 @@ def _lars_step(
     v_leaves = treedef.flatten_up_to(state.momentum)
     r_leaves = treedef.flatten_up_to(state.trust_ratio)
     in_place = emit_params and spec.backend.apply is not None
-    result = (spec.backend.apply if in_place else spec.backend.step)(
+    lr = jnp.asarray(lr, jnp.float32)
+    step = spec.backend.apply if in_place else spec.backend.step
+    if spec.backend.update_with_ratios is not None and _sharded.needed():
+        # Several devices: a fused kernel runs shard by shard, its norms added
+        # over the shards (lars._sharded).
+        step = functools.partial(_sharded.sharded_step, spec.backend, write_params=in_place)
+    result = step(
         p_leaves,
         g_leaves,
         v_leaves,
-        jnp.asarray(lr, jnp.float32),
+        lr,
         config=spec.config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,

@@ -683,22 +683,25 @@ def test_bytes_per_step():
     assert math.isclose(native.bytes_per_step(p[:1], p[:1]) / 10, 20)
 
 
-def test_refuses_several_cpu_devices():
-    """With a simulated device mesh, "native" says why not and "auto" falls back."""
+def test_runs_with_several_cpu_devices():
+    """With a simulated device mesh, "native" runs and "auto" still picks it.
+
+    (Sharded params are tested in test_sharding.py.)
+    """
     script = textwrap.dedent(
         """
-        import jax, jax.numpy as jnp, lars
-        from lars.kernels import native
+        import jax, jax.numpy as jnp, numpy as np, optax, lars
         assert jax.device_count() == 4
-        print(native.unavailable())
-        assert "native" not in lars.available_backends()
-        opt = lars.lars(0.1, backend="auto")
-        p = {"w": jnp.ones(3)}
-        u, _ = opt.update(p, opt.init(p), p)
-        try:
-            lars.lars(0.1, backend="native")
-        except RuntimeError as e:
-            print("refused:", e)
+        assert "native" in lars.available_backends()
+        p = {"w": jnp.arange(5.0), "b": jnp.ones(3)}
+        g = jax.tree.map(lambda x: 0.5 * x + 1.0, p)
+        got = lars.lars(0.1, weight_decay=1e-2, backend="auto")
+        want = lars.lars(0.1, weight_decay=1e-2, backend="reference")
+        u1, _ = jax.jit(got.update)(g, got.init(p), p)
+        u2, _ = jax.jit(want.update)(g, want.init(p), p)
+        for k in p:
+            np.testing.assert_allclose(u1[k], u2[k], rtol=1e-6)
+        print("ran")
         """
     )
     env = dict(os.environ)
@@ -710,5 +713,55 @@ def test_refuses_several_cpu_devices():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "runs on one CPU device; this process has 4" in out.stdout
-    assert "refused: backend 'native' cannot run here" in out.stdout
+    assert "ran" in out.stdout
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("write_params", [False, True])
+def test_step_with_given_ratios_equals_step(nesterov: bool, write_params: bool):
+    """Given the ratios the handler computes itself, the update half gives the same bits."""
+    rng = np.random.default_rng(3)
+    shapes = [(), (1,), (127,), (70_000,), (3, 3, 4, 8), (0,)]
+    params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    grads = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    momentum = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    config = LarsConfig(weight_decay=1e-3, nesterov=nesterov, trust_clip=0.5)
+    masks = dict(decay_mask=[True, False] * 3, trust_mask=[True, True, False] * 2)
+    lr = jnp.float32(0.3)
+    full = (native.apply if write_params else native.step)(
+        params, grads, momentum, lr, config=config, **masks
+    )
+    ratios = jnp.stack(full.trust_ratio)
+    half = native.step_with_ratios(
+        params,
+        grads,
+        momentum,
+        lr,
+        ratios,
+        jnp.float32(0.0),
+        config=config,
+        write_params=write_params,
+        **masks,
+    )
+    for a, b in zip([*full.updates, *full.momentum], [*half.updates, *half.momentum], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(ratios), np.asarray(jnp.stack(half.trust_ratio)))
+
+
+def test_given_ratios_must_match_the_leaves():
+    p = [jnp.ones(4, jnp.float32), jnp.ones(2, jnp.float32)]
+    with pytest.raises(ValueError, match="one given ratio per leaf"):
+        jax.block_until_ready(
+            native.step_with_ratios(
+                p,
+                p,
+                p,
+                jnp.float32(0.1),
+                jnp.ones(3, jnp.float32),
+                jnp.float32(0.0),
+                config=LarsConfig(),
+                decay_mask=[True, True],
+                trust_mask=[True, True],
+                write_params=False,
+            ).momentum
+        )

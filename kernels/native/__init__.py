@@ -144,8 +144,7 @@ def unavailable(platform: str | None = None) -> str | None:
     Args:
       platform: "cpu", "gpu" or "tpu"; the default JAX backend when None.
 
-    On the CPU it also refuses processes with several CPU devices (simulated
-    meshes): one call sees whole leaves, so sharded leaves would be gathered.
+    With several devices, ``lars._sharded`` runs the handler on each shard.
     """
     state = _load()
     if platform is None:
@@ -153,13 +152,6 @@ def unavailable(platform: str | None = None) -> str | None:
     if platform == "cpu":
         if state["cpu"] is None:
             return state["cpu_error"]
-        if len(jax.devices("cpu")) > 1:
-            # One custom call holds whole leaves: XLA would gather sharded
-            # leaves onto every device and return replicated momentum.
-            return (
-                "the native backend runs on one CPU device; this process has "
-                f"{len(jax.devices('cpu'))} (sharded params need backend='reference')"
-            )
         return None
     if platform in ("gpu", "cuda"):
         return None if state["cuda"] is not None else state["cuda_error"]
@@ -275,6 +267,7 @@ def _call(
     trust_mask: Sequence[bool],
     mode: int,
     num_threads: int | None = None,
+    given: tuple[jax.Array, jax.Array] | None = None,
 ) -> StepResult:
     """The FFI call behind :func:`step` and :func:`apply`.
 
@@ -282,6 +275,8 @@ def _call(
     field holds the new params) and ``MOMENTUM_ONLY`` (the handler writes the
     momentum and ratios only; the updates, ``-lr * v`` or ``-v``, are left to
     XLA, which fuses them into ``optax.apply_updates``; not with nesterov).
+    ``given`` is (ratios, global gradient norm), computed by the caller: the
+    handler then skips its sums and only updates.
     """
     _require_cpu_or_cuda()
     lacking = unsupported(config)
@@ -327,11 +322,22 @@ def _call(
         vmap_method="sequential",
     )
     threads = _num_threads if num_threads is None else num_threads
+    extra = []
+    if given is not None:
+        ratios_in, norm_in = given
+        dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in momentum) else jnp.float32
+        extra = [jnp.asarray(ratios_in, dtype), jnp.asarray(norm_in, dtype)]
+        if extra[0].shape != (n,) or extra[1].shape != ():
+            raise ValueError(
+                f"expected one given ratio per leaf (shape ({n},)) and a scalar global norm, "
+                f"got shapes {extra[0].shape} and {extra[1].shape}"
+            )
     results = call(
         lr,
         *params,
         *grads,
         *momentum,
+        *extra,
         momentum=_attr(config.momentum),
         weight_decay=_attr(config.weight_decay),
         trust_coefficient=_attr(config.trust_coefficient),
@@ -418,6 +424,45 @@ def apply(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         mode=WRITE_PARAMS,
+    )
+
+
+def step_with_ratios(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    ratios: jax.Array,
+    global_norm: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+) -> StepResult:
+    """The update half of a step, with trust ratios the caller computed.
+
+    For sharded params (``lars._sharded``): each shard's handler gets the ratios
+    of whole layers (sums over every shard) and updates its own elements.
+
+    Args:
+      params, grads, momentum, lr, config, decay_mask, trust_mask: As in
+        :func:`step`, one shard's part of each leaf.
+      ratios: One trust ratio per leaf (float32, float64 with float64 params).
+      global_norm: The global gradient norm, used with ``grad_clip_norm``.
+      write_params: Return the new params (as :func:`apply`) instead of updates.
+    """
+    mode = WRITE_PARAMS if write_params else WRITE_UPDATES if config.nesterov else MOMENTUM_ONLY
+    return _call(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        mode=mode,
+        given=(ratios, global_norm),
     )
 
 

@@ -277,6 +277,22 @@ void BuildItems(Job& job) {
   job.sum_slots.assign(2 * static_cast<size_t>(sum_slots), 0.0);
 }
 
+// Builds the work list when the caller gives the trust ratios and the global
+// gradient norm (sharded params: the sums are taken over every shard): update
+// items only, no sums.
+void BuildUpdateItems(Job& job, const std::vector<double>& given) {
+  const int32_t num_leaves = static_cast<int32_t>(job.leaves.size());
+  for (int32_t i = 0; i < num_leaves; ++i) {
+    const LeafView& lv = job.leaves[i];
+    // The ratio as a value of the leaf's compute dtype, as LeafRatio gives it.
+    SetRatio(job, i, lv.p == kF64 ? given[i] : static_cast<double>(static_cast<float>(given[i])));
+    const int64_t n = lv.n;
+    for (int64_t c = 0; c < NumChunks(n); ++c) {
+      job.items.push_back(Item{kUpd, i, c * kChunk, std::min(n, (c + 1) * kChunk), -1, -1, -1});
+    }
+  }
+}
+
 ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs args,
                    ffi::RemainingRets rets, double momentum, double weight_decay,
                    double trust_coefficient, double eps, double trust_clip,
@@ -287,10 +303,12 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   auto job = std::make_shared<Job>();
   job->kernels = &ActiveKernels();
   size_t outs = 0;
+  bool given_ratios = false;
   if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,
                                       weight_decay, trust_coefficient, eps, trust_clip,
                                       grad_clip_norm, grad_clip_value, nesterov,
-                                      lr_inside_momentum, mode, &job->hyper, &outs);
+                                      lr_inside_momentum, mode, &job->hyper, &outs,
+                                      &given_ratios);
       err.failure()) {
     return err;
   }
@@ -318,7 +336,16 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     job->ratio_out[i] = b.ratio_out;
   }
 
-  BuildItems(*job);
+  if (given_ratios) {
+    std::vector<double> given;
+    if (ffi::Error err = ReadGivenRatios(args, num_leaves, &given, &job->scalars.global_norm);
+        err.failure()) {
+      return err;
+    }
+    BuildUpdateItems(*job, given);
+  } else {
+    BuildItems(*job);
+  }
   const int64_t num_items = static_cast<int64_t>(job->items.size());
   int64_t threads = num_threads > 0 ? num_threads : pool.num_threads();
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, num_items));

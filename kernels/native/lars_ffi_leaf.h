@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "lars_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -43,14 +44,19 @@ inline xla::ffi::Error ReadStepHeader(const xla::ffi::AnyBuffer& lr,
                                       double trust_clip, double grad_clip_norm,
                                       double grad_clip_value, bool nesterov,
                                       bool lr_inside_momentum, int32_t mode, Hyper* h,
-                                      size_t* outs) {
+                                      size_t* outs, bool* given_ratios) {
   if (trust_mask_size != num_leaves) return Invalid("mask lengths differ");
   if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
     return Invalid("unknown output mode " + std::to_string(mode));
   }
   // Results: [out per leaf,] momentum per leaf, trust ratio per leaf.
+  // Operands: params, grads, momentum per leaf; then, when the caller has
+  // computed the trust ratios (sharded params: the norms are sums over
+  // shards), the ratios (one per leaf) and the global gradient norm.
   *outs = mode == kMomentumOnly ? 0 : num_leaves;
-  if (args.size() != 3 * num_leaves || rets.size() != *outs + 2 * num_leaves) {
+  *given_ratios = args.size() == 3 * num_leaves + 2;
+  if ((args.size() != 3 * num_leaves && !*given_ratios) ||
+      rets.size() != *outs + 2 * num_leaves) {
     return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
                                          : "expected 3 operands and 3 results per leaf");
   }
@@ -132,6 +138,32 @@ inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
   leaf->out = outs ? (*out)->untyped_data() : nullptr;
   leaf->v_out = (*v_out)->untyped_data();
   leaf->ratio_out = static_cast<float*>((*r_out)->untyped_data());
+  return ffi::Error::Success();
+}
+
+// Reads the caller's trust ratios and global gradient norm (operands
+// 3 * num_leaves and 3 * num_leaves + 1, float32 or float64) into `ratios` (one
+// per leaf) and `*global_norm`.
+inline xla::ffi::Error ReadGivenRatios(const xla::ffi::RemainingArgs& args, size_t num_leaves,
+                                       std::vector<double>* ratios, double* global_norm) {
+  namespace ffi = xla::ffi;
+  auto r = args.get<ffi::AnyBuffer>(3 * num_leaves);
+  auto norm = args.get<ffi::AnyBuffer>(3 * num_leaves + 1);
+  if (!r.has_value() || !norm.has_value()) return Invalid("the given ratios are not buffers");
+  const ffi::DataType t = r->element_type();
+  if ((t != ffi::DataType::F32 && t != ffi::DataType::F64) || norm->element_type() != t) {
+    return Invalid("the given ratios and global norm must both be float32 or float64");
+  }
+  if (r->element_count() != num_leaves || norm->element_count() != 1) {
+    return Invalid("expected one given ratio per leaf and a scalar global norm");
+  }
+  ratios->resize(num_leaves);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    (*ratios)[i] = t == ffi::DataType::F32 ? static_cast<const float*>(r->untyped_data())[i]
+                                           : static_cast<const double*>(r->untyped_data())[i];
+  }
+  *global_norm = t == ffi::DataType::F32 ? *static_cast<const float*>(norm->untyped_data())
+                                         : *static_cast<const double*>(norm->untyped_data());
   return ffi::Error::Success();
 }
 

@@ -140,6 +140,74 @@ def pallas_step(
     Raises:
       TypeError: for a dtype the kernels do not handle (float64).
     """
+    kernel, interpret, flags, leaves, hyper, options = _prepare(
+        params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, kernel_options
+    )
+    updates, new_momentum, ratios = _step(
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        hyper,
+        flags=flags,
+        leaves=tuple(leaves),
+        trust_clip=config.trust_clip is not None,
+        kernel=kernel,
+        interpret=interpret,
+        options=options,
+    )
+    return StepResult(updates, new_momentum, ratios)
+
+
+def update_with_ratios(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    ratios: jax.Array,
+    global_norm: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool = False,
+    kernel: str | None = None,
+    interpret: bool | None = None,
+    kernel_options: dict | None = None,
+) -> StepResult:
+    """The update pass alone, with trust ratios the caller computed.
+
+    For sharded params (``lars._sharded``): each shard runs the update kernel
+    with the ratios of whole layers. Arguments as in :func:`pallas_step`, plus
+    ``ratios`` (one float32 per leaf) and ``global_norm`` (the global gradient
+    norm, used with ``grad_clip_norm``). There is no in-place form:
+    ``write_params`` must be False.
+    """
+    if write_params:
+        raise ValueError("the pallas backend returns updates, not params")
+    kernel, interpret, flags, leaves, hyper, options = _prepare(
+        params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, kernel_options
+    )
+    updates, new_momentum = _update_given(
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        hyper,
+        jnp.asarray(ratios, jnp.float32),
+        jnp.asarray(global_norm, jnp.float32),
+        flags=flags,
+        leaves=tuple(leaves),
+        kernel=kernel,
+        interpret=interpret,
+        options=options,
+    )
+    ratio_vector = jnp.asarray(ratios, jnp.float32)
+    return StepResult(updates, new_momentum, [ratio_vector[i] for i in range(len(params))])
+
+
+def _prepare(params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, options):
+    """The static launch parameters and hyperparameter scalars of a step."""
     default, default_interpret = default_kernel()
     kernel = kernel or default
     interpret = default_interpret if interpret is None else interpret
@@ -161,21 +229,53 @@ def pallas_step(
         "grad_clip_value": 0.0 if config.grad_clip_value is None else config.grad_clip_value,
     }
     hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
-    options = tuple(sorted((kernel_options or {}).items()))
-    updates, new_momentum, ratios = _step(
-        list(params),
-        list(grads),
-        list(momentum),
-        jnp.asarray(lr, jnp.float32),
-        hyper,
-        flags=flags,
-        leaves=tuple(leaves),
-        trust_clip=config.trust_clip is not None,
-        kernel=kernel,
-        interpret=interpret,
-        options=options,
-    )
-    return StepResult(updates, new_momentum, ratios)
+    return kernel, interpret, flags, leaves, hyper, tuple(sorted((options or {}).items()))
+
+
+def _scalars(lr, hyper, g_norm=None):
+    """The kernels' scalar vector; ``g_norm``: the global gradient norm (clipping)."""
+    one = jnp.ones((), jnp.float32)
+    values = {
+        ew.LR: lr,
+        ew.MOMENTUM: hyper["momentum"],
+        ew.WEIGHT_DECAY: hyper["weight_decay"],
+        ew.CLIP_DIVISOR: one,
+        ew.CLIP_FACTOR: one,
+        ew.CLIP_VALUE: hyper["grad_clip_value"],
+    }
+    if g_norm is not None:
+        # optax.clip_by_global_norm: g <- g if ||g|| < c else (g / ||g||) * c.
+        c = hyper["grad_clip_norm"]
+        trigger = g_norm < c
+        values[ew.CLIP_DIVISOR] = jnp.where(trigger, one, g_norm)
+        values[ew.CLIP_FACTOR] = jnp.where(trigger, one, c)
+    return jnp.stack([values.get(i, 0.0 * one) for i in range(ew.NUM_SCALARS)])
+
+
+def _pick(xs, idx):
+    return [xs[i] for i in idx]
+
+
+def _run_update(params, grads, momentum, ratio_vector, scalars, *, flags, leaves, impl, kw):
+    """The update pass over the non-empty leaves; empty ones pass through."""
+    active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
+    updates = [jnp.zeros(p.shape, p.dtype) for p in params]
+    new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves, strict=True)]
+    if active:
+        upd, mom = impl.update(
+            _pick(params, active),
+            _pick(grads, active),
+            _pick(momentum, active),
+            ratio_vector[np.asarray(active, np.int32)],
+            scalars,
+            flags=flags,
+            leaves=_pick(leaves, active),
+            **kw,
+        )
+        for k, i in enumerate(active):
+            updates[i] = upd[k]
+            new_momentum[i] = mom[k]
+    return updates, new_momentum
 
 
 @functools.partial(
@@ -188,39 +288,22 @@ def _step(
     impl = _kernel_module(kernel)
     kw = dict(interpret=interpret, **dict(options))
     active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
-    pick = lambda xs, idx: [xs[i] for i in idx]
 
-    one = jnp.ones((), jnp.float32)
-    values = {
-        ew.LR: lr,
-        ew.MOMENTUM: hyper["momentum"],
-        ew.WEIGHT_DECAY: hyper["weight_decay"],
-        ew.CLIP_DIVISOR: one,
-        ew.CLIP_FACTOR: one,
-        ew.CLIP_VALUE: hyper["grad_clip_value"],
-    }
-    stack = lambda: jnp.stack([values.get(i, 0.0 * one) for i in range(ew.NUM_SCALARS)])
-    scalars = stack()
-
+    scalars = _scalars(lr, hyper)
     if flags.clip_norm:
-        # optax.clip_by_global_norm: g <- g if ||g|| < c else (g / ||g||) * c.
         if active:
             sums = impl.leaf_sums(
                 None,
-                pick(grads, active),
+                _pick(grads, active),
                 scalars,
                 flags=ew.StepFlags(),
-                leaves=pick(leaves, active),
+                leaves=_pick(leaves, active),
                 **kw,
             )
             g_norm = jnp.sqrt(jnp.sum(sums[:, ew.SUM_W2]))
         else:
             g_norm = jnp.zeros((), jnp.float32)
-        c = hyper["grad_clip_norm"]
-        trigger = g_norm < c
-        values[ew.CLIP_DIVISOR] = jnp.where(trigger, one, g_norm)
-        values[ew.CLIP_FACTOR] = jnp.where(trigger, one, c)
-        scalars = stack()
+        scalars = _scalars(lr, hyper, g_norm)
 
     # Per leaf: r from its sums where the trust ratio applies, else 1. Empty
     # leaves have zero sums (r = 1, then trust_clip), as in the reference.
@@ -228,11 +311,11 @@ def _step(
     sums = jnp.zeros((1, 2), jnp.float32)  # row 0: the zero sums
     if measured:
         part = impl.leaf_sums(
-            pick(params, measured),
-            pick(grads, measured),
+            _pick(params, measured),
+            _pick(grads, measured),
             scalars,
             flags=flags,
-            leaves=pick(leaves, measured),
+            leaves=_pick(leaves, measured),
             **kw,
         )
         sums = jnp.concatenate([sums, part])
@@ -248,20 +331,26 @@ def _step(
     ratio_vector = jnp.where(trust, r, 1.0)
     ratios = [ratio_vector[i] for i in range(len(leaves))]
 
-    updates = [jnp.zeros(p.shape, p.dtype) for p in params]
-    new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves, strict=True)]
-    if active:
-        upd, mom = impl.update(
-            pick(params, active),
-            pick(grads, active),
-            pick(momentum, active),
-            ratio_vector[np.asarray(active, np.int32)],
-            scalars,
-            flags=flags,
-            leaves=pick(leaves, active),
-            **kw,
-        )
-        for k, i in enumerate(active):
-            updates[i] = upd[k]
-            new_momentum[i] = mom[k]
+    updates, new_momentum = _run_update(
+        params, grads, momentum, ratio_vector, scalars, flags=flags, leaves=leaves, impl=impl, kw=kw
+    )
     return updates, new_momentum, ratios
+
+
+@functools.partial(jax.jit, static_argnames=("flags", "leaves", "kernel", "interpret", "options"))
+def _update_given(
+    params, grads, momentum, lr, hyper, ratios, g_norm, *, flags, leaves, kernel, interpret, options
+):
+    """The traced update pass with given ratios (see :func:`update_with_ratios`)."""
+    scalars = _scalars(lr, hyper, g_norm if flags.clip_norm else None)
+    return _run_update(
+        params,
+        grads,
+        momentum,
+        ratios,
+        scalars,
+        flags=flags,
+        leaves=leaves,
+        impl=_kernel_module(kernel),
+        kw=dict(interpret=interpret, **dict(options)),
+    )

@@ -1,0 +1,256 @@
+"""Fused backends on sharded parameters: local sums, one psum per mesh-axis set, local update.
+
+A fused backend's kernel sees whole arrays. Given sharded params, XLA would
+gather every leaf onto every device and return replicated results. This module
+wraps a fused step in ``jax.experimental.custom_partitioning`` instead, so that
+under ``jax.jit`` with sharded inputs each device:
+
+1. sums, over its own shard of each leaf, w**2 and u**2 (u the clipped and
+   decayed gradient; with ``grad_clip_norm`` first g**2 for the global norm);
+2. adds the sums over the mesh axes that shard the leaf: one ``psum`` per
+   distinct set of axes, over a few scalars (replicated leaves need none), so
+   every norm is the norm of the whole layer, never of a shard;
+3. turns the sums into trust ratios (the reference's formula) and runs the
+   backend's update on its shard (``Backend.update_with_ratios``), writing
+   params and momentum that keep the params' sharding.
+
+A leaf whose sharding cannot be split evenly (a dimension not divisible by its
+mesh axes) is gathered for the step and comes back replicated: correct, but not
+local. On one device the wrapper is not used at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lars._config import LarsConfig
+from lars._reference import StepResult, compute_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The static part of a sharded step (hashable: a custom_partitioning static arg)."""
+
+    backend: Any  # lars._dispatch.Backend with update_with_ratios
+    config: LarsConfig
+    decay_mask: tuple[bool, ...]
+    trust_mask: tuple[bool, ...]
+    write_params: bool  # the first result holds new params, not updates
+
+
+def needed() -> bool:
+    """True when this process has several devices (params may be sharded)."""
+    return jax.device_count() > 1
+
+
+def _global_grad_norm(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    axes: Sequence[tuple[str, ...]],
+    dtype: Any,
+) -> jax.Array:
+    """||g|| over all leaves, each leaf's local sum of g**2 added over its axes."""
+    local = []
+    for p, g in zip(params, grads, strict=True):
+        g = g.astype(compute_dtype(p.dtype))
+        local.append(jnp.sum(g * g))
+    total = _psum_by_axes(local, axes)
+    return jnp.sqrt(sum(total, jnp.zeros((), dtype)))
+
+
+def _psum_by_axes(values: list[jax.Array], axes: Sequence[tuple[str, ...]]) -> list[jax.Array]:
+    """Adds each value over its mesh axes: one psum per distinct set of axes."""
+    out = list(values)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, a in enumerate(axes):
+        if a:
+            groups.setdefault(a, []).append(i)
+    for a, idx in groups.items():
+        summed = jax.lax.psum(tuple(values[i] for i in idx), a)
+        for i, s in zip(idx, summed, strict=True):
+            out[i] = s
+    return out
+
+
+def _ratios(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    axes: Sequence[tuple[str, ...]],
+    plan: _Plan,
+) -> tuple[jax.Array, jax.Array]:
+    """Whole-layer trust ratios from local sums, and the global gradient norm.
+
+    The arithmetic is the reference step's (``lars._reference``), in each leaf's
+    compute dtype; only the order of the additions differs (local, then psum).
+    """
+    config = plan.config
+    wide = any(compute_dtype(p.dtype) == jnp.float64 for p in params)
+    out_dtype = jnp.float64 if wide else jnp.float32
+    clip_norm = jnp.zeros((), out_dtype)
+    if config.grad_clip_norm is not None:
+        clip_norm = _global_grad_norm(params, grads, axes, out_dtype)
+    sums, where = [], []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if not plan.trust_mask[i]:
+            continue
+        cd = compute_dtype(p.dtype)
+        g = g.astype(cd)
+        if config.grad_clip_norm is not None:
+            n = clip_norm.astype(cd)
+            g = jnp.where(n < config.grad_clip_norm, g, (g / n) * config.grad_clip_norm)
+        if config.grad_clip_value is not None:
+            g = jnp.clip(g, -config.grad_clip_value, config.grad_clip_value)
+        w = p.astype(cd)
+        if plan.decay_mask[i] and config.has_weight_decay:
+            g = g + config.weight_decay * w
+        sums += [jnp.sum(w * w), jnp.sum(g * g)]
+        where += [axes[i], axes[i]]
+    sums = _psum_by_axes(sums, where)
+    ratios, k = [], 0
+    for i, p in enumerate(params):
+        cd = compute_dtype(p.dtype)
+        if not plan.trust_mask[i]:
+            ratios.append(jnp.ones((), out_dtype))
+            continue
+        w_norm, g_norm = jnp.sqrt(sums[k]).astype(cd), jnp.sqrt(sums[k + 1]).astype(cd)
+        k += 2
+        r = config.trust_coefficient * w_norm / (g_norm + config.eps)
+        r = jnp.where(jnp.logical_or(w_norm == 0.0, g_norm == 0.0), 1.0, r).astype(cd)
+        if config.trust_clip is not None:
+            r = jnp.minimum(r, config.trust_clip).astype(cd)
+        ratios.append(r.astype(out_dtype))
+    ratio_vector = jnp.stack(ratios) if ratios else jnp.zeros((0,), out_dtype)
+    return ratio_vector, clip_norm
+
+
+def _leaf_layout(sharding: Any, ndim: int, shape: tuple[int, ...], mesh: Any) -> tuple[Any, tuple]:
+    """(sharding to run the leaf with, mesh axes that shard it).
+
+    The leaf keeps its sharding when it is a NamedSharding on ``mesh`` that
+    splits every dimension evenly; otherwise it is replicated (gathered).
+    """
+    replicated = NamedSharding(mesh, P())
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.shape != mesh.shape:
+        return replicated, ()
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    axes: list[str] = []
+    for dim, entry in zip(shape, spec, strict=True):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        if dim % math.prod(mesh.shape[a] for a in names):
+            return replicated, ()
+        axes += names
+    return NamedSharding(mesh, P(*spec)), tuple(axes)
+
+
+def _whole_step(plan: _Plan, lr: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
+    """The step on whole leaves: what the partitioned step computes, unsplit."""
+    n = len(plan.decay_mask)
+    params, grads, momentum = arrays[:n], arrays[n : 2 * n], arrays[2 * n :]
+    fn = plan.backend.apply if plan.write_params else plan.backend.step
+    result = fn(
+        list(params),
+        list(grads),
+        list(momentum),
+        lr,
+        config=plan.config,
+        decay_mask=list(plan.decay_mask),
+        trust_mask=list(plan.trust_mask),
+    )
+    return [*result.updates, *result.momentum, *result.trust_ratio]
+
+
+def _partition(plan: _Plan, mesh: Any, arg_shapes: Any, result_shape: Any) -> tuple:
+    """Chooses each leaf's layout and returns the per-device step."""
+    del result_shape
+    n = len(plan.decay_mask)
+    layouts = [
+        _leaf_layout(s.sharding, len(s.shape), tuple(s.shape), mesh) for s in arg_shapes[1 : 1 + n]
+    ]
+    leaf_shardings = [sharding for sharding, _ in layouts]
+    axes = [a for _, a in layouts]
+    scalar = NamedSharding(mesh, P())
+
+    def local_step(lr: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
+        params, grads, momentum = arrays[:n], arrays[n : 2 * n], arrays[2 * n :]
+        ratios, global_norm = _ratios(params, grads, axes, plan)
+        result = plan.backend.update_with_ratios(
+            list(params),
+            list(grads),
+            list(momentum),
+            lr,
+            ratios,
+            global_norm,
+            config=plan.config,
+            decay_mask=list(plan.decay_mask),
+            trust_mask=list(plan.trust_mask),
+            write_params=plan.write_params,
+        )
+        return [*result.updates, *result.momentum, *result.trust_ratio]
+
+    arg_shardings = (scalar, *leaf_shardings, *leaf_shardings, *leaf_shardings)
+    result_shardings = [*leaf_shardings, *leaf_shardings, *([scalar] * n)]
+    return mesh, local_step, result_shardings, arg_shardings
+
+
+@functools.lru_cache(maxsize=64)
+def _partitioned(ranks: tuple[int, ...]) -> custom_partitioning:
+    """The custom-partitioned step for leaves of these ranks."""
+    fn = custom_partitioning(_whole_step, static_argnums=(0,))
+    # Every leaf's dimensions are independent factors shared by its param,
+    # gradient, momentum and outputs; the learning rate and ratios are scalars.
+    leaf = [" ".join(f"l{i}d{d}" for d in range(r)) for i, r in enumerate(ranks)]
+    operands = ", ".join(["", *leaf, *leaf, *leaf])
+    results = ", ".join([*leaf, *leaf, *([""] * len(ranks))])
+    fn.def_partition(
+        partition=_partition,
+        sharding_rule=f"{operands} -> {results}",
+    )
+    return fn
+
+
+def sharded_step(
+    backend: Any,
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+) -> StepResult:
+    """A fused backend's step that runs shard by shard under sharding.
+
+    Args:
+      backend: A ``lars._dispatch.Backend`` with ``update_with_ratios``.
+      params, grads, momentum, lr, config, decay_mask, trust_mask: As in
+        ``lars._reference.reference_step``.
+      write_params: Return new params (the backend's ``apply``) not updates.
+
+    Returns:
+      A ``StepResult`` (the first field holds params with ``write_params``).
+    """
+    n = len(params)
+    if n == 0:
+        return StepResult([], [], [])
+    plan = _Plan(
+        backend=backend,
+        config=config,
+        decay_mask=tuple(bool(m) for m in decay_mask),
+        trust_mask=tuple(bool(m) for m in trust_mask),
+        write_params=write_params,
+    )
+    fn = _partitioned(tuple(jnp.ndim(p) for p in params))
+    out = fn(plan, jnp.asarray(lr, jnp.float32), *params, *grads, *momentum)
+    return StepResult(list(out[:n]), list(out[n : 2 * n]), list(out[2 * n :]))
