@@ -60,13 +60,10 @@ def reference_step(
     # 1. Global-norm clipping (optax.clip_by_global_norm).
     if config.grad_clip_norm is not None:
         g_norm = jnp.sqrt(sum((jnp.sum(g * g) for g in gs), jnp.zeros((), gs[0].dtype)))
-        trigger = g_norm < config.grad_clip_norm
-        gs = [jnp.where(trigger, g, (g / g_norm) * config.grad_clip_norm) for g in gs]
+        gs = _clip_by_global_norm(gs, g_norm, config)
 
     # 2. Element-wise clipping (optax.clip).
-    if config.grad_clip_value is not None:
-        c = config.grad_clip_value
-        gs = [jnp.clip(g, -c, c) for g in gs]
+    gs = _clip_by_value(gs, config)
 
     updates, new_momentum, ratios = [], [], []
     for p, g, v, decay, trust in zip(params, gs, momentum, decay_mask, trust_mask, strict=True):
@@ -84,15 +81,79 @@ def reference_step(
                 r = jnp.minimum(r, config.trust_clip).astype(g.dtype)
         else:
             r = jnp.ones((), g.dtype)
-        u = g * r
-        # 5.-6. Momentum and the learning rate (optax.trace, scale_by_schedule).
-        lr_t = lr.astype(g.dtype)
-        if config.lr_inside_momentum:
-            u = lr_t * u
-        v_new = u + config.momentum * v.astype(g.dtype)
-        direction = u + config.momentum * v_new if config.nesterov else v_new
-        step = direction if config.lr_inside_momentum else lr_t * direction
-        updates.append((-step).astype(p.dtype))
-        new_momentum.append(v_new.astype(v.dtype))
+        u, v_new = _leaf_update(p, g, v, r, lr, config)
+        updates.append(u)
+        new_momentum.append(v_new)
         ratios.append(r.astype(jnp.float32))
     return StepResult(updates, new_momentum, ratios)
+
+
+def _clip_by_global_norm(gs: list[jax.Array], g_norm: jax.Array, config: LarsConfig) -> list:
+    """optax.clip_by_global_norm given the norm: g if ||g|| < c else (g / ||g||) * c."""
+    trigger = g_norm < config.grad_clip_norm
+    return [jnp.where(trigger, g, (g / g_norm) * config.grad_clip_norm) for g in gs]
+
+
+def _clip_by_value(gs: list[jax.Array], config: LarsConfig) -> list:
+    """optax.clip: every entry into [-c, c] (when grad_clip_value is set)."""
+    if config.grad_clip_value is None:
+        return gs
+    c = config.grad_clip_value
+    return [jnp.clip(g, -c, c) for g in gs]
+
+
+def _leaf_update(
+    p: jax.Array, g: jax.Array, v: jax.Array, r: jax.Array, lr: jax.Array, config: LarsConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Steps 5.-6. for one leaf: (update, new momentum) from the decayed g and ratio r."""
+    u = g * r
+    # 5.-6. Momentum and the learning rate (optax.trace, scale_by_schedule).
+    lr_t = lr.astype(g.dtype)
+    if config.lr_inside_momentum:
+        u = lr_t * u
+    v_new = u + config.momentum * v.astype(g.dtype)
+    direction = u + config.momentum * v_new if config.nesterov else v_new
+    step = direction if config.lr_inside_momentum else lr_t * direction
+    return (-step).astype(p.dtype), v_new.astype(v.dtype)
+
+
+def reference_update_with_ratios(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    ratios: jax.Array,
+    global_norm: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool = False,
+) -> StepResult:
+    """The update half of :func:`reference_step`, with trust ratios given.
+
+    Used on shards (``lars._sharded``): the ratios and the global gradient norm
+    are those of whole layers, summed over the shards by the caller.
+
+    Args:
+      params, grads, momentum, lr, config, decay_mask: As in :func:`reference_step`.
+      ratios: One trust ratio per leaf (leaves outside the trust mask: 1).
+      global_norm: The global gradient norm, used with ``grad_clip_norm``.
+      trust_mask: Unused (the ratios already hold it); kept for the signature.
+      write_params: Return the new params instead of the updates.
+    """
+    del trust_mask
+    gs = [g.astype(compute_dtype(p.dtype)) for p, g in zip(params, grads, strict=True)]
+    if config.grad_clip_norm is not None:
+        gs = _clip_by_global_norm(gs, jnp.asarray(global_norm, gs[0].dtype), config)
+    gs = _clip_by_value(gs, config)
+    out, new_momentum, out_ratios = [], [], []
+    for i, (p, g, v, decay) in enumerate(zip(params, gs, momentum, decay_mask, strict=True)):
+        if decay and config.has_weight_decay:
+            g = g + config.weight_decay * p.astype(g.dtype)
+        r = ratios[i].astype(g.dtype)
+        u, v_new = _leaf_update(p, g, v, r, lr, config)
+        out.append((p + u).astype(p.dtype) if write_params else u)
+        new_momentum.append(v_new)
+        out_ratios.append(r.astype(jnp.float32))
+    return StepResult(out, new_momentum, out_ratios)

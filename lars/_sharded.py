@@ -17,6 +17,13 @@ under ``jax.jit`` with sharded inputs each device:
 A leaf whose sharding cannot be split evenly (a dimension not divisible by its
 mesh axes) is gathered for the step and comes back replicated: correct, but not
 local. On one device the wrapper is not used at all.
+
+Inside ``jax.shard_map`` (a user's own per-device code) the step sees local
+shards. There each leaf's varying mesh axes (what ``shard_map`` tracks with
+``check_vma=True``, its default) say which axes shard it: :func:`manual_step`
+adds the sums over those axes, then runs the same update. Gradients that vary
+over an axis their params do not (not yet averaged over a data-parallel axis)
+are refused, naming the leaf.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lars._config import LarsConfig
-from lars._reference import StepResult, compute_dtype
+from lars._reference import StepResult, compute_dtype, reference_update_with_ratios
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,3 +261,84 @@ def sharded_step(
     fn = _partitioned(tuple(jnp.ndim(p) for p in params))
     out = fn(plan, jnp.asarray(lr, jnp.float32), *params, *grads, *momentum)
     return StepResult(list(out[:n]), list(out[n : 2 * n]), list(out[2 * n :]))
+
+
+def varying_axes(x: Any) -> frozenset[str]:
+    """The manual mesh axes over which ``x`` varies (inside shard_map), else empty."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def manual_axes(
+    paths: Sequence[str], params: Sequence[jax.Array], grads: Sequence[jax.Array]
+) -> list[tuple[str, ...]] | None:
+    """Per leaf, the shard_map axes that shard it; None outside shard_map.
+
+    Raises:
+      ValueError: when a gradient varies over an axis its param does not,
+        naming the leaf's path.
+    """
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return None
+    axes = []
+    for path, p, g in zip(paths, params, grads, strict=True):
+        p_axes, g_axes = varying_axes(p), varying_axes(g)
+        extra = g_axes - p_axes
+        if extra:
+            raise ValueError(
+                f"the gradient at {path} varies over the mesh axes {sorted(extra)} where its "
+                "param does not: the gradient of a replicated param must be reduced first (e.g. "
+                f"jax.lax.pmean(grads, {sorted(extra)!r}))"
+            )
+        axes.append(tuple(sorted(p_axes)))
+    return axes
+
+
+def manual_step(
+    backend: Any,
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    axes: Sequence[tuple[str, ...]],
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+) -> StepResult:
+    """The step on local shards inside shard_map, norms summed over ``axes``.
+
+    Args:
+      backend: A ``lars._dispatch.Backend``; one without ``update_with_ratios``
+        (the reference) runs the reference's update.
+      axes: Per leaf, the mesh axes that shard it (:func:`manual_axes`).
+      params, grads, momentum, lr, config, decay_mask, trust_mask, write_params:
+        As in :func:`sharded_step`.
+    """
+    if not params:
+        return StepResult([], [], [])
+    plan = _Plan(
+        backend=backend,
+        config=config,
+        decay_mask=tuple(bool(m) for m in decay_mask),
+        trust_mask=tuple(bool(m) for m in trust_mask),
+        write_params=write_params,
+    )
+    ratios, global_norm = _ratios(params, grads, axes, plan)
+    update = backend.update_with_ratios or reference_update_with_ratios
+    return update(
+        list(params),
+        list(grads),
+        list(momentum),
+        lr,
+        ratios,
+        global_norm,
+        config=config,
+        decay_mask=list(decay_mask),
+        trust_mask=list(trust_mask),
+        write_params=write_params,
+    )

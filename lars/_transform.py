@@ -108,7 +108,7 @@ def _lars_step(
         raise ValueError("lars needs params: call update(grads, state, params)")
     if not isinstance(state, LarsState):
         raise TypeError(f"state must be a LarsState, got {type(state).__name__}")
-    check_params(params)
+    paths, _, _ = check_params(params)
     check_like_params("grads", grads, params)
     check_like_params("state.momentum", state.momentum, params, grads=False)
     decay_mask = resolve_mask(spec.weight_decay_mask, params, "weight_decay_mask")
@@ -122,7 +122,14 @@ def _lars_step(
     in_place = emit_params and spec.backend.apply is not None
     lr = jnp.asarray(lr, jnp.float32)
     step = spec.backend.apply if in_place else spec.backend.step
-    if spec.backend.update_with_ratios is not None and _sharded.needed():
+    axes = _sharded.manual_axes(paths, p_leaves, g_leaves)
+    if axes is not None:
+        # Inside shard_map: local shards, norms summed over the axes that
+        # shard each leaf.
+        step = functools.partial(
+            _sharded.manual_step, spec.backend, axes=axes, write_params=in_place
+        )
+    elif spec.backend.update_with_ratios is not None and _sharded.needed():
         # Several devices: a fused kernel runs shard by shard, its norms added
         # over the shards (lars._sharded).
         step = functools.partial(_sharded.sharded_step, spec.backend, write_params=in_place)

@@ -203,3 +203,77 @@ def test_whole_layer_ratios_match_the_reference(options: dict) -> None:
     if config.grad_clip_norm is not None:
         g64 = np.concatenate([np.asarray(g, np.float64).ravel() for g in grads])
         np.testing.assert_allclose(float(norm), np.linalg.norm(g64), rtol=1e-6)
+
+
+_SHARD_MAP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import jax, jax.numpy as jnp, optax
+    from jax.sharding import Mesh, PartitionSpec as P
+    import lars
+
+    backend = sys.argv[1]
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    rng = np.random.default_rng(0)
+    shapes = {"rows": (16, 6), "both": (8, 12), "half": (4, 20), "repl": (7, 5), "s": ()}
+    specs = {"rows": P(("a", "b")), "both": P("a", "b"), "half": P(None, "b"),
+             "repl": P(), "s": P()}
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    opt = lars.lars(0.5, weight_decay=1e-3, grad_clip_norm=3.0, backend=backend)
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state_specs = lars.LarsState(count=P(), momentum=specs, trust_ratio=P(), skipped=P())
+    local = jax.jit(jax.shard_map(
+        step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=(specs, state_specs)
+    ))
+    whole = jax.jit(step)
+    p1 = p2 = params
+    s1 = s2 = opt.init(params)
+    for i in range(5):
+        g = {k: jnp.asarray(np.random.default_rng(i).normal(size=s), jnp.float32)
+             for k, s in shapes.items()}
+        p1, s1 = local(p1, s1, g)
+        p2, s2 = whole(p2, s2, g)
+    for k in params:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=2e-6, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(s1.momentum[k], s2.momentum[k], rtol=2e-6, atol=1e-6)
+
+    # Gradients not yet averaged over a data-parallel axis: refused, by path.
+    def bad(p, s, g):
+        g = {**g, "repl": g["repl"] * jax.lax.axis_index("a")}
+        return step(p, s, g)
+
+    try:
+        jax.jit(jax.shard_map(
+            bad, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=(specs, state_specs)
+        ))(params, opt.init(params), params)
+    except ValueError as e:
+        assert "['repl']" in str(e) and "pmean" in str(e), e
+    else:
+        raise AssertionError("unreduced gradients were accepted")
+    print("OK")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "pallas"])
+def test_inside_shard_map_norms_are_whole_layer(backend: str) -> None:
+    """Called inside the user's shard_map, the step sums the norms over the shards."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARD_MAP_SCRIPT, backend],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK" in out.stdout, out.stdout

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lars._config import LarsConfig
-from lars._reference import StepResult, compute_dtype
+from lars._reference import StepResult, compute_dtype, reference_update_with_ratios
 
 from . import elementwise as ew
 
@@ -185,6 +185,22 @@ def update_with_ratios(
     """
     if write_params:
         raise ValueError("the pallas backend returns updates, not params")
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        # Inside the user's shard_map the update runs in XLA (the norms are
+        # still whole-layer, summed over the shards by the caller): under
+        # check_vma, jax 0.11's Pallas interpreter rejects the kernels'
+        # mixed varying axes, and the kernels are not verified on a mesh.
+        return reference_update_with_ratios(
+            params,
+            grads,
+            momentum,
+            lr,
+            ratios,
+            global_norm,
+            config=config,
+            decay_mask=decay_mask,
+            trust_mask=trust_mask,
+        )
     kernel, interpret, flags, leaves, hyper, options = _prepare(
         params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, kernel_options
     )
