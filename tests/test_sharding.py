@@ -143,15 +143,15 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", ["reference", "native", "pallas"])
-def test_sharded_matches_unsharded(backend: str) -> None:
+def _run_on_8_devices(script: str, backend: str) -> None:
+    """Runs ``script`` with 8 simulated CPU devices; it must print OK."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, backend],
+        [sys.executable, "-c", script, backend],
         env=env,
         capture_output=True,
         text=True,
@@ -159,6 +159,11 @@ def test_sharded_matches_unsharded(backend: str) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "pallas"])
+def test_sharded_matches_unsharded(backend: str) -> None:
+    _run_on_8_devices(_SCRIPT, backend)
 
 
 @pytest.mark.parametrize(
@@ -263,17 +268,4 @@ _SHARD_MAP_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("backend", ["reference", "native", "pallas"])
 def test_inside_shard_map_norms_are_whole_layer(backend: str) -> None:
     """Called inside the user's shard_map, the step sums the norms over the shards."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARD_MAP_SCRIPT, backend],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK" in out.stdout, out.stdout
+    _run_on_8_devices(_SHARD_MAP_SCRIPT, backend)
