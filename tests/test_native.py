@@ -765,3 +765,52 @@ def test_given_ratios_must_match_the_leaves():
                 write_params=False,
             ).momentum
         )
+
+
+@pytest.mark.parametrize("write_params", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_differentiable_like_the_reference(nesterov: bool, write_params: bool):
+    """Derivatives through a native step are the reference step's (meta-gradients).
+
+    ``write_params`` takes the in-place form (the one ``lars.Lars`` uses).
+    """
+    rng = np.random.default_rng(5)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+    options = dict(
+        momentum=0.9,
+        weight_decay=1e-3,
+        trust_coefficient=1e-3,
+        eps=1e-8,
+        nesterov=nesterov,
+        weight_decay_mask=None,
+        trust_ratio_mask=None,
+        trust_clip=None,
+        grad_clip_norm=None,
+        grad_clip_value=None,
+        lr_inside_momentum=False,
+        skip_nonfinite=False,
+    )
+
+    def meta(scale, backend):
+        spec = lars._transform.make_spec(**options, backend=backend)
+        grads = jax.tree.map(lambda x: scale * x + 0.1, params)
+        state = lars._transform.init_state(params)
+        if write_params:
+            new, state = lars._transform.apply_lars_to_params(grads, state, params, 0.1, spec)
+        else:
+            updates, state = lars._transform.apply_lars(grads, state, params, 0.1, spec)
+            new = optax.apply_updates(params, updates)
+        ratio = sum(jax.tree.leaves(state.trust_ratio))
+        return jnp.sum(new["w"] ** 2) + jnp.sum(state.momentum["b"]) + ratio
+
+    want = jax.grad(meta)(0.5, "reference")
+    got = jax.grad(meta)(0.5, "native")
+    got_jit = jax.jit(jax.grad(meta), static_argnums=1)(0.5, "native")
+    assert float(want) != 0.0
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(got_jit), float(want), rtol=1e-4)
+    _, tangent = jax.jvp(lambda s: meta(s, "native"), (0.5,), (1.0,))
+    np.testing.assert_allclose(float(tangent), float(want), rtol=1e-5)

@@ -30,6 +30,11 @@ Two entry points share the handler:
   params' buffers: with params and state donated to ``jax.jit``, the step
   allocates nothing.
 
+Derivatives (``jax.grad``, ``jax.jvp`` through a step, e.g. for
+meta-gradients) are those of the reference step, the same function: the custom
+call has no derivative of its own, so its ``custom_jvp`` rule differentiates
+the reference.
+
 Memory traffic (CPU): a leaf of up to 65,536 elements is done by one thread in
 one go (sums, then the update while it is in cache): read w, g, v and write w,
 v once, 20 bytes per float32 parameter. A larger leaf needs its norms before
@@ -40,6 +45,8 @@ thread and XLA's intra-op thread pool (:func:`set_num_threads`).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import math
 import sys
 import threading
@@ -52,7 +59,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lars._config import LarsConfig
-from lars._reference import StepResult, compute_dtype
+from lars._reference import (
+    StepResult,
+    compute_dtype,
+    reference_step,
+    reference_update_with_ratios,
+)
 
 TARGET = "lars_native_step"
 # What the handler writes besides the momentum and ratios (OutputMode in C++).
@@ -302,7 +314,56 @@ def _call(
         raise ValueError(f"unknown mode {mode!r}")
     if mode == MOMENTUM_ONLY and config.nesterov:
         raise ValueError("MOMENTUM_ONLY cannot give nesterov updates (they need r * g)")
-    # Operands: lr, params, grads, momentum. Results: [out,] momentum, ratios.
+    outs = 0 if mode == MOMENTUM_ONLY else n
+    threads = _num_threads if num_threads is None else num_threads
+    extra = []
+    if given is not None:
+        ratios_in, norm_in = given
+        dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in momentum) else jnp.float32
+        extra = [jnp.asarray(ratios_in, dtype), jnp.asarray(norm_in, dtype)]
+        if extra[0].shape != (n,) or extra[1].shape != ():
+            raise ValueError(
+                f"expected one given ratio per leaf (shape ({n},)) and a scalar global norm, "
+                f"got shapes {extra[0].shape} and {extra[1].shape}"
+            )
+    static = _Static(
+        config=config,
+        decay_mask=tuple(bool(m) for m in decay_mask),
+        trust_mask=tuple(bool(m) for m in trust_mask),
+        mode=mode,
+        num_threads=threads,
+    )
+    results = _results(static, lr, params, grads, momentum, extra)
+    momentum_out = list(results[outs : outs + n])
+    ratios = list(results[outs + n :])
+    if mode != MOMENTUM_ONLY:
+        return StepResult(list(results[:n]), momentum_out, ratios)
+    # The reference's updates from the new momentum, in the same operations:
+    # -(lr * v) (or -v with lr inside the momentum), in the param dtype.
+    lr_updates = []
+    for p, v in zip(params, momentum_out, strict=True):
+        step = v if config.lr_inside_momentum else lr.astype(v.dtype) * v
+        lr_updates.append((-step).astype(p.dtype))
+    return StepResult(lr_updates, momentum_out, ratios)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The compiled-in part of one call (hashable: a custom_jvp static argument)."""
+
+    config: LarsConfig
+    decay_mask: tuple[bool, ...]
+    trust_mask: tuple[bool, ...]
+    mode: int  # WRITE_UPDATES, WRITE_PARAMS or MOMENTUM_ONLY
+    num_threads: int  # 0: XLA's intra-op pool size
+
+
+def _ffi_results(static: _Static, lr, params, grads, momentum, extra) -> list[jax.Array]:
+    """The custom call. Operands: lr, params, grads, momentum[, ratios, global norm].
+
+    Results: [updates or new params,] momentum, trust ratios.
+    """
+    n, mode, config = len(params), static.mode, static.config
     outs = 0 if mode == MOMENTUM_ONLY else n
     out_types = (
         [] if mode == MOMENTUM_ONLY else [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
@@ -321,18 +382,7 @@ def _call(
         input_output_aliases=aliases,
         vmap_method="sequential",
     )
-    threads = _num_threads if num_threads is None else num_threads
-    extra = []
-    if given is not None:
-        ratios_in, norm_in = given
-        dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in momentum) else jnp.float32
-        extra = [jnp.asarray(ratios_in, dtype), jnp.asarray(norm_in, dtype)]
-        if extra[0].shape != (n,) or extra[1].shape != ():
-            raise ValueError(
-                f"expected one given ratio per leaf (shape ({n},)) and a scalar global norm, "
-                f"got shapes {extra[0].shape} and {extra[1].shape}"
-            )
-    results = call(
+    return call(
         lr,
         *params,
         *grads,
@@ -348,21 +398,47 @@ def _call(
         nesterov=np.bool_(config.nesterov),
         lr_inside_momentum=np.bool_(config.lr_inside_momentum),
         mode=np.int32(mode),
-        decay_mask=np.asarray(decay_mask, np.uint8),
-        trust_mask=np.asarray(trust_mask, np.uint8),
-        num_threads=np.int64(threads),
+        decay_mask=np.asarray(static.decay_mask, np.uint8),
+        trust_mask=np.asarray(static.trust_mask, np.uint8),
+        num_threads=np.int64(static.num_threads),
     )
-    momentum_out = list(results[outs : outs + n])
-    ratios = list(results[outs + n :])
-    if mode != MOMENTUM_ONLY:
-        return StepResult(list(results[:n]), momentum_out, ratios)
-    # The reference's updates from the new momentum, in the same operations:
-    # -(lr * v) (or -v with lr inside the momentum), in the param dtype.
-    lr_updates = []
-    for p, v in zip(params, momentum_out, strict=True):
-        step = v if config.lr_inside_momentum else lr.astype(v.dtype) * v
-        lr_updates.append((-step).astype(p.dtype))
-    return StepResult(lr_updates, momentum_out, ratios)
+
+
+def _reference_results(static: _Static, lr, params, grads, momentum, extra) -> list[jax.Array]:
+    """What :func:`_ffi_results` computes, in the reference's plain JAX."""
+    masks = dict(decay_mask=list(static.decay_mask), trust_mask=list(static.trust_mask))
+    if extra:
+        res = reference_update_with_ratios(
+            params,
+            grads,
+            momentum,
+            lr,
+            *extra,
+            config=static.config,
+            write_params=static.mode == WRITE_PARAMS,
+            **masks,
+        )
+        out = res.updates
+    else:
+        res = reference_step(params, grads, momentum, lr, config=static.config, **masks)
+        out = res.updates
+        if static.mode == WRITE_PARAMS:
+            out = [(p + u).astype(p.dtype) for p, u in zip(params, out, strict=True)]
+    head = [] if static.mode == MOMENTUM_ONLY else list(out)
+    return [*head, *res.momentum, *res.trust_ratio]
+
+
+# Derivatives: the custom call has none of its own; its tangents are those of
+# the reference step (the same function), so jax.grad and jax.jvp through a
+# native step work (e.g. to differentiate a loss after an update).
+_results = jax.custom_jvp(_ffi_results, nondiff_argnums=(0,))
+
+
+@_results.defjvp
+def _results_jvp(static, primals, tangents):
+    out = _ffi_results(static, *primals)
+    _, out_tangents = jax.jvp(functools.partial(_reference_results, static), primals, tangents)
+    return out, out_tangents
 
 
 def step(
