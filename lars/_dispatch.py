@@ -34,6 +34,10 @@ class Backend:
         (one per leaf) and ``global_norm`` after ``lr``, and ``write_params``;
         None for a backend that XLA partitions itself (the reference) or that
         has no such form (its leaves are then gathered on every device).
+      skips_nonfinite: Returns True when ``step`` and ``apply`` take a
+        ``finite`` flag (a bool scalar) here and, when it is False, leave params
+        and momentum in place (updates -0.0), so that ``skip_nonfinite`` needs
+        no copies of them.
     """
 
     name: str
@@ -42,6 +46,7 @@ class Backend:
     unsupported: Callable[[LarsConfig], str | None] = lambda config: None
     apply: Callable | None = None
     update_with_ratios: Callable | None = None
+    skips_nonfinite: Callable[[], bool] = lambda: False
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -77,6 +82,7 @@ def _register_native() -> None:
             unsupported=native.unsupported,
             apply=native.apply,
             update_with_ratios=native.step_with_ratios,
+            skips_nonfinite=native.skips_nonfinite,
         )
     )
 

@@ -92,7 +92,10 @@ def init_state(params: Any) -> LarsState:
 
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
     """A bool scalar: every entry of every leaf is finite."""
-    flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    # max|x| is NaN or Inf when any entry is (max propagates NaN); unlike
+    # all(isfinite(x)), XLA fuses it into one reduction per leaf (no per-element
+    # temporary, so a step with donated params stays in place).
+    flags = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in leaves]
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
@@ -122,6 +125,7 @@ def _lars_step(
     in_place = emit_params and spec.backend.apply is not None
     lr = jnp.asarray(lr, jnp.float32)
     step = spec.backend.apply if in_place else spec.backend.step
+    routed = True  # the step runs through lars._sharded
     axes = _sharded.manual_axes(paths, p_leaves, g_leaves)
     if axes is not None:
         # Inside shard_map: local shards, norms summed over the axes that
@@ -133,6 +137,12 @@ def _lars_step(
         # Several devices: a fused kernel runs shard by shard, its norms added
         # over the shards (lars._sharded).
         step = functools.partial(_sharded.sharded_step, spec.backend, write_params=in_place)
+    else:
+        routed = False
+    ok = _all_finite(g_leaves) if spec.skip_nonfinite else None
+    # A backend that skips the step itself when told the gradients are not all
+    # finite keeps params and momentum in place (no copies of the old ones).
+    skips_itself = ok is not None and not routed and spec.backend.skips_nonfinite()
     result = step(
         p_leaves,
         g_leaves,
@@ -141,19 +151,22 @@ def _lars_step(
         config=spec.config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
+        **({"finite": ok} if skips_itself else {}),
     )
     out, momentum, ratios = list(result.updates), list(result.momentum), list(result.trust_ratio)
     if emit_params and not in_place:
         out = [(p + u).astype(p.dtype) for p, u in zip(p_leaves, out, strict=True)]
     count = optax.safe_increment(state.count)
     skipped = state.skipped
-    if spec.skip_nonfinite:
+    if ok is not None:
         # A skipped step leaves params and momentum bitwise as they were: the
         # update is -0.0 (x + -0.0 == x for every x, signed zeros included).
-        ok = _all_finite(g_leaves)
-        keep = p_leaves if emit_params else [jnp.full_like(u, -0.0) for u in out]
-        out = [jnp.where(ok, a, b) for a, b in zip(out, keep, strict=True)]
-        momentum = [jnp.where(ok, a, b) for a, b in zip(momentum, v_leaves, strict=True)]
+        if not emit_params:
+            out = [jnp.where(ok, u, jnp.full_like(u, -0.0)) for u in out]
+        elif not skips_itself:
+            out = [jnp.where(ok, a, b) for a, b in zip(out, p_leaves, strict=True)]
+        if not skips_itself:
+            momentum = [jnp.where(ok, a, b) for a, b in zip(momentum, v_leaves, strict=True)]
         ratios = [jnp.where(ok, a, b) for a, b in zip(ratios, r_leaves, strict=True)]
         count = jnp.where(ok, count, state.count)
         skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)

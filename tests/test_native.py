@@ -428,16 +428,19 @@ def test_in_place_apply_allocates_no_temporaries():
     assert stats.alias_size_in_bytes >= 2 * param_bytes, stats
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
 @pytest.mark.parametrize("name", ["weight_decay", "everything"])
-def test_optax_step_allocates_no_temporaries(name: str):
+def test_optax_step_allocates_no_temporaries(name: str, skip_nonfinite: bool):
     """lars.lars + optax.apply_updates, params and state donated (grads are not).
 
     Without nesterov the updates never exist as a buffer ("everything" has
-    lr_inside_momentum, so they are -v).
+    lr_inside_momentum, so they are -v). With skip_nonfinite the handler
+    itself leaves params and momentum in place on a skipped step, so no copy
+    of the old ones is kept.
     """
     params, grads, _ = _big_problem()
     kwargs = {k: v for k, v in CONFIGS[name].items() if k != "nesterov"}
-    opt = lars.lars(0.1, backend="native", **kwargs)
+    opt = lars.lars(0.1, backend="native", skip_nonfinite=skip_nonfinite, **kwargs)
     state = opt.init(params)
 
     def step(params, state, grads):
@@ -447,6 +450,44 @@ def test_optax_step_allocates_no_temporaries(name: str):
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     stats = compiled.memory_analysis()
     assert stats.temp_size_in_bytes < 0.01 * _param_bytes(params), stats
+
+
+def test_in_place_skip_nonfinite_allocates_no_temporaries():
+    """The new-params form (what lars.Lars uses) with skip_nonfinite, donated."""
+    params, grads, _ = _big_problem()
+    spec = lars._transform.make_spec(
+        momentum=0.9,
+        weight_decay=1e-4,
+        trust_coefficient=1e-3,
+        eps=1e-8,
+        nesterov=True,
+        weight_decay_mask=None,
+        trust_ratio_mask=None,
+        trust_clip=None,
+        grad_clip_norm=1.0,
+        grad_clip_value=None,
+        lr_inside_momentum=False,
+        skip_nonfinite=True,
+        backend="native",
+    )
+
+    def step(params, state, grads):
+        return lars._transform.apply_lars_to_params(grads, state, params, 0.1, spec)
+
+    state = lars._transform.init_state(params)
+    f = jax.jit(step, donate_argnums=(0, 1))
+    stats = f.lower(params, state, grads).compile().memory_analysis()
+    assert stats.temp_size_in_bytes < 0.01 * _param_bytes(params), stats
+    # And a skipped step through it changes nothing, bit for bit.
+    before = [np.asarray(p).copy() for p in params]
+    bad = [g.at[(0,) * g.ndim].set(jnp.inf) if k == 1 else g for k, g in enumerate(grads)]
+    state = state._replace(momentum=[jnp.full_like(v, 0.25) for v in state.momentum])
+    new, new_state = f([jnp.asarray(p) for p in before], state, bad)
+    for a, b in zip(new, before, strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint32), b.view(np.uint32))
+    for v in new_state.momentum:
+        assert np.all(np.asarray(v) == 0.25)
+    assert int(new_state.skipped) == 1 and int(new_state.count) == 0
 
 
 def test_training_step_needs_no_buffer_beyond_the_gradients():

@@ -280,6 +280,7 @@ def _call(
     mode: int,
     num_threads: int | None = None,
     given: tuple[jax.Array, jax.Array] | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """The FFI call behind :func:`step` and :func:`apply`.
 
@@ -288,7 +289,9 @@ def _call(
     momentum and ratios only; the updates, ``-lr * v`` or ``-v``, are left to
     XLA, which fuses them into ``optax.apply_updates``; not with nesterov).
     ``given`` is (ratios, global gradient norm), computed by the caller: the
-    handler then skips its sums and only updates.
+    handler then skips its sums and only updates. ``finite`` is a bool scalar
+    (CPU only): when False the handler leaves params and momentum in place,
+    writes -0.0 updates and ratios of 1 (see :func:`skips_nonfinite`).
     """
     _require_cpu_or_cuda()
     lacking = unsupported(config)
@@ -333,7 +336,11 @@ def _call(
         mode=mode,
         num_threads=threads,
     )
-    results = _results(static, lr, params, grads, momentum, extra)
+    if finite is not None:
+        finite = jnp.asarray(finite, jnp.bool_)
+        if finite.shape != ():
+            raise ValueError(f"finite must be a bool scalar, got shape {finite.shape}")
+    results = _results(static, lr, params, grads, momentum, finite, extra)
     momentum_out = list(results[outs : outs + n])
     ratios = list(results[outs + n :])
     if mode != MOMENTUM_ONLY:
@@ -358,8 +365,10 @@ class _Static:
     num_threads: int  # 0: XLA's intra-op pool size
 
 
-def _ffi_results(static: _Static, lr, params, grads, momentum, extra) -> list[jax.Array]:
-    """The custom call. Operands: lr, params, grads, momentum[, ratios, global norm].
+def _ffi_results(static: _Static, lr, params, grads, momentum, finite, extra) -> list[jax.Array]:
+    """The custom call.
+
+    Operands: lr, params, grads, momentum[, finite flag][, ratios, global norm].
 
     Results: [updates or new params,] momentum, trust ratios.
     """
@@ -387,6 +396,7 @@ def _ffi_results(static: _Static, lr, params, grads, momentum, extra) -> list[ja
         *params,
         *grads,
         *momentum,
+        *([] if finite is None else [finite]),
         *extra,
         momentum=_attr(config.momentum),
         weight_decay=_attr(config.weight_decay),
@@ -404,7 +414,9 @@ def _ffi_results(static: _Static, lr, params, grads, momentum, extra) -> list[ja
     )
 
 
-def _reference_results(static: _Static, lr, params, grads, momentum, extra) -> list[jax.Array]:
+def _reference_results(
+    static: _Static, lr, params, grads, momentum, finite, extra
+) -> list[jax.Array]:
     """What :func:`_ffi_results` computes, in the reference's plain JAX."""
     masks = dict(decay_mask=list(static.decay_mask), trust_mask=list(static.trust_mask))
     if extra:
@@ -424,8 +436,16 @@ def _reference_results(static: _Static, lr, params, grads, momentum, extra) -> l
         out = res.updates
         if static.mode == WRITE_PARAMS:
             out = [(p + u).astype(p.dtype) for p, u in zip(params, out, strict=True)]
+    new_momentum, ratios = list(res.momentum), list(res.trust_ratio)
+    if finite is not None:  # a skipped step: nothing moves
+        keep = params if static.mode == WRITE_PARAMS else [jnp.full_like(u, -0.0) for u in out]
+        out = [jnp.where(finite, a, b) for a, b in zip(out, keep, strict=True)]
+        new_momentum = [
+            jnp.where(finite, a, b) for a, b in zip(new_momentum, momentum, strict=True)
+        ]
+        ratios = [jnp.where(finite, r, jnp.ones_like(r)) for r in ratios]
     head = [] if static.mode == MOMENTUM_ONLY else list(out)
-    return [*head, *res.momentum, *res.trust_ratio]
+    return [*head, *new_momentum, *ratios]
 
 
 # Derivatives: the custom call has none of its own; its tangents are those of
@@ -450,6 +470,7 @@ def step(
     config: LarsConfig,
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """One LARS step over all leaves in one native call; returns updates.
 
@@ -473,6 +494,7 @@ def step(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         mode=WRITE_UPDATES if config.nesterov else MOMENTUM_ONLY,
+        finite=finite,
     )
 
 
@@ -485,6 +507,7 @@ def apply(
     config: LarsConfig,
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """Like :func:`step`, but the first field holds the new params, not updates.
 
@@ -500,7 +523,18 @@ def apply(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         mode=WRITE_PARAMS,
+        finite=finite,
     )
+
+
+def skips_nonfinite() -> bool:
+    """True where :func:`step` and :func:`apply` take the ``finite`` flag.
+
+    The CPU handler reads it (host memory): a step with non-finite gradients
+    then changes nothing in place, so ``skip_nonfinite`` needs no copy of the
+    params or momentum. The CUDA handler does not take it.
+    """
+    return jax.default_backend() == "cpu" and _load()["cpu"] is not None
 
 
 def step_with_ratios(

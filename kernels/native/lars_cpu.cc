@@ -277,6 +277,28 @@ void BuildItems(Job& job) {
   job.sum_slots.assign(2 * static_cast<size_t>(sum_slots), 0.0);
 }
 
+// A skipped step (skip_nonfinite, a gradient is not finite): params and
+// momentum stay as they are (their results alias the operands), updates are
+// -0.0 (x + -0.0 == x for every x), ratios 1 (the caller keeps the old ones).
+void SkipStep(Job& job) {
+  for (size_t i = 0; i < job.leaves.size(); ++i) {
+    const LeafView& lv = job.leaves[i];
+    *job.ratio_out[i] = 1.0f;
+    if (job.hyper.mode != kWriteUpdates || lv.n == 0) continue;
+    switch (lv.p) {
+      case kF32:
+        std::fill_n(static_cast<float*>(lv.out), lv.n, -0.0f);
+        break;
+      case kF64:
+        std::fill_n(static_cast<double*>(lv.out), lv.n, -0.0);
+        break;
+      default:  // bfloat16, float16: the sign bit alone
+        std::fill_n(static_cast<uint16_t*>(lv.out), lv.n, static_cast<uint16_t>(0x8000));
+        break;
+    }
+  }
+}
+
 // Builds the work list when the caller gives the trust ratios and the global
 // gradient norm (sharded params: the sums are taken over every shard): update
 // items only, no sums.
@@ -303,12 +325,12 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   auto job = std::make_shared<Job>();
   job->kernels = &ActiveKernels();
   size_t outs = 0;
-  bool given_ratios = false;
+  StepExtras extras;
   if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,
                                       weight_decay, trust_coefficient, eps, trust_clip,
                                       grad_clip_norm, grad_clip_value, nesterov,
                                       lr_inside_momentum, mode, &job->hyper, &outs,
-                                      &given_ratios);
+                                      &extras);
       err.failure()) {
     return err;
   }
@@ -336,9 +358,19 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     job->ratio_out[i] = b.ratio_out;
   }
 
-  if (given_ratios) {
+  size_t next_extra = extras.first;
+  if (extras.finite_flag) {
+    bool finite = true;
+    if (ffi::Error err = ReadFiniteFlag(args, next_extra++, &finite); err.failure()) return err;
+    if (!finite) {
+      SkipStep(*job);
+      return ffi::Error::Success();
+    }
+  }
+  if (extras.given_ratios) {
     std::vector<double> given;
-    if (ffi::Error err = ReadGivenRatios(args, num_leaves, &given, &job->scalars.global_norm);
+    if (ffi::Error err = ReadGivenRatios(args, next_extra, num_leaves, &given,
+                                         &job->scalars.global_norm);
         err.failure()) {
       return err;
     }

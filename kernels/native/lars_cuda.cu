@@ -326,18 +326,18 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   const size_t num_leaves = decay_mask.size();
   DeviceHyper d{};
   size_t outs = 0;
-  bool given_ratios = false;
+  StepExtras extras;
   if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,
                                       weight_decay, trust_coefficient, eps, trust_clip,
                                       grad_clip_norm, grad_clip_value, nesterov,
-                                      lr_inside_momentum, mode, &d.h, &outs, &given_ratios);
+                                      lr_inside_momentum, mode, &d.h, &outs, &extras);
       err.failure()) {
     return err;
   }
-  if (given_ratios) {
+  if (extras.given_ratios || extras.finite_flag) {
     return Invalid(
-        "the CUDA handler does not take precomputed trust ratios (sharded params); use "
-        "backend='reference' or 'pallas' on sharded GPU params");
+        "the CUDA handler takes neither precomputed trust ratios (sharded params) nor a "
+        "finite flag (skip_nonfinite); these run on the CPU handler only");
   }
   d.lr = static_cast<const float*>(lr.untyped_data());
 

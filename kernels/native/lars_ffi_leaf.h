@@ -33,6 +33,13 @@ inline xla::ffi::Error Invalid(const std::string& message) {
   return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument, "lars native step: " + message);
 }
 
+// The optional operands after the leaves' buffers.
+struct StepExtras {
+  bool finite_flag = false;   // a scalar: all gradients are finite (else skip the step)
+  bool given_ratios = false;  // the trust ratios and global norm, computed by the caller
+  size_t first = 0;           // index of the first optional operand
+};
+
 // Checks what every step handler receives (mask lengths, output mode, operand
 // and result counts, the learning rate) and fills the static hyperparameters.
 // `*outs` is the number of updates/params results: 0 or num_leaves.
@@ -44,19 +51,22 @@ inline xla::ffi::Error ReadStepHeader(const xla::ffi::AnyBuffer& lr,
                                       double trust_clip, double grad_clip_norm,
                                       double grad_clip_value, bool nesterov,
                                       bool lr_inside_momentum, int32_t mode, Hyper* h,
-                                      size_t* outs, bool* given_ratios) {
+                                      size_t* outs, StepExtras* extras) {
   if (trust_mask_size != num_leaves) return Invalid("mask lengths differ");
   if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
     return Invalid("unknown output mode " + std::to_string(mode));
   }
   // Results: [out per leaf,] momentum per leaf, trust ratio per leaf.
-  // Operands: params, grads, momentum per leaf; then, when the caller has
-  // computed the trust ratios (sharded params: the norms are sums over
-  // shards), the ratios (one per leaf) and the global gradient norm.
+  // Operands: params, grads, momentum per leaf; then optionally a flag "all
+  // gradients are finite" (skip_nonfinite); then, when the caller has computed
+  // the trust ratios (sharded params: the norms are sums over shards), the
+  // ratios (one per leaf) and the global gradient norm.
   *outs = mode == kMomentumOnly ? 0 : num_leaves;
-  *given_ratios = args.size() == 3 * num_leaves + 2;
-  if ((args.size() != 3 * num_leaves && !*given_ratios) ||
-      rets.size() != *outs + 2 * num_leaves) {
+  const size_t extra = args.size() >= 3 * num_leaves ? args.size() - 3 * num_leaves : 99;
+  extras->finite_flag = extra == 1 || extra == 3;
+  extras->given_ratios = extra == 2 || extra == 3;
+  extras->first = 3 * num_leaves;
+  if (extra > 3 || rets.size() != *outs + 2 * num_leaves) {
     return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
                                          : "expected 3 operands and 3 results per leaf");
   }
@@ -141,14 +151,38 @@ inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
   return ffi::Error::Success();
 }
 
-// Reads the caller's trust ratios and global gradient norm (operands
-// 3 * num_leaves and 3 * num_leaves + 1, float32 or float64) into `ratios` (one
-// per leaf) and `*global_norm`.
-inline xla::ffi::Error ReadGivenRatios(const xla::ffi::RemainingArgs& args, size_t num_leaves,
-                                       std::vector<double>* ratios, double* global_norm) {
+// Reads the "all gradients are finite" flag (a bool or integer scalar at
+// operand `index`) into `*finite`. Host memory: CPU handlers only.
+inline xla::ffi::Error ReadFiniteFlag(const xla::ffi::RemainingArgs& args, size_t index,
+                                      bool* finite) {
   namespace ffi = xla::ffi;
-  auto r = args.get<ffi::AnyBuffer>(3 * num_leaves);
-  auto norm = args.get<ffi::AnyBuffer>(3 * num_leaves + 1);
+  auto flag = args.get<ffi::AnyBuffer>(index);
+  if (!flag.has_value() || flag->element_count() != 1) {
+    return Invalid("the finite flag must be a scalar");
+  }
+  switch (flag->element_type()) {
+    case ffi::DataType::PRED:
+    case ffi::DataType::U8:
+    case ffi::DataType::S8:
+      *finite = *static_cast<const uint8_t*>(flag->untyped_data()) != 0;
+      return ffi::Error::Success();
+    case ffi::DataType::S32:
+      *finite = *static_cast<const int32_t*>(flag->untyped_data()) != 0;
+      return ffi::Error::Success();
+    default:
+      return Invalid("the finite flag must be a bool or integer scalar");
+  }
+}
+
+// Reads the caller's trust ratios and global gradient norm (operands `index`
+// and `index + 1`, float32 or float64) into `ratios` (one per leaf) and
+// `*global_norm`.
+inline xla::ffi::Error ReadGivenRatios(const xla::ffi::RemainingArgs& args, size_t index,
+                                       size_t num_leaves, std::vector<double>* ratios,
+                                       double* global_norm) {
+  namespace ffi = xla::ffi;
+  auto r = args.get<ffi::AnyBuffer>(index);
+  auto norm = args.get<ffi::AnyBuffer>(index + 1);
   if (!r.has_value() || !norm.has_value()) return Invalid("the given ratios are not buffers");
   const ffi::DataType t = r->element_type();
   if ((t != ffi::DataType::F32 && t != ffi::DataType::F64) || norm->element_type() != t) {
