@@ -452,24 +452,29 @@ def test_optax_step_allocates_no_temporaries(name: str, skip_nonfinite: bool):
     assert stats.temp_size_in_bytes < 0.01 * _param_bytes(params), stats
 
 
-def test_in_place_skip_nonfinite_allocates_no_temporaries():
-    """The new-params form (what lars.Lars uses) with skip_nonfinite, donated."""
-    params, grads, _ = _big_problem()
-    spec = lars._transform.make_spec(
+def _spec(backend: str, **overrides: Any) -> lars._transform.LarsSpec:
+    """The step spec ``lars.Lars`` builds, for the new-params form of the step."""
+    options = dict(
         momentum=0.9,
         weight_decay=1e-4,
         trust_coefficient=1e-3,
         eps=1e-8,
-        nesterov=True,
+        nesterov=False,
         weight_decay_mask=None,
         trust_ratio_mask=None,
         trust_clip=None,
-        grad_clip_norm=1.0,
+        grad_clip_norm=None,
         grad_clip_value=None,
         lr_inside_momentum=False,
-        skip_nonfinite=True,
-        backend="native",
+        skip_nonfinite=False,
     )
+    return lars._transform.make_spec(**{**options, **overrides}, backend=backend)
+
+
+def test_in_place_skip_nonfinite_allocates_no_temporaries():
+    """The new-params form (what lars.Lars uses) with skip_nonfinite, donated."""
+    params, grads, _ = _big_problem()
+    spec = _spec("native", nesterov=True, grad_clip_norm=1.0, skip_nonfinite=True)
 
     def step(params, state, grads):
         return lars._transform.apply_lars_to_params(grads, state, params, 0.1, spec)
@@ -820,23 +825,9 @@ def test_differentiable_like_the_reference(nesterov: bool, write_params: bool):
         "w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
         "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
     }
-    options = dict(
-        momentum=0.9,
-        weight_decay=1e-3,
-        trust_coefficient=1e-3,
-        eps=1e-8,
-        nesterov=nesterov,
-        weight_decay_mask=None,
-        trust_ratio_mask=None,
-        trust_clip=None,
-        grad_clip_norm=None,
-        grad_clip_value=None,
-        lr_inside_momentum=False,
-        skip_nonfinite=False,
-    )
 
     def meta(scale, backend):
-        spec = lars._transform.make_spec(**options, backend=backend)
+        spec = _spec(backend, weight_decay=1e-3, nesterov=nesterov)
         grads = jax.tree.map(lambda x: scale * x + 0.1, params)
         state = lars._transform.init_state(params)
         if write_params:
