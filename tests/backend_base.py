@@ -464,6 +464,49 @@ class BackendTests:
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
+    @pytest.mark.parametrize("nesterov", [False, True])
+    def test_derivative_through_two_steps(self, nesterov: bool):
+        """jax.grad through two steps matches float64 finite differences of the oracle.
+
+        The meta-loss depends on a scalar that scales the gradients: its
+        derivative flows through the norms, the trust ratios and the momentum.
+        """
+        rng = np.random.default_rng(11)
+        shapes = [(5, 3), (4,), (2, 2, 3)]
+        params = [rng.normal(size=s) for s in shapes]
+        base = [rng.normal(size=s) for s in shapes]
+        kw = dict(weight_decay=1e-2, nesterov=nesterov, trust_clip=0.05)
+
+        def meta_f64(scale: float) -> float:
+            state, cfg = oracle.init(params), oracle.OracleConfig(learning_rate=0.3, **kw)
+            for k in range(2):
+                grads = [(k + 1) * scale * b + 0.1 * p for b, p in zip(base, params, strict=True)]
+                state = oracle.step(state, grads, cfg)
+            return sum(float(np.sum(p**2)) for p in state.params) + float(
+                sum(np.sum(v) for v in state.momentum)
+            )
+
+        opt = lars.lars(0.3, backend=self.backend, **kw)
+
+        def meta(scale):
+            p = [jnp.asarray(x, jnp.float32) for x in params]
+            state = opt.init(p)
+            for k in range(2):
+                grads = [
+                    (k + 1) * scale * jnp.asarray(b, jnp.float32)
+                    + 0.1 * jnp.asarray(x, jnp.float32)
+                    for b, x in zip(base, params, strict=True)
+                ]
+                updates, state = opt.update(grads, state, p)
+                p = optax.apply_updates(p, updates)
+            return sum(jnp.sum(x**2) for x in p) + sum(jnp.sum(v) for v in state.momentum)
+
+        h = 1e-5
+        want = (meta_f64(0.7 + h) - meta_f64(0.7 - h)) / (2 * h)
+        got = float(jax.jit(jax.grad(meta))(jnp.float32(0.7)))
+        assert abs(want) > 1e-3
+        np.testing.assert_allclose(got, want, rtol=2e-3)
+
     def test_zero_and_empty_leaves(self):
         """Zero-norm leaves get r = 1 exactly; empty leaves stay empty; no NaN."""
         case = CASES_BY_NAME["weight_decay"]
