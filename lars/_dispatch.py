@@ -120,6 +120,25 @@ register(
 )
 
 
+def _triton_backend():
+    from lars.kernels.triton import backend
+
+    return backend
+
+
+# The Triton kernels (lars.kernels.triton), launched by jax-triton on a CUDA
+# GPU. Imported on first use; triton and jax-triton only when a step runs.
+register(
+    Backend(
+        name="triton",
+        step=lambda *a, **k: _triton_backend().triton_step(*a, **k),
+        unavailable=lambda: _triton_backend().unavailable(),
+        unsupported=lambda config: _triton_backend().unsupported(config),
+        apply=lambda *a, **k: _triton_backend().triton_apply(*a, **k),
+    )
+)
+
+
 def available_backends() -> list[str]:
     """Names of the registered backends that can run on this machine."""
     return [name for name, b in _REGISTRY.items() if b.unavailable() is None]

@@ -18,7 +18,6 @@ with ``kernel="mosaic_gpu"``), slowly but with the kernel's own code.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -26,13 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lars._autodiff import with_reference_jvp
 from lars._config import LarsConfig
-from lars._reference import (
-    StepResult,
-    compute_dtype,
-    reference_step,
-    reference_update_with_ratios,
-)
+from lars._reference import StepResult, compute_dtype, reference_update_with_ratios
 
 from . import elementwise as ew
 
@@ -157,66 +152,17 @@ def pallas_step(
         interpret=interpret,
         options=options,
     )
-    args = (list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32))
-    static = _Static(config, tuple(decay_mask), tuple(trust_mask), tuple(sorted(launch.items())))
-    try:
-        hash(static)
-    except TypeError:  # traced hyperparameters: no derivative rule (see _differentiable_step)
-        updates, new_momentum, ratios = _step(*args, hyper, **launch)
-    else:
-        updates, new_momentum, ratios = _differentiable_step(static, *args)
-    return StepResult(updates, new_momentum, ratios)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """The static part of a step (a custom_jvp static argument)."""
-
-    config: LarsConfig
-    decay_mask: tuple[bool, ...]
-    trust_mask: tuple[bool, ...]
-    launch: tuple  # sorted (name, value) pairs of _step's keyword arguments
-
-
-def _kernel_step(static: _Static, params, grads, momentum, lr):
-    _, _, _, _, hyper, _ = _prepare(
-        params,
-        grads,
-        momentum,
-        static.config,
-        static.decay_mask,
-        static.trust_mask,
-        None,
-        None,
-        None,
+    kernel_step = with_reference_jvp(
+        lambda p, g, v, lr: _step(p, g, v, lr, hyper, **launch),
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=False,
     )
-    return _step(params, grads, momentum, lr, hyper, **dict(static.launch))
-
-
-# Derivatives through a step (e.g. jax.grad of a loss after an update): pallas
-# kernels have no derivative rule of their own; the tangents are those of the
-# reference step, the same function.
-_differentiable_step = jax.custom_jvp(_kernel_step, nondiff_argnums=(0,))
-
-
-@_differentiable_step.defjvp
-def _differentiable_step_jvp(static, primals, tangents):
-    out = _kernel_step(static, *primals)
-
-    def reference(params, grads, momentum, lr):
-        r = reference_step(
-            params,
-            grads,
-            momentum,
-            lr,
-            config=static.config,
-            decay_mask=list(static.decay_mask),
-            trust_mask=list(static.trust_mask),
-        )
-        return list(r.updates), list(r.momentum), list(r.trust_ratio)
-
-    _, out_tangents = jax.jvp(reference, primals, tangents)
-    return out, out_tangents
+    updates, new_momentum, ratios = kernel_step(
+        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
+    )
+    return StepResult(updates, new_momentum, ratios)
 
 
 def update_with_ratios(

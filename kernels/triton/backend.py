@@ -1,0 +1,255 @@
+"""The "triton" backend: the multi-tensor LARS step on Triton kernels, launched by jax-triton.
+
+A step is a norm pass over the leaves that have a trust ratio and an update
+pass over all non-empty leaves (plus a global-norm pass with
+``grad_clip_norm``); each pass is ``ceil(leaves / 64)`` launches per
+(param dtype, grad dtype) group: 3 + 3 for ResNet-50's 161 float32 leaves. See
+``plan.py`` for the launch design and ``kernels.py`` for the kernels.
+
+Bytes moved per float32 parameter: the norm pass reads w and g (8 B); the
+update pass reads g and v, and w where weight decay applies, and writes the
+update and v (16-20 B); ``optax.apply_updates`` then reads w and the update and
+writes w (12 B). The in-place form (:func:`triton_apply`) writes the new params
+over the old ones instead: 8 + 20 = 28 B, the two-pass figure of
+``performance.md``. Momentum (and in :func:`triton_apply` the params) are
+aliased to the kernel outputs (``input_output_aliases``): with donated
+buffers the in-place form allocates nothing per parameter, the other form
+only its updates.
+
+Numerics: float32 arithmetic in the reference's order, with floating-point
+contraction off (``enable_fp_fusion=False``): no multiply-add is fused, so a
+kernel rounds exactly where the reference's operations do. The norms are
+summed in a different order (per-chunk vector partial sums, then a fixed-order
+reduction): trust ratios agree to float32 rounding, not bitwise.
+
+jax-triton 0.3.1 is the release that fits: it requires ``jax>=0.8.2`` and
+``triton>=3.6`` (0.4.x require triton 3.7, the device images have 3.6.0); it
+is a pure-Python wheel (``jax_triton-0.3.1-py3-none-any.whl``) but imports only
+with a CUDA/ROCm jaxlib. Later releases renamed ``out_shape`` to ``out_type``
+and moved ``enable_fp_fusion`` into ``backend_options``; the launcher adapts
+to both (only 0.3.1's path has been exercised: 0.4 cannot be installed beside
+Triton 3.6).
+
+Not yet run or timed on a GPU: checked by running the same kernels in Triton's
+interpreter (``interpret.py``), by compiling them for sm_90 (``aot.py``), and by
+lowering this backend's step for CUDA through jax-triton on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lars._autodiff import with_reference_jvp
+from lars._config import LarsConfig
+from lars._reference import StepResult
+
+from . import plan as P
+from . import step as S
+
+# The jax-triton release this backend is written and checked against.
+JAX_TRITON_VERSION = "0.3.1"
+
+
+@functools.cache
+def _import_problem() -> str | None:
+    """None if triton and jax-triton import, else a sentence naming what is missing."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    try:
+        import jax_triton  # noqa: F401
+    except ModuleNotFoundError:
+        return f"jax-triton is not installed (pip install jax-triton=={JAX_TRITON_VERSION})"
+    except ImportError as e:  # jax-triton needs a jaxlib with GPU support
+        return f"jax-triton cannot be imported: {e}"
+    return None
+
+
+def unavailable() -> str | None:
+    """None if the backend can run here, else a sentence saying what is missing."""
+    platform = jax.default_backend()
+    if platform != "gpu":
+        return f"no GPU: the Triton kernels run on an NVIDIA GPU (JAX's platform is {platform!r})"
+    return _import_problem()
+
+
+def unsupported(config: LarsConfig) -> str | None:
+    """Every option of LarsConfig is supported."""
+    del config
+    return None
+
+
+def _launcher(triton_call: Callable, num_warps: int, compute_capability: int | None) -> S.Launcher:
+    """A ``step.Launcher`` that launches with ``triton_call`` (jax-triton's)."""
+    from . import kernels
+
+    parameters = inspect.signature(triton_call).parameters
+
+    def launch(spec, inputs, outputs, aliases, grid, constexprs):
+        out = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outputs]
+        if "out_type" in parameters:  # jax-triton >= 0.4
+            options = {"out_type": out, "backend_options": {"enable_fp_fusion": False}}
+        else:
+            options = {"out_shape": out, "enable_fp_fusion": False}
+        results = triton_call(
+            *inputs,
+            kernel=kernels.get_kernel(spec),
+            grid=(grid,),
+            num_warps=num_warps,
+            input_output_aliases=aliases,
+            compute_capability=compute_capability,
+            **options,
+            **constexprs,
+        )
+        return list(results)
+
+    return launch
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "triton_call", "compute_capability"))
+def _run(params, grads, momentum, lr, hyper, *, plan, triton_call, compute_capability):
+    """The traced step (jitted so that eager calls reuse the compiled kernels)."""
+    launch = _launcher(triton_call, plan.tuning.num_warps, compute_capability)
+    return S.run_step(params, grads, momentum, lr, hyper, plan=plan, launch=launch, xp=jnp)
+
+
+def run(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+    tuning: P.Tuning | None = None,
+    triton_call: Callable | None = None,
+    compute_capability: int | None = None,
+) -> StepResult:
+    """The step, with the launch made explicit (``triton_step`` is this with defaults).
+
+    Args:
+      params, grads, momentum, lr, config, decay_mask, trust_mask: As in
+        ``lars._reference.reference_step``.
+      write_params: Write the new params (over the old: in place) instead of
+        the updates.
+      tuning: The launch geometry (``plan.Tuning()`` by default).
+      triton_call: ``jax_triton.triton_call`` (the default) or a function with
+        its signature.
+      compute_capability: The GPU's (e.g. 90); None asks jax-triton for device 0's.
+    """
+    plan = S.build_plan(
+        params,
+        grads,
+        momentum,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=write_params,
+        tuning=tuning or P.Tuning(),
+    )
+    if triton_call is None:
+        import jax_triton
+
+        triton_call = jax_triton.triton_call
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
+    kernel_step = with_reference_jvp(
+        lambda p, g, v, lr: _run(
+            p,
+            g,
+            v,
+            lr,
+            hyper,
+            plan=plan,
+            triton_call=triton_call,
+            compute_capability=compute_capability,
+        ),
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=write_params,
+    )
+    first, new_momentum, ratios = kernel_step(
+        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
+    )
+    return StepResult(list(first), list(new_momentum), list(ratios))
+
+
+def triton_step(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    tuning: P.Tuning | None = None,
+) -> StepResult:
+    """One LARS step over all leaves on the Triton kernels (GPU).
+
+    Args:
+      params, grads, momentum, lr, config, decay_mask, trust_mask: As in
+        ``lars._reference.reference_step``.
+      tuning: The launch geometry (``plan.Tuning()`` by default).
+
+    Returns:
+      A ``StepResult`` (updates, new momenta, trust ratios).
+
+    Raises:
+      TypeError: naming the leaf, for a dtype the kernels do not handle (float64).
+    """
+    return run(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=False,
+        tuning=tuning,
+    )
+
+
+def triton_apply(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    tuning: P.Tuning | None = None,
+) -> StepResult:
+    """Like :func:`triton_step`, but the first field holds the new params.
+
+    They are written over the params' buffers (donate them to ``jax.jit``) and
+    equal ``optax.apply_updates(params, updates)`` where XLA adds in float32
+    and rounds once (always for float32 params).
+    """
+    return run(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=True,
+        tuning=tuning,
+    )
+
+
+def count_launches(plan: P.StepPlan) -> dict[str, int]:
+    """Triton launches per pass of a step."""
+    kinds = [P.SUMS, P.UPDATE] + ([P.GLOBAL_NORM] if plan.flags.clip_norm else [])
+    return {kind: len(plan.launches(kind)) for kind in kinds}

@@ -1,0 +1,270 @@
+"""The LARS step on the Triton kernels, independent of how a kernel is launched.
+
+:func:`run_step` drives the passes of the plan (``plan.py``) through a
+*launcher*: ``backend.py`` launches with ``jax_triton.triton_call`` on device
+arrays (``xp = jax.numpy``), ``interpret.py`` with Triton's interpreter on
+NumPy arrays (``xp = numpy``). The launch plan, the kernels, their arguments
+and the few operations between the passes are the same code for both.
+
+Between the passes (in ``xp``): each launch's per-chunk partial sums are
+reduced per leaf in a fixed order, and the per-leaf sums become the global
+gradient norm and the trust ratios with the formula of
+``lars._reference.reference_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from lars._config import LarsConfig
+
+from . import plan as P
+
+
+@dataclasses.dataclass(frozen=True)
+class OutSpec:
+    """Shape and dtype of one kernel output."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+class Launcher(Protocol):
+    """Runs one launch; returns its outputs (arrays of ``outputs``' shapes and dtypes)."""
+
+    def __call__(
+        self,
+        spec: P.KernelSpec,
+        inputs: list[Any],
+        outputs: list[OutSpec],
+        aliases: dict[int, int],
+        grid: int,
+        constexprs: dict[str, bool | int],
+    ) -> list[Any]: ...
+
+
+HYPERPARAMETERS = (
+    "momentum",
+    "weight_decay",
+    "trust_coefficient",
+    "eps",
+    "trust_clip",
+    "grad_clip_norm",
+    "grad_clip_value",
+)
+
+
+def hyperparameters(config: LarsConfig) -> dict[str, Any]:
+    """The config's numbers (possibly traced), 0 for an option that is off."""
+    values = {name: getattr(config, name) for name in HYPERPARAMETERS}
+    if not config.has_weight_decay:
+        values["weight_decay"] = 0.0
+    return {k: 0.0 if v is None else v for k, v in values.items()}
+
+
+def build_plan(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+    tuning: P.Tuning,
+) -> P.StepPlan:
+    """The static plan of a step; raises naming the leaf the kernels cannot handle."""
+    has_decay = config.has_weight_decay
+    leaves = []
+    for i, (p, g, v) in enumerate(zip(params, grads, momentum, strict=True)):
+        shape = tuple(p.shape)
+        if shape != tuple(g.shape) or shape != tuple(v.shape):
+            raise ValueError(
+                f"leaf {i}: param, gradient and momentum shapes differ "
+                f"({shape}, {tuple(g.shape)}, {tuple(v.shape)})"
+            )
+        size = int(np.prod(shape, dtype=np.int64))
+        P.check_leaf(i, size, p.dtype, g.dtype, v.dtype, tuning.chunk)
+        leaves.append(
+            P.LeafSpec(
+                size=size,
+                param_dtype=np.dtype(p.dtype).name,
+                grad_dtype=np.dtype(g.dtype).name,
+                decay=bool(decay_mask[i]) and has_decay,
+                trust=bool(trust_mask[i]),
+            )
+        )
+    flags = P.Flags(
+        clip_norm=config.grad_clip_norm is not None,
+        clip_value=config.grad_clip_value is not None,
+        has_decay=any(leaf.decay for leaf in leaves),
+        nesterov=bool(config.nesterov),
+        lr_inside_momentum=bool(config.lr_inside_momentum),
+        trust_clip=config.trust_clip is not None,
+        write_params=write_params,
+    )
+    return P.StepPlan(tuple(leaves), flags, tuning)
+
+
+def pass_sums(
+    kind: str,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    scalars: Any,
+    *,
+    plan: P.StepPlan,
+    launch: Launcher,
+    xp: Any,
+) -> Any:
+    """Runs a norm pass (GLOBAL_NORM or SUMS); returns per-leaf sums, (leaves, 2) float32.
+
+    Each launch's per-chunk partial sums are reduced per leaf in table order
+    (a gather and one sum: fixed order, no atomics). Leaves the pass skips
+    (empty, or without a trust ratio for SUMS) get zero sums.
+    """
+    f32 = np.float32
+    parts = [xp.zeros((1, 2), f32)]  # row 0: the zero sums
+    row_of: dict[int, int] = {}
+    offset = 1
+    for launch_ in plan.launches(kind):
+        spec = P.kernel_spec(launch_, plan.flags)
+        ids = launch_.leaves
+        inputs = [xp.asarray(launch_.table), scalars]
+        if spec.with_params:
+            inputs += [params[i] for i in ids]
+        inputs += [grads[i] for i in ids]
+        programs = launch_.num_programs
+        (partials,) = launch(
+            spec,
+            inputs,
+            [OutSpec((programs, 2), f32)],
+            {},
+            programs,
+            spec.constexprs(plan.flags, plan.tuning),
+        )
+        padded = xp.concatenate([partials, xp.zeros((1, 2), f32)])
+        parts.append(xp.sum(padded[P.reduce_index(launch_.spans, programs)], axis=1))
+        row_of.update({i: offset + k for k, i in enumerate(ids)})
+        offset += len(ids)
+    sums = xp.concatenate(parts)
+    return sums[np.asarray([row_of.get(i, 0) for i in range(len(plan.leaves))], np.int32)]
+
+
+def pass_update(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    ratios: Any,
+    scalars: Any,
+    *,
+    plan: P.StepPlan,
+    launch: Launcher,
+    xp: Any,
+) -> tuple[list[Any], list[Any]]:
+    """Runs the update pass; returns (updates or new params, new momenta), per leaf.
+
+    Momentum (and the params, when they are written) are updated in place:
+    each is aliased to its output. Empty leaves are not launched: their entries
+    are None.
+    """
+    n = len(plan.leaves)
+    first: list[Any] = [None] * n
+    new_momentum: list[Any] = [None] * n
+    for launch_ in plan.launches(P.UPDATE):
+        spec = P.kernel_spec(launch_, plan.flags)
+        ids = launch_.leaves
+        k = len(ids)
+        inputs = [xp.asarray(launch_.table), scalars, ratios[np.asarray(ids, np.int32)]]
+        w_at = len(inputs)
+        if spec.with_params:
+            inputs += [params[i] for i in ids]
+        inputs += [grads[i] for i in ids]
+        v_at = len(inputs)
+        inputs += [momentum[i] for i in ids]
+        outputs = [OutSpec(tuple(np.shape(params[i])), params[i].dtype) for i in ids]
+        outputs += [OutSpec(tuple(np.shape(momentum[i])), momentum[i].dtype) for i in ids]
+        aliases = {v_at + j: k + j for j in range(k)}
+        if plan.flags.write_params:
+            aliases.update({w_at + j: j for j in range(k)})
+        results = launch(
+            spec,
+            inputs,
+            outputs,
+            aliases,
+            launch_.num_programs,
+            spec.constexprs(plan.flags, plan.tuning),
+        )
+        for j, i in enumerate(ids):
+            first[i], new_momentum[i] = results[j], results[k + j]
+    return first, new_momentum
+
+
+def run_step(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    lr: Any,
+    hyper: dict[str, Any],
+    *,
+    plan: P.StepPlan,
+    launch: Launcher,
+    xp: Any,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """One LARS step: returns (updates or new params, new momenta, trust ratios).
+
+    Args:
+      params, grads, momentum: The leaves (``xp`` arrays).
+      lr: The learning rate, a float32 0-d array.
+      hyper: :func:`hyperparameters` as float32 0-d ``xp`` arrays.
+      plan: The step's plan (its leaves must match the arrays).
+      launch: Runs a launch (see :class:`Launcher`).
+      xp: ``jax.numpy`` or ``numpy``: the array namespace of the arrays.
+    """
+    f32 = np.float32
+    one = xp.ones((), f32)
+    zero = xp.zeros((), f32)
+    values = {
+        P.LR: xp.asarray(lr).astype(f32),
+        P.MOMENTUM: hyper["momentum"],
+        P.WEIGHT_DECAY: hyper["weight_decay"],
+        P.CLIP_DIVISOR: one,
+        P.CLIP_FACTOR: one,
+        P.CLIP_VALUE: hyper["grad_clip_value"],
+    }
+
+    def scalars():
+        return xp.stack([values.get(k, zero) for k in range(P.NUM_SCALARS)]).astype(f32)
+
+    run = dict(plan=plan, launch=launch, xp=xp)
+    # 1. grad_clip_norm (optax.clip_by_global_norm): g <- g if ||g|| < c else (g / ||g||) * c.
+    if plan.flags.clip_norm:
+        sums = pass_sums(P.GLOBAL_NORM, params, grads, scalars(), **run)
+        g_norm = xp.sqrt(xp.sum(sums[:, P.SUM_W2]))
+        trigger = g_norm < hyper["grad_clip_norm"]
+        values[P.CLIP_DIVISOR] = xp.where(trigger, one, g_norm)
+        values[P.CLIP_FACTOR] = xp.where(trigger, one, hyper["grad_clip_norm"])
+    scalars_now = scalars()
+
+    # 2. Trust ratios from the per-leaf sums (optax.scale_by_trust_ratio). Empty
+    # leaves have zero sums: r = 1, then trust_clip, as in the reference.
+    sums = pass_sums(P.SUMS, params, grads, scalars_now, **run)
+    w_norm = xp.sqrt(sums[:, P.SUM_W2])
+    u_norm = xp.sqrt(sums[:, P.SUM_U2])
+    r = hyper["trust_coefficient"] * w_norm / (u_norm + hyper["eps"])
+    r = xp.where(xp.logical_or(w_norm == 0.0, u_norm == 0.0), one, r)
+    if plan.flags.trust_clip:
+        r = xp.minimum(r, hyper["trust_clip"])
+    trust = np.asarray([leaf.trust for leaf in plan.leaves], bool)
+    ratios = xp.where(trust, r, one).astype(f32)
+
+    # 3. The update pass.
+    first, new_momentum = pass_update(params, grads, momentum, ratios, scalars_now, **run)
+    for i, leaf in enumerate(plan.leaves):
+        if leaf.size == 0:
+            first[i] = params[i] if plan.flags.write_params else xp.zeros_like(params[i])
+            new_momentum[i] = momentum[i]
+    return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]

@@ -1,0 +1,80 @@
+"""Derivatives for kernel backends: the tangents of the reference step.
+
+A custom call or a Pallas/Triton kernel has no derivative rule. The step it
+computes is the reference step's function, so :func:`with_reference_jvp`
+gives a kernel step a ``jax.custom_jvp`` whose tangents are the reference's:
+``jax.jvp`` and ``jax.grad`` through an optimizer step (e.g. to differentiate a
+loss after an update) then work, while the forward pass stays on the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+
+from lars._config import LarsConfig
+from lars._reference import reference_step
+
+# (params, grads, momentum, lr) -> (first, momentum, ratios): first holds the
+# updates, or the new params with write_params; lists in the params' order.
+KernelStep = Callable[[list, list, list, jax.Array], tuple[list, list, list]]
+
+
+def reference_outputs(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+) -> tuple[list, list, list]:
+    """The reference step's (first, momentum, ratios), as a kernel step returns them."""
+    r = reference_step(
+        params, grads, momentum, lr, config=config, decay_mask=decay_mask, trust_mask=trust_mask
+    )
+    first = list(r.updates)
+    if write_params:
+        first = [(p + u).astype(p.dtype) for p, u in zip(params, first, strict=True)]
+    return first, list(r.momentum), list(r.trust_ratio)
+
+
+def with_reference_jvp(
+    kernel_step: KernelStep,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+) -> KernelStep:
+    """``kernel_step`` with the reference step's derivatives.
+
+    Args:
+      kernel_step: The kernel's step on (params, grads, momentum, lr).
+      config, decay_mask, trust_mask: The step's hyperparameters and masks.
+      write_params: Whether the kernel's first result holds new params.
+
+    Returns:
+      A function like ``kernel_step`` whose JVP (and so VJP) is the reference's.
+    """
+    statics = dict(
+        config=config,
+        decay_mask=list(decay_mask),
+        trust_mask=list(trust_mask),
+        write_params=write_params,
+    )
+
+    @jax.custom_jvp
+    def step(params, grads, momentum, lr):
+        return kernel_step(params, grads, momentum, lr)
+
+    @step.defjvp
+    def _jvp(primals, tangents):
+        out = kernel_step(*primals)
+        _, out_tangents = jax.jvp(lambda *a: reference_outputs(*a, **statics), primals, tangents)
+        return out, out_tangents
+
+    return step

@@ -1,0 +1,390 @@
+"""Tests of the Triton backend (lars.kernels.triton) that run without a GPU.
+
+* The launch plan, in pure Python: tile tables, dtype groups, launch counts
+  (ResNet-50's included).
+* The kernels compiled for an NVIDIA Hopper GPU (sm_90) on the CPU: Triton's
+  whole pipeline down to PTX and a cubin (ptxas), for every pass and dtype group.
+* The GPU launcher: the backend's step lowered for CUDA through jax-triton's
+  own ``triton_call`` (jax-triton imports only with a GPU jaxlib, so its module
+  is loaded with a stand-in for jaxlib's CUDA-only Triton extension: the
+  lowering, the kernel specialisation and compilation are jax-triton's).
+* The kernels themselves, run in Triton's interpreter: ``triton_interpret_cases.py``
+  in a subprocess with ``TRITON_INTERPRET=1`` (set before triton is imported).
+
+triton (``pip install .[test]`` installs it) is required: without it these
+tests fail rather than skip. The jax-triton lowering test needs jax-triton
+too (also in the test extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import triton  # noqa: F401  (required: a missing triton fails here, it is not skipped)
+
+from lars._config import LarsConfig
+from lars.kernels.triton import aot, backend
+from lars.kernels.triton import plan as P
+from lars.kernels.triton import step as S
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree
+    sys.path.insert(0, str(ROOT))
+
+from bench.workloads import resnet50_shapes  # noqa: E402
+
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+
+
+def make_plan(
+    shapes, dtypes=None, *, config=None, decay=None, trust=None, tuning=None, write=False
+):
+    """A StepPlan for leaves of ``shapes`` and (param, grad) ``dtypes``."""
+    n = len(shapes)
+    dtypes = dtypes or [(F32, F32)] * n
+    leaf = lambda shape, dtype: types.SimpleNamespace(shape=shape, dtype=np.dtype(dtype))
+    params = [leaf(s, p) for s, (p, _) in zip(shapes, dtypes, strict=True)]
+    grads = [leaf(s, g) for s, (_, g) in zip(shapes, dtypes, strict=True)]
+    momentum = [leaf(s, F32) for s in shapes]
+    return S.build_plan(
+        params,
+        grads,
+        momentum,
+        config=config or LarsConfig(weight_decay=1e-4),
+        decay_mask=decay or [True] * n,
+        trust_mask=trust or [True] * n,
+        write_params=write,
+        tuning=tuning or P.Tuning(),
+    )
+
+
+# --------------------------------------------------------------------------
+# The plan.
+
+
+@pytest.mark.parametrize("chunk", [256, 1024])
+def test_table_covers_every_element_once(chunk):
+    rng = np.random.default_rng(0)
+    sizes = [1, chunk - 1, chunk, chunk + 1, 3 * chunk, 1, *rng.integers(1, 5 * chunk, 10)]
+    decay = [i % 2 == 0 for i in range(len(sizes))]
+    table, spans = P.make_table(sizes, decay, chunk)
+    assert table.dtype == np.int32 and table.shape[1] == P.TABLE_COLUMNS
+    for slot, (n, (a, b)) in enumerate(zip(sizes, spans, strict=True)):
+        rows = table[a:b]
+        assert (rows[:, P.COL_SLOT] == slot).all()
+        assert (rows[:, P.COL_DECAY] == int(decay[slot])).all()
+        covered = np.zeros(n, int)
+        for c, length in rows[:, [P.COL_CHUNK, P.COL_LENGTH]]:
+            assert 0 < length <= chunk
+            covered[c * chunk : c * chunk + length] += 1
+        np.testing.assert_array_equal(covered, 1)  # each element in exactly one program
+    assert spans[-1][1] == table.shape[0]
+
+
+def test_reduce_index_lines_up_each_slots_rows():
+    spans = [(0, 3), (3, 4), (4, 4), (4, 6)]
+    index = P.reduce_index(spans, 6)
+    np.testing.assert_array_equal(index, [[0, 1, 2], [3, 6, 6], [6, 6, 6], [4, 5, 6]])
+
+
+def test_launches_group_dtypes_and_cap_slots():
+    dtypes = [(F32, F32), (BF16, BF16), (F32, BF16), (F32, F32), (F16, F16)] * 7
+    shapes = [(i + 1,) for i in range(len(dtypes))] + [(0,)]
+    dtypes.append((F32, F32))
+    trust = [i % 3 != 0 for i in range(len(shapes))]
+    plan = make_plan(shapes, dtypes, trust=trust, tuning=P.Tuning(slots=3))
+    for kind, chosen in [
+        (P.UPDATE, [i for i, s in enumerate(shapes) if s != (0,)]),
+        (P.SUMS, [i for i, s in enumerate(shapes) if s != (0,) and trust[i]]),
+    ]:
+        launches = plan.launches(kind)
+        seen = [i for launch in launches for i in launch.leaves]
+        assert sorted(seen) == chosen
+        for launch in launches:
+            assert 1 <= len(launch.leaves) <= 3
+            for i in launch.leaves:
+                p, g = (np.dtype(d).name for d in dtypes[i])
+                assert (launch.param_dtype, launch.grad_dtype) == (p, g)
+        groups = {(la.param_dtype, la.grad_dtype) for la in launches}
+        per_group = [
+            sum(
+                1 for i in chosen if (np.dtype(dtypes[i][0]).name, np.dtype(dtypes[i][1]).name) == g
+            )
+            for g in groups
+        ]
+        assert len(launches) == sum(-(-k // 3) for k in per_group)
+
+
+def test_resnet50_takes_three_launches_per_pass():
+    """The figure the backend's docstrings give: 161 float32 leaves, 64 per launch."""
+    shapes = resnet50_shapes()
+    assert len(shapes) == 161
+    plan = make_plan(shapes, config=LarsConfig(weight_decay=1e-4, grad_clip_norm=1.0))
+    assert backend.count_launches(plan) == {P.SUMS: 3, P.UPDATE: 3, P.GLOBAL_NORM: 3}
+    # BatchNorm and biases excluded from the trust ratio: 54 leaves measured.
+    trust = [len(s) > 1 for s in shapes]
+    plan = make_plan(shapes, trust=trust)
+    assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 3}
+    programs = sum(la.num_programs for la in plan.launches(P.UPDATE))
+    assert programs == sum(-(-int(np.prod(s)) // P.CHUNK) for s in shapes)
+
+
+def test_kernel_specs_match_the_options():
+    plan = make_plan([(5,)], config=LarsConfig())
+    (launch,) = plan.launches(P.UPDATE)
+    assert P.kernel_spec(launch, plan.flags) == P.KernelSpec(P.UPDATE, 1, False)  # w not read
+    plan = make_plan([(5,)], config=LarsConfig(weight_decay=0.1))
+    assert P.kernel_spec(plan.launches(P.UPDATE)[0], plan.flags).with_params
+    plan = make_plan([(5,)], config=LarsConfig(), write=True)
+    assert P.kernel_spec(plan.launches(P.UPDATE)[0], plan.flags).with_params
+    assert P.kernel_spec(plan.launches(P.SUMS)[0], plan.flags).with_params
+
+
+@pytest.mark.parametrize(
+    "dtypes, match",
+    [
+        ([(jnp.float64, jnp.float64)], r"leaf 0: .*float64 param"),
+        ([(F32, jnp.float64)], r"leaf 0: .*float64 gradient"),
+        ([(F32, F32), (jnp.int32, jnp.int32)], r"leaf 1: .*int32"),
+    ],
+)
+def test_unhandled_dtypes_are_refused_naming_the_leaf(dtypes, match):
+    with pytest.raises(TypeError, match=match):
+        make_plan([(3,)] * len(dtypes), dtypes)
+
+
+def test_every_option_is_supported_and_the_missing_gpu_is_named():
+    config = LarsConfig(
+        weight_decay=0.1,
+        nesterov=True,
+        trust_clip=1.0,
+        grad_clip_norm=1.0,
+        grad_clip_value=0.1,
+        lr_inside_momentum=True,
+    )
+    assert backend.unsupported(config) is None
+    assert backend.unsupported(LarsConfig()) is None
+    missing = backend.unavailable()
+    if jax.default_backend() != "gpu":
+        assert missing is not None and missing.startswith("no GPU")
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("triton", "triton is not installed"),
+        ("jax_triton", "jax-triton is not installed"),
+        ("jax_triton_gpu", "jax-triton cannot be imported: needs a GPU jaxlib"),
+    ],
+)
+def test_a_missing_package_is_named(monkeypatch, missing, message):
+    if missing == "jax_triton_gpu":  # what importing jax-triton does with a CPU jaxlib
+        error = ImportError("needs a GPU jaxlib")
+        monkeypatch.setattr("builtins.__import__", _import_failing("jax_triton", error))
+    else:
+        monkeypatch.setitem(sys.modules, missing, None)  # import raises ModuleNotFoundError
+    backend._import_problem.cache_clear()
+    try:
+        assert backend._import_problem().startswith(message)
+    finally:
+        backend._import_problem.cache_clear()
+
+
+def _import_failing(name, error):
+    real = __import__
+
+    def fake(module, *args, **kwargs):
+        if module == name:
+            raise error
+        return real(module, *args, **kwargs)
+
+    return fake
+
+
+# --------------------------------------------------------------------------
+# Compiled for Hopper on the CPU.
+
+ALL_ON = P.Flags(
+    clip_norm=True,
+    clip_value=True,
+    has_decay=True,
+    nesterov=True,
+    lr_inside_momentum=True,
+    trust_clip=True,
+)
+KERNELS = [
+    (P.KernelSpec(P.GLOBAL_NORM, 5, False), ALL_ON),
+    (P.KernelSpec(P.SUMS, 5, True), ALL_ON),
+    (P.KernelSpec(P.UPDATE, 5, True), ALL_ON),
+    (P.KernelSpec(P.UPDATE, 5, True), P.Flags(has_decay=True, write_params=True)),
+    (P.KernelSpec(P.UPDATE, 5, False), P.Flags()),
+]
+GROUPS = [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
+GROUPS.append(("float16", "float16"))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: "_".join(g))
+@pytest.mark.parametrize("kernel", range(len(KERNELS)))
+def test_compiles_for_hopper(kernel, group):
+    """PTX and a cubin for sm_90; full chunks use 16-byte vector accesses; no fused multiply-add."""
+    spec, flags = KERNELS[kernel]
+    compiled = aot.compile_kernel(spec, *group, flags)
+    ptx = compiled.asm["ptx"]
+    assert re.search(rf"\.visible \.entry {spec.name}\(", ptx)
+    assert ".target sm_90a" in ptx
+    assert len(compiled.asm["cubin"]) > 1000
+    # A pointer parameter per array (Triton appends its own scratch pointers).
+    assert ptx.count(".param .u64") >= len(spec.arg_names())
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.", ptx), "no vectorised loads"
+    if spec.kind == P.UPDATE:
+        assert re.search(r"st\.global(\.\w+)*\.v4\.", ptx), "no vectorised stores"
+        if "bfloat16" in group[0]:
+            assert "cvt.rn.bf16" in ptx  # round to nearest even, as XLA
+    assert "fma." not in ptx  # contraction off: the reference's rounding
+
+
+def test_the_default_launch_fits_the_kernel_parameter_limit():
+    """64 slots of the widest kernel stay inside the 4 kB every CUDA version accepts."""
+    spec = P.KernelSpec(P.UPDATE, P.SLOTS_PER_LAUNCH, True)
+    assert 8 * len(spec.arg_names()) <= 4096
+    compiled = aot.compile_kernel(spec, "float32", "float32", ALL_ON)
+    assert compiled.asm["ptx"].count(".param .u64") >= len(spec.arg_names())
+
+
+# --------------------------------------------------------------------------
+# The GPU launcher, lowered for CUDA through jax-triton on the CPU.
+
+
+def load_jax_triton_lib():
+    """jax_triton.triton_lib, with a stand-in for jaxlib's CUDA-only Triton extension.
+
+    Returns (module, compiled) where ``compiled`` collects the kernels
+    jax-triton compiled (name, PTX, ...) during lowering. The stand-in only
+    records what jax-triton would hand to the CUDA runtime.
+    """
+    spec = importlib.util.find_spec("jax_triton")
+    assert spec is not None, "jax-triton is not installed (it is in the test extra)"
+    path = os.path.join(spec.submodule_search_locations[0], "triton_lib.py")
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")  # the module overwrites it
+    module_spec = importlib.util.spec_from_file_location("_jax_triton_lib_on_cpu", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        if cache_dir is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
+    compiled = []
+
+    class KernelCall:
+        def __init__(self, kernel, grid_x, grid_y, grid_z, params):
+            self.kernel, self.grid, self.params = kernel, (grid_x, grid_y, grid_z), params
+
+        def to_proto(self, name, metadata):
+            return repr((self.kernel[0], self.grid, len(self.params))).encode()
+
+    def triton_kernel(name, num_warps, num_ctas, shared_mem, binary, ttir, capability):
+        compiled.append(dict(name=name, num_warps=num_warps, ptx=binary, capability=capability))
+        return (name,)
+
+    module.triton_kernel_call_lib = types.SimpleNamespace(
+        TritonKernel=triton_kernel,
+        TritonKernelCall=KernelCall,
+        create_array_parameter=lambda zeroed_bytes, alignment: ("array", alignment),
+        create_scalar_parameter=lambda value, dtype: ("scalar", value, dtype),
+        get_compute_capability=lambda device: 90,
+    )
+    return module, compiled
+
+
+@pytest.mark.parametrize("write_params", [False, True], ids=["updates", "in_place"])
+def test_step_lowers_for_cuda_through_jax_triton(write_params):
+    jt, compiled = load_jax_triton_lib()
+    shapes = [(), (127,), (3, 3, 4, 8), (0,), (4097,), (33,), (6, 7)]
+    dtypes = [(F32, F32), (BF16, BF16), (F32, F32), (F32, F32), (F32, BF16), (F32, F32)]
+    dtypes.append((BF16, BF16))
+    rng = np.random.default_rng(0)
+    params = [
+        jnp.asarray(rng.standard_normal(s), p) for s, (p, _) in zip(shapes, dtypes, strict=True)
+    ]
+    grads = [
+        jnp.asarray(rng.standard_normal(s), g) for s, (_, g) in zip(shapes, dtypes, strict=True)
+    ]
+    momentum = [jnp.zeros(s, F32) for s in shapes]
+    config = LarsConfig(weight_decay=0.01, grad_clip_norm=1.0, nesterov=True)
+    masks = dict(decay_mask=[True] * len(shapes), trust_mask=[True] * len(shapes))
+
+    def step(params, grads, momentum, lr):
+        return backend.run(
+            params,
+            grads,
+            momentum,
+            lr,
+            config=config,
+            write_params=write_params,
+            triton_call=jt.triton_call,
+            compute_capability=90,
+            **masks,
+        )
+
+    def lower(lr):
+        traced = jax.jit(step, donate_argnums=(0, 2)).trace(params, grads, momentum, lr)
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lower(jnp.float32(0.1))
+    # 3 dtype groups x 3 passes (global norm, sums, update), one custom call each.
+    calls = re.findall(r"stablehlo\.custom_call @triton_kernel_call", text)
+    assert len(calls) == 9
+    # Groups: float32 (3 non-empty leaves), bfloat16 (2), float32 with bfloat16 grads (1).
+    assert sorted(c["name"] for c in compiled) == sorted(
+        f"lars_{kind}_{n}{suffix}"
+        for kind, suffix in [("global_norm", ""), ("sums", "_w"), ("update", "_w")]
+        for n in (3, 2, 1)
+    )
+    assert all(c["capability"] == 90 and ".entry lars_" in c["ptx"] for c in compiled)
+    assert all(c["num_warps"] == P.NUM_WARPS for c in compiled)
+    assert not any("fma." in c["ptx"] for c in compiled)  # enable_fp_fusion=False reached Triton
+    # In place: every momentum (and with write_params every param) aliases an output.
+    aliased = len(re.findall(r"#stablehlo\.output_operand_alias<", text))
+    assert aliased == (2 if write_params else 1) * 6  # the 6 non-empty leaves
+    # The learning rate is an operand, not a constant: a new one compiles nothing new.
+    assert lower(jnp.float32(0.7)) == text
+
+
+# --------------------------------------------------------------------------
+# The kernels in Triton's interpreter (a subprocess: TRITON_INTERPRET=1 first).
+
+
+def test_kernels_in_the_interpreter():
+    """Runs triton_interpret_cases.py; every test there must pass (none skipped)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "triton_interpret_cases.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
+    result = subprocess.run(
+        cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=900
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-20000:]
+    summary = output.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 30, summary
+    assert not re.search(r"skipped|xfail|deselected|error", summary), summary
