@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax.numpy as jnp
+import numpy as np
+
 from lars._config import LarsConfig
 from lars._reference import reference_step
 
@@ -38,6 +41,9 @@ class Backend:
         ``finite`` flag (a bool scalar) here and, when it is False, leave params
         and momentum in place (updates -0.0), so that ``skip_nonfinite`` needs
         no copies of them.
+      dtypes: The (param dtype, grad dtype) pairs the backend computes in, or
+        None for every pair the front end accepts. The front end rejects other
+        leaves by path before calling the backend.
     """
 
     name: str
@@ -47,6 +53,7 @@ class Backend:
     apply: Callable | None = None
     update_with_ratios: Callable | None = None
     skips_nonfinite: Callable[[], bool] = lambda: False
+    dtypes: frozenset | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -83,6 +90,7 @@ def _register_native() -> None:
             apply=native.apply,
             update_with_ratios=native.step_with_ratios,
             skips_nonfinite=native.skips_nonfinite,
+            dtypes=frozenset(native.SUPPORTED_DTYPES),
         )
     )
 
@@ -108,6 +116,19 @@ def _pallas_update_with_ratios(*args, **kwargs):
     return backend.update_with_ratios(*args, **kwargs)
 
 
+# float32/bfloat16/float16 params with grads of their dtype or lower precision
+# (the Pallas and Triton kernels compute in float32; no float64).
+_KERNEL_DTYPES = frozenset(
+    (np.dtype(p), np.dtype(g))
+    for p, g in [
+        (jnp.float32, jnp.float32),
+        (jnp.float32, jnp.bfloat16),
+        (jnp.float32, jnp.float16),
+        (jnp.bfloat16, jnp.bfloat16),
+        (jnp.float16, jnp.float16),
+    ]
+)
+
 # The Pallas kernels (lars.kernels.pallas): Mosaic GPU on Hopper, Mosaic TPU on
 # TPU, interpret mode on a CPU. Imported on first use (Pallas is slow to import).
 register(
@@ -116,6 +137,7 @@ register(
         step=_pallas_step,
         unavailable=_pallas_unavailable,
         update_with_ratios=_pallas_update_with_ratios,
+        dtypes=_KERNEL_DTYPES,
     )
 )
 
@@ -135,6 +157,7 @@ register(
         unavailable=lambda: _triton_backend().unavailable(),
         unsupported=lambda config: _triton_backend().unsupported(config),
         apply=lambda *a, **k: _triton_backend().triton_apply(*a, **k),
+        dtypes=_KERNEL_DTYPES,
     )
 )
 

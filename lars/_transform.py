@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lars import _dispatch, _sharded
@@ -120,6 +121,14 @@ def _lars_step(
     p_leaves, treedef = jax.tree.flatten(params)
     p_leaves = [jnp.asarray(p) for p in p_leaves]
     g_leaves = [jnp.asarray(g) for g in treedef.flatten_up_to(grads)]
+    if spec.backend.dtypes is not None:
+        for path, p, g in zip(paths, p_leaves, g_leaves, strict=True):
+            pair = (np.dtype(p.dtype), np.dtype(g.dtype))
+            if pair not in spec.backend.dtypes:
+                raise TypeError(
+                    f"backend {spec.backend.name!r} does not compute {pair[0]} params with "
+                    f"{pair[1]} gradients (the leaf at {path}); use backend='reference'"
+                )
     v_leaves = treedef.flatten_up_to(state.momentum)
     r_leaves = treedef.flatten_up_to(state.trust_ratio)
     in_place = emit_params and spec.backend.apply is not None

@@ -347,3 +347,20 @@ def test_load_state_dict_with_wrong_shapes_changes_nothing(trained):
     with pytest.raises(ValueError, match="opt_state"):
         trained.load_state_dict({"step_count": 3, "scheduler": None})
     assert_unchanged(before, snapshot(trained))
+
+
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+def test_kernel_backend_rejects_float64_by_path(backend: str):
+    """A dtype pair a backend does not compute is refused by path before dispatch."""
+    from lars import _dispatch, _transform
+
+    spec = _transform.LarsSpec(
+        config=lars.LarsConfig(), backend=_dispatch._REGISTRY[backend]
+    )  # the backend need not run here: the check comes first
+    with jax.enable_x64(True):
+        params = {"a": jnp.ones(2, jnp.float32), "b": {"w": jnp.ones((3, 2), jnp.float64)}}
+        state = _transform.init_state(params)
+        with pytest.raises(
+            TypeError, match=re.escape("float64 gradients (the leaf at ['b']['w'])")
+        ):
+            _transform.apply_lars(params, state, params, 0.1, spec)
