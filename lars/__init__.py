@@ -13,13 +13,14 @@ from lars import schedules
 from lars._config import LarsConfig
 from lars._dispatch import available_backends
 from lars._optimizer import Lars
-from lars._transform import LarsState, lars
+from lars._transform import LarsState, LarsTransformation, lars
 from lars._trees import exclude_bias_and_norm
 
 __all__ = [
     "Lars",
     "LarsConfig",
     "LarsState",
+    "LarsTransformation",
     "available_backends",
     "exclude_bias_and_norm",
     "lars",

@@ -220,6 +220,38 @@ def apply_lars_to_params(
     return _lars_step(grads, state, params, lr, spec, emit_params=True)
 
 
+class LarsTransformation(optax.GradientTransformation):
+    """``lars.lars``'s transformation: an optax ``(init, update)`` pair, plus
+    :meth:`apply_gradients`, the step that returns new params directly.
+
+    It is an ``optax.GradientTransformation`` (a NamedTuple of ``init`` and
+    ``update``), so it chains, unpacks and wraps as any other.
+    """
+
+    def apply_gradients(self, params: Any, state: LarsState, grads: Any) -> tuple[Any, LarsState]:
+        """One step that returns the new params and state instead of updates.
+
+        Equal, bit for bit, to ``optax.apply_updates(params, updates)`` after
+        ``update(grads, state, params)``. Backends with an in-place form write
+        the new params over the params' buffers: in ``jax.jit`` with params and
+        state donated (``donate_argnums=(0, 1)``: the arguments come in the
+        order of the results, so JAX pairs each donated buffer with its own
+        result), the native backend's step allocates nothing and moves 20 bytes
+        per float32 parameter where the leaves fit in cache.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, lars
+          >>> opt = lars.lars(0.1)
+          >>> params = {"w": jnp.ones(3)}
+          >>> state = opt.init(params)
+          >>> step = jax.jit(opt.apply_gradients, donate_argnums=(0, 1))
+          >>> params, state = step(params, state, {"w": jnp.full(3, 0.5)})
+          >>> print(params["w"])
+          [0.9999 0.9999 0.9999]
+        """
+        return self.update.apply_fn(grads, state, params)
+
+
 def lars(
     learning_rate: float | Callable[[jax.Array], jax.Array],
     momentum: float = 0.9,
@@ -277,8 +309,10 @@ def lars(
       backend: "auto" or a backend name (see :func:`lars.available_backends`).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`LarsState`.
-      ``update(grads, state, params)`` needs ``params``.
+      A :class:`LarsTransformation` (an ``optax.GradientTransformation``) whose
+      state is a :class:`LarsState`. ``update(grads, state, params)`` needs
+      ``params``; ``apply_gradients(params, state, grads)`` returns the new
+      params and state (in place on backends that can).
 
     Raises:
       ValueError, TypeError: for a hyperparameter out of range or of the wrong
@@ -327,4 +361,9 @@ def lars(
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         return apply_lars(grads, state, params, lr, spec)
 
-    return optax.GradientTransformation(init_state, update_fn)
+    def apply_fn(grads: Any, state: LarsState, params: Any) -> tuple[Any, LarsState]:
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        return apply_lars_to_params(grads, state, params, lr, spec)
+
+    update_fn.apply_fn = apply_fn  # read by LarsTransformation.apply_gradients
+    return LarsTransformation(init_state, update_fn)

@@ -507,6 +507,33 @@ class BackendTests:
         assert abs(want) > 1e-3
         np.testing.assert_allclose(got, want, rtol=2e-3)
 
+    def test_apply_gradients_equals_update_then_apply_updates(self):
+        """The new-params step equals update + optax.apply_updates, bit for bit (jitted)."""
+        case = CASES_BY_NAME["everything"]
+        params, grads, _, _ = self.problem()
+        opt = lars.lars(
+            case.learning_rate(),
+            weight_decay_mask=lars_mask(case.decay_mask, params),
+            trust_ratio_mask=lars_mask(case.trust_mask, params),
+            backend=self.backend,
+            **case.lars_kwargs(),
+        )
+
+        def two_part(p, s, g):
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        a_params, a_state = params, opt.init(params)
+        b_params, b_state = params, opt.init(params)
+        fused, split = jax.jit(opt.apply_gradients), jax.jit(two_part)
+        for g in grads[:2]:
+            a_params, a_state = fused(a_params, a_state, g)
+            b_params, b_state = split(b_params, b_state, g)
+        for x, y in zip(jax.tree.leaves(a_params), jax.tree.leaves(b_params), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a_state), jax.tree.leaves(b_state), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
     def test_zero_and_empty_leaves(self):
         """Zero-norm leaves get r = 1 exactly; empty leaves stay empty; no NaN."""
         case = CASES_BY_NAME["weight_decay"]

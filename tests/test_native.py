@@ -452,6 +452,18 @@ def test_optax_step_allocates_no_temporaries(name: str, skip_nonfinite: bool):
     assert stats.temp_size_in_bytes < 0.01 * _param_bytes(params), stats
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_apply_gradients_allocates_no_temporaries(skip_nonfinite: bool):
+    """The public new-params step, params and state donated: in place, no temporaries."""
+    params, grads, _ = _big_problem()
+    opt = lars.lars(0.1, weight_decay=1e-4, skip_nonfinite=skip_nonfinite, backend="native")
+    state = opt.init(params)
+    step = jax.jit(opt.apply_gradients, donate_argnums=(0, 1))
+    stats = step.lower(params, state, grads).compile().memory_analysis()
+    assert stats.temp_size_in_bytes < 0.01 * _param_bytes(params), stats
+    assert stats.alias_size_in_bytes >= 2 * _param_bytes(params), stats
+
+
 def _spec(backend: str, **overrides: Any) -> lars._transform.LarsSpec:
     """The step spec ``lars.Lars`` builds, for the new-params form of the step."""
     options = dict(
