@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (%(default)s)")
     p.add_argument(
         "--backends",
-        help="comma-separated lars backends to time (default: all available); "
+        help="comma-separated lars backends to time (default: all available, and "
+        '"<backend>:apply" for the in-place apply_gradients step where a backend has one); '
         "optax and copy always run",
     )
     p.add_argument(
@@ -109,9 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     import lars
-    from bench import environment, measure, plots, report
+    from bench import environment, measure, plots, report, steps
 
     available = lars.available_backends()
+    available += steps.in_place_rows(available)
     backends = _split(args.backends) or available
     unknown = [b for b in backends if b not in available]
     if unknown:

@@ -40,6 +40,17 @@ LEARNING_RATE = 0.1
 
 OPTAX = "optax"
 COPY = "copy"
+# A row "<backend>:apply" times the backend's new-params step,
+# ``lars.lars(...).apply_gradients`` (in place where the backend can), instead
+# of ``update`` followed by ``optax.apply_updates``.
+APPLY_SUFFIX = ":apply"
+
+
+def in_place_rows(backends: Sequence[str]) -> list[str]:
+    """The "<backend>:apply" rows for the backends with an in-place form."""
+    from lars import _dispatch
+
+    return [b + APPLY_SUFFIX for b in backends if _dispatch.resolve(b, lars.LarsConfig()).apply]
 
 
 def optax_tx(lr: jax.Array) -> optax.GradientTransformation:
@@ -73,11 +84,17 @@ def make_tx_factory(name: str) -> Callable[[Any], optax.GradientTransformation]:
     return lambda lr: lars_tx(lr, name)
 
 
-def make_step(tx_factory: Callable[[Any], optax.GradientTransformation]) -> Callable:
-    """A training step's optimizer part: update, then apply the updates."""
+def make_step(tx_factory: Callable[[Any], optax.GradientTransformation], apply: bool) -> Callable:
+    """A training step's optimizer part: update, then apply the updates.
+
+    With ``apply`` the transformation's ``apply_gradients`` does both.
+    """
 
     def step(params: Any, state: Any, grads: Any, lr: jax.Array) -> tuple[Any, Any]:
-        updates, state = tx_factory(lr).update(grads, state, params)
+        tx = tx_factory(lr)
+        if apply:
+            return tx.apply_gradients(params, state, grads)
+        updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     return step
@@ -152,11 +169,12 @@ def lars_runner(name: str, params: list[jax.Array], grads: list[jax.Array]) -> R
     Raises:
       Whatever the backend raises for this configuration or these arrays.
     """
-    factory = make_tx_factory(name)
+    apply = name.endswith(APPLY_SUFFIX)
+    factory = make_tx_factory(name.removesuffix(APPLY_SUFFIX))
     # The state's structure does not depend on the learning rate.
     state = jax.jit(factory(LEARNING_RATE).init)(params)
     lr = jnp.asarray(LEARNING_RATE, jnp.float32)
-    compiled, seconds = _compile(make_step(factory), (params, state, grads, lr), (0, 1))
+    compiled, seconds = _compile(make_step(factory, apply), (params, state, grads, lr), (0, 1))
     return _runner(name, compiled, seconds, (params, state), (grads, lr))
 
 
