@@ -73,12 +73,7 @@ def reference_step(
             g = g + config.weight_decay * w
         # 4. Per-leaf trust ratio (optax.scale_by_trust_ratio).
         if trust:
-            w_norm = jnp.linalg.norm(w)
-            g_norm = jnp.linalg.norm(g)
-            r = config.trust_coefficient * w_norm / (g_norm + config.eps)
-            r = jnp.where(jnp.logical_or(w_norm == 0.0, g_norm == 0.0), 1.0, r).astype(g.dtype)
-            if config.trust_clip is not None:
-                r = jnp.minimum(r, config.trust_clip).astype(g.dtype)
+            r = trust_ratio(jnp.linalg.norm(w), jnp.linalg.norm(g), config)
         else:
             r = jnp.ones((), g.dtype)
         u, v_new = _leaf_update(p, g, v, r, lr, config)
@@ -86,6 +81,32 @@ def reference_step(
         new_momentum.append(v_new)
         ratios.append(r.astype(jnp.float32))
     return StepResult(updates, new_momentum, ratios)
+
+
+def trust_ratio(w_norm: jax.Array, g_norm: jax.Array, config: LarsConfig) -> jax.Array:
+    """r = eta * ||w|| / (||g|| + eps); 1 where a norm is 0; then min(r, trust_clip).
+
+    In the norms' dtype (the leaf's compute dtype).
+    """
+    dtype = g_norm.dtype
+    r = config.trust_coefficient * w_norm / (g_norm + config.eps)
+    r = jnp.where(jnp.logical_or(w_norm == 0.0, g_norm == 0.0), 1.0, r).astype(dtype)
+    if config.trust_clip is not None:
+        r = jnp.minimum(r, config.trust_clip).astype(dtype)
+    return r
+
+
+def clipped_grads(
+    params: Sequence[jax.Array], grads: Sequence[jax.Array], g_norm: jax.Array | None, config
+) -> list[jax.Array]:
+    """Steps 1.-2.: grads in their compute dtype, clipped by global norm and value.
+
+    ``g_norm`` is the global gradient norm, used when ``grad_clip_norm`` is set.
+    """
+    gs = [g.astype(compute_dtype(p.dtype)) for p, g in zip(params, grads, strict=True)]
+    if config.grad_clip_norm is not None:
+        gs = _clip_by_global_norm(gs, jnp.asarray(g_norm, gs[0].dtype), config)
+    return _clip_by_value(gs, config)
 
 
 def _clip_by_global_norm(gs: list[jax.Array], g_norm: jax.Array, config: LarsConfig) -> list:
@@ -143,10 +164,7 @@ def reference_update_with_ratios(
       write_params: Return the new params instead of the updates.
     """
     del trust_mask
-    gs = [g.astype(compute_dtype(p.dtype)) for p, g in zip(params, grads, strict=True)]
-    if config.grad_clip_norm is not None:
-        gs = _clip_by_global_norm(gs, jnp.asarray(global_norm, gs[0].dtype), config)
-    gs = _clip_by_value(gs, config)
+    gs = clipped_grads(params, grads, global_norm, config)
     out, new_momentum, out_ratios = [], [], []
     for i, (p, g, v, decay) in enumerate(zip(params, gs, momentum, decay_mask, strict=True)):
         if decay and config.has_weight_decay:

@@ -41,7 +41,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lars._config import LarsConfig
-from lars._reference import StepResult, compute_dtype, reference_update_with_ratios
+from lars._reference import (
+    StepResult,
+    clipped_grads,
+    compute_dtype,
+    reference_update_with_ratios,
+    trust_ratio,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +112,12 @@ def _ratios(
     clip_norm = jnp.zeros((), out_dtype)
     if config.grad_clip_norm is not None:
         clip_norm = _global_grad_norm(params, grads, axes, out_dtype)
+    gs = clipped_grads(params, grads, clip_norm, config) if params else []
     sums, where = [], []
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+    for i, (p, g) in enumerate(zip(params, gs, strict=True)):
         if not plan.trust_mask[i]:
             continue
-        cd = compute_dtype(p.dtype)
-        g = g.astype(cd)
-        if config.grad_clip_norm is not None:
-            n = clip_norm.astype(cd)
-            g = jnp.where(n < config.grad_clip_norm, g, (g / n) * config.grad_clip_norm)
-        if config.grad_clip_value is not None:
-            g = jnp.clip(g, -config.grad_clip_value, config.grad_clip_value)
-        w = p.astype(cd)
+        w = p.astype(g.dtype)
         if plan.decay_mask[i] and config.has_weight_decay:
             g = g + config.weight_decay * w
         sums += [jnp.sum(w * w), jnp.sum(g * g)]
@@ -129,12 +129,8 @@ def _ratios(
         if not plan.trust_mask[i]:
             ratios.append(jnp.ones((), out_dtype))
             continue
-        w_norm, g_norm = jnp.sqrt(sums[k]).astype(cd), jnp.sqrt(sums[k + 1]).astype(cd)
+        r = trust_ratio(jnp.sqrt(sums[k]).astype(cd), jnp.sqrt(sums[k + 1]).astype(cd), config)
         k += 2
-        r = config.trust_coefficient * w_norm / (g_norm + config.eps)
-        r = jnp.where(jnp.logical_or(w_norm == 0.0, g_norm == 0.0), 1.0, r).astype(cd)
-        if config.trust_clip is not None:
-            r = jnp.minimum(r, config.trust_clip).astype(cd)
         ratios.append(r.astype(out_dtype))
     ratio_vector = jnp.stack(ratios) if ratios else jnp.zeros((0,), out_dtype)
     return ratio_vector, clip_norm
