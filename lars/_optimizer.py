@@ -59,6 +59,12 @@ class Lars:
       grad_clip_value: Then clip every entry to [-v, v].
       nesterov, weight_decay_mask, trust_ratio_mask, trust_clip,
       lr_inside_momentum, skip_nonfinite, backend: As in :func:`lars.lars`.
+      donate: Give the current params and optimizer state to each step's
+        buffers (``jax.jit`` donation): on backends with an in-place form
+        (``native``) a step then allocates nothing for them. Off by default,
+        as in braintools: with it, arrays read from the optimizer or the
+        params' states before a step are deleted by the step (read them
+        again afterwards), and two params must not share one array.
 
     Example:
       >>> import jax.numpy as jnp, lars
@@ -86,7 +92,10 @@ class Lars:
         lr_inside_momentum: bool = False,
         skip_nonfinite: bool = False,
         backend: str = "auto",
+        donate: bool = False,
     ) -> None:
+        if not isinstance(donate, bool):
+            raise TypeError(f"donate must be a bool, got {donate!r}")
         self._schedule_fn: Callable | None = None
         if _is_scheduler(lr):
             self._scheduler = lr
@@ -121,7 +130,9 @@ class Lars:
         self.opt_state: Any = None  # holder of a LarsState once weights are registered
         self._targets: Any = None  # the registered pytree (arrays or state objects)
         self._arrays: Any = None  # current values of plain-array leaves
-        self._jit_step = jax.jit(self._step_impl)
+        # (params, grads, state, lr) -> (params, state): donated buffers come in
+        # the order of the results, so each is reused for its own result.
+        self._jit_step = jax.jit(self._step_impl, donate_argnums=(0, 2) if donate else ())
 
     # -- learning rate -------------------------------------------------------
     @property

@@ -464,6 +464,36 @@ def test_apply_gradients_allocates_no_temporaries(skip_nonfinite: bool):
     assert stats.alias_size_in_bytes >= 2 * _param_bytes(params), stats
 
 
+def test_lars_class_donate_runs_in_place_and_changes_nothing_else():
+    """lars.Lars(donate=True): params and momentum reuse their buffers; same bits as without."""
+    params, grads, _ = _big_problem()
+    names = [f"p{i}" for i in range(len(params))]
+    g = dict(zip(names, grads, strict=True))
+    results = {}
+    for donate in (False, True):
+        opt = lars.Lars(0.1, weight_decay=1e-4, nesterov=True, backend="native", donate=donate)
+        opt.register_trainable_weights(
+            {k: jnp.array(p) for k, p in zip(names, params, strict=True)}
+        )
+        stats = (
+            opt._jit_step.lower(opt.params, g, opt.opt_state.value, jnp.float32(0.1))
+            .compile()
+            .memory_analysis()
+        )
+        if donate:
+            assert stats.alias_size_in_bytes >= 2 * _param_bytes(params), stats
+            before = opt.params["p0"]
+        else:
+            assert stats.alias_size_in_bytes == 0, stats
+        for _ in range(3):
+            opt.step(g)
+        if donate:
+            assert before.is_deleted()  # the documented cost of donating
+        results[donate] = jax.tree.map(np.asarray, (opt.params, opt.opt_state.value))
+    for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _spec(backend: str, **overrides: Any) -> lars._transform.LarsSpec:
     """The step spec ``lars.Lars`` builds, for the new-params form of the step."""
     options = dict(
