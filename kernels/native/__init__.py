@@ -562,6 +562,21 @@ def step_with_ratios(
       global_norm: The global gradient norm, used with ``grad_clip_norm``.
       write_params: Return the new params (as :func:`apply`) instead of updates.
     """
+    if jax.default_backend() != "cpu":
+        # The CUDA handler takes no precomputed ratios yet: the update of a
+        # sharded step runs in XLA there (the norms are still whole-layer).
+        return reference_update_with_ratios(
+            params,
+            grads,
+            momentum,
+            lr,
+            ratios,
+            global_norm,
+            config=config,
+            decay_mask=decay_mask,
+            trust_mask=trust_mask,
+            write_params=write_params,
+        )
     mode = WRITE_PARAMS if write_params else WRITE_UPDATES if config.nesterov else MOMENTUM_ONLY
     return _call(
         params,
