@@ -100,6 +100,39 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
+def _check_backend_dtypes(
+    backend: _dispatch.Backend, paths: list[str], params: list, grads: list
+) -> None:
+    """Refuses, by path, a (param, grad) dtype pair the backend does not compute."""
+    if backend.dtypes is None:
+        return
+    for path, p, g in zip(paths, params, grads, strict=True):
+        pair = (np.dtype(p.dtype), np.dtype(g.dtype))
+        if pair not in backend.dtypes:
+            raise TypeError(
+                f"backend {backend.name!r} does not compute {pair[0]} params with "
+                f"{pair[1]} gradients (the leaf at {path}); use backend='reference'"
+            )
+
+
+def _route(
+    backend: _dispatch.Backend, paths: list[str], params: list, grads: list, in_place: bool
+) -> tuple[Callable, bool]:
+    """The step function for these leaves, and whether it goes through lars._sharded."""
+    axes = _sharded.manual_axes(paths, params, grads)
+    if axes is not None:
+        # Inside shard_map: local shards, norms summed over the axes that
+        # shard each leaf.
+        return functools.partial(
+            _sharded.manual_step, backend, axes=axes, write_params=in_place
+        ), True
+    if backend.update_with_ratios is not None and _sharded.needed():
+        # Several devices: a fused kernel runs shard by shard, its norms added
+        # over the shards.
+        return functools.partial(_sharded.sharded_step, backend, write_params=in_place), True
+    return (backend.apply if in_place else backend.step), False
+
+
 def _lars_step(
     grads: Any, state: LarsState, params: Any, lr: jax.Array, spec: LarsSpec, *, emit_params: bool
 ) -> tuple[Any, LarsState]:
@@ -121,33 +154,12 @@ def _lars_step(
     p_leaves, treedef = jax.tree.flatten(params)
     p_leaves = [jnp.asarray(p) for p in p_leaves]
     g_leaves = [jnp.asarray(g) for g in treedef.flatten_up_to(grads)]
-    if spec.backend.dtypes is not None:
-        for path, p, g in zip(paths, p_leaves, g_leaves, strict=True):
-            pair = (np.dtype(p.dtype), np.dtype(g.dtype))
-            if pair not in spec.backend.dtypes:
-                raise TypeError(
-                    f"backend {spec.backend.name!r} does not compute {pair[0]} params with "
-                    f"{pair[1]} gradients (the leaf at {path}); use backend='reference'"
-                )
+    _check_backend_dtypes(spec.backend, paths, p_leaves, g_leaves)
     v_leaves = treedef.flatten_up_to(state.momentum)
     r_leaves = treedef.flatten_up_to(state.trust_ratio)
     in_place = emit_params and spec.backend.apply is not None
     lr = jnp.asarray(lr, jnp.float32)
-    step = spec.backend.apply if in_place else spec.backend.step
-    routed = True  # the step runs through lars._sharded
-    axes = _sharded.manual_axes(paths, p_leaves, g_leaves)
-    if axes is not None:
-        # Inside shard_map: local shards, norms summed over the axes that
-        # shard each leaf.
-        step = functools.partial(
-            _sharded.manual_step, spec.backend, axes=axes, write_params=in_place
-        )
-    elif spec.backend.update_with_ratios is not None and _sharded.needed():
-        # Several devices: a fused kernel runs shard by shard, its norms added
-        # over the shards (lars._sharded).
-        step = functools.partial(_sharded.sharded_step, spec.backend, write_params=in_place)
-    else:
-        routed = False
+    step, routed = _route(spec.backend, paths, p_leaves, g_leaves, in_place)
     ok = _all_finite(g_leaves) if spec.skip_nonfinite else None
     # A backend that skips the step itself when told the gradients are not all
     # finite keeps params and momentum in place (no copies of the old ones).
