@@ -125,16 +125,22 @@ def test_launches_group_dtypes_and_cap_slots():
         assert len(launches) == sum(-(-k // 3) for k in per_group)
 
 
-def test_resnet50_takes_three_launches_per_pass():
-    """The figure the backend's docstrings give: 161 float32 leaves, 64 per launch."""
+def test_resnet50_takes_one_launch_per_pass():
+    """The figure the backend's docstrings give: 161 float32 leaves, 192 per launch.
+
+    The kernels issue's bound is four launches per dtype group and step.
+    """
     shapes = resnet50_shapes()
     assert len(shapes) == 161
     plan = make_plan(shapes, config=LarsConfig(weight_decay=1e-4, grad_clip_norm=1.0))
-    assert backend.count_launches(plan) == {P.SUMS: 3, P.UPDATE: 3, P.GLOBAL_NORM: 3}
+    assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 1, P.GLOBAL_NORM: 1}
+    # With 64 slots (CUDA before 12.1): three per pass.
+    plan = make_plan(shapes, tuning=P.Tuning(slots=64))
+    assert backend.count_launches(plan) == {P.SUMS: 3, P.UPDATE: 3}
     # BatchNorm and biases excluded from the trust ratio: 54 leaves measured.
     trust = [len(s) > 1 for s in shapes]
     plan = make_plan(shapes, trust=trust)
-    assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 3}
+    assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 1}
     programs = sum(la.num_programs for la in plan.launches(P.UPDATE))
     assert programs == sum(-(-int(np.prod(s)) // P.CHUNK) for s in shapes)
 
@@ -254,9 +260,10 @@ def test_compiles_for_hopper(kernel, group):
 
 
 def test_the_default_launch_fits_the_kernel_parameter_limit():
-    """64 slots of the widest kernel stay inside the 4 kB every CUDA version accepts."""
+    """The widest kernel's parameters fit the 32 kB of CUDA 12.1+ and ptxas takes them."""
     spec = P.KernelSpec(P.UPDATE, P.SLOTS_PER_LAUNCH, True)
-    assert 8 * len(spec.arg_names()) <= 4096
+    assert 4096 < 8 * len(spec.arg_names()) <= 32764
+    assert 8 * len(P.KernelSpec(P.UPDATE, 64, True).arg_names()) <= 4096  # Tuning(slots=64)
     compiled = aot.compile_kernel(spec, "float32", "float32", ALL_ON)
     assert compiled.asm["ptx"].count(".param .u64") >= len(spec.arg_names())
 

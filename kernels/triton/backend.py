@@ -2,8 +2,8 @@
 
 A step is a norm pass over the leaves that have a trust ratio and an update
 pass over all non-empty leaves (plus a global-norm pass with
-``grad_clip_norm``); each pass is ``ceil(leaves / 64)`` launches per
-(param dtype, grad dtype) group: 3 + 3 for ResNet-50's 161 float32 leaves. See
+``grad_clip_norm``); each pass is ``ceil(leaves / 192)`` launches per
+(param dtype, grad dtype) group: 1 + 1 for ResNet-50's 161 float32 leaves. See
 ``plan.py`` for the launch design and ``kernels.py`` for the kernels.
 
 Bytes moved per float32 parameter: the norm pass reads w and g (8 B); the

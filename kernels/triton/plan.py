@@ -20,8 +20,8 @@ same pointer types, and each group is cut into launches of at most
 Launches per dtype group and pass: ``ceil(leaves / SLOTS_PER_LAUNCH)``. A step
 is a norm pass over the leaves with a trust ratio and an update pass over all
 non-empty leaves (plus a norm pass over all gradients with ``grad_clip_norm``).
-ResNet-50 (161 float32 leaves, one dtype group) therefore takes 3 launches per
-pass: 6 Triton launches per step (9 with ``grad_clip_norm``), plus the few
+ResNet-50 (161 float32 leaves, one dtype group) therefore takes 1 launch per
+pass: 2 Triton launches per step (3 with ``grad_clip_norm``), plus the few
 small XLA operations that reduce the per-chunk partial sums and compute the
 trust ratios. Concatenating the leaves instead would allow one launch per pass
 but copies w, g and v in and w, v out every step (about 20 extra bytes per
@@ -39,12 +39,15 @@ from collections.abc import Sequence
 import numpy as np
 
 # Leaves per launch. Every leaf takes up to 5 pointer arguments in the update
-# pass (w, g, v in; update or new w, new v out), 8 bytes each: 64 slots are 2.6 kB
-# of kernel parameters, inside the 4 kB that every CUDA version accepts (12.1+
-# allows 32 kB on Volta and newer). Each program pays one select per slot and
-# pointer (at most 5 * 63) before it streams its chunk; 64 is where that stays
-# small against a chunk's work (see CHUNK). Chosen from these limits, not measured.
-SLOTS_PER_LAUNCH = 64
+# pass (w, g, v in; update or new w, new v out), 8 bytes each: 192 slots are
+# 7.7 kB of kernel parameters. That needs the 32 kB parameter space of CUDA 12.1+
+# on Volta and newer (the 4 kB of older CUDA fits 64 slots: Tuning(slots=64));
+# ptxas accepts it for sm_90 (tests/test_triton.py). 192 covers ResNet-50's 161
+# leaves, so a dtype group takes one launch per pass (two per step, three with
+# grad_clip_norm), inside the kernels issue's bound of four. Each program pays
+# one select per slot and pointer (at most 5 * 191) before it streams its
+# 8192-element chunk. Chosen from these limits, not measured on a GPU.
+SLOTS_PER_LAUNCH = 192
 # Elements one program streams. 8192 elements over 128 threads are 64 per
 # thread, so the per-program setup (table reads, pointer selects) is spread
 # thin; ResNet-50's 25.6M parameters make about 3,200 programs, about 1.5 waves
