@@ -132,17 +132,93 @@ def test_resnet50_takes_one_launch_per_pass():
     """
     shapes = resnet50_shapes()
     assert len(shapes) == 161
-    plan = make_plan(shapes, config=LarsConfig(weight_decay=1e-4, grad_clip_norm=1.0))
+    clip = LarsConfig(weight_decay=1e-4, grad_clip_norm=1.0)
+    plan = make_plan(shapes, config=clip)
+    assert backend.count_launches(plan) == {P.GLOBAL_NORM: 1, P.FUSED: 1}
+    assert backend.count_launches(make_plan(shapes)) == {P.FUSED: 1}
+    two_pass = P.Tuning(fused=False)
+    plan = make_plan(shapes, config=clip, tuning=two_pass)
     assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 1, P.GLOBAL_NORM: 1}
     # With 64 slots (CUDA before 12.1): three per pass.
     plan = make_plan(shapes, tuning=P.Tuning(slots=64))
+    assert backend.count_launches(plan) == {P.FUSED: 3}
+    plan = make_plan(shapes, tuning=P.Tuning(slots=64, fused=False))
     assert backend.count_launches(plan) == {P.SUMS: 3, P.UPDATE: 3}
     # BatchNorm and biases excluded from the trust ratio: 54 leaves measured.
     trust = [len(s) > 1 for s in shapes]
-    plan = make_plan(shapes, trust=trust)
+    plan = make_plan(shapes, trust=trust, tuning=two_pass)
     assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 1}
     programs = sum(la.num_programs for la in plan.launches(P.UPDATE))
-    assert programs == sum(-(-int(np.prod(s)) // P.CHUNK) for s in shapes)
+    chunks = [-(-int(np.prod(s)) // P.CHUNK) for s in shapes]
+    assert programs == sum(chunks)
+    # Fused: an update item per chunk, a sums item per chunk of a multi-chunk
+    # leaf with a trust ratio (a single-chunk one is one item for both).
+    plan = make_plan(shapes, trust=trust)
+    (launch,) = plan.launches(P.FUSED)
+    sums = sum(c for c, t in zip(chunks, trust, strict=True) if t and c > 1)
+    assert launch.num_programs == sum(chunks) + sums
+
+
+def _fused_case(chunk):
+    rng = np.random.default_rng(1)
+    sizes = [1, chunk, chunk + 1, 3 * chunk, 5, 7 * chunk - 3, 2 * chunk, 1, chunk - 1]
+    sizes += [int(n) for n in rng.integers(1, 5 * chunk, 12)]
+    decay = [i % 2 == 0 for i in range(len(sizes))]
+    trust = [i % 5 != 3 for i in range(len(sizes))]
+    return sizes, decay, trust
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 3, 40, 10_000])
+def test_fused_table_covers_and_orders_every_item(lookahead):
+    """Update (or whole) items cover each element once; sums items cover each
+    multi-chunk trust leaf once; every update item comes after all of its leaf's
+    sums items, exactly ``lookahead`` sums/whole items later (or at the end)."""
+    chunk = 64
+    sizes, decay, trust = _fused_case(chunk)
+    table, spans = P.make_fused_table(sizes, decay, trust, chunk, lookahead)
+    assert table.dtype == np.int32 and table.shape[1] == P.TABLE_COLUMNS
+    kind = table[:, P.COL_KIND]
+    streaming = np.isin(kind, [P.KIND_SUMS, P.KIND_WHOLE])  # the items that count
+    next_row = 0
+    for slot, n in enumerate(sizes):
+        mine = table[:, P.COL_SLOT] == slot
+        rows = table[mine]
+        chunks = -(-n // chunk)
+        assert (rows[:, P.COL_DECAY] == int(decay[slot])).all()
+        assert (rows[:, P.COL_TRUST] == int(trust[slot])).all()
+        assert (rows[:, P.COL_CHUNKS] == chunks).all()
+        covered = np.zeros(n, int)
+        sums_covered = np.zeros(n, int)
+        for r in rows:
+            c, length = r[P.COL_CHUNK], r[P.COL_LENGTH]
+            assert length == min(chunk, n - c * chunk) > 0
+            target = sums_covered if r[P.COL_KIND] == P.KIND_SUMS else covered
+            target[c * chunk : c * chunk + length] += 1
+        np.testing.assert_array_equal(covered, 1)
+        multi = trust[slot] and chunks > 1
+        np.testing.assert_array_equal(sums_covered, 1 if multi else 0)
+        if trust[slot] and chunks == 1:
+            assert list(rows[:, P.COL_KIND]) == [P.KIND_WHOLE]
+        if not trust[slot]:
+            assert (rows[:, P.COL_KIND] == P.KIND_UPDATE).all()
+        # Partial rows: consecutive, in slot order, one per chunk.
+        assert spans[slot] == (next_row, next_row + (chunks if multi else 0))
+        next_row = spans[slot][1]
+        assert (rows[:, P.COL_FIRST_ROW] == spans[slot][0]).all()
+        if multi:
+            where = np.flatnonzero(mine)
+            sums_at = where[rows[:, P.COL_KIND] == P.KIND_SUMS]
+            update_at = where[rows[:, P.COL_KIND] == P.KIND_UPDATE]
+            assert sums_at.max() < update_at.min()
+            between = int(streaming[sums_at.max() + 1 : update_at.min()].sum())
+            after = int(streaming[sums_at.max() + 1 :].sum())
+            assert between == min(lookahead, after)
+
+
+def test_fused_table_without_trust_ratios_is_updates_only():
+    table, spans = P.make_fused_table([5, 300, 0], [True] * 3, [False] * 3, 64, 8)
+    assert (table[:, P.COL_KIND] == P.KIND_UPDATE).all()
+    assert table.shape[0] == 1 + 5 and spans == [(0, 0)] * 3
 
 
 def test_kernel_specs_match_the_options():
@@ -234,6 +310,8 @@ KERNELS = [
     (P.KernelSpec(P.UPDATE, 5, True), ALL_ON),
     (P.KernelSpec(P.UPDATE, 5, True), P.Flags(has_decay=True, write_params=True)),
     (P.KernelSpec(P.UPDATE, 5, False), P.Flags()),
+    (P.KernelSpec(P.FUSED, 5, True), ALL_ON),
+    (P.KernelSpec(P.FUSED, 5, True), P.Flags(has_decay=True, write_params=True)),
 ]
 GROUPS = [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
 GROUPS.append(("float16", "float16"))
@@ -252,18 +330,32 @@ def test_compiles_for_hopper(kernel, group):
     # A pointer parameter per array (Triton appends its own scratch pointers).
     assert ptx.count(".param .u64") >= len(spec.arg_names())
     assert re.search(r"ld\.global(\.\w+)*\.v4\.", ptx), "no vectorised loads"
-    if spec.kind == P.UPDATE:
+    if spec.kind in (P.UPDATE, P.FUSED):
         assert re.search(r"st\.global(\.\w+)*\.v4\.", ptx), "no vectorised stores"
         if "bfloat16" in group[0]:
             assert "cvt.rn.bf16" in ptx  # round to nearest even, as XLA
     assert "fma." not in ptx  # contraction off: the reference's rounding
+    # Division and square root rounded as XLA rounds them (no approximations).
+    assert not re.search(r"(div|sqrt|rcp)\.(approx|full)", ptx)
+    if spec.kind == P.FUSED:
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx  # the trust ratio
+        # The item counter, a leaf's arrivals (release the partials, acquire
+        # them in the last arrival), its ready flag (release, acquire).
+        assert re.search(r"atom\.global\.gpu\.relaxed\.add", ptx)
+        assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
+        assert re.search(r"atom\.global\.gpu\.release\.exch", ptx)
+        assert re.search(r"ld\.global\.gpu\.acquire", ptx)
+        # Partials and ratios written by other SMs are read past L1.
+        assert re.search(r"ld\.global\.cg", ptx)
 
 
 def test_the_default_launch_fits_the_kernel_parameter_limit():
     """The widest kernel's parameters fit the 32 kB of CUDA 12.1+ and ptxas takes them."""
-    spec = P.KernelSpec(P.UPDATE, P.SLOTS_PER_LAUNCH, True)
+    spec = P.KernelSpec(P.FUSED, P.SLOTS_PER_LAUNCH, True)
+    widest_two_pass = P.KernelSpec(P.UPDATE, P.SLOTS_PER_LAUNCH, True)
+    assert len(spec.arg_names()) >= len(widest_two_pass.arg_names())
     assert 4096 < 8 * len(spec.arg_names()) <= 32764
-    assert 8 * len(P.KernelSpec(P.UPDATE, 64, True).arg_names()) <= 4096  # Tuning(slots=64)
+    assert 8 * len(P.KernelSpec(P.FUSED, 64, True).arg_names()) <= 4096  # Tuning(slots=64)
     compiled = aot.compile_kernel(spec, "float32", "float32", ALL_ON)
     assert compiled.asm["ptx"].count(".param .u64") >= len(spec.arg_names())
 
@@ -294,6 +386,7 @@ def load_jax_triton_lib():
         else:
             os.environ["TRITON_CACHE_DIR"] = cache_dir
     compiled = []
+    module.recorded_zeroed_bytes = []  # per array parameter, bytes zeroed before the launch
 
     class KernelCall:
         def __init__(self, kernel, grid_x, grid_y, grid_z, params):
@@ -309,15 +402,18 @@ def load_jax_triton_lib():
     module.triton_kernel_call_lib = types.SimpleNamespace(
         TritonKernel=triton_kernel,
         TritonKernelCall=KernelCall,
-        create_array_parameter=lambda zeroed_bytes, alignment: ("array", alignment),
+        create_array_parameter=lambda zeroed_bytes, alignment: (
+            module.recorded_zeroed_bytes.append(zeroed_bytes) or ("array", alignment)
+        ),
         create_scalar_parameter=lambda value, dtype: ("scalar", value, dtype),
         get_compute_capability=lambda device: 90,
     )
     return module, compiled
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("write_params", [False, True], ids=["updates", "in_place"])
-def test_step_lowers_for_cuda_through_jax_triton(write_params):
+def test_step_lowers_for_cuda_through_jax_triton(write_params, fused):
     jt, compiled = load_jax_triton_lib()
     shapes = [(), (127,), (3, 3, 4, 8), (0,), (4097,), (33,), (6, 7)]
     dtypes = [(F32, F32), (BF16, BF16), (F32, F32), (F32, F32), (F32, BF16), (F32, F32)]
@@ -343,6 +439,7 @@ def test_step_lowers_for_cuda_through_jax_triton(write_params):
             write_params=write_params,
             triton_call=jt.triton_call,
             compute_capability=90,
+            tuning=P.Tuning(fused=fused),
             **masks,
         )
 
@@ -350,16 +447,21 @@ def test_step_lowers_for_cuda_through_jax_triton(write_params):
         traced = jax.jit(step, donate_argnums=(0, 2)).trace(params, grads, momentum, lr)
         return traced.lower(lowering_platforms=("cuda",)).as_text()
 
+    zeroed_bytes = jt.recorded_zeroed_bytes
     text = lower(jnp.float32(0.1))
-    # 3 dtype groups x 3 passes (global norm, sums, update), one custom call each.
+    # 3 dtype groups x 2 passes (global norm, fused) or 3 (global norm, sums,
+    # update), one custom call each.
+    passes = [("global_norm", "")]
+    passes += [("fused", "_w")] if fused else [("sums", "_w"), ("update", "_w")]
     calls = re.findall(r"stablehlo\.custom_call @triton_kernel_call", text)
-    assert len(calls) == 9
+    assert len(calls) == 3 * len(passes)
     # Groups: float32 (3 non-empty leaves), bfloat16 (2), float32 with bfloat16 grads (1).
     assert sorted(c["name"] for c in compiled) == sorted(
-        f"lars_{kind}_{n}{suffix}"
-        for kind, suffix in [("global_norm", ""), ("sums", "_w"), ("update", "_w")]
-        for n in (3, 2, 1)
+        f"lars_{kind}_{n}{suffix}" for kind, suffix in passes for n in (3, 2, 1)
     )
+    # The fused launches' item counters and flags are zeroed inside the call.
+    zeroed = [z for z in zeroed_bytes if z]
+    assert zeroed == ([4 * (1 + 2 * n) for n in (3, 2, 1)] if fused else [])
     assert all(c["capability"] == 90 and ".entry lars_" in c["ptx"] for c in compiled)
     assert all(c["num_warps"] == P.NUM_WARPS for c in compiled)
     assert not any("fma." in c["ptx"] for c in compiled)  # enable_fp_fusion=False reached Triton

@@ -122,8 +122,10 @@ FLAG_SETS = {
     "all_write_params": dataclasses.replace(FLAGS_ALL, write_params=True),
     "decay_write_params": P.Flags(has_decay=True, write_params=True),
 }
-# lr, momentum, weight decay, clip divisor (||g||), clip factor (max norm), clip value.
-SCALARS = np.array([0.3, 0.9, 0.05, 4.0, 1.5, 0.4, 0.0, 0.0], np.float32)
+# lr, momentum, weight decay, clip divisor (||g||), clip factor (max norm), clip value,
+# trust coefficient, eps, trust clip (read by the fused pass), padding.
+SCALARS = np.array([0.3, 0.9, 0.05, 4.0, 1.5, 0.4, 0.02, 1e-3, 0.7], np.float32)
+SCALARS = np.concatenate([SCALARS, np.zeros(P.NUM_SCALARS - len(SCALARS), np.float32)])
 # Odd sizes, several chunks of KERNEL_TUNING, a 0-d leaf, five dtype groups:
 # 9 leaves in 5 launches per pass.
 SHAPES = [(), (1,), (127,), (1024,), (2500,), (3, 3, 4, 8), (257,), (6, 7), (1025,)]
@@ -271,6 +273,106 @@ def test_nan_gradients_propagate():
 
 
 # --------------------------------------------------------------------------
+# The fused pass.
+
+
+def ratio_reference(sums: np.ndarray, trust: bool, flags: P.Flags) -> np.float64:
+    """The trust ratio from float64 sums, with SCALARS' coefficient, eps and clip."""
+    tc, eps, clip = (float(SCALARS[k]) for k in (P.TRUST_COEFFICIENT, P.EPS, P.TRUST_CLIP))
+    w_norm, u_norm = np.sqrt(sums)
+    r = 1.0 if w_norm == 0 or u_norm == 0 else tc * w_norm / (u_norm + eps)
+    if flags.trust_clip:
+        r = min(r, clip)
+    return r if trust else 1.0
+
+
+def run_fused(flags, tuning, trust=None, seed=1):
+    params, grads, momentum, decay = make_leaves(seed=seed)
+    leaves = plan_for(params, grads, decay, flags, trust).leaves
+    plan = P.StepPlan(leaves, flags, tuning)
+    originals = [x.copy() for x in (*params, *momentum)]
+    first, new_momentum, ratios = S.pass_fused(
+        params, grads, momentum, SCALARS, plan=plan, launch=interpret.launch, xp=np
+    )
+    for x, y in zip((*params, *momentum), originals, strict=True):
+        np.testing.assert_array_equal(x, y)  # aliased inputs were updated in copies
+    return (params, grads, momentum, plan), (first, new_momentum, np.asarray(ratios, F32))
+
+
+@pytest.mark.parametrize("flags_name", list(FLAG_SETS))
+def test_fused_pass_matches_its_references(flags_name):
+    """Ratios from the in-kernel reduction within float32 rounding of float64 sums;
+    given those ratios, updates and momenta bit for bit as update_reference."""
+    flags = FLAG_SETS[flags_name]
+    trust = [i % 4 != 2 for i in range(len(SHAPES))]
+    (params, grads, momentum, plan), (first, new_momentum, ratios) = run_fused(
+        flags, KERNEL_TUNING, trust
+    )
+    decay = [leaf.decay for leaf in plan.leaves]
+    sums = kernels.sums_reference(params, grads, SCALARS, flags, decay)
+    for i in range(len(SHAPES)):
+        want = ratio_reference(sums[i], trust[i], flags)
+        np.testing.assert_allclose(ratios[i], want, rtol=4e-6, err_msg=f"leaf {i}")
+        if not trust[i]:
+            assert ratios[i] == 1.0
+    want_first, want_momentum = kernels.update_reference(
+        params, grads, momentum, ratios, SCALARS, flags, decay
+    )
+    for i in range(len(SHAPES)):
+        assert first[i].dtype == params[i].dtype and first[i].shape == params[i].shape
+        np.testing.assert_array_equal(bits(first[i]), bits(want_first[i]))
+        np.testing.assert_array_equal(new_momentum[i].reshape(-1), want_momentum[i])
+
+
+def test_fused_results_do_not_depend_on_the_schedule():
+    """Bitwise the same whatever the lookahead and the slots per launch: the sums
+    are added in chunk order, whichever program finished last."""
+    flags = FLAG_SETS["all"]
+    _, want = run_fused(flags, KERNEL_TUNING)
+    for tuning in (
+        dataclasses.replace(KERNEL_TUNING, lookahead=0),
+        dataclasses.replace(KERNEL_TUNING, lookahead=1),
+        dataclasses.replace(KERNEL_TUNING, lookahead=1000, slots=2),
+        dataclasses.replace(KERNEL_TUNING, slots=9),
+    ):
+        _, got = run_fused(flags, tuning)
+        for a, b in zip((*got[0], *got[1], got[2]), (*want[0], *want[1], want[2]), strict=True):
+            np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def test_fused_pass_items_run_in_table_order():
+    """Every program claims the next row of the item table (the atomic counter),
+    whatever its program id: after the launch the counter equals the number of
+    items, and each leaf's arrivals and ready flag are set."""
+    flags = FLAG_SETS["decay"]
+    params, grads, momentum, decay = make_leaves()
+    plan = plan_for(params, grads, decay, flags)
+    plan = P.StepPlan(plan.leaves, flags, KERNEL_TUNING)
+    launch_ = plan.launches(P.FUSED)[-1]
+    spec = P.kernel_spec(launch_, flags)
+    ids = launch_.leaves
+    inputs, outputs, aliases = S._update_inputs(
+        launch_, spec, params, grads, momentum, [launch_.table, SCALARS], False
+    )
+    outputs += S.fused_outputs(launch_)
+    results = interpret.launch(
+        spec,
+        inputs,
+        outputs,
+        aliases,
+        launch_.num_programs,
+        spec.constexprs(flags, KERNEL_TUNING),
+        zeroed=(len(outputs) - 1,),
+    )
+    sync = results[-1]
+    assert sync[0] == launch_.num_programs
+    for j, i in enumerate(ids):
+        chunks = -(-plan.leaves[i].size // KERNEL_TUNING.chunk)
+        many = chunks > 1
+        assert (sync[1 + 2 * j], sync[2 + 2 * j]) == ((chunks, 1) if many else (0, 0))
+
+
+# --------------------------------------------------------------------------
 # Whole steps against reference_step.
 
 STEP_SHAPES = [(), (1,), (127,), (3, 3, 4, 8), (0,), (4097,), (33,), (0, 5), (5, 3), (6,)]
@@ -311,15 +413,17 @@ STEP_CONFIGS = {
 MIXED = [(F32, F32), (BF16, BF16), (F32, BF16), (F16, F16), (F32, F32)] * 2
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("config_name", list(STEP_CONFIGS))
-def test_ten_steps_match_reference_step(config_name):
+def test_ten_steps_match_reference_step(config_name, fused):
     """Ten jitted steps on mixed dtype groups, each against reference_step's step."""
     config = STEP_CONFIGS[config_name]
+    tuning = dataclasses.replace(TUNING, fused=fused)
     params, grads = make_step_problem(MIXED, steps=10)
     decay = [i % 3 != 0 for i in range(len(STEP_SHAPES))]
     trust = [i % 4 != 1 for i in range(len(STEP_SHAPES))]
     kw = dict(config=config, decay_mask=decay, trust_mask=trust)
-    ours = jax.jit(functools.partial(interpret.triton_step_interpret, tuning=TUNING, **kw))
+    ours = jax.jit(functools.partial(interpret.triton_step_interpret, tuning=tuning, **kw))
     ref = jax.jit(functools.partial(reference_step, **kw))
     momentum = [jnp.zeros(np.shape(p), jnp.float32) for p in params]
     for t, g in enumerate(grads):
@@ -408,4 +512,4 @@ def test_public_api_runs_the_interpreted_kernels(monkeypatch):
     opt = lars.lars(0.1, backend=BACKEND)
     updates, _ = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
     jax.block_until_ready(updates)
-    assert launches == [P.SUMS, P.UPDATE]
+    assert launches == [P.FUSED]

@@ -36,6 +36,8 @@ def signature(spec: P.KernelSpec, param_dtype: str, grad_dtype: str) -> dict[str
         "scalars_ptr": "*fp32",
         "ratios_ptr": "*fp32",
         "partials_ptr": "*fp32",
+        "ratios_out_ptr": "*fp32",
+        "sync_ptr": "*i32",
     }
     return {
         name: fixed.get(name) or "*" + role_types[name.rsplit("_", 1)[0]]
@@ -76,9 +78,7 @@ def compile_kernel(
 def compile_step(plan: P.StepPlan, target: GPUTarget = HOPPER) -> dict[str, object]:
     """Compiles every distinct entry point a step's launches use, by kernel name."""
     compiled = {}
-    for kind in (P.GLOBAL_NORM, P.SUMS, P.UPDATE):
-        if kind == P.GLOBAL_NORM and not plan.flags.clip_norm:
-            continue
+    for kind in plan.passes():
         for launch in plan.launches(kind):
             spec = P.kernel_spec(launch, plan.flags)
             key = f"{spec.name}:{launch.param_dtype}:{launch.grad_dtype}"

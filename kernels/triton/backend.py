@@ -1,17 +1,17 @@
 """The "triton" backend: the multi-tensor LARS step on Triton kernels, launched by jax-triton.
 
-A step is a norm pass over the leaves that have a trust ratio and an update
-pass over all non-empty leaves (plus a global-norm pass with
-``grad_clip_norm``); each pass is ``ceil(leaves / 192)`` launches per
-(param dtype, grad dtype) group: 1 + 1 for ResNet-50's 161 float32 leaves. See
-``plan.py`` for the launch design and ``kernels.py`` for the kernels.
+A step is one fused launch per (param dtype, grad dtype) group and 192
+leaves (plus a global-norm pass with ``grad_clip_norm``): norms, trust ratios
+and update, one launch for ResNet-50's 161 float32 leaves. ``Tuning(fused=False)``
+splits it into a norm pass and an update pass. See ``plan.py`` for the launch
+design and ``kernels.py`` for the kernels.
 
-Bytes moved per float32 parameter: the norm pass reads w and g (8 B); the
-update pass reads g and v, and w where weight decay applies, and writes the
-update and v (16-20 B); ``optax.apply_updates`` then reads w and the update and
-writes w (12 B). The in-place form (:func:`triton_apply`) writes the new params
-over the old ones instead: 8 + 20 = 28 B, the two-pass figure of
-``performance.md``. Momentum (and in :func:`triton_apply` the params) are
+Bytes moved from HBM per float32 parameter in the in-place form
+(:func:`triton_apply`): read w, g, v and write w, v, 20 B, when the second
+read of a layer's w and g hits L2 as the fused schedule intends (unmeasured);
+28 B in the two-pass form. :func:`triton_step` writes the update instead of
+the new param, and ``optax.apply_updates`` then reads w and the update and
+writes w (12 B more). Momentum (and in :func:`triton_apply` the params) are
 aliased to the kernel outputs (``input_output_aliases``): with donated
 buffers the in-place form allocates nothing per parameter, the other form
 only its updates.
@@ -91,7 +91,7 @@ def _launcher(triton_call: Callable, num_warps: int, compute_capability: int | N
 
     parameters = inspect.signature(triton_call).parameters
 
-    def launch(spec, inputs, outputs, aliases, grid, constexprs):
+    def launch(spec, inputs, outputs, aliases, grid, constexprs, zeroed=()):
         out = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outputs]
         if "out_type" in parameters:  # jax-triton >= 0.4
             options = {"out_type": out, "backend_options": {"enable_fp_fusion": False}}
@@ -103,6 +103,7 @@ def _launcher(triton_call: Callable, num_warps: int, compute_capability: int | N
             grid=(grid,),
             num_warps=num_warps,
             input_output_aliases=aliases,
+            zeroed_outputs=tuple(zeroed),  # memset inside the custom call, no extra launch
             compute_capability=compute_capability,
             **options,
             **constexprs,
@@ -251,5 +252,4 @@ def triton_apply(
 
 def count_launches(plan: P.StepPlan) -> dict[str, int]:
     """Triton launches per pass of a step."""
-    kinds = [P.SUMS, P.UPDATE] + ([P.GLOBAL_NORM] if plan.flags.clip_norm else [])
-    return {kind: len(plan.launches(kind)) for kind in kinds}
+    return {kind: len(plan.launches(kind)) for kind in plan.passes()}

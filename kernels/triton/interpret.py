@@ -197,19 +197,24 @@ def launch(
     aliases: dict[int, int],
     grid: int,
     constexprs: dict[str, bool | int],
+    zeroed: tuple[int, ...] = (),
 ) -> list[np.ndarray]:
     """Runs one launch in the interpreter (the ``step.Launcher`` for NumPy arrays).
 
     An aliased output is a copy of its input that the kernel reads and writes
-    in place (the caller's input is left alone); any other output starts as NaN.
+    in place (the caller's input is left alone); an output in ``zeroed``
+    starts as zeros, any other as NaN (-1 for integers).
     """
     inputs = [np.asarray(x, order="C") for x in inputs]
     results: list[np.ndarray | None] = [None] * len(outputs)
     for i, o in aliases.items():
         results[o] = inputs[i] = inputs[i].copy()
     for o, out in enumerate(outputs):
-        if results[o] is None:
-            results[o] = np.full(out.shape, np.nan, out.dtype)
+        if o in zeroed:
+            results[o] = np.zeros(out.shape, out.dtype)
+        elif results[o] is None:
+            garbage = np.nan if np.issubdtype(out.dtype, np.floating) else -1
+            results[o] = np.full(out.shape, garbage, out.dtype)
     if grid:
         kernel = kernels.get_kernel(spec)
         args = [NumpyTensor(x) for x in (*inputs, *results)]

@@ -1,6 +1,15 @@
 """The Triton kernels of the LARS step, and their NumPy references.
 
-Two programs do the work (hand-written ``@triton.jit`` functions below):
+Three programs do the work (hand-written ``@triton.jit`` functions below):
+
+* :func:`fused_program` (the fused pass, the default): one *item* of the tile
+  table, claimed in table order: a chunk's partial sums, a chunk's update, or
+  both for a single-chunk leaf. The last sums item of a leaf to finish adds
+  the leaf's partials in chunk order and publishes its trust ratio (an
+  acquire/release flag per leaf); update items wait for that flag. See
+  ``plan.py`` for the schedule and why it cannot deadlock.
+
+and, in the two-pass form (``plan.Tuning(fused=False)``):
 
 * :func:`sums_program` (norm passes): one chunk of one leaf; writes the chunk's
   float32 partial sums of w**2 and u**2 (u the clipped, decayed gradient), or
@@ -57,6 +66,16 @@ _CLIP_FACTOR = tl.constexpr(P.CLIP_FACTOR)
 _CLIP_VALUE = tl.constexpr(P.CLIP_VALUE)
 _SUM_W2 = tl.constexpr(P.SUM_W2)
 _SUM_U2 = tl.constexpr(P.SUM_U2)
+_COL_KIND = tl.constexpr(P.COL_KIND)
+_COL_TRUST = tl.constexpr(P.COL_TRUST)
+_COL_FIRST_ROW = tl.constexpr(P.COL_FIRST_ROW)
+_COL_CHUNKS = tl.constexpr(P.COL_CHUNKS)
+_KIND_SUMS = tl.constexpr(P.KIND_SUMS)
+_KIND_UPDATE = tl.constexpr(P.KIND_UPDATE)
+_KIND_WHOLE = tl.constexpr(P.KIND_WHOLE)
+_TRUST_COEFFICIENT = tl.constexpr(P.TRUST_COEFFICIENT)
+_EPS = tl.constexpr(P.EPS)
+_TRUST_CLIP = tl.constexpr(P.TRUST_CLIP)
 
 
 # --------------------------------------------------------------------------
@@ -125,7 +144,7 @@ def effective_grad(
     The clip propagates NaN, as ``jnp.clip`` does.
     """
     if CLIP_NORM:
-        g = (g / clip_divisor) * clip_factor
+        g = tl.div_rn(g, clip_divisor) * clip_factor
     if CLIP_VALUE:
         g = tl.maximum(g, -clip_value, propagate_nan=tl.PropagateNan.ALL)
         g = tl.minimum(g, clip_value, propagate_nan=tl.PropagateNan.ALL)
@@ -212,30 +231,23 @@ def _chunk_sums(
 
 
 @triton.jit
-def sums_program(
-    table_ptr,  # int32 (programs, TABLE_COLUMNS): the tile table
-    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip scalars
-    w_ptr,  # this program's leaf: params (unused when GLOBAL)
-    g_ptr,  # this program's leaf: gradients
-    partials_ptr,  # out: float32 (programs, 2)
+def chunk_sums(
+    w_ptr,  # the chunk's first param (unused when GLOBAL)
+    g_ptr,  # the chunk's first gradient
+    length,  # elements in the chunk
+    decay,  # int32 scalar: weight decay applies to this leaf
+    clip_divisor,  # float32 scalars, see effective_grad
+    clip_factor,
+    clip_value,
+    weight_decay,
     GLOBAL: tl.constexpr,  # sum g**2 only (the global-norm pass)
-    CLIP_NORM: tl.constexpr,  # global-norm clipping is on
-    CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
-    HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
-    CHUNK: tl.constexpr,  # elements per program
-    BLOCK: tl.constexpr,  # elements per vector step
+    CLIP_NORM: tl.constexpr,
+    CLIP_VALUE: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Norm pass: writes one chunk's two float32 partial sums to its partials row."""
-    row = tl.program_id(0)
-    entry = table_ptr + row * _TABLE_COLUMNS
-    start = tl.load(entry + _COL_CHUNK).to(tl.int64) * CHUNK
-    length = tl.load(entry + _COL_LENGTH)
-    decay = tl.load(entry + _COL_DECAY)
-    clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
-        scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
-    )
-    w_ptr += start
-    g_ptr += start
+    """:func:`_chunk_sums` without masks for a full chunk, with them for a shorter one."""
     if length == CHUNK:
         s_w, s_u = _chunk_sums(
             w_ptr,
@@ -272,6 +284,48 @@ def sums_program(
             CHUNK,
             BLOCK,
         )
+    return s_w, s_u
+
+
+@triton.jit
+def sums_program(
+    table_ptr,  # int32 (programs, TABLE_COLUMNS): the tile table
+    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip scalars
+    w_ptr,  # this program's leaf: params (unused when GLOBAL)
+    g_ptr,  # this program's leaf: gradients
+    partials_ptr,  # out: float32 (programs, 2)
+    GLOBAL: tl.constexpr,  # sum g**2 only (the global-norm pass)
+    CLIP_NORM: tl.constexpr,  # global-norm clipping is on
+    CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
+    HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
+    CHUNK: tl.constexpr,  # elements per program
+    BLOCK: tl.constexpr,  # elements per vector step
+):
+    """Norm pass: writes one chunk's two float32 partial sums to its partials row."""
+    row = tl.program_id(0)
+    entry = table_ptr + row * _TABLE_COLUMNS
+    start = tl.load(entry + _COL_CHUNK).to(tl.int64) * CHUNK
+    length = tl.load(entry + _COL_LENGTH)
+    decay = tl.load(entry + _COL_DECAY)
+    clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
+        scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
+    )
+    s_w, s_u = chunk_sums(
+        w_ptr + start,
+        g_ptr + start,
+        length,
+        decay,
+        clip_divisor,
+        clip_factor,
+        clip_value,
+        weight_decay,
+        GLOBAL,
+        CLIP_NORM,
+        CLIP_VALUE,
+        HAS_DECAY,
+        CHUNK,
+        BLOCK,
+    )
     tl.store(partials_ptr + row * 2 + _SUM_W2, s_w)
     tl.store(partials_ptr + row * 2 + _SUM_U2, s_u)
 
@@ -341,42 +395,31 @@ def _chunk_update(
 
 
 @triton.jit
-def update_program(
-    table_ptr,  # int32 (programs, TABLE_COLUMNS): the tile table
-    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip scalars
-    ratios_ptr,  # float32 (slots,): the trust ratio of each slot's leaf
-    slot,  # int32 scalar: this program's slot
-    w_ptr,  # this program's leaf: params (unused unless read, see _chunk_update)
-    g_ptr,  # this program's leaf: gradients
-    v_ptr,  # this program's leaf: momentum
-    out_ptr,  # out: updates, or new params if WRITE_PARAMS
-    v_out_ptr,  # out: new momentum
-    CLIP_NORM: tl.constexpr,  # global-norm clipping is on
-    CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
-    HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
-    NESTEROV: tl.constexpr,  # Nesterov direction
-    LR_INSIDE: tl.constexpr,  # the optax form of momentum
-    WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
-    CHUNK: tl.constexpr,  # elements per program
-    BLOCK: tl.constexpr,  # elements per vector step
+def chunk_update(
+    w_ptr,  # the chunk's first param, ... (as _chunk_update)
+    g_ptr,
+    v_ptr,
+    out_ptr,
+    v_out_ptr,
+    length,  # elements in the chunk
+    decay,  # int32 scalar: weight decay applies to this leaf
+    ratio,  # float32 scalars: trust ratio, lr, momentum, and see effective_grad
+    lr,
+    mu,
+    clip_divisor,
+    clip_factor,
+    clip_value,
+    weight_decay,
+    CLIP_NORM: tl.constexpr,
+    CLIP_VALUE: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    LR_INSIDE: tl.constexpr,
+    WRITE_PARAMS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Update pass: one chunk of one leaf."""
-    row = tl.program_id(0)
-    entry = table_ptr + row * _TABLE_COLUMNS
-    start = tl.load(entry + _COL_CHUNK).to(tl.int64) * CHUNK
-    length = tl.load(entry + _COL_LENGTH)
-    decay = tl.load(entry + _COL_DECAY)
-    ratio = tl.load(ratios_ptr + slot)
-    lr = tl.load(scalars_ptr + _LR)
-    mu = tl.load(scalars_ptr + _MOMENTUM)
-    clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
-        scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
-    )
-    w_ptr += start
-    g_ptr += start
-    v_ptr += start
-    out_ptr += start
-    v_out_ptr += start
+    """:func:`_chunk_update` without masks for a full chunk, with them for a shorter one."""
     if length == CHUNK:
         _chunk_update(
             w_ptr,
@@ -431,6 +474,225 @@ def update_program(
         )
 
 
+@triton.jit
+def update_program(
+    table_ptr,  # int32 (programs, TABLE_COLUMNS): the tile table
+    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip scalars
+    ratios_ptr,  # float32 (slots,): the trust ratio of each slot's leaf
+    slot,  # int32 scalar: this program's slot
+    w_ptr,  # this program's leaf: params (unused unless read, see _chunk_update)
+    g_ptr,  # this program's leaf: gradients
+    v_ptr,  # this program's leaf: momentum
+    out_ptr,  # out: updates, or new params if WRITE_PARAMS
+    v_out_ptr,  # out: new momentum
+    CLIP_NORM: tl.constexpr,  # global-norm clipping is on
+    CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
+    HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
+    NESTEROV: tl.constexpr,  # Nesterov direction
+    LR_INSIDE: tl.constexpr,  # the optax form of momentum
+    WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
+    CHUNK: tl.constexpr,  # elements per program
+    BLOCK: tl.constexpr,  # elements per vector step
+):
+    """Update pass: one chunk of one leaf."""
+    row = tl.program_id(0)
+    entry = table_ptr + row * _TABLE_COLUMNS
+    start = tl.load(entry + _COL_CHUNK).to(tl.int64) * CHUNK
+    length = tl.load(entry + _COL_LENGTH)
+    decay = tl.load(entry + _COL_DECAY)
+    ratio = tl.load(ratios_ptr + slot)
+    lr = tl.load(scalars_ptr + _LR)
+    mu = tl.load(scalars_ptr + _MOMENTUM)
+    clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
+        scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
+    )
+    chunk_update(
+        w_ptr + start,
+        g_ptr + start,
+        v_ptr + start,
+        out_ptr + start,
+        v_out_ptr + start,
+        length,
+        decay,
+        ratio,
+        lr,
+        mu,
+        clip_divisor,
+        clip_factor,
+        clip_value,
+        weight_decay,
+        CLIP_NORM,
+        CLIP_VALUE,
+        HAS_DECAY,
+        NESTEROV,
+        LR_INSIDE,
+        WRITE_PARAMS,
+        CHUNK,
+        BLOCK,
+    )
+
+
+# --------------------------------------------------------------------------
+# The fused pass.
+
+
+@triton.jit
+def trust_ratio(
+    sum_w2,  # float32 scalar: the leaf's sum of w**2
+    sum_u2,  # float32 scalar: the leaf's sum of u**2
+    scalars_ptr,  # float32 (NUM_SCALARS,): trust coefficient, eps, trust clip
+    TRUST_CLIP: tl.constexpr,  # r = min(r, trust_clip) is on
+):
+    """``lars._reference.trust_ratio`` in float32: r = tc * ||w|| / (||u|| + eps),
+    1 where a norm is 0, then the trust clip. Square root and division are
+    rounded to nearest (``sqrt.rn``, ``div.rn``), as XLA rounds them."""
+    w_norm = tl.sqrt_rn(sum_w2)
+    u_norm = tl.sqrt_rn(sum_u2)
+    tc = tl.load(scalars_ptr + _TRUST_COEFFICIENT)
+    eps = tl.load(scalars_ptr + _EPS)
+    r = tl.div_rn(tc * w_norm, u_norm + eps)
+    r = tl.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r)
+    if TRUST_CLIP:
+        clip = tl.load(scalars_ptr + _TRUST_CLIP)
+        r = tl.minimum(r, clip, propagate_nan=tl.PropagateNan.ALL)
+    return r
+
+
+@triton.jit
+def leaf_sums(
+    partials_ptr,  # float32 (rows, 2): per-chunk partial sums
+    first_row,  # int32 scalar: the leaf's first row
+    chunks,  # int32 scalar: the leaf's rows
+    REDUCE_BLOCK: tl.constexpr,  # rows per vector step
+):
+    """A leaf's two sums from its chunks' partials, added in a fixed order.
+
+    Other programs (other SMs) wrote the partials: they are loaded from L2
+    (``.cg``), past this SM's L1.
+    """
+    acc_w = tl.zeros((REDUCE_BLOCK,), tl.float32)
+    acc_u = tl.zeros((REDUCE_BLOCK,), tl.float32)
+    start = chunks * 0
+    while start < chunks:
+        rows = start + tl.arange(0, REDUCE_BLOCK)
+        mask = rows < chunks
+        at = partials_ptr + (first_row + rows) * 2
+        acc_w += tl.load(at + _SUM_W2, mask=mask, other=0.0, cache_modifier=".cg")
+        acc_u += tl.load(at + _SUM_U2, mask=mask, other=0.0, cache_modifier=".cg")
+        start += REDUCE_BLOCK
+    return tl.sum(acc_w, axis=0), tl.sum(acc_u, axis=0)
+
+
+@triton.jit
+def fused_program(
+    item,  # int32 scalar: the table row this program claimed
+    table_ptr,  # int32 (items, TABLE_COLUMNS): the item table
+    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip, trust scalars
+    slot,  # int32 scalar: the item's slot
+    w_ptr,  # the slot's leaf: params
+    g_ptr,  # the slot's leaf: gradients
+    v_ptr,  # the slot's leaf: momentum
+    out_ptr,  # out: updates, or new params if WRITE_PARAMS
+    v_out_ptr,  # out: new momentum
+    partials_ptr,  # out: float32 (rows, 2): per-chunk partial sums
+    ratios_out_ptr,  # out: float32 (slots,): each slot's trust ratio
+    sync_ptr,  # int32 (1 + 2 * slots), zero at launch: [0] the item counter; then
+    # per slot, its sums items finished and its ratio-ready flag
+    CLIP_NORM: tl.constexpr,  # global-norm clipping is on
+    CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
+    HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
+    NESTEROV: tl.constexpr,  # Nesterov direction
+    LR_INSIDE: tl.constexpr,  # the optax form of momentum
+    WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
+    TRUST_CLIP: tl.constexpr,  # r = min(r, trust_clip) is on
+    CHUNK: tl.constexpr,  # elements per item
+    BLOCK: tl.constexpr,  # elements per vector step
+    REDUCE_BLOCK: tl.constexpr,  # partial rows per vector step (leaf_sums)
+):
+    """Fused pass: one item (a chunk's sums, a chunk's update, or both)."""
+    entry = table_ptr + item * _TABLE_COLUMNS
+    chunk = tl.load(entry + _COL_CHUNK)
+    start = chunk.to(tl.int64) * CHUNK
+    length = tl.load(entry + _COL_LENGTH)
+    decay = tl.load(entry + _COL_DECAY)
+    kind = tl.load(entry + _COL_KIND)
+    trust = tl.load(entry + _COL_TRUST)
+    clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
+        scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
+    )
+    arrivals = sync_ptr + 1 + 2 * slot
+    ready = arrivals + 1
+    s_w = tl.zeros((), tl.float32)
+    s_u = tl.zeros((), tl.float32)
+    if kind != _KIND_UPDATE:
+        s_w, s_u = chunk_sums(
+            w_ptr + start,
+            g_ptr + start,
+            length,
+            decay,
+            clip_divisor,
+            clip_factor,
+            clip_value,
+            weight_decay,
+            False,
+            CLIP_NORM,
+            CLIP_VALUE,
+            HAS_DECAY,
+            CHUNK,
+            BLOCK,
+        )
+    if kind == _KIND_SUMS:
+        first_row = tl.load(entry + _COL_FIRST_ROW)
+        chunks = tl.load(entry + _COL_CHUNKS)
+        row = partials_ptr + (first_row + chunk) * 2
+        tl.store(row + _SUM_W2, s_w)
+        tl.store(row + _SUM_U2, s_u)
+        # acq_rel: releases this chunk's partials; the last arrival acquires all.
+        if tl.atomic_add(arrivals, 1, sem="acq_rel") == chunks - 1:
+            sum_w2, sum_u2 = leaf_sums(partials_ptr, first_row, chunks, REDUCE_BLOCK)
+            tl.store(ratios_out_ptr + slot, trust_ratio(sum_w2, sum_u2, scalars_ptr, TRUST_CLIP))
+            tl.atomic_xchg(ready, 1, sem="release")
+    else:
+        ratio = tl.full((), 1.0, tl.float32)
+        if kind == _KIND_WHOLE:  # a single-chunk leaf: its sums are the leaf's
+            ratio = trust_ratio(s_w, s_u, scalars_ptr, TRUST_CLIP)
+            tl.store(ratios_out_ptr + slot, ratio)
+        elif trust != 0:
+            # Every sums item of this leaf was claimed before this item: wait
+            # for the last of them to publish the ratio.
+            while tl.atomic_add(ready, 0, sem="acquire") == 0:
+                pass
+            ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
+        elif chunk == 0:
+            tl.store(ratios_out_ptr + slot, ratio)
+        lr = tl.load(scalars_ptr + _LR)
+        mu = tl.load(scalars_ptr + _MOMENTUM)
+        chunk_update(
+            w_ptr + start,
+            g_ptr + start,
+            v_ptr + start,
+            out_ptr + start,
+            v_out_ptr + start,
+            length,
+            decay,
+            ratio,
+            lr,
+            mu,
+            clip_divisor,
+            clip_factor,
+            clip_value,
+            weight_decay,
+            CLIP_NORM,
+            CLIP_VALUE,
+            HAS_DECAY,
+            NESTEROV,
+            LR_INSIDE,
+            WRITE_PARAMS,
+            CHUNK,
+            BLOCK,
+        )
+
+
 # --------------------------------------------------------------------------
 # The generated entry points: one per (pass, number of slots, params passed).
 
@@ -438,7 +700,9 @@ _ARG_COMMENTS = {
     "table_ptr": "int32 (programs, TABLE_COLUMNS): slot, chunk, length, decay",
     "scalars_ptr": "float32 (NUM_SCALARS,): lr, momentum, decay, clip scalars",
     "ratios_ptr": "float32 (slots,): trust ratios",
-    "partials_ptr": "out: float32 (programs, 2) partial sums",
+    "partials_ptr": "out: float32 (rows, 2) partial sums",
+    "ratios_out_ptr": "out: float32 (slots,) trust ratios",
+    "sync_ptr": "out: int32 (1 + 2 * slots), zeroed: item counter, arrivals, flags",
     "w": "params",
     "g": "gradients",
     "v": "momentum",
@@ -462,7 +726,8 @@ def entry_source(spec: P.KernelSpec) -> str:
             GLOBAL: tl.constexpr,
             ...
         ):
-            slot = tl.load(table_ptr + tl.program_id(0) * _TABLE_COLUMNS + _COL_SLOT)
+            row = tl.program_id(0)  # a FUSED entry claims its row: tl.atomic_add(sync_ptr, 1)
+            slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)
             is_1 = slot == 1
             w_ptr = w_0
             w_ptr = tl.where(is_1, w_1, w_ptr)
@@ -481,7 +746,11 @@ def entry_source(spec: P.KernelSpec) -> str:
     for name in spec.constexpr_names():
         lines.append(f"    {name}: tl.constexpr,")
     lines.append("):")
-    lines.append("    slot = tl.load(table_ptr + tl.program_id(0) * _TABLE_COLUMNS + _COL_SLOT)")
+    if spec.kind == P.FUSED:  # items start in table order, whichever program runs first
+        lines.append("    row = tl.atomic_add(sync_ptr, 1, sem='relaxed')")
+    else:
+        lines.append("    row = tl.program_id(0)")
+    lines.append("    slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
     for k in range(1, spec.slots):
         lines.append(f"    is_{k} = slot == {k}")
     for role in spec.pointer_roles():
@@ -495,6 +764,11 @@ def entry_source(spec: P.KernelSpec) -> str:
         lines.append(
             "    update_program(table_ptr, scalars_ptr, ratios_ptr, slot, w_ptr, g_ptr, v_ptr, "
             f"out_ptr, v_out_ptr, {constexprs})"
+        )
+    elif spec.kind == P.FUSED:
+        lines.append(
+            "    fused_program(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, v_ptr, out_ptr, "
+            f"v_out_ptr, partials_ptr, ratios_out_ptr, sync_ptr, {constexprs})"
         )
     else:
         lines.append(
@@ -523,6 +797,7 @@ def get_kernel(spec: P.KernelSpec):
         "tl": tl,
         "sums_program": sums_program,
         "update_program": update_program,
+        "fused_program": fused_program,
         "_TABLE_COLUMNS": _TABLE_COLUMNS,
         "_COL_SLOT": _COL_SLOT,
     }

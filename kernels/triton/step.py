@@ -8,8 +8,8 @@ and the few operations between the passes are the same code for both.
 
 Between the passes (in ``xp``): each launch's per-chunk partial sums are
 reduced per leaf in a fixed order, and the per-leaf sums become the global
-gradient norm and the trust ratios with the formula of
-``lars._reference.reference_step``.
+gradient norm and (in the two-pass form) the trust ratios with the formula of
+``lars._reference.reference_step``. The fused pass computes the ratios itself.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ class OutSpec:
 
 
 class Launcher(Protocol):
-    """Runs one launch; returns its outputs (arrays of ``outputs``' shapes and dtypes)."""
+    """Runs one launch; returns its outputs (arrays of ``outputs``' shapes and dtypes).
+
+    ``aliases`` maps input to output positions (the output is the input's
+    buffer); the outputs at the positions in ``zeroed`` are zero when the
+    kernel starts.
+    """
 
     def __call__(
         self,
@@ -44,6 +49,7 @@ class Launcher(Protocol):
         aliases: dict[int, int],
         grid: int,
         constexprs: dict[str, bool | int],
+        zeroed: tuple[int, ...] = (),
     ) -> list[Any]: ...
 
 
@@ -154,6 +160,90 @@ def pass_sums(
     return sums[np.asarray([row_of.get(i, 0) for i in range(len(plan.leaves))], np.int32)]
 
 
+def _update_inputs(
+    launch_: P.Launch,
+    spec: P.KernelSpec,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    head: list[Any],
+    write_params: bool,
+) -> tuple[list[Any], list[OutSpec], dict[int, int]]:
+    """Inputs, per-leaf outputs and aliases of an UPDATE or FUSED launch.
+
+    Momentum (and the params, when they are written) are updated in place:
+    each is aliased to its output.
+    """
+    ids = launch_.leaves
+    k = len(ids)
+    inputs = list(head)
+    w_at = len(inputs)
+    if spec.with_params:
+        inputs += [params[i] for i in ids]
+    inputs += [grads[i] for i in ids]
+    v_at = len(inputs)
+    inputs += [momentum[i] for i in ids]
+    outputs = [OutSpec(tuple(np.shape(params[i])), params[i].dtype) for i in ids]
+    outputs += [OutSpec(tuple(np.shape(momentum[i])), momentum[i].dtype) for i in ids]
+    aliases = {v_at + j: k + j for j in range(k)}
+    if write_params:
+        aliases.update({w_at + j: j for j in range(k)})
+    return inputs, outputs, aliases
+
+
+def fused_outputs(launch_: P.Launch) -> list[OutSpec]:
+    """The outputs of a FUSED launch after the per-leaf ones; the last is zeroed."""
+    k = len(launch_.leaves)
+    rows = max(1, launch_.spans[-1][1])
+    return [
+        OutSpec((rows, 2), np.float32),  # per-chunk partial sums
+        OutSpec((k,), np.float32),  # trust ratios
+        OutSpec((1 + 2 * k,), np.int32),  # item counter; per slot, arrivals and ready flag
+    ]
+
+
+def pass_fused(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    scalars: Any,
+    *,
+    plan: P.StepPlan,
+    launch: Launcher,
+    xp: Any,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Runs the fused pass; returns (updates or new params, new momenta, ratios), per leaf.
+
+    Empty leaves are not launched: their entries are None.
+    """
+    n = len(plan.leaves)
+    first: list[Any] = [None] * n
+    new_momentum: list[Any] = [None] * n
+    ratios: list[Any] = [None] * n
+    for launch_ in plan.launches(P.FUSED):
+        spec = P.kernel_spec(launch_, plan.flags)
+        ids = launch_.leaves
+        k = len(ids)
+        head = [xp.asarray(launch_.table), scalars]
+        inputs, outputs, aliases = _update_inputs(
+            launch_, spec, params, grads, momentum, head, plan.flags.write_params
+        )
+        outputs += fused_outputs(launch_)
+        results = launch(
+            spec,
+            inputs,
+            outputs,
+            aliases,
+            launch_.num_programs,
+            spec.constexprs(plan.flags, plan.tuning),
+            zeroed=(len(outputs) - 1,),
+        )
+        for j, i in enumerate(ids):
+            first[i], new_momentum[i] = results[j], results[k + j]
+            ratios[i] = results[2 * k + 1][j]
+    return first, new_momentum, ratios
+
+
 def pass_update(
     params: Sequence[Any],
     grads: Sequence[Any],
@@ -167,9 +257,7 @@ def pass_update(
 ) -> tuple[list[Any], list[Any]]:
     """Runs the update pass; returns (updates or new params, new momenta), per leaf.
 
-    Momentum (and the params, when they are written) are updated in place:
-    each is aliased to its output. Empty leaves are not launched: their entries
-    are None.
+    Empty leaves are not launched: their entries are None.
     """
     n = len(plan.leaves)
     first: list[Any] = [None] * n
@@ -178,18 +266,10 @@ def pass_update(
         spec = P.kernel_spec(launch_, plan.flags)
         ids = launch_.leaves
         k = len(ids)
-        inputs = [xp.asarray(launch_.table), scalars, ratios[np.asarray(ids, np.int32)]]
-        w_at = len(inputs)
-        if spec.with_params:
-            inputs += [params[i] for i in ids]
-        inputs += [grads[i] for i in ids]
-        v_at = len(inputs)
-        inputs += [momentum[i] for i in ids]
-        outputs = [OutSpec(tuple(np.shape(params[i])), params[i].dtype) for i in ids]
-        outputs += [OutSpec(tuple(np.shape(momentum[i])), momentum[i].dtype) for i in ids]
-        aliases = {v_at + j: k + j for j in range(k)}
-        if plan.flags.write_params:
-            aliases.update({w_at + j: j for j in range(k)})
+        head = [xp.asarray(launch_.table), scalars, ratios[np.asarray(ids, np.int32)]]
+        inputs, outputs, aliases = _update_inputs(
+            launch_, spec, params, grads, momentum, head, plan.flags.write_params
+        )
         results = launch(
             spec,
             inputs,
@@ -234,6 +314,9 @@ def run_step(
         P.CLIP_DIVISOR: one,
         P.CLIP_FACTOR: one,
         P.CLIP_VALUE: hyper["grad_clip_value"],
+        P.TRUST_COEFFICIENT: hyper["trust_coefficient"],
+        P.EPS: hyper["eps"],
+        P.TRUST_CLIP: hyper["trust_clip"],
     }
 
     def scalars():
@@ -248,6 +331,19 @@ def run_step(
         values[P.CLIP_DIVISOR] = xp.where(trigger, one, g_norm)
         values[P.CLIP_FACTOR] = xp.where(trigger, one, hyper["grad_clip_norm"])
     scalars_now = scalars()
+    trust = np.asarray([leaf.trust for leaf in plan.leaves], bool)
+
+    if plan.tuning.fused:
+        # 2-3. Norms, trust ratios and the update in one launch per dtype group.
+        first, new_momentum, ratios = pass_fused(params, grads, momentum, scalars_now, **run)
+        # Empty leaves: zero norms, so r = 1, then trust_clip, as in the reference.
+        empty_ratio = one
+        if plan.flags.trust_clip:
+            empty_ratio = xp.minimum(one, hyper["trust_clip"])
+        for i, leaf in enumerate(plan.leaves):
+            if leaf.size == 0:
+                ratios[i] = empty_ratio if leaf.trust else one
+        return _fill_empty(first, new_momentum, params, momentum, plan, xp), new_momentum, ratios
 
     # 2. Trust ratios from the per-leaf sums (optax.scale_by_trust_ratio). Empty
     # leaves have zero sums: r = 1, then trust_clip, as in the reference.
@@ -258,13 +354,25 @@ def run_step(
     r = xp.where(xp.logical_or(w_norm == 0.0, u_norm == 0.0), one, r)
     if plan.flags.trust_clip:
         r = xp.minimum(r, hyper["trust_clip"])
-    trust = np.asarray([leaf.trust for leaf in plan.leaves], bool)
     ratios = xp.where(trust, r, one).astype(f32)
 
     # 3. The update pass.
     first, new_momentum = pass_update(params, grads, momentum, ratios, scalars_now, **run)
+    first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
+    return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]
+
+
+def _fill_empty(
+    first: list[Any],
+    new_momentum: list[Any],
+    params: Sequence[Any],
+    momentum: Sequence[Any],
+    plan: P.StepPlan,
+    xp: Any,
+) -> list[Any]:
+    """The results of the empty leaves (not launched); fills ``new_momentum`` in place."""
     for i, leaf in enumerate(plan.leaves):
         if leaf.size == 0:
             first[i] = params[i] if plan.flags.write_params else xp.zeros_like(params[i])
             new_momentum[i] = momentum[i]
-    return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]
+    return first
