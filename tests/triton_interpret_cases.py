@@ -40,7 +40,7 @@ from backend_base import CASES_BY_NAME, BackendTests
 import lars
 from lars import _dispatch
 from lars._config import LarsConfig
-from lars._reference import reference_step
+from lars._reference import reference_step, reference_update_with_ratios
 from lars.kernels.triton import interpret, kernels
 from lars.kernels.triton import plan as P
 from lars.kernels.triton import step as S
@@ -461,6 +461,34 @@ def test_one_step_on_a_65537_element_leaf():
     for a, b in zip((*got.updates, *got.momentum), (*want.updates, *want.momentum), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(got.trust_ratio, want.trust_ratio, rtol=2e-5)
+
+
+@pytest.mark.parametrize("write_params", [False, True], ids=["updates", "in_place"])
+def test_update_with_given_ratios_matches_the_reference(write_params):
+    """The update half alone (for sharded params), against reference_update_with_ratios."""
+    params, grads = make_step_problem(MIXED, steps=1, seed=3)
+    rng = np.random.default_rng(5)
+    momentum = [jnp.asarray(0.01 * rng.standard_normal(np.shape(p)), jnp.float32) for p in params]
+    ratios = jnp.asarray(rng.uniform(0.05, 1.0, len(STEP_SHAPES)), jnp.float32)
+    kw = dict(
+        config=STEP_CONFIGS["everything"],
+        decay_mask=[i % 3 != 0 for i in range(len(STEP_SHAPES))],
+        trust_mask=[True] * len(STEP_SHAPES),
+        write_params=write_params,
+    )
+    lr, g_norm = jnp.float32(0.3), jnp.float32(7.0)  # above grad_clip_norm: the clip applies
+    got = interpret.triton_update_with_ratios_interpret(
+        params, grads[0], momentum, lr, ratios, g_norm, tuning=TUNING, **kw
+    )
+    want = reference_update_with_ratios(params, grads[0], momentum, lr, ratios, g_norm, **kw)
+    for i, p in enumerate(params):
+        tol = dict(rtol=2e-6, atol=1e-7) if p.dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-3)
+        assert got.updates[i].dtype == p.dtype and got.updates[i].shape == p.shape
+        np.testing.assert_allclose(
+            np.asarray(got.updates[i], F32), np.asarray(want.updates[i], F32), **tol
+        )
+        np.testing.assert_allclose(got.momentum[i], want.momentum[i], rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(got.trust_ratio), np.asarray(ratios))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])

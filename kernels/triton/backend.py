@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from lars._autodiff import with_reference_jvp
 from lars._config import LarsConfig
-from lars._reference import StepResult
+from lars._reference import StepResult, reference_update_with_ratios
 
 from . import plan as P
 from . import step as S
@@ -118,6 +118,105 @@ def _run(params, grads, momentum, lr, hyper, *, plan, triton_call, compute_capab
     """The traced step (jitted so that eager calls reuse the compiled kernels)."""
     launch = _launcher(triton_call, plan.tuning.num_warps, compute_capability)
     return S.run_step(params, grads, momentum, lr, hyper, plan=plan, launch=launch, xp=jnp)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "triton_call", "compute_capability"))
+def _run_given(
+    params,
+    grads,
+    momentum,
+    lr,
+    hyper,
+    ratios,
+    global_norm,
+    *,
+    plan,
+    triton_call,
+    compute_capability,
+):
+    """The traced update half with given ratios (see :func:`triton_update_with_ratios`)."""
+    launch = _launcher(triton_call, plan.tuning.num_warps, compute_capability)
+    return S.run_update_given(
+        params, grads, momentum, lr, hyper, ratios, global_norm, plan=plan, launch=launch, xp=jnp
+    )
+
+
+def triton_update_with_ratios(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    ratios: jax.Array,
+    global_norm: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool = False,
+    tuning: P.Tuning | None = None,
+    triton_call: Callable | None = None,
+    compute_capability: int | None = None,
+) -> StepResult:
+    """The update pass alone, with trust ratios the caller computed.
+
+    Written for sharded params (``lars._sharded``): each shard would run the
+    update kernel on its own elements with the ratios of whole layers. It is
+    not registered as the backend's ``update_with_ratios`` yet: it has been
+    checked in Triton's interpreter on one device only (a ``pure_callback``
+    inside a custom-partitioned op crashes jax 0.11.2 on CPU, so the interpreter
+    cannot run it sharded), and never on GPUs. Until then a mesh gathers the
+    Triton backend's leaves (correct, replicated). Inside the user's
+    ``shard_map`` the update runs in XLA (jax-triton's custom call is not
+    checked against ``shard_map``'s varying axes).
+
+    Args:
+      params, grads, momentum, lr, config, decay_mask, trust_mask, tuning,
+        triton_call, compute_capability: As in :func:`run`.
+      ratios: One trust ratio per leaf (float32; 1 outside the trust mask).
+      global_norm: The global gradient norm, used with ``grad_clip_norm``.
+      write_params: Return the new params (in place) instead of the updates.
+    """
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return reference_update_with_ratios(
+            params,
+            grads,
+            momentum,
+            lr,
+            ratios,
+            global_norm,
+            config=config,
+            decay_mask=decay_mask,
+            trust_mask=trust_mask,
+            write_params=write_params,
+        )
+    plan = S.build_plan(
+        params,
+        grads,
+        momentum,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=write_params,
+        tuning=tuning or P.Tuning(),
+    )
+    if triton_call is None:
+        import jax_triton
+
+        triton_call = jax_triton.triton_call
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
+    first, new_momentum, out_ratios = _run_given(
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        hyper,
+        jnp.asarray(ratios, jnp.float32),
+        jnp.asarray(global_norm, jnp.float32),
+        plan=plan,
+        triton_call=triton_call,
+        compute_capability=compute_capability,
+    )
+    return StepResult(list(first), list(new_momentum), list(out_ratios))
 
 
 def run(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ if not triton.knobs.runtime.interpret:
 from triton.runtime import interpreter as _interpreter
 
 from . import kernels
+
+# The interpreter patches module and class attributes while a launch runs (see
+# above), so two launches must not overlap: on a mesh, XLA runs the callbacks
+# of several devices' shards on several threads at once.
+_ONE_LAUNCH_AT_A_TIME = threading.Lock()
 
 _TL_DTYPES = {
     np.dtype(np.float32): tl.float32,
@@ -218,7 +224,7 @@ def launch(
     if grid:
         kernel = kernels.get_kernel(spec)
         args = [NumpyTensor(x) for x in (*inputs, *results)]
-        with bfloat16_as_on_gpu(), device_calls_without_repatching():
+        with _ONE_LAUNCH_AT_A_TIME, bfloat16_as_on_gpu(), device_calls_without_repatching():
             kernel[(grid,)](*args, **constexprs)
     return results
 
@@ -229,23 +235,27 @@ def numpy_step(
     momentum: Sequence[np.ndarray],
     lr: np.ndarray,
     hyper: dict[str, np.ndarray],
-    *,
+    *given: np.ndarray,
     plan: P.StepPlan,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """:func:`step.run_step` on NumPy arrays with the interpreter launcher.
 
-    IEEE arithmetic raises no warnings (0/0 in a ratio that is then replaced
-    by 1, NaN gradients), as on a GPU and in XLA.
+    With ``given`` (the trust ratios and the global gradient norm), the update
+    half alone: :func:`step.run_update_given`. IEEE arithmetic raises no
+    warnings (0/0 in a ratio that is then replaced by 1, NaN gradients), as on
+    a GPU and in XLA.
     """
     as_np = lambda xs: [np.asarray(x) for x in xs]
     hyper = {k: np.asarray(v, np.float32) for k, v in hyper.items()}
+    run = S.run_update_given if given else S.run_step
     with np.errstate(all="ignore"):
-        first, new_momentum, ratios = S.run_step(
+        first, new_momentum, ratios = run(
             as_np(params),
             as_np(grads),
             as_np(momentum),
             np.asarray(lr, np.float32),
             hyper,
+            *(np.asarray(x, np.float32) for x in given),
             plan=plan,
             launch=launch,
             xp=np,
@@ -255,6 +265,19 @@ def numpy_step(
         [np.asarray(x, np.float32) for x in new_momentum],
         [np.asarray(r, np.float32) for r in ratios],
     )
+
+
+def _callback(plan: P.StepPlan, config: LarsConfig, params, momentum, *given):
+    """``numpy_step`` as a ``jax.pure_callback`` of (params, grads, momentum, lr)."""
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
+    shapes = (
+        [jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params],
+        [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in momentum],
+        [jax.ShapeDtypeStruct((), jnp.float32) for _ in params],
+    )
+    given = [jnp.asarray(x, jnp.float32) for x in given]
+    fn = functools.partial(numpy_step, plan=plan)
+    return lambda p, g, v, lr: jax.pure_callback(fn, shapes, p, g, v, lr, hyper, *given)
 
 
 def _step(
@@ -279,16 +302,8 @@ def _step(
         write_params=write_params,
         tuning=tuning or P.Tuning(),
     )
-    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
-    shapes = (
-        [jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params],
-        [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in momentum],
-        [jax.ShapeDtypeStruct((), jnp.float32) for _ in params],
-    )
     kernel_step = with_reference_jvp(
-        lambda p, g, v, lr: jax.pure_callback(
-            functools.partial(numpy_step, plan=plan), shapes, p, g, v, lr, hyper
-        ),
+        _callback(plan, config, params, momentum),
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
@@ -360,3 +375,34 @@ def triton_apply_interpret(
         write_params=True,
         tuning=tuning,
     )
+
+
+def triton_update_with_ratios_interpret(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    ratios: jax.Array,
+    global_norm: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool = False,
+    tuning: P.Tuning | None = None,
+) -> StepResult:
+    """``backend.triton_update_with_ratios`` with the kernels run in the interpreter."""
+    plan = S.build_plan(
+        params,
+        grads,
+        momentum,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=write_params,
+        tuning=tuning or P.Tuning(),
+    )
+    first, new_momentum, out_ratios = _callback(
+        plan, config, params, momentum, ratios, global_norm
+    )(list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32))
+    return StepResult(list(first), list(new_momentum), list(out_ratios))

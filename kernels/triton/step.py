@@ -306,31 +306,13 @@ def run_step(
     """
     f32 = np.float32
     one = xp.ones((), f32)
-    zero = xp.zeros((), f32)
-    values = {
-        P.LR: xp.asarray(lr).astype(f32),
-        P.MOMENTUM: hyper["momentum"],
-        P.WEIGHT_DECAY: hyper["weight_decay"],
-        P.CLIP_DIVISOR: one,
-        P.CLIP_FACTOR: one,
-        P.CLIP_VALUE: hyper["grad_clip_value"],
-        P.TRUST_COEFFICIENT: hyper["trust_coefficient"],
-        P.EPS: hyper["eps"],
-        P.TRUST_CLIP: hyper["trust_clip"],
-    }
-
-    def scalars():
-        return xp.stack([values.get(k, zero) for k in range(P.NUM_SCALARS)]).astype(f32)
-
+    values = _scalar_values(lr, hyper, xp)
     run = dict(plan=plan, launch=launch, xp=xp)
     # 1. grad_clip_norm (optax.clip_by_global_norm): g <- g if ||g|| < c else (g / ||g||) * c.
     if plan.flags.clip_norm:
-        sums = pass_sums(P.GLOBAL_NORM, params, grads, scalars(), **run)
-        g_norm = xp.sqrt(xp.sum(sums[:, P.SUM_W2]))
-        trigger = g_norm < hyper["grad_clip_norm"]
-        values[P.CLIP_DIVISOR] = xp.where(trigger, one, g_norm)
-        values[P.CLIP_FACTOR] = xp.where(trigger, one, hyper["grad_clip_norm"])
-    scalars_now = scalars()
+        sums = pass_sums(P.GLOBAL_NORM, params, grads, _stack(values, xp), **run)
+        _set_clip(values, xp.sqrt(xp.sum(sums[:, P.SUM_W2])), hyper, xp)
+    scalars_now = _stack(values, xp)
     trust = np.asarray([leaf.trust for leaf in plan.leaves], bool)
 
     if plan.tuning.fused:
@@ -360,6 +342,66 @@ def run_step(
     first, new_momentum = pass_update(params, grads, momentum, ratios, scalars_now, **run)
     first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
     return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]
+
+
+def run_update_given(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    lr: Any,
+    hyper: dict[str, Any],
+    ratios: Any,
+    global_norm: Any,
+    *,
+    plan: P.StepPlan,
+    launch: Launcher,
+    xp: Any,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """The update half of a step, with the trust ratios and global norm given.
+
+    For sharded params (``lars._sharded``): the ratios are those of whole
+    layers, summed over every shard by the caller; the update pass runs alone.
+    Arguments as in :func:`run_step`, plus ``ratios`` (one float32 per leaf)
+    and ``global_norm`` (the global gradient norm, used with ``grad_clip_norm``).
+    """
+    values = _scalar_values(lr, hyper, xp)
+    if plan.flags.clip_norm:
+        _set_clip(values, xp.asarray(global_norm).astype(np.float32), hyper, xp)
+    ratios = xp.asarray(ratios).astype(np.float32)
+    run = dict(plan=plan, launch=launch, xp=xp)
+    first, new_momentum = pass_update(params, grads, momentum, ratios, _stack(values, xp), **run)
+    first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
+    return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]
+
+
+def _scalar_values(lr: Any, hyper: dict[str, Any], xp: Any) -> dict[int, Any]:
+    """The ``scalars`` vector's entries (position -> 0-d float32), clipping off."""
+    one = xp.ones((), np.float32)
+    return {
+        P.LR: xp.asarray(lr).astype(np.float32),
+        P.MOMENTUM: hyper["momentum"],
+        P.WEIGHT_DECAY: hyper["weight_decay"],
+        P.CLIP_DIVISOR: one,
+        P.CLIP_FACTOR: one,
+        P.CLIP_VALUE: hyper["grad_clip_value"],
+        P.TRUST_COEFFICIENT: hyper["trust_coefficient"],
+        P.EPS: hyper["eps"],
+        P.TRUST_CLIP: hyper["trust_clip"],
+    }
+
+
+def _set_clip(values: dict[int, Any], g_norm: Any, hyper: dict[str, Any], xp: Any) -> None:
+    """The clip scalars for the global gradient norm ``g_norm`` (1 and 1 below the bound)."""
+    one = xp.ones((), np.float32)
+    trigger = g_norm < hyper["grad_clip_norm"]
+    values[P.CLIP_DIVISOR] = xp.where(trigger, one, g_norm)
+    values[P.CLIP_FACTOR] = xp.where(trigger, one, hyper["grad_clip_norm"])
+
+
+def _stack(values: dict[int, Any], xp: Any) -> Any:
+    """The float32 ``scalars`` vector (unset positions 0)."""
+    zero = xp.zeros((), np.float32)
+    return xp.stack([values.get(k, zero) for k in range(P.NUM_SCALARS)]).astype(np.float32)
 
 
 def _fill_empty(
