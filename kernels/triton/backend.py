@@ -85,6 +85,13 @@ def unsupported(config: LarsConfig) -> str | None:
     return None
 
 
+def _default_triton_call() -> Callable:
+    """``jax_triton.triton_call`` (imported on first use: it needs a GPU jaxlib)."""
+    import jax_triton
+
+    return jax_triton.triton_call
+
+
 def _launcher(triton_call: Callable, num_warps: int, compute_capability: int | None) -> S.Launcher:
     """A ``step.Launcher`` that launches with ``triton_call`` (jax-triton's)."""
     from . import kernels
@@ -189,7 +196,7 @@ def triton_update_with_ratios(
             trust_mask=trust_mask,
             write_params=write_params,
         )
-    plan = S.build_plan(
+    plan, hyper = S.prepare(
         params,
         grads,
         momentum,
@@ -197,13 +204,10 @@ def triton_update_with_ratios(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         write_params=write_params,
-        tuning=tuning or P.Tuning(),
+        tuning=tuning,
+        xp=jnp,
     )
-    if triton_call is None:
-        import jax_triton
-
-        triton_call = jax_triton.triton_call
-    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
+    triton_call = triton_call or _default_triton_call()
     first, new_momentum, out_ratios = _run_given(
         list(params),
         list(grads),
@@ -245,7 +249,7 @@ def run(
         its signature.
       compute_capability: The GPU's (e.g. 90); None asks jax-triton for device 0's.
     """
-    plan = S.build_plan(
+    plan, hyper = S.prepare(
         params,
         grads,
         momentum,
@@ -253,13 +257,10 @@ def run(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         write_params=write_params,
-        tuning=tuning or P.Tuning(),
+        tuning=tuning,
+        xp=jnp,
     )
-    if triton_call is None:
-        import jax_triton
-
-        triton_call = jax_triton.triton_call
-    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
+    triton_call = triton_call or _default_triton_call()
     kernel_step = with_reference_jvp(
         lambda p, g, v, lr: _run(
             p,

@@ -267,9 +267,8 @@ def numpy_step(
     )
 
 
-def _callback(plan: P.StepPlan, config: LarsConfig, params, momentum, *given):
+def _callback(plan: P.StepPlan, hyper: dict[str, jax.Array], params, momentum, *given):
     """``numpy_step`` as a ``jax.pure_callback`` of (params, grads, momentum, lr)."""
-    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in S.hyperparameters(config).items()}
     shapes = (
         [jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params],
         [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in momentum],
@@ -292,7 +291,7 @@ def _step(
     write_params: bool,
     tuning: P.Tuning | None,
 ) -> StepResult:
-    plan = S.build_plan(
+    plan, hyper = S.prepare(
         params,
         grads,
         momentum,
@@ -300,10 +299,11 @@ def _step(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         write_params=write_params,
-        tuning=tuning or P.Tuning(),
+        tuning=tuning,
+        xp=jnp,
     )
     kernel_step = with_reference_jvp(
-        _callback(plan, config, params, momentum),
+        _callback(plan, hyper, params, momentum),
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
@@ -392,7 +392,7 @@ def triton_update_with_ratios_interpret(
     tuning: P.Tuning | None = None,
 ) -> StepResult:
     """``backend.triton_update_with_ratios`` with the kernels run in the interpreter."""
-    plan = S.build_plan(
+    plan, hyper = S.prepare(
         params,
         grads,
         momentum,
@@ -400,9 +400,10 @@ def triton_update_with_ratios_interpret(
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         write_params=write_params,
-        tuning=tuning or P.Tuning(),
+        tuning=tuning,
+        xp=jnp,
     )
-    first, new_momentum, out_ratios = _callback(
-        plan, config, params, momentum, ratios, global_norm
-    )(list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32))
+    first, new_momentum, out_ratios = _callback(plan, hyper, params, momentum, ratios, global_norm)(
+        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
+    )
     return StepResult(list(first), list(new_momentum), list(out_ratios))

@@ -116,6 +116,34 @@ def build_plan(
     return P.StepPlan(tuple(leaves), flags, tuning)
 
 
+def prepare(
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    momentum: Sequence[Any],
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    write_params: bool,
+    tuning: P.Tuning | None,
+    xp: Any,
+) -> tuple[P.StepPlan, dict[str, Any]]:
+    """The step's plan (:func:`build_plan`, ``plan.Tuning()`` by default) and
+    :func:`hyperparameters` as float32 0-d ``xp`` arrays."""
+    plan = build_plan(
+        params,
+        grads,
+        momentum,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=write_params,
+        tuning=tuning or P.Tuning(),
+    )
+    hyper = {k: xp.asarray(v, np.float32) for k, v in hyperparameters(config).items()}
+    return plan, hyper
+
+
 def pass_sums(
     kind: str,
     params: Sequence[Any],
