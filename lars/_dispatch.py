@@ -104,6 +104,12 @@ def _pallas_step(*args, **kwargs):
     return backend.pallas_step(*args, **kwargs)
 
 
+def _pallas_apply(*args, **kwargs):
+    from lars.kernels.pallas import backend
+
+    return backend.pallas_apply(*args, **kwargs)
+
+
 def _pallas_unavailable() -> str | None:
     from lars.kernels.pallas import backend
 
@@ -136,6 +142,7 @@ register(
         name="pallas",
         step=_pallas_step,
         unavailable=_pallas_unavailable,
+        apply=_pallas_apply,
         update_with_ratios=_pallas_update_with_ratios,
         dtypes=_KERNEL_DTYPES,
     )

@@ -12,10 +12,12 @@ which runs the Pallas and Mosaic lowering passes that can run without one.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lars
@@ -311,6 +313,83 @@ def test_gpu_global_norm_pass():
     want = oracle_sums(leaves, ew.StepFlags(), with_params=False)
     for j in range(len(leaves.specs)):
         assert_close(sums[j], want[j], 1e-5, f"sum of g**2 of leaf {j}")
+
+
+# --------------------------------------------------------------------------
+# In place: the update pass writing new params (and momenta) over the inputs.
+
+# Per kernel: its update launcher's options and test shapes (the GPU simulator
+# is slow: few blocks).
+IN_PLACE = {
+    "mosaic_tpu": (mosaic_tpu, dict(interpret=True, **TPU_BLOCKS), TPU_SHAPES, MIXED),
+    "mosaic_gpu": (mosaic_gpu, dict(interpret=True, tile=GPU_TILE), GPU_SHAPES, GPU_DTYPES),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_update_kernels_write_params_as_optax_apply_updates(name):
+    """write_params gives optax.apply_updates(params, updates) bit for bit, and
+    the same momenta, with params and momenta donated (written over) or not."""
+    module, opts, shapes, dtypes = IN_PLACE[name]
+    leaves = make_leaves(shapes, dtypes, seed=11)
+    args = (leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios))
+    scalars = jnp.asarray(SCALARS)
+
+    def run(write_params, donate):
+        flags = dataclasses.replace(ALL_ON, write_params=write_params)
+
+        def fn(w, g, v, r, s):
+            return module.update(w, g, v, r, s, flags=flags, leaves=leaves.specs, **opts)
+
+        copies = jax.tree.map(jnp.copy, args)  # donation must not consume the shared inputs
+        return jax.jit(fn, donate_argnums=(0, 2) if donate else ())(*copies, scalars)
+
+    updates, momentum = run(False, False)
+    want = optax.apply_updates(leaves.params, updates)
+    for donate in (False, True):
+        new_params, new_momentum = run(True, donate)
+        for j in range(len(shapes)):
+            assert new_params[j].dtype == leaves.specs[j].param_dtype
+            np.testing.assert_array_equal(np.asarray(new_params[j]), np.asarray(want[j]))
+            np.testing.assert_array_equal(np.asarray(new_momentum[j]), np.asarray(momentum[j]))
+    assert any(not np.array_equal(np.asarray(u), 0) for u in updates)  # the step moved
+
+
+def _aliased_operands(text: str) -> list[set[int]]:
+    """Per custom call in lowered StableHLO, the operand indices it aliases to outputs."""
+    pattern = r"output_tuple_indices = \[\d+\], operand_index = (\d+)"
+    return [
+        {int(i) for i in re.findall(pattern, line)}
+        for line in text.splitlines()
+        if "stablehlo.custom_call" in line
+    ]
+
+
+@pytest.mark.parametrize("write_params", [False, True])
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_update_kernels_alias_params_and_momenta(platform, write_params):
+    """Lowered for the device, the update call writes the new momenta (and with
+    write_params the new params) over its inputs: an XLA alias per leaf, so
+    XLA can write into donated buffers instead of allocating new ones."""
+    module, first = (mosaic_tpu, 2) if platform == "tpu" else (mosaic_gpu, 3)  # scalar operands
+    shapes = [(130,), (300,), (4097,), (3, 3, 16, 32)]  # >= 128 elements: all in the kernel
+    leaves = make_leaves(shapes, MIXED[: len(shapes)], seed=12)
+    flags = dataclasses.replace(ALL_ON, write_params=write_params)
+
+    def fn(w, g, v, r, s):
+        return module.update(w, g, v, r, s, flags=flags, leaves=leaves.specs)
+
+    args = (leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios))
+    text = (
+        jax.jit(fn, donate_argnums=(0, 2))
+        .trace(*args, jnp.asarray(SCALARS))
+        .lower(lowering_platforms=(platform,))
+        .as_text()
+    )
+    n = len(shapes)
+    momenta = set(range(first + 2 * n, first + 3 * n))
+    params = set(range(first, first + n)) if write_params else set()
+    assert _aliased_operands(text) == [momenta | params]
 
 
 # --------------------------------------------------------------------------

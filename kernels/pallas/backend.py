@@ -11,9 +11,14 @@ One step is two kernel launches for all leaves together (three with
 3. the update pass: per element, the same operations as the reference.
 
 Between the passes a few scalar operations (in XLA) turn the sums into trust
-ratios. The kernel is chosen by platform: Mosaic GPU on a GPU, Mosaic TPU on a
-TPU; on a CPU the Mosaic TPU kernel runs in interpret mode (the Mosaic GPU one
-with ``kernel="mosaic_gpu"``), slowly but with the kernel's own code.
+ratios. The update pass writes the new momenta over the momenta's buffers, and
+in the in-place form (:func:`pallas_apply`) the new params over the params'
+buffers: the kernel call aliases those outputs to its inputs, so donated
+buffers are written over rather than copied.
+
+The kernel is chosen by platform: Mosaic GPU on a GPU, Mosaic TPU on a TPU; on
+a CPU the Mosaic TPU kernel runs in interpret mode (the Mosaic GPU one with
+``kernel="mosaic_gpu"``), slowly but with the kernel's own code.
 """
 
 from __future__ import annotations
@@ -141,8 +146,82 @@ def pallas_step(
     Raises:
       TypeError: for a dtype the kernels do not handle (float64).
     """
+    return _run(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=False,
+        kernel=kernel,
+        interpret=interpret,
+        kernel_options=kernel_options,
+    )
+
+
+def pallas_apply(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    momentum: Sequence[jax.Array],
+    lr: jax.Array,
+    *,
+    config: LarsConfig,
+    decay_mask: Sequence[bool],
+    trust_mask: Sequence[bool],
+    kernel: str | None = None,
+    interpret: bool | None = None,
+    kernel_options: dict | None = None,
+) -> StepResult:
+    """Like :func:`pallas_step`, but the first field holds the new params.
+
+    The update kernel writes them over the params' buffers (donate the params
+    to ``jax.jit``; otherwise XLA copies them first). They equal
+    ``optax.apply_updates(params, updates)``: the sum is formed in float32 and
+    rounded once to the param dtype.
+    """
+    return _run(
+        params,
+        grads,
+        momentum,
+        lr,
+        config=config,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        write_params=True,
+        kernel=kernel,
+        interpret=interpret,
+        kernel_options=kernel_options,
+    )
+
+
+def _run(
+    params,
+    grads,
+    momentum,
+    lr,
+    *,
+    config,
+    decay_mask,
+    trust_mask,
+    write_params,
+    kernel,
+    interpret,
+    kernel_options,
+) -> StepResult:
+    """The step, returning updates or (``write_params``) new params."""
     kernel, interpret, flags, leaves, hyper, options = _prepare(
-        params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, kernel_options
+        params,
+        grads,
+        momentum,
+        config,
+        decay_mask,
+        trust_mask,
+        write_params,
+        kernel,
+        interpret,
+        kernel_options,
     )
     launch = dict(
         flags=flags,
@@ -157,12 +236,12 @@ def pallas_step(
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
-        write_params=False,
+        write_params=write_params,
     )
-    updates, new_momentum, ratios = kernel_step(
+    first, new_momentum, ratios = kernel_step(
         list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
     )
-    return StepResult(updates, new_momentum, ratios)
+    return StepResult(first, new_momentum, ratios)
 
 
 def update_with_ratios(
@@ -185,12 +264,10 @@ def update_with_ratios(
 
     For sharded params (``lars._sharded``): each shard runs the update kernel
     with the ratios of whole layers. Arguments as in :func:`pallas_step`, plus
-    ``ratios`` (one float32 per leaf) and ``global_norm`` (the global gradient
-    norm, used with ``grad_clip_norm``). There is no in-place form:
-    ``write_params`` must be False.
+    ``ratios`` (one float32 per leaf), ``global_norm`` (the global gradient
+    norm, used with ``grad_clip_norm``) and ``write_params`` (return the new
+    params, written in place, as :func:`pallas_apply`).
     """
-    if write_params:
-        raise ValueError("the pallas backend returns updates, not params")
     if jax.sharding.get_abstract_mesh().manual_axes:
         # Inside the user's shard_map the update runs in XLA (the norms are
         # still whole-layer, summed over the shards by the caller): under
@@ -206,9 +283,19 @@ def update_with_ratios(
             config=config,
             decay_mask=decay_mask,
             trust_mask=trust_mask,
+            write_params=write_params,
         )
     kernel, interpret, flags, leaves, hyper, options = _prepare(
-        params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, kernel_options
+        params,
+        grads,
+        momentum,
+        config,
+        decay_mask,
+        trust_mask,
+        write_params,
+        kernel,
+        interpret,
+        kernel_options,
     )
     updates, new_momentum = _update_given(
         list(params),
@@ -228,7 +315,18 @@ def update_with_ratios(
     return StepResult(updates, new_momentum, [ratio_vector[i] for i in range(len(params))])
 
 
-def _prepare(params, grads, momentum, config, decay_mask, trust_mask, kernel, interpret, options):
+def _prepare(
+    params,
+    grads,
+    momentum,
+    config,
+    decay_mask,
+    trust_mask,
+    write_params,
+    kernel,
+    interpret,
+    options,
+):
     """The static launch parameters and hyperparameter scalars of a step."""
     default, default_interpret = default_kernel()
     kernel = kernel or default
@@ -239,6 +337,7 @@ def _prepare(params, grads, momentum, config, decay_mask, trust_mask, kernel, in
         clip_value=config.grad_clip_value is not None,
         nesterov=bool(config.nesterov),
         lr_inside_momentum=bool(config.lr_inside_momentum),
+        write_params=write_params,
     )
     leaves = _leaf_specs(params, grads, momentum, decay_mask, trust_mask, config.has_weight_decay)
     hyper = {
@@ -279,9 +378,12 @@ def _pick(xs, idx):
 
 
 def _run_update(params, grads, momentum, ratio_vector, scalars, *, flags, leaves, impl, kw):
-    """The update pass over the non-empty leaves; empty ones pass through."""
+    """The update pass over the non-empty leaves; empty ones pass through.
+
+    Returns (updates, or new params with ``flags.write_params``, new momenta).
+    """
     active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
-    updates = [jnp.zeros(p.shape, p.dtype) for p in params]
+    updates = list(params) if flags.write_params else [jnp.zeros(p.shape, p.dtype) for p in params]
     new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves, strict=True)]
     if active:
         upd, mom = impl.update(

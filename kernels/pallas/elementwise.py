@@ -45,12 +45,15 @@ class StepFlags:
       clip_value: Element-wise clipping to ``[-CLIP_VALUE, CLIP_VALUE]`` is on.
       nesterov: Nesterov momentum.
       lr_inside_momentum: The optax.lars form ``v = mu*v + lr*r*g; w -= v``.
+      write_params: The update pass writes the new params (over the params'
+        buffers) instead of the updates; the norm passes ignore it.
     """
 
     clip_norm: bool = False
     clip_value: bool = False
     nesterov: bool = False
     lr_inside_momentum: bool = False
+    write_params: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +154,22 @@ def tile_update(
     flags: StepFlags,
     leaf: LeafSpec,
 ) -> tuple[jax.Array, jax.Array]:
-    """One tile of the update: returns (update in the param dtype, new momentum)."""
+    """One tile of the update: returns (update or new param, new momentum).
+
+    The first result is in the param dtype: the update, or with
+    ``flags.write_params`` the new param ``w + update``, added in float32 and
+    rounded once, as ``optax.apply_updates`` computes it (for bfloat16 and
+    float16 params, rounding the float32 sum of two such values gives the
+    correctly rounded sum: float32's 24 bits are at least twice their precision
+    plus 2, so the double rounding is harmless).
+    """
     w32 = w.astype(jnp.float32)
     u = effective_grad(g.astype(jnp.float32), w32, scalars, flags, leaf.decay)
     step, v_new = momentum_update(u, v.astype(jnp.float32), ratio, scalars, flags)
-    return (-step).astype(leaf.param_dtype), v_new.astype(leaf.momentum_dtype)
+    update = (-step).astype(leaf.param_dtype)
+    if flags.write_params:
+        update = (w32 + update.astype(jnp.float32)).astype(leaf.param_dtype)
+    return update, v_new.astype(leaf.momentum_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -186,7 +200,7 @@ def update_reference(
     flags: StepFlags,
     leaves: Sequence[LeafSpec],
 ) -> tuple[list[jax.Array], list[jax.Array]]:
-    """What the update pass computes: (updates, new momentum), leaf by leaf."""
+    """What the update pass computes: (updates or new params, new momentum), leaf by leaf."""
     updates, new_momentum = [], []
     for i, (w, g, v, leaf) in enumerate(zip(params, grads, momentum, leaves, strict=True)):
         upd, v_new = tile_update(w, g, v, ratios[i], scalars, flags, leaf)

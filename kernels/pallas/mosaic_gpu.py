@@ -243,13 +243,17 @@ def update_kernel(
     leaves: Sequence[ew.LeafSpec],
     flags: ew.StepFlags,
 ) -> None:
-    """Update pass: each block updates one tile of one leaf.
+    """Update pass: each block updates one tile of one leaf, in place.
 
-    ``refs`` are the params, gradients and momenta of the leaves, then their
-    updates and new momenta (outputs).
+    ``refs`` are the params, gradients and momenta of the leaves, then (unless
+    ``flags.write_params``) their updates (outputs). The new momenta are written
+    over the momenta, and with ``flags.write_params`` the new params over the
+    params: those refs are aliased inputs (``jax.new_ref``), so the step needs
+    no second buffer for them.
     """
     n = len(leaves)
-    w_refs, g_refs, v_refs, upd_refs, vout_refs = (refs[i * n : (i + 1) * n] for i in range(5))
+    w_refs, g_refs, v_refs = (refs[i * n : (i + 1) * n] for i in range(3))
+    first_refs = w_refs if flags.write_params else refs[3 * n : 4 * n]
     scalars = _scalar_getter(scalars_ref)
     block = lax.axis_index(_AXIS)
     start = table_ref[block, 1]
@@ -261,15 +265,16 @@ def update_kernel(
         def run() -> None:
             ratio = ratios_ref[i]
             pieces = _pieces(branch, start)
-            # All loads before any store: correct even if outputs alias inputs.
+            # All loads before any store: the end window overlaps the bulk
+            # piece, and the params and momenta are overwritten in place.
             loaded = [
                 [_strided(r[i], piece_start, size) for r in (w_refs, g_refs, v_refs)]
                 for piece_start, size, _ in pieces
             ]
             for (piece_start, size, _), (w, g, v) in zip(pieces, loaded, strict=True):
-                upd, v_new = ew.tile_update(w, g, v, ratio, scalars, flags, leaf)
-                upd_refs[i][pl.ds(piece_start, size)] = upd
-                vout_refs[i][pl.ds(piece_start, size)] = v_new
+                first, v_new = ew.tile_update(w, g, v, ratio, scalars, flags, leaf)
+                first_refs[i][pl.ds(piece_start, size)] = first
+                v_refs[i][pl.ds(piece_start, size)] = v_new
 
         return run
 
@@ -428,7 +433,10 @@ def update(
       flags, leaves, tile, param_bytes, interpret: As in :func:`leaf_sums`.
 
     Returns:
-      (updates, new momenta), in the leaves' shapes.
+      (updates, new momenta), in the leaves' shapes; with
+      ``flags.write_params`` the new params in place of the updates. The
+      kernels write the new momenta (and params) over the given arrays'
+      buffers when they are donated.
     """
     big, small, pick = _split(leaves)
     updates: list = [None] * len(leaves)
@@ -465,23 +473,40 @@ def update(
 
 def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile, interpret):
     plan = plan_tiles([leaf.size for leaf in leaves], tile)
-    flat = [x.reshape(-1) for x in (*params, *grads, *momentum)]
-    out_type = [jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves]
-    out_type += [jax.ShapeDtypeStruct((leaf.size,), leaf.momentum_dtype) for leaf in leaves]
+    # Written in place: the momenta, and the params with write_params. Mosaic
+    # GPU turns a written ref into an input/output alias of the custom call, so
+    # with the arrays donated the kernel writes over their buffers.
+    momentum_refs = [jax.new_ref(v.reshape(-1)) for v in momentum]
+    if flags.write_params:
+        param_args = [jax.new_ref(w.reshape(-1)) for w in params]
+        out_type = ()
+    else:
+        param_args = [w.reshape(-1) for w in params]
+        out_type = tuple(jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves)
     kernel = plgpu.kernel(
         functools.partial(update_kernel, plan=plan, leaves=leaves, flags=flags),
-        out_type=tuple(out_type),
+        out_type=out_type,
         grid=(plan.num_blocks,),
         grid_names=(_AXIS,),
         compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS),
         interpret=_interpret_params(interpret),
     )
-    outs = kernel(jnp.asarray(plan.table), scalars, ratios, *flat)
-    n = len(leaves)
-    shapes = [p.shape for p in params]
-    updates = [o.reshape(s) for o, s in zip(outs[:n], shapes, strict=True)]
-    new_momentum = [o.reshape(s) for o, s in zip(outs[n:], shapes, strict=True)]
-    return updates, new_momentum
+    outs = kernel(
+        jnp.asarray(plan.table),
+        scalars,
+        ratios,
+        *param_args,
+        *[g.reshape(-1) for g in grads],
+        *momentum_refs,
+    )
+    first = [jax.freeze(r) for r in param_args] if flags.write_params else list(outs)
+    new_momentum = [jax.freeze(r) for r in momentum_refs]
+    return _shaped(first, params), _shaped(new_momentum, params)
+
+
+def _shaped(flat: Sequence[jax.Array], like: Sequence[jax.Array]) -> list[jax.Array]:
+    """``flat`` reshaped to the shapes of ``like``."""
+    return [x.reshape(y.shape) for x, y in zip(flat, like, strict=True)]
 
 
 def update_reference(*args, **kwargs) -> tuple[list[jax.Array], list[jax.Array]]:

@@ -394,7 +394,10 @@ def update_kernel(
     """Update pass: block after block, leaf after leaf.
 
     ``refs`` are the params, gradients and momenta of the leaves in HBM, their
-    updates and new momenta (outputs, HBM), then VMEM buffers and semaphores.
+    updates (or new params, with ``flags.write_params``) and new momenta
+    (outputs, HBM), then VMEM buffers and semaphores. The launcher aliases the
+    new momenta (and params) to the inputs: a block's results are written
+    where it was read from, after it was read, and no block reads another's.
     """
     n = len(leaves)
     hbm_groups = [refs[i * n : (i + 1) * n] for i in range(5)]
@@ -404,8 +407,8 @@ def update_kernel(
     def compute(branch, in_blocks, out_blocks, carry):
         leaf = leaves[branch.leaf]
         w, g, v = (b[...] for b in in_blocks)
-        upd, v_new = ew.tile_update(w, g, v, ratios_ref[branch.leaf], scalars, flags, leaf)
-        out_blocks[0][...] = upd
+        first, v_new = ew.tile_update(w, g, v, ratios_ref[branch.leaf], scalars, flags, leaf)
+        out_blocks[0][...] = first
         out_blocks[1][...] = v_new
         return carry
 
@@ -504,7 +507,10 @@ def update(
       flags, leaves, block_rows, block_lanes, interpret: As in :func:`leaf_sums`.
 
     Returns:
-      (updates, new momenta), in the leaves' shapes.
+      (updates, new momenta), in the leaves' shapes; with
+      ``flags.write_params`` the new params in place of the updates. The
+      kernel writes the new momenta (and params) over the given arrays'
+      buffers when they are donated.
     """
     leaves = tuple(leaves)
     plan = plan_tiles([leaf.size for leaf in leaves], block_rows, block_lanes)
@@ -517,17 +523,24 @@ def update(
         jax.ShapeDtypeStruct(v, leaf.momentum_dtype)
         for v, leaf in zip(plan.views, leaves, strict=True)
     ]
+    # Inputs: scalars, ratios, then n params, n gradients, n momenta; outputs:
+    # n updates (or params), n momenta. Aliased: momentum -> new momentum, and
+    # with write_params param -> new param.
+    n = len(leaves)
+    aliases = {2 + 2 * n + i: n + i for i in range(n)}
+    if flags.write_params:
+        aliases.update({2 + i: i for i in range(n)})
     kernel = pl.pallas_call(
         functools.partial(update_kernel, plan=plan, leaves=leaves, flags=flags),
         out_shape=tuple(out_shape),
         in_specs=[_SMEM, _SMEM] + [_ANY] * len(flat),
         out_specs=tuple([_ANY] * len(out_shape)),
         scratch_shapes=_scratch_shapes(_UPDATE_ROLES, leaves, plan),
+        input_output_aliases=aliases,
         interpret=interpret,
     )
     with tpu_context():
         outs = kernel(scalars, ratios, *flat)
-    n = len(leaves)
     shapes = [p.shape for p in params]
     updates = [o.reshape(s) for o, s in zip(outs[:n], shapes, strict=True)]
     new_momentum = [o.reshape(s) for o, s in zip(outs[n:], shapes, strict=True)]
