@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from lars._config import LarsConfig
 from lars._reference import reference_step
 
-# (params, grads, momentum, lr) -> (first, momentum, ratios): first holds the
-# updates, or the new params with write_params; lists in the params' order.
-KernelStep = Callable[[list, list, list, jax.Array], tuple[list, list, list]]
+# (params, grads, momentum, lr[, finite]) -> (first, momentum, ratios): first
+# holds the updates, or the new params with write_params; lists in the params'
+# order. ``finite`` (a bool scalar, for kernels that skip a step themselves):
+# when False nothing moves (see reference_outputs).
+KernelStep = Callable[..., tuple[list, list, list]]
 
 
 def reference_outputs(
@@ -26,20 +29,33 @@ def reference_outputs(
     grads: Sequence[jax.Array],
     momentum: Sequence[jax.Array],
     lr: jax.Array,
+    finite: jax.Array | None = None,
     *,
     config: LarsConfig,
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
     write_params: bool,
 ) -> tuple[list, list, list]:
-    """The reference step's (first, momentum, ratios), as a kernel step returns them."""
+    """The reference step's (first, momentum, ratios), as a kernel step returns them.
+
+    With ``finite`` False the step is skipped: the params and momenta are
+    returned as they were (updates of -0.0), and ratios of 1.
+    """
     r = reference_step(
         params, grads, momentum, lr, config=config, decay_mask=decay_mask, trust_mask=trust_mask
     )
-    first = list(r.updates)
+    first, new_momentum, ratios = list(r.updates), list(r.momentum), list(r.trust_ratio)
     if write_params:
         first = [(p + u).astype(p.dtype) for p, u in zip(params, first, strict=True)]
-    return first, list(r.momentum), list(r.trust_ratio)
+    if finite is not None:
+        keep = params if write_params else [jnp.full_like(u, -0.0) for u in first]
+        first = [jnp.where(finite, a, b) for a, b in zip(first, keep, strict=True)]
+        new_momentum = [
+            jnp.where(finite, a, b.astype(a.dtype))
+            for a, b in zip(new_momentum, momentum, strict=True)
+        ]
+        ratios = [jnp.where(finite, x, jnp.ones_like(x)) for x in ratios]
+    return first, new_momentum, ratios
 
 
 def with_reference_jvp(
@@ -53,7 +69,8 @@ def with_reference_jvp(
     """``kernel_step`` with the reference step's derivatives.
 
     Args:
-      kernel_step: The kernel's step on (params, grads, momentum, lr).
+      kernel_step: The kernel's step on (params, grads, momentum, lr), and
+        ``finite`` after them for a kernel that skips a step itself.
       config, decay_mask, trust_mask: The step's hyperparameters and masks.
       write_params: Whether the kernel's first result holds new params.
 
@@ -68,8 +85,8 @@ def with_reference_jvp(
     )
 
     @jax.custom_jvp
-    def step(params, grads, momentum, lr):
-        return kernel_step(params, grads, momentum, lr)
+    def step(params, grads, momentum, lr, *finite):
+        return kernel_step(params, grads, momentum, lr, *finite)
 
     @step.defjvp
     def _jvp(primals, tangents):

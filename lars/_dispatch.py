@@ -144,6 +144,7 @@ register(
         unavailable=_pallas_unavailable,
         apply=_pallas_apply,
         update_with_ratios=_pallas_update_with_ratios,
+        skips_nonfinite=lambda: True,
         dtypes=_KERNEL_DTYPES,
     )
 )

@@ -355,6 +355,45 @@ def test_update_kernels_write_params_as_optax_apply_updates(name):
     assert any(not np.array_equal(np.asarray(u), 0) for u in updates)  # the step moved
 
 
+@pytest.mark.parametrize("write_params", [False, True])
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_update_kernels_skip_a_nonfinite_step(name, write_params):
+    """With skip_nonfinite and FINITE = 0 (NaN and Inf in the gradients), the
+    kernels leave params and momenta bitwise as they were and write updates of
+    -0.0; with FINITE = 1 they give the bits of the kernel without the flag."""
+    module, opts, shapes, dtypes = IN_PLACE[name]
+    leaves = make_leaves(shapes, dtypes, seed=13)
+    grads = list(leaves.grads)
+    grads[-1] = grads[-1].reshape(-1).at[0].set(jnp.nan).reshape(grads[-1].shape)
+    grads[1] = jnp.full_like(grads[1], jnp.inf)
+    base = dataclasses.replace(ALL_ON, write_params=write_params)
+
+    def run(flags, finite, g):
+        scalars = jnp.asarray(SCALARS).at[ew.FINITE].set(finite)
+
+        def fn(w, g, v, r):
+            return module.update(w, g, v, r, scalars, flags=flags, leaves=leaves.specs, **opts)
+
+        return jax.jit(fn)(leaves.params, g, leaves.momentum, jnp.asarray(leaves.ratios))
+
+    skipping = dataclasses.replace(base, skip_nonfinite=True)
+    first, momentum = run(skipping, 0.0, grads)
+    for j, spec in enumerate(leaves.specs):
+        keep = leaves.params[j] if write_params else jnp.full(shapes[j], -0.0, spec.param_dtype)
+        assert first[j].dtype == spec.param_dtype
+        np.testing.assert_array_equal(bits(first[j]), bits(keep))
+        np.testing.assert_array_equal(bits(momentum[j]), bits(leaves.momentum[j]))
+    taken = run(skipping, 1.0, leaves.grads)
+    plain = run(base, 0.0, leaves.grads)  # FINITE is not read without the flag
+    for a, b in zip(jax.tree.leaves(taken), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def bits(x) -> np.ndarray:
+    """The raw bytes of an array (tells -0.0 from 0.0 and NaN payloads apart)."""
+    return np.atleast_1d(np.asarray(x)).view(np.uint8)
+
+
 def _aliased_operands(text: str) -> list[set[int]]:
     """Per custom call in lowered StableHLO, the operand indices it aliases to outputs."""
     pattern = r"output_tuple_indices = \[\d+\], operand_index = (\d+)"
@@ -374,7 +413,7 @@ def test_update_kernels_alias_params_and_momenta(platform, write_params):
     module, first = (mosaic_tpu, 2) if platform == "tpu" else (mosaic_gpu, 3)  # scalar operands
     shapes = [(130,), (300,), (4097,), (3, 3, 16, 32)]  # >= 128 elements: all in the kernel
     leaves = make_leaves(shapes, MIXED[: len(shapes)], seed=12)
-    flags = dataclasses.replace(ALL_ON, write_params=write_params)
+    flags = dataclasses.replace(ALL_ON, write_params=write_params, skip_nonfinite=True)
 
     def fn(w, g, v, r, s):
         return module.update(w, g, v, r, s, flags=flags, leaves=leaves.specs)

@@ -125,6 +125,7 @@ def pallas_step(
     kernel: str | None = None,
     interpret: bool | None = None,
     kernel_options: dict | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """One LARS step over all leaves on the Pallas kernels.
 
@@ -139,6 +140,9 @@ def pallas_step(
       kernel_options: Extra keyword arguments for the kernel launchers (block
         sizes: ``tile`` for Mosaic GPU, ``block_rows``/``block_lanes`` for
         Mosaic TPU).
+      finite: Optional bool scalar (``skip_nonfinite``): when False the update
+        kernel leaves params and momenta as they were, writes updates of -0.0
+        and the ratios are 1, so a skipped step needs no copy of them.
 
     Returns:
       A ``StepResult``.
@@ -158,6 +162,7 @@ def pallas_step(
         kernel=kernel,
         interpret=interpret,
         kernel_options=kernel_options,
+        finite=finite,
     )
 
 
@@ -173,6 +178,7 @@ def pallas_apply(
     kernel: str | None = None,
     interpret: bool | None = None,
     kernel_options: dict | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """Like :func:`pallas_step`, but the first field holds the new params.
 
@@ -193,6 +199,7 @@ def pallas_apply(
         kernel=kernel,
         interpret=interpret,
         kernel_options=kernel_options,
+        finite=finite,
     )
 
 
@@ -209,6 +216,7 @@ def _run(
     kernel,
     interpret,
     kernel_options,
+    finite,
 ) -> StepResult:
     """The step, returning updates or (``write_params``) new params."""
     kernel, interpret, flags, leaves, hyper, options = _prepare(
@@ -222,6 +230,7 @@ def _run(
         kernel,
         interpret,
         kernel_options,
+        skip_nonfinite=finite is not None,
     )
     launch = dict(
         flags=flags,
@@ -232,14 +241,15 @@ def _run(
         options=options,
     )
     kernel_step = with_reference_jvp(
-        lambda p, g, v, lr: _step(p, g, v, lr, hyper, **launch),
+        lambda p, g, v, lr, *finite: _step(p, g, v, lr, hyper, *finite, **launch),
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
         write_params=write_params,
     )
+    skip = [] if finite is None else [_finite_flag(finite)]
     first, new_momentum, ratios = kernel_step(
-        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
+        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32), *skip
     )
     return StepResult(first, new_momentum, ratios)
 
@@ -315,6 +325,15 @@ def update_with_ratios(
     return StepResult(updates, new_momentum, [ratio_vector[i] for i in range(len(params))])
 
 
+def _finite_flag(finite) -> jax.Array:
+    finite = jnp.asarray(finite)
+    if finite.shape != () or finite.dtype != jnp.bool_:
+        raise ValueError(
+            f"finite must be a bool scalar, got {finite.dtype} of shape {finite.shape}"
+        )
+    return finite
+
+
 def _prepare(
     params,
     grads,
@@ -326,6 +345,7 @@ def _prepare(
     kernel,
     interpret,
     options,
+    skip_nonfinite=False,
 ):
     """The static launch parameters and hyperparameter scalars of a step."""
     default, default_interpret = default_kernel()
@@ -338,6 +358,7 @@ def _prepare(
         nesterov=bool(config.nesterov),
         lr_inside_momentum=bool(config.lr_inside_momentum),
         write_params=write_params,
+        skip_nonfinite=skip_nonfinite,
     )
     leaves = _leaf_specs(params, grads, momentum, decay_mask, trust_mask, config.has_weight_decay)
     hyper = {
@@ -353,10 +374,12 @@ def _prepare(
     return kernel, interpret, flags, leaves, hyper, tuple(sorted((options or {}).items()))
 
 
-def _scalars(lr, hyper, g_norm=None):
-    """The kernels' scalar vector; ``g_norm``: the global gradient norm (clipping)."""
+def _scalars(lr, hyper, g_norm=None, finite=None):
+    """The kernels' scalar vector; ``g_norm``: the global gradient norm (clipping);
+    ``finite``: the bool flag of a step that may be skipped."""
     one = jnp.ones((), jnp.float32)
     values = {
+        ew.FINITE: one if finite is None else finite.astype(jnp.float32),
         ew.LR: lr,
         ew.MOMENTUM: hyper["momentum"],
         ew.WEIGHT_DECAY: hyper["weight_decay"],
@@ -406,14 +429,26 @@ def _run_update(params, grads, momentum, ratio_vector, scalars, *, flags, leaves
     jax.jit, static_argnames=("flags", "leaves", "trust_clip", "kernel", "interpret", "options")
 )
 def _step(
-    params, grads, momentum, lr, hyper, *, flags, leaves, trust_clip, kernel, interpret, options
+    params,
+    grads,
+    momentum,
+    lr,
+    hyper,
+    finite=None,
+    *,
+    flags,
+    leaves,
+    trust_clip,
+    kernel,
+    interpret,
+    options,
 ):
     """The traced step (jitted so that eager calls reuse the compiled kernels)."""
     impl = _kernel_module(kernel)
     kw = dict(interpret=interpret, **dict(options))
     active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
 
-    scalars = _scalars(lr, hyper)
+    scalars = _scalars(lr, hyper, finite=finite)
     if flags.clip_norm:
         if active:
             sums = impl.leaf_sums(
@@ -427,7 +462,7 @@ def _step(
             g_norm = jnp.sqrt(jnp.sum(sums[:, ew.SUM_W2]))
         else:
             g_norm = jnp.zeros((), jnp.float32)
-        scalars = _scalars(lr, hyper, g_norm)
+        scalars = _scalars(lr, hyper, g_norm, finite)
 
     # Per leaf: r from its sums where the trust ratio applies, else 1. Empty
     # leaves have zero sums (r = 1, then trust_clip), as in the reference.
@@ -453,6 +488,8 @@ def _step(
         r = jnp.minimum(r, hyper["trust_clip"])
     trust = np.asarray([leaf.trust for leaf in leaves], bool)
     ratio_vector = jnp.where(trust, r, 1.0)
+    if finite is not None:  # a skipped step reports ratios of 1, as the reference
+        ratio_vector = jnp.where(finite, ratio_vector, 1.0)
     ratios = [ratio_vector[i] for i in range(len(leaves))]
 
     updates, new_momentum = _run_update(

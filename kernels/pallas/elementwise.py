@@ -28,6 +28,7 @@ WEIGHT_DECAY = 2
 CLIP_DIVISOR = 3  # ||g|| when the global-norm clip triggers, else 1
 CLIP_FACTOR = 4  # grad_clip_norm when the clip triggers, else 1
 CLIP_VALUE = 5
+FINITE = 6  # 1 for a step to take, 0 for one to skip (flags.skip_nonfinite)
 NUM_SCALARS = 8  # padded, so the vector is one 32-byte row
 
 # Columns of the per-leaf sums the norm kernels write.
@@ -47,6 +48,10 @@ class StepFlags:
       lr_inside_momentum: The optax.lars form ``v = mu*v + lr*r*g; w -= v``.
       write_params: The update pass writes the new params (over the params'
         buffers) instead of the updates; the norm passes ignore it.
+      skip_nonfinite: The update pass reads the ``FINITE`` scalar; where it is
+        0 it leaves params and momenta as they were and writes updates of
+        -0.0 (``x + -0.0 == x`` for every x), so a skipped step needs no copy
+        of them.
     """
 
     clip_norm: bool = False
@@ -54,6 +59,7 @@ class StepFlags:
     nesterov: bool = False
     lr_inside_momentum: bool = False
     write_params: bool = False
+    skip_nonfinite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +175,15 @@ def tile_update(
     update = (-step).astype(leaf.param_dtype)
     if flags.write_params:
         update = (w32 + update.astype(jnp.float32)).astype(leaf.param_dtype)
-    return update, v_new.astype(leaf.momentum_dtype)
+    v_new = v_new.astype(leaf.momentum_dtype)
+    if flags.skip_nonfinite:
+        # The flag broadcast to the tile (a vector select; NaN-safe, unlike
+        # arithmetic blending).
+        take = (jnp.zeros_like(w32) + scalar(scalars, FINITE)) > 0.5
+        keep = w if flags.write_params else -jnp.zeros_like(update)
+        update = jnp.where(take, update, keep)
+        v_new = jnp.where(take, v_new, v)
+    return update, v_new
 
 
 # --------------------------------------------------------------------------
