@@ -24,6 +24,24 @@ from lars._reference import reference_step
 KernelStep = Callable[..., tuple[list, list, list]]
 
 
+def finite_args(finite: jax.Array | bool | None) -> list[jax.Array]:
+    """The trailing ``finite`` argument of a kernel step: [] for None, else the
+    flag checked to be a bool scalar."""
+    if finite is None:
+        return []
+    flag = jnp.asarray(finite)
+    if flag.shape != () or flag.dtype != jnp.bool_:
+        raise ValueError(f"finite must be a bool scalar, got {flag.dtype} of shape {flag.shape}")
+    return [flag]
+
+
+def with_finite(hyper: dict[str, jax.Array], finite: Sequence[jax.Array]) -> dict[str, jax.Array]:
+    """``hyper`` plus "finite" (float32 1 or 0) when a kernel step got the flag."""
+    if not finite:
+        return hyper
+    return {**hyper, "finite": jnp.asarray(finite[0], jnp.float32)}
+
+
 def reference_outputs(
     params: Sequence[jax.Array],
     grads: Sequence[jax.Array],

@@ -165,6 +165,7 @@ register(
         unavailable=lambda: _triton_backend().unavailable(),
         unsupported=lambda config: _triton_backend().unsupported(config),
         apply=lambda *a, **k: _triton_backend().triton_apply(*a, **k),
+        skips_nonfinite=lambda: True,
         dtypes=_KERNEL_DTYPES,
     )
 )

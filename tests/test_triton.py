@@ -304,14 +304,17 @@ ALL_ON = P.Flags(
     lr_inside_momentum=True,
     trust_clip=True,
 )
+# In place and skipping a non-finite step: the select the skip adds must keep
+# the vector accesses (checked below), in both forms of the first output.
+IN_PLACE_SKIP = P.Flags(has_decay=True, write_params=True, skip_nonfinite=True)
 KERNELS = [
     (P.KernelSpec(P.GLOBAL_NORM, 5, False), ALL_ON),
     (P.KernelSpec(P.SUMS, 5, True), ALL_ON),
     (P.KernelSpec(P.UPDATE, 5, True), ALL_ON),
-    (P.KernelSpec(P.UPDATE, 5, True), P.Flags(has_decay=True, write_params=True)),
-    (P.KernelSpec(P.UPDATE, 5, False), P.Flags()),
+    (P.KernelSpec(P.UPDATE, 5, True), IN_PLACE_SKIP),
+    (P.KernelSpec(P.UPDATE, 5, False), P.Flags(skip_nonfinite=True)),
     (P.KernelSpec(P.FUSED, 5, True), ALL_ON),
-    (P.KernelSpec(P.FUSED, 5, True), P.Flags(has_decay=True, write_params=True)),
+    (P.KernelSpec(P.FUSED, 5, True), IN_PLACE_SKIP),
 ]
 GROUPS = [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
 GROUPS.append(("float16", "float16"))
@@ -429,7 +432,7 @@ def test_step_lowers_for_cuda_through_jax_triton(write_params, fused):
     config = LarsConfig(weight_decay=0.01, grad_clip_norm=1.0, nesterov=True)
     masks = dict(decay_mask=[True] * len(shapes), trust_mask=[True] * len(shapes))
 
-    def step(params, grads, momentum, lr):
+    def step(params, grads, momentum, lr, finite):
         return backend.run(
             params,
             grads,
@@ -440,11 +443,13 @@ def test_step_lowers_for_cuda_through_jax_triton(write_params, fused):
             triton_call=jt.triton_call,
             compute_capability=90,
             tuning=P.Tuning(fused=fused),
+            finite=finite,  # the in-place form also skips a non-finite step itself
             **masks,
         )
 
     def lower(lr):
-        traced = jax.jit(step, donate_argnums=(0, 2)).trace(params, grads, momentum, lr)
+        finite = jnp.bool_(True) if write_params else None
+        traced = jax.jit(step, donate_argnums=(0, 2)).trace(params, grads, momentum, lr, finite)
         return traced.lower(lowering_platforms=("cuda",)).as_text()
 
     zeroed_bytes = jt.recorded_zeroed_bytes

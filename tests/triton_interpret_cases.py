@@ -59,6 +59,7 @@ _dispatch.register(
         name=BACKEND,
         step=functools.partial(interpret.triton_step_interpret, tuning=TUNING),
         apply=functools.partial(interpret.triton_apply_interpret, tuning=TUNING),
+        skips_nonfinite=lambda: True,
     )
 )
 
@@ -270,6 +271,63 @@ def test_nan_gradients_propagate():
     first, new_momentum = S.pass_update(params, grads, momentum, ratios, SCALARS, plan=plan, **RUN)
     assert np.isnan(first[4][17]) and np.isnan(new_momentum[4][17])
     assert np.isfinite(np.delete(first[4].astype(F32), 17)).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("write_params", [False, True])
+def test_skipped_step_leaves_everything_in_place(write_params, fused):
+    """With skip_nonfinite and FINITE = 0 (NaN and Inf in the gradients) both
+    forms write back the params (or updates of -0.0) and the momenta, bit for
+    bit; with FINITE = 1 they write what the kernel without the flag writes."""
+    params, grads, momentum, decay = make_leaves(seed=3)
+    bad = [g.copy() for g in grads]
+    bad[4][17] = np.nan
+    bad[2][:] = np.inf
+    base = dataclasses.replace(FLAGS_ALL, write_params=write_params)
+    ratios = np.full(len(SHAPES), 0.5, F32)
+
+    def run(flags, finite, g):
+        scalars = SCALARS.copy()
+        scalars[P.FINITE] = finite
+        plan = plan_for(params, g, decay, flags)
+        if fused:
+            return S.pass_fused(params, g, momentum, scalars, plan=plan, **RUN)[:2]
+        return S.pass_update(params, g, momentum, ratios, scalars, plan=plan, **RUN)
+
+    skipping = dataclasses.replace(base, skip_nonfinite=True)
+    first, new_momentum = run(skipping, 0.0, bad)
+    for i, p in enumerate(params):
+        keep = p if write_params else np.full(np.shape(p), -0.0, p.dtype)
+        assert first[i].dtype == p.dtype
+        np.testing.assert_array_equal(bits(first[i]), bits(keep))
+        np.testing.assert_array_equal(bits(new_momentum[i]), bits(momentum[i]))
+    taken, plain = run(skipping, 1.0, grads), run(base, 0.0, grads)
+    for a, b in zip((*taken[0], *taken[1]), (*plain[0], *plain[1]), strict=True):
+        np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def test_public_step_skips_nonfinite_in_the_kernels(monkeypatch):
+    """lars.lars(skip_nonfinite=True).apply_gradients, params and state donated:
+    the kernels get the flag (no copies in XLA) and a NaN step changes nothing."""
+    seen = []
+    original = interpret.numpy_step
+
+    def recording(*args, **kwargs):
+        seen.append("finite" in args[4])  # hyper carries the flag
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(interpret, "numpy_step", recording)
+    opt = lars.lars(0.1, weight_decay=1e-3, skip_nonfinite=True, backend=BACKEND)
+    step = jax.jit(opt.apply_gradients, donate_argnums=(0, 1))
+    params = {"w": jnp.asarray(np.linspace(-1, 1, 12).reshape(4, 3), jnp.float32)}
+    params, state = step(params, opt.init(params), {"w": jnp.ones((4, 3))})
+    before = jax.tree.map(np.array, (params, state.momentum))
+    params, state = step(params, state, {"w": jnp.full((4, 3), jnp.nan)})
+    for a, b in zip(
+        jax.tree.leaves((params, state.momentum)), jax.tree.leaves(before), strict=True
+    ):
+        np.testing.assert_array_equal(bits(a), bits(b))
+    assert int(state.skipped) == 1 and seen == [True, True]
 
 
 # --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lars._autodiff import with_reference_jvp
+from lars._autodiff import finite_args, with_reference_jvp
 from lars._config import LarsConfig
 from lars._reference import StepResult, compute_dtype, reference_update_with_ratios
 
@@ -247,9 +247,12 @@ def _run(
         trust_mask=trust_mask,
         write_params=write_params,
     )
-    skip = [] if finite is None else [_finite_flag(finite)]
     first, new_momentum, ratios = kernel_step(
-        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32), *skip
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        *finite_args(finite),
     )
     return StepResult(first, new_momentum, ratios)
 
@@ -323,15 +326,6 @@ def update_with_ratios(
     )
     ratio_vector = jnp.asarray(ratios, jnp.float32)
     return StepResult(updates, new_momentum, [ratio_vector[i] for i in range(len(params))])
-
-
-def _finite_flag(finite) -> jax.Array:
-    finite = jnp.asarray(finite)
-    if finite.shape != () or finite.dtype != jnp.bool_:
-        raise ValueError(
-            f"finite must be a bool scalar, got {finite.dtype} of shape {finite.shape}"
-        )
-    return finite
 
 
 def _prepare(

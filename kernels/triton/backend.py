@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lars._autodiff import with_reference_jvp
+from lars._autodiff import finite_args, with_finite, with_reference_jvp
 from lars._config import LarsConfig
 from lars._reference import StepResult, reference_update_with_ratios
 
@@ -236,6 +236,7 @@ def run(
     tuning: P.Tuning | None = None,
     triton_call: Callable | None = None,
     compute_capability: int | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """The step, with the launch made explicit (``triton_step`` is this with defaults).
 
@@ -248,6 +249,9 @@ def run(
       triton_call: ``jax_triton.triton_call`` (the default) or a function with
         its signature.
       compute_capability: The GPU's (e.g. 90); None asks jax-triton for device 0's.
+      finite: Optional bool scalar (``skip_nonfinite``): when False the kernels
+        leave params and momenta as they were (updates -0.0, ratios 1), so a
+        skipped step needs no copies of them.
     """
     plan, hyper = S.prepare(
         params,
@@ -259,15 +263,16 @@ def run(
         write_params=write_params,
         tuning=tuning,
         xp=jnp,
+        skip_nonfinite=finite is not None,
     )
     triton_call = triton_call or _default_triton_call()
     kernel_step = with_reference_jvp(
-        lambda p, g, v, lr: _run(
+        lambda p, g, v, lr, *finite: _run(
             p,
             g,
             v,
             lr,
-            hyper,
+            with_finite(hyper, finite),
             plan=plan,
             triton_call=triton_call,
             compute_capability=compute_capability,
@@ -278,7 +283,11 @@ def run(
         write_params=write_params,
     )
     first, new_momentum, ratios = kernel_step(
-        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        *finite_args(finite),
     )
     return StepResult(list(first), list(new_momentum), list(ratios))
 
@@ -293,6 +302,7 @@ def triton_step(
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
     tuning: P.Tuning | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """One LARS step over all leaves on the Triton kernels (GPU).
 
@@ -300,6 +310,8 @@ def triton_step(
       params, grads, momentum, lr, config, decay_mask, trust_mask: As in
         ``lars._reference.reference_step``.
       tuning: The launch geometry (``plan.Tuning()`` by default).
+      finite: Optional bool scalar: False skips the step in the kernels (see
+        :func:`run`).
 
     Returns:
       A ``StepResult`` (updates, new momenta, trust ratios).
@@ -317,6 +329,7 @@ def triton_step(
         trust_mask=trust_mask,
         write_params=False,
         tuning=tuning,
+        finite=finite,
     )
 
 
@@ -330,6 +343,7 @@ def triton_apply(
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
     tuning: P.Tuning | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """Like :func:`triton_step`, but the first field holds the new params.
 
@@ -347,6 +361,7 @@ def triton_apply(
         trust_mask=trust_mask,
         write_params=True,
         tuning=tuning,
+        finite=finite,
     )
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from lars._autodiff import with_reference_jvp
+from lars._autodiff import finite_args, with_finite, with_reference_jvp
 from lars._config import LarsConfig
 from lars._reference import StepResult
 
@@ -276,7 +276,11 @@ def _callback(plan: P.StepPlan, hyper: dict[str, jax.Array], params, momentum, *
     )
     given = [jnp.asarray(x, jnp.float32) for x in given]
     fn = functools.partial(numpy_step, plan=plan)
-    return lambda p, g, v, lr: jax.pure_callback(fn, shapes, p, g, v, lr, hyper, *given)
+
+    def step(p, g, v, lr, *finite):
+        return jax.pure_callback(fn, shapes, p, g, v, lr, with_finite(hyper, finite), *given)
+
+    return step
 
 
 def _step(
@@ -290,6 +294,7 @@ def _step(
     trust_mask: Sequence[bool],
     write_params: bool,
     tuning: P.Tuning | None,
+    finite: jax.Array | None,
 ) -> StepResult:
     plan, hyper = S.prepare(
         params,
@@ -301,6 +306,7 @@ def _step(
         write_params=write_params,
         tuning=tuning,
         xp=jnp,
+        skip_nonfinite=finite is not None,
     )
     kernel_step = with_reference_jvp(
         _callback(plan, hyper, params, momentum),
@@ -310,7 +316,11 @@ def _step(
         write_params=write_params,
     )
     first, new_momentum, ratios = kernel_step(
-        list(params), list(grads), list(momentum), jnp.asarray(lr, jnp.float32)
+        list(params),
+        list(grads),
+        list(momentum),
+        jnp.asarray(lr, jnp.float32),
+        *finite_args(finite),
     )
     return StepResult(list(first), list(new_momentum), list(ratios))
 
@@ -325,6 +335,7 @@ def triton_step_interpret(
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
     tuning: P.Tuning | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """``backend.triton_step`` with the kernels run in Triton's interpreter on the host.
 
@@ -335,6 +346,7 @@ def triton_step_interpret(
       params, grads, momentum, lr, config, decay_mask, trust_mask: As in
         ``reference_step``.
       tuning: The launch geometry (``plan.Tuning()`` by default).
+      finite: Optional bool scalar: False skips the step in the kernels.
 
     Raises:
       TypeError: naming the leaf, for a dtype the kernels do not handle (float64).
@@ -349,6 +361,7 @@ def triton_step_interpret(
         trust_mask=trust_mask,
         write_params=False,
         tuning=tuning,
+        finite=finite,
     )
 
 
@@ -362,6 +375,7 @@ def triton_apply_interpret(
     decay_mask: Sequence[bool],
     trust_mask: Sequence[bool],
     tuning: P.Tuning | None = None,
+    finite: jax.Array | None = None,
 ) -> StepResult:
     """Like :func:`triton_step_interpret`, but the first field holds the new params."""
     return _step(
@@ -374,6 +388,7 @@ def triton_apply_interpret(
         trust_mask=trust_mask,
         write_params=True,
         tuning=tuning,
+        finite=finite,
     )
 
 

@@ -76,6 +76,7 @@ _KIND_WHOLE = tl.constexpr(P.KIND_WHOLE)
 _TRUST_COEFFICIENT = tl.constexpr(P.TRUST_COEFFICIENT)
 _EPS = tl.constexpr(P.EPS)
 _TRUST_CLIP = tl.constexpr(P.TRUST_CLIP)
+_FINITE = tl.constexpr(P.FINITE)
 
 
 # --------------------------------------------------------------------------
@@ -350,18 +351,22 @@ def _chunk_update(
     clip_factor,
     clip_value,
     weight_decay,
+    finite,  # float32 scalar: 0 skips the step (read if SKIP_NONFINITE)
     CLIP_NORM: tl.constexpr,
     CLIP_VALUE: tl.constexpr,
     HAS_DECAY: tl.constexpr,
     NESTEROV: tl.constexpr,
     LR_INSIDE: tl.constexpr,
     WRITE_PARAMS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
     MASKED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Updates one chunk. Every element is loaded before it is stored, so the
-    outputs may alias the inputs (in place)."""
+    outputs may alias the inputs (in place). With SKIP_NONFINITE and ``finite``
+    0 it writes back the params and momenta it read (updates of -0.0), so a
+    skipped step changes nothing, in place or not."""
     for start in tl.range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         g = _load_f32(g_ptr, offs, length, MASKED)
@@ -388,9 +393,20 @@ def _chunk_update(
         update = (-step).to(out_ptr.dtype.element_ty)
         if WRITE_PARAMS:
             # optax.apply_updates: the update in the param dtype, added, rounded.
-            _store(out_ptr, offs, w + update.to(tl.float32), length, MASKED)
+            first = w + update.to(tl.float32)
+            if SKIP_NONFINITE:
+                first = tl.where(finite != 0.0, first, w)
         else:
-            _store(out_ptr, offs, update, length, MASKED)
+            first = update
+            if SKIP_NONFINITE:
+                # -0.0 from its bits (tl.full(-0.0) and -tl.zeros gave +0.0 in
+                # Triton 3.6's interpreter).
+                sign_bit = tl.full((BLOCK,), -2147483648, tl.int32)
+                minus_zero = sign_bit.to(tl.float32, bitcast=True)
+                first = tl.where(finite != 0.0, first, minus_zero)
+        if SKIP_NONFINITE:
+            v_new = tl.where(finite != 0.0, v_new, v)
+        _store(out_ptr, offs, first, length, MASKED)
         _store(v_out_ptr, offs, v_new, length, MASKED)
 
 
@@ -410,12 +426,14 @@ def chunk_update(
     clip_factor,
     clip_value,
     weight_decay,
+    finite,
     CLIP_NORM: tl.constexpr,
     CLIP_VALUE: tl.constexpr,
     HAS_DECAY: tl.constexpr,
     NESTEROV: tl.constexpr,
     LR_INSIDE: tl.constexpr,
     WRITE_PARAMS: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -436,12 +454,14 @@ def chunk_update(
             clip_factor,
             clip_value,
             weight_decay,
+            finite,
             CLIP_NORM,
             CLIP_VALUE,
             HAS_DECAY,
             NESTEROV,
             LR_INSIDE,
             WRITE_PARAMS,
+            SKIP_NONFINITE,
             False,
             CHUNK,
             BLOCK,
@@ -462,16 +482,27 @@ def chunk_update(
             clip_factor,
             clip_value,
             weight_decay,
+            finite,
             CLIP_NORM,
             CLIP_VALUE,
             HAS_DECAY,
             NESTEROV,
             LR_INSIDE,
             WRITE_PARAMS,
+            SKIP_NONFINITE,
             True,
             CHUNK,
             BLOCK,
         )
+
+
+@triton.jit
+def finite_scalar(scalars_ptr, SKIP_NONFINITE: tl.constexpr):
+    """The FINITE scalar (0 for a step to skip) if SKIP_NONFINITE, else 1."""
+    finite = tl.full((), 1.0, tl.float32)
+    if SKIP_NONFINITE:
+        finite = tl.load(scalars_ptr + _FINITE)
+    return finite
 
 
 @triton.jit
@@ -491,6 +522,7 @@ def update_program(
     NESTEROV: tl.constexpr,  # Nesterov direction
     LR_INSIDE: tl.constexpr,  # the optax form of momentum
     WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
+    SKIP_NONFINITE: tl.constexpr,  # read the FINITE scalar (0: skip the step)
     CHUNK: tl.constexpr,  # elements per program
     BLOCK: tl.constexpr,  # elements per vector step
 ):
@@ -506,6 +538,7 @@ def update_program(
     clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
         scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
     )
+    finite = finite_scalar(scalars_ptr, SKIP_NONFINITE)
     chunk_update(
         w_ptr + start,
         g_ptr + start,
@@ -521,12 +554,14 @@ def update_program(
         clip_factor,
         clip_value,
         weight_decay,
+        finite,
         CLIP_NORM,
         CLIP_VALUE,
         HAS_DECAY,
         NESTEROV,
         LR_INSIDE,
         WRITE_PARAMS,
+        SKIP_NONFINITE,
         CHUNK,
         BLOCK,
     )
@@ -604,6 +639,7 @@ def fused_program(
     NESTEROV: tl.constexpr,  # Nesterov direction
     LR_INSIDE: tl.constexpr,  # the optax form of momentum
     WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
+    SKIP_NONFINITE: tl.constexpr,  # read the FINITE scalar (0: skip the step)
     TRUST_CLIP: tl.constexpr,  # r = min(r, trust_clip) is on
     CHUNK: tl.constexpr,  # elements per item
     BLOCK: tl.constexpr,  # elements per vector step
@@ -667,6 +703,7 @@ def fused_program(
             tl.store(ratios_out_ptr + slot, ratio)
         lr = tl.load(scalars_ptr + _LR)
         mu = tl.load(scalars_ptr + _MOMENTUM)
+        finite = finite_scalar(scalars_ptr, SKIP_NONFINITE)
         chunk_update(
             w_ptr + start,
             g_ptr + start,
@@ -682,12 +719,14 @@ def fused_program(
             clip_factor,
             clip_value,
             weight_decay,
+            finite,
             CLIP_NORM,
             CLIP_VALUE,
             HAS_DECAY,
             NESTEROV,
             LR_INSIDE,
             WRITE_PARAMS,
+            SKIP_NONFINITE,
             CHUNK,
             BLOCK,
         )
@@ -862,9 +901,19 @@ def update_reference(
     """What the update pass computes, in float32 NumPy with the kernel's operations.
 
     Returns (updates or new params in the params' dtypes, new momenta), flat.
+    A skipped step (``flags.skip_nonfinite`` and the FINITE scalar 0) returns
+    the params (or updates of -0.0) and the momenta as they were.
     """
     s = np.asarray(scalars, np.float32)
     lr, mu = s[P.LR], s[P.MOMENTUM]
+    if flags.skip_nonfinite and s[P.FINITE] == 0:
+        first = [
+            np.asarray(p).reshape(-1).copy()
+            if flags.write_params
+            else np.full(np.size(p), -0.0, np.asarray(p).dtype)
+            for p in params
+        ]
+        return first, [_f32(v) for v in momentum]
     first, new_momentum = [], []
     for i, (p, g, v) in enumerate(zip(params, grads, momentum, strict=True)):
         p = np.asarray(p)

@@ -122,6 +122,7 @@ CLIP_VALUE = 5
 TRUST_COEFFICIENT = 6  # the fused pass computes the ratios: the formula's scalars
 EPS = 7
 TRUST_CLIP = 8
+FINITE = 9  # 1 for a step to take, 0 for one to skip (Flags.skip_nonfinite)
 NUM_SCALARS = 16  # padded to 64 bytes
 
 # Columns of the per-chunk partial sums a norm pass writes.
@@ -207,6 +208,9 @@ class Flags:
       trust_clip: r = min(r, trust_clip) is on.
       write_params: The update pass writes the new params (over the old ones)
         instead of the updates.
+      skip_nonfinite: The update reads the ``FINITE`` scalar; at 0 it leaves
+        params and momenta as they were (updates -0.0): ``skip_nonfinite``
+        then needs no copies of them.
     """
 
     clip_norm: bool = False
@@ -216,6 +220,7 @@ class Flags:
     lr_inside_momentum: bool = False
     trust_clip: bool = False
     write_params: bool = False
+    skip_nonfinite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +329,7 @@ class KernelSpec:
         return ("partials_ptr",)
 
     def constexpr_names(self) -> tuple[str, ...]:
-        update = ("NESTEROV", "LR_INSIDE", "WRITE_PARAMS")
+        update = ("NESTEROV", "LR_INSIDE", "WRITE_PARAMS", "SKIP_NONFINITE")
         if self.kind == UPDATE:
             return ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "CHUNK", "BLOCK")
         if self.kind == FUSED:
@@ -352,6 +357,7 @@ class KernelSpec:
                 "NESTEROV": flags.nesterov,
                 "LR_INSIDE": flags.lr_inside_momentum,
                 "WRITE_PARAMS": flags.write_params,
+                "SKIP_NONFINITE": flags.skip_nonfinite,
                 "TRUST_CLIP": flags.trust_clip,
             }
         values.update(CHUNK=tuning.chunk, BLOCK=tuning.block, REDUCE_BLOCK=REDUCE_BLOCK)

@@ -82,6 +82,7 @@ def build_plan(
     trust_mask: Sequence[bool],
     write_params: bool,
     tuning: P.Tuning,
+    skip_nonfinite: bool = False,
 ) -> P.StepPlan:
     """The static plan of a step; raises naming the leaf the kernels cannot handle."""
     has_decay = config.has_weight_decay
@@ -112,6 +113,7 @@ def build_plan(
         lr_inside_momentum=bool(config.lr_inside_momentum),
         trust_clip=config.trust_clip is not None,
         write_params=write_params,
+        skip_nonfinite=skip_nonfinite,
     )
     return P.StepPlan(tuple(leaves), flags, tuning)
 
@@ -127,6 +129,7 @@ def prepare(
     write_params: bool,
     tuning: P.Tuning | None,
     xp: Any,
+    skip_nonfinite: bool = False,
 ) -> tuple[P.StepPlan, dict[str, Any]]:
     """The step's plan (:func:`build_plan`, ``plan.Tuning()`` by default) and
     :func:`hyperparameters` as float32 0-d ``xp`` arrays."""
@@ -139,6 +142,7 @@ def prepare(
         trust_mask=trust_mask,
         write_params=write_params,
         tuning=tuning or P.Tuning(),
+        skip_nonfinite=skip_nonfinite,
     )
     hyper = {k: xp.asarray(v, np.float32) for k, v in hyperparameters(config).items()}
     return plan, hyper
@@ -327,7 +331,9 @@ def run_step(
     Args:
       params, grads, momentum: The leaves (``xp`` arrays).
       lr: The learning rate, a float32 0-d array.
-      hyper: :func:`hyperparameters` as float32 0-d ``xp`` arrays.
+      hyper: :func:`hyperparameters` as float32 0-d ``xp`` arrays, and with
+        ``plan.flags.skip_nonfinite`` "finite": 1 to take the step, 0 to skip
+        it (params and momenta stay as they were, the ratios are 1).
       plan: The step's plan (its leaves must match the arrays).
       launch: Runs a launch (see :class:`Launcher`).
       xp: ``jax.numpy`` or ``numpy``: the array namespace of the arrays.
@@ -353,7 +359,8 @@ def run_step(
         for i, leaf in enumerate(plan.leaves):
             if leaf.size == 0:
                 ratios[i] = empty_ratio if leaf.trust else one
-        return _fill_empty(first, new_momentum, params, momentum, plan, xp), new_momentum, ratios
+        first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
+        return first, new_momentum, _skipped_ratios(ratios, hyper, plan, xp)
 
     # 2. Trust ratios from the per-leaf sums (optax.scale_by_trust_ratio). Empty
     # leaves have zero sums: r = 1, then trust_clip, as in the reference.
@@ -369,7 +376,16 @@ def run_step(
     # 3. The update pass.
     first, new_momentum = pass_update(params, grads, momentum, ratios, scalars_now, **run)
     first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
-    return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]
+    ratios = [ratios[i] for i in range(len(plan.leaves))]
+    return first, new_momentum, _skipped_ratios(ratios, hyper, plan, xp)
+
+
+def _skipped_ratios(ratios: list[Any], hyper: dict[str, Any], plan: P.StepPlan, xp: Any):
+    """The ratios, or 1 for every leaf on a skipped step (as the reference reports)."""
+    if not plan.flags.skip_nonfinite:
+        return ratios
+    one = xp.ones((), np.float32)
+    return [xp.where(hyper["finite"] != 0, r, one).astype(np.float32) for r in ratios]
 
 
 def run_update_given(
@@ -415,6 +431,7 @@ def _scalar_values(lr: Any, hyper: dict[str, Any], xp: Any) -> dict[int, Any]:
         P.TRUST_COEFFICIENT: hyper["trust_coefficient"],
         P.EPS: hyper["eps"],
         P.TRUST_CLIP: hyper["trust_clip"],
+        P.FINITE: hyper.get("finite", one),
     }
 
 
