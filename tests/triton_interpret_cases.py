@@ -236,6 +236,26 @@ def test_update_pass_is_bitwise_its_reference(flags_name):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_zero_step_is_minus_zero(fused):
+    """A leaf with zero gradient and momentum takes a step of -0.0, as the
+    reference's -step (a negation written 0 - x would give +0.0)."""
+    params, grads, momentum, decay = make_leaves(seed=4)
+    for i in (3, 7):  # float32 and bfloat16 leaves: zero step, undecayed
+        grads[i] = np.zeros_like(grads[i])
+        momentum[i] = np.zeros_like(momentum[i])
+        decay[i] = False
+    flags = FLAG_SETS["plain"]
+    plan = plan_for(params, grads, decay, flags)
+    ratios = np.full(len(SHAPES), 0.5, F32)
+    if fused:
+        first = S.pass_fused(params, grads, momentum, SCALARS, plan=plan, **RUN)[0]
+    else:
+        first = S.pass_update(params, grads, momentum, ratios, SCALARS, plan=plan, **RUN)[0]
+    for i in (3, 7):
+        assert np.all(np.signbit(first[i].astype(F32))) and not np.any(first[i]), i
+
+
 def test_update_pass_differs_when_an_option_changes():
     """The comparison above can fail: each option changes the kernel's output."""
     params, grads, momentum, decay = make_leaves(seed=1)

@@ -172,7 +172,9 @@ def tile_update(
     w32 = w.astype(jnp.float32)
     u = effective_grad(g.astype(jnp.float32), w32, scalars, flags, leaf.decay)
     step, v_new = momentum_update(u, v.astype(jnp.float32), ratio, scalars, flags)
-    update = (-step).astype(leaf.param_dtype)
+    # step * -1, not -step: Mosaic TPU lowers a negation as 0 - x, which turns
+    # a zero step into +0.0 where the reference's -step gives -0.0.
+    update = (step * -1.0).astype(leaf.param_dtype)
     if flags.write_params:
         update = (w32 + update.astype(jnp.float32)).astype(leaf.param_dtype)
     v_new = v_new.astype(leaf.momentum_dtype)
@@ -180,7 +182,7 @@ def tile_update(
         # The flag broadcast to the tile (a vector select; NaN-safe, unlike
         # arithmetic blending).
         take = (jnp.zeros_like(w32) + scalar(scalars, FINITE)) > 0.5
-        keep = w if flags.write_params else -jnp.zeros_like(update)
+        keep = w if flags.write_params else jnp.zeros_like(update) * -1.0  # -0.0
         update = jnp.where(take, update, keep)
         v_new = jnp.where(take, v_new, v)
     return update, v_new

@@ -390,7 +390,9 @@ def _chunk_update(
             HAS_DECAY,
         )
         step, v_new = momentum_step(u, v, ratio, lr, mu, NESTEROV, LR_INSIDE)
-        update = (-step).to(out_ptr.dtype.element_ty)
+        # step * -1, not -step: Triton's unary minus is 0 - x, which turns a
+        # zero step into +0.0 where the reference's -step gives -0.0.
+        update = (step * -1.0).to(out_ptr.dtype.element_ty)
         if WRITE_PARAMS:
             # optax.apply_updates: the update in the param dtype, added, rounded.
             first = w + update.to(tl.float32)
@@ -399,8 +401,7 @@ def _chunk_update(
         else:
             first = update
             if SKIP_NONFINITE:
-                # -0.0 from its bits (tl.full(-0.0) and -tl.zeros gave +0.0 in
-                # Triton 3.6's interpreter).
+                # -0.0 from its bits (tl.full(-0.0) and -tl.zeros give +0.0).
                 sign_bit = tl.full((BLOCK,), -2147483648, tl.int32)
                 minus_zero = sign_bit.to(tl.float32, bitcast=True)
                 first = tl.where(finite != 0.0, first, minus_zero)
