@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lars._autodiff import finite_args, with_reference_jvp
+from lars._autodiff import finite_args, with_finite, with_reference_jvp
 from lars._config import LarsConfig
 from lars._reference import StepResult, compute_dtype, reference_update_with_ratios
 
@@ -241,7 +241,7 @@ def _run(
         options=options,
     )
     kernel_step = with_reference_jvp(
-        lambda p, g, v, lr, *finite: _step(p, g, v, lr, hyper, *finite, **launch),
+        lambda p, g, v, lr, *finite: _step(p, g, v, lr, with_finite(hyper, finite), **launch),
         config=config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
@@ -368,12 +368,15 @@ def _prepare(
     return kernel, interpret, flags, leaves, hyper, tuple(sorted((options or {}).items()))
 
 
-def _scalars(lr, hyper, g_norm=None, finite=None):
-    """The kernels' scalar vector; ``g_norm``: the global gradient norm (clipping);
-    ``finite``: the bool flag of a step that may be skipped."""
+def _scalars(lr, hyper, g_norm=None):
+    """The kernels' scalar vector; ``g_norm``: the global gradient norm (clipping).
+
+    ``hyper["finite"]`` (float32 1 or 0), present when the step may be
+    skipped, becomes the FINITE scalar.
+    """
     one = jnp.ones((), jnp.float32)
     values = {
-        ew.FINITE: one if finite is None else finite.astype(jnp.float32),
+        ew.FINITE: hyper.get("finite", one),
         ew.LR: lr,
         ew.MOMENTUM: hyper["momentum"],
         ew.WEIGHT_DECAY: hyper["weight_decay"],
@@ -423,26 +426,14 @@ def _run_update(params, grads, momentum, ratio_vector, scalars, *, flags, leaves
     jax.jit, static_argnames=("flags", "leaves", "trust_clip", "kernel", "interpret", "options")
 )
 def _step(
-    params,
-    grads,
-    momentum,
-    lr,
-    hyper,
-    finite=None,
-    *,
-    flags,
-    leaves,
-    trust_clip,
-    kernel,
-    interpret,
-    options,
+    params, grads, momentum, lr, hyper, *, flags, leaves, trust_clip, kernel, interpret, options
 ):
     """The traced step (jitted so that eager calls reuse the compiled kernels)."""
     impl = _kernel_module(kernel)
     kw = dict(interpret=interpret, **dict(options))
     active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
 
-    scalars = _scalars(lr, hyper, finite=finite)
+    scalars = _scalars(lr, hyper)
     if flags.clip_norm:
         if active:
             sums = impl.leaf_sums(
@@ -456,7 +447,7 @@ def _step(
             g_norm = jnp.sqrt(jnp.sum(sums[:, ew.SUM_W2]))
         else:
             g_norm = jnp.zeros((), jnp.float32)
-        scalars = _scalars(lr, hyper, g_norm, finite)
+        scalars = _scalars(lr, hyper, g_norm)
 
     # Per leaf: r from its sums where the trust ratio applies, else 1. Empty
     # leaves have zero sums (r = 1, then trust_clip), as in the reference.
@@ -482,8 +473,8 @@ def _step(
         r = jnp.minimum(r, hyper["trust_clip"])
     trust = np.asarray([leaf.trust for leaf in leaves], bool)
     ratio_vector = jnp.where(trust, r, 1.0)
-    if finite is not None:  # a skipped step reports ratios of 1, as the reference
-        ratio_vector = jnp.where(finite, ratio_vector, 1.0)
+    if flags.skip_nonfinite:  # a skipped step reports ratios of 1, as the reference
+        ratio_vector = jnp.where(hyper["finite"] != 0, ratio_vector, 1.0)
     ratios = [ratio_vector[i] for i in range(len(leaves))]
 
     updates, new_momentum = _run_update(
