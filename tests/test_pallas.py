@@ -453,6 +453,45 @@ def test_mosaic_tpu_lowers_for_tpu():
     assert text.count("tpu_custom_call") == 1
 
 
+def _mosaic_tpu_kernels(text: str) -> list[str]:
+    """The Mosaic TPU kernels of lowered StableHLO, as MLIR text.
+
+    Each ``tpu_custom_call`` carries its kernel as base64 MLIR bytecode in its
+    backend config; parsed here with the dialects left unregistered (generic
+    form, e.g. ``"stable_mosaic.arith.subf"``).
+    """
+    import base64
+    import json
+
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+
+    kernels = []
+    for config in re.findall(r'backend_config = "(\{\\22custom_call_config.*?)"', text):
+        body = json.loads(config.replace("\\22", '"'))["custom_call_config"]["body"]
+        with jax_mlir.make_ir_context() as context:
+            context.allow_unregistered_dialects = True
+            kernels.append(str(ir.Module.parse(base64.b64decode(body))))
+    return kernels
+
+
+def test_mosaic_tpu_update_negates_without_subtracting():
+    """The update is written ``step * -1``: Mosaic TPU lowers ``-x`` as ``0 - x``,
+    which gives +0.0 for a zero step where the reference's ``-step`` gives -0.0
+    (interpret mode negates in XLA, so only the kernel's MLIR can show it)."""
+    leaves = make_leaves([(64, 128), (300,)], [(F32, F32), (BF16, BF16)], seed=14)
+    flags = dataclasses.replace(ALL_ON, clip_value=False, skip_nonfinite=True)
+
+    def fn(w, g, v, r, s):
+        return mosaic_tpu.update(w, g, v, r, s, flags=flags, leaves=leaves.specs)
+
+    args = (leaves.params, leaves.grads, leaves.momentum, jnp.asarray(leaves.ratios))
+    text = jax.jit(fn).trace(*args, jnp.asarray(SCALARS)).lower(lowering_platforms=("tpu",))
+    (kernel,) = _mosaic_tpu_kernels(text.as_text())
+    assert '"stable_mosaic.arith.mulf"' in kernel  # the parse saw the kernel's arithmetic
+    assert '"stable_mosaic.arith.subf"' not in kernel
+
+
 def test_mosaic_gpu_lowers_for_cuda():
     leaves = make_leaves(TPU_SHAPES, MIXED, seed=7)
     text = _lower_both_passes(mosaic_gpu, "cuda", leaves)
