@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import custom_batching, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -243,17 +243,16 @@ def update_kernel(
     leaves: Sequence[ew.LeafSpec],
     flags: ew.StepFlags,
 ) -> None:
-    """Update pass: each block updates one tile of one leaf, in place.
+    """Update pass: each block updates one tile of one leaf.
 
-    ``refs`` are the params, gradients and momenta of the leaves, then (unless
-    ``flags.write_params``) their updates (outputs). The new momenta are written
-    over the momenta, and with ``flags.write_params`` the new params over the
-    params: those refs are aliased inputs (``jax.new_ref``), so the step needs
-    no second buffer for them.
+    ``refs`` are the params, gradients and momenta of the leaves, then their
+    updates (or new params, with ``flags.write_params``) and new momenta
+    (outputs). The launcher aliases the new momenta (and params) to the
+    inputs: a block reads all of its elements before it writes them, and no
+    block reads another's.
     """
     n = len(leaves)
-    w_refs, g_refs, v_refs = (refs[i * n : (i + 1) * n] for i in range(3))
-    first_refs = w_refs if flags.write_params else refs[3 * n : 4 * n]
+    w_refs, g_refs, v_refs, first_refs, vout_refs = (refs[i * n : (i + 1) * n] for i in range(5))
     scalars = _scalar_getter(scalars_ref)
     block = lax.axis_index(_AXIS)
     start = table_ref[block, 1]
@@ -266,7 +265,7 @@ def update_kernel(
             ratio = ratios_ref[i]
             pieces = _pieces(branch, start)
             # All loads before any store: the end window overlaps the bulk
-            # piece, and the params and momenta are overwritten in place.
+            # piece, and the outputs may be the inputs' buffers.
             loaded = [
                 [_strided(r[i], piece_start, size) for r in (w_refs, g_refs, v_refs)]
                 for piece_start, size, _ in pieces
@@ -274,7 +273,7 @@ def update_kernel(
             for (piece_start, size, _), (w, g, v) in zip(pieces, loaded, strict=True):
                 first, v_new = ew.tile_update(w, g, v, ratio, scalars, flags, leaf)
                 first_refs[i][pl.ds(piece_start, size)] = first
-                v_refs[i][pl.ds(piece_start, size)] = v_new
+                vout_refs[i][pl.ds(piece_start, size)] = v_new
 
         return run
 
@@ -473,35 +472,70 @@ def update(
 
 def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile, interpret):
     plan = plan_tiles([leaf.size for leaf in leaves], tile)
-    # Written in place: the momenta, and the params with write_params. Mosaic
-    # GPU turns a written ref into an input/output alias of the custom call, so
-    # with the arrays donated the kernel writes over their buffers.
-    momentum_refs = [jax.new_ref(v.reshape(-1)) for v in momentum]
+    flat = [x.reshape(-1) for x in (*params, *grads, *momentum)]
+    out_type = [jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves]
+    out_type += [jax.ShapeDtypeStruct((leaf.size,), leaf.momentum_dtype) for leaf in leaves]
+    # Operands: table, scalars, ratios, then n params, n gradients, n momenta;
+    # outputs: n updates (or params), n momenta. Aliased: momentum -> new
+    # momentum, and with write_params param -> new param.
+    n = len(leaves)
+    aliases = {3 + 2 * n + i: n + i for i in range(n)}
     if flags.write_params:
-        param_args = [jax.new_ref(w.reshape(-1)) for w in params]
-        out_type = ()
-    else:
-        param_args = [w.reshape(-1) for w in params]
-        out_type = tuple(jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves)
-    kernel = plgpu.kernel(
+        aliases.update({3 + i: i for i in range(n)})
+    kernel = _aliased_kernel(
         functools.partial(update_kernel, plan=plan, leaves=leaves, flags=flags),
-        out_type=out_type,
+        out_type=tuple(out_type),
+        input_output_aliases=aliases,
         grid=(plan.num_blocks,),
-        grid_names=(_AXIS,),
+        interpret=interpret,
+    )
+    outs = kernel(jnp.asarray(plan.table), scalars, ratios, *flat)
+    return _shaped(outs[:n], params), _shaped(outs[n:], params)
+
+
+def _aliased_kernel(body, *, out_type, input_output_aliases, grid, interpret):
+    """``plgpu.kernel`` (a Lane-semantics grid over ``_AXIS``) with input/output aliases.
+
+    ``plgpu.kernel`` in jax 0.11.2 has no ``input_output_aliases``; the route it
+    offers, writing into ``jax.new_ref`` operands, cannot be batched inside a
+    ``custom_jvp`` under ``jit`` ("No state discharge rule implemented for
+    primitive: custom_jvp_call"), so ``jax.vmap`` of a step would fail. This
+    calls the function ``plgpu.kernel`` is built on, Pallas' ``_mpmd_map``
+    (private: checked against jax 0.11.2 by the tests, which lower it for
+    CUDA and run it in the GPU simulator, also under ``jax.vmap``). Under
+    ``jax.vmap`` it launches once per batch entry.
+    """
+    from jax._src import config as jax_config
+    from jax._src.pallas import mpmd
+
+    call = mpmd._mpmd_map(
+        [(plgpu.Mesh(grid=grid, grid_names=(_AXIS,)), body)],
+        out_type,
+        input_output_aliases=input_output_aliases,
         compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS),
         interpret=_interpret_params(interpret),
+        name="update_kernel",
     )
-    outs = kernel(
-        jnp.asarray(plan.table),
-        scalars,
-        ratios,
-        *param_args,
-        *[g.reshape(-1) for g in grads],
-        *momentum_refs,
-    )
-    first = [jax.freeze(r) for r in param_args] if flags.write_params else list(outs)
-    new_momentum = [jax.freeze(r) for r in momentum_refs]
-    return _shaped(first, params), _shaped(new_momentum, params)
+
+    @custom_batching.custom_vmap
+    def run(*args):
+        with jax_config._check_vma(False):  # as plgpu.kernel
+            return call(*args)
+
+    @run.def_vmap
+    def _one_launch_per_batch_entry(axis_size, in_batched, *args):
+        # Pallas cannot batch the kernel body (its loads have no batching
+        # rule): under jax.vmap each batch entry is a launch of its own.
+        def entry(b):
+            return run(
+                *(x[b] if batched else x for x, batched in zip(args, in_batched, strict=True))
+            )
+
+        outs = [entry(b) for b in range(axis_size)]
+        stacked = tuple(jnp.stack(xs) for xs in zip(*outs, strict=True))
+        return stacked, (True,) * len(stacked)
+
+    return run
 
 
 def _shaped(flat: Sequence[jax.Array], like: Sequence[jax.Array]) -> list[jax.Array]:
