@@ -336,12 +336,31 @@ class BackendTests:
       big: Size of the largest leaf (a subclass may shrink it).
       mid: Size of the mid-sized leaf.
       steps: Steps per trajectory (>= 10).
+      same_bits_across_programs: Two different jitted programs that run the
+        same step (the optimizer and the transform; ``apply_gradients`` and
+        update then ``optax.apply_updates``) give the same bits. False for a
+        backend whose kernels run in an interpreter here: XLA then compiles
+        the kernel's arithmetic into each program anew, and whether it
+        contracts a multiply and an add into one FMA depends on the program.
+        Those results are then compared to 1e-6 of the leaf's scale.
     """
 
     backend: ClassVar[str] = "reference"
     big: ClassVar[int] = 65537
     mid: ClassVar[int] = 4097
     steps: ClassVar[int] = 10
+    same_bits_across_programs: ClassVar[bool] = True
+
+    def assert_same_step(self, x: Any, y: Any) -> None:
+        """x and y come from the same step run by two programs (see the attributes)."""
+        x, y = np.asarray(x), np.asarray(y)
+        if self.same_bits_across_programs:
+            np.testing.assert_array_equal(x, y)
+            return
+        assert x.shape == y.shape and x.dtype == y.dtype
+        scale = float(np.max(np.abs(y.astype(np.float64)))) if y.size else 0.0
+        err = np.abs(x.astype(np.float64) - y.astype(np.float64))
+        assert not err.size or float(np.max(err)) <= 1e-6 * scale, (float(np.max(err)), scale)
 
     # -- helpers --------------------------------------------------------------
     def problem(self, dtype_case: str = "float32", seed: int = 0):
@@ -530,9 +549,9 @@ class BackendTests:
             a_params, a_state = fused(a_params, a_state, g)
             b_params, b_state = split(b_params, b_state, g)
         for x, y in zip(jax.tree.leaves(a_params), jax.tree.leaves(b_params), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            self.assert_same_step(x, y)
         for x, y in zip(jax.tree.leaves(a_state), jax.tree.leaves(b_state), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            self.assert_same_step(x, y)
 
     def test_zero_and_empty_leaves(self):
         """Zero-norm leaves get r = 1 exactly; empty leaves stay empty; no NaN."""
@@ -646,4 +665,4 @@ class BackendTests:
         a = self.run_transform(case, params, grads)
         b = self.run_optimizer(warmup_cosine, case, params, grads)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            self.assert_same_step(x, y)

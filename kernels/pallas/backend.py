@@ -1,17 +1,23 @@
 """The "pallas" backend: the multi-tensor LARS step on the Pallas kernels.
 
-One step is two kernel launches for all leaves together (three with
-``grad_clip_norm``), whatever their number, sizes, dtypes and masks:
+One step is a few kernel launches for all leaves together, whatever their
+number, sizes, dtypes and masks:
 
 1. (``grad_clip_norm`` only) a norm pass over every gradient: the global norm.
-2. a norm pass over the leaves with an adaptive trust ratio: per leaf, the sums
+2. On a TPU (``mosaic_tpu``), the fused kernel (``mosaic_tpu_fused``): one
+   launch that reads each layer's w and g once into VMEM, computes its sums
+   and trust ratio there, and updates it (20 bytes per float32 parameter).
+   Layers too large for its VMEM ring, and every layer with
+   ``kernel_options={"fused": False}``, take the two passes below.
+3. A norm pass over the leaves with an adaptive trust ratio: per leaf, the sums
    of w**2 and of u**2, u the clipped and decayed gradient. Summing u**2
    directly (rather than folding decay in as sum g**2 + 2*lambda*sum g*w +
    lambda**2 * sum w**2) keeps the norm accurate when g is close to -lambda*w.
-3. the update pass: per element, the same operations as the reference.
+4. The update pass: per element, the same operations as the reference.
 
 Between the passes a few scalar operations (in XLA) turn the sums into trust
-ratios. The update pass writes the new momenta over the momenta's buffers, and
+ratios (``elementwise.trust_ratio``, which the fused kernel runs on its vector
+unit). The update passes write the new momenta over the momenta's buffers, and
 in the in-place form (:func:`pallas_apply`) the new params over the params'
 buffers: the kernel call aliases those outputs to its inputs, so donated
 buffers are written over rather than copied.
@@ -74,6 +80,39 @@ def unsupported(config: LarsConfig) -> str | None:
     """Every option of LarsConfig is supported."""
     del config
     return None
+
+
+_FUSED_OPTIONS = ("fused", "ring_blocks")
+
+
+def _fused_module(kernel: str):
+    """The fused one-pass kernel's module for ``kernel``, or None where there is none."""
+    if kernel == "mosaic_tpu":
+        from . import mosaic_tpu_fused
+
+        return mosaic_tpu_fused
+    return None
+
+
+def _split_options(kernel: str, options: tuple) -> tuple[dict, dict]:
+    """(the launchers' keyword arguments, the fused pass's: ``fused``, ``ring_blocks``).
+
+    Raises:
+      ValueError: for a fused pass asked of a kernel that has none.
+    """
+    kw = dict(options)
+    fused = {k: kw.pop(k) for k in _FUSED_OPTIONS if k in kw}
+    has_fused = _fused_module(kernel) is not None
+    if not has_fused and (fused.get("fused") or fused.get("ring_blocks") is not None):
+        raise ValueError(
+            f"kernel_options {sorted(fused)}: the {kernel} kernel has no fused one-pass "
+            "kernel (only mosaic_tpu has one)"
+        )
+    fused["fused"] = bool(fused.get("fused", has_fused))
+    ring = fused.get("ring_blocks")
+    if ring is not None and (not isinstance(ring, int) or ring < 2):
+        raise ValueError(f"kernel_options ring_blocks must be an int >= 2, got {ring!r}")
+    return kw, fused
 
 
 def _kernel_module(kernel: str):
@@ -139,7 +178,10 @@ def pallas_step(
         (``pltpu.InterpretParams``, ``plgpu.InterpretGPUParams``).
       kernel_options: Extra keyword arguments for the kernel launchers (block
         sizes: ``tile`` for Mosaic GPU, ``block_rows``/``block_lanes`` for
-        Mosaic TPU).
+        Mosaic TPU). For Mosaic TPU also ``fused`` (default True: the fused
+        one-pass kernel for the layers that fit its VMEM ring; False: two
+        passes for every layer) and ``ring_blocks`` (the ring's slots; by
+        default from the chip's VMEM).
       finite: Optional bool scalar (``skip_nonfinite``): when False the update
         kernel leaves params and momenta as they were, writes updates of -0.0
         and the ratios are 1, so a skipped step needs no copy of them.
@@ -346,6 +388,7 @@ def _prepare(
     kernel = kernel or default
     interpret = default_interpret if interpret is None else interpret
     _kernel_module(kernel)  # validates the name
+    _split_options(kernel, tuple(sorted((options or {}).items())))  # validates the options
     flags = ew.StepFlags(
         clip_norm=config.grad_clip_norm is not None,
         clip_value=config.grad_clip_value is not None,
@@ -397,12 +440,14 @@ def _pick(xs, idx):
     return [xs[i] for i in idx]
 
 
-def _run_update(params, grads, momentum, ratio_vector, scalars, *, flags, leaves, impl, kw):
-    """The update pass over the non-empty leaves; empty ones pass through.
+def _run_update(
+    params, grads, momentum, ratio_vector, scalars, *, flags, leaves, impl, kw, only=None
+):
+    """The update pass over the non-empty leaves (of ``only``, if given); the others pass through.
 
     Returns (updates, or new params with ``flags.write_params``, new momenta).
     """
-    active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
+    active = [i for i in (range(len(leaves)) if only is None else only) if leaves[i].size > 0]
     updates = list(params) if flags.write_params else [jnp.zeros(p.shape, p.dtype) for p in params]
     new_momentum = [v.astype(leaf.momentum_dtype) for v, leaf in zip(momentum, leaves, strict=True)]
     if active:
@@ -430,7 +475,8 @@ def _step(
 ):
     """The traced step (jitted so that eager calls reuse the compiled kernels)."""
     impl = _kernel_module(kernel)
-    kw = dict(interpret=interpret, **dict(options))
+    kw, fused_options = _split_options(kernel, options)
+    kw = dict(interpret=interpret, **kw)
     active = [i for i, leaf in enumerate(leaves) if leaf.size > 0]
 
     scalars = _scalars(lr, hyper)
@@ -449,9 +495,19 @@ def _step(
             g_norm = jnp.zeros((), jnp.float32)
         scalars = _scalars(lr, hyper, g_norm)
 
+    fused, ring = [], None
+    if fused_options["fused"] and active:
+        fits, ring = _fused_module(kernel).fusable(
+            _pick(leaves, active),
+            ring_blocks=fused_options.get("ring_blocks"),
+            **{k: kw[k] for k in ("block_rows", "block_lanes") if k in kw},
+        )
+        fused = [i for i, fit in zip(active, fits, strict=True) if fit]
+    rest = [i for i in active if i not in fused]
+
     # Per leaf: r from its sums where the trust ratio applies, else 1. Empty
     # leaves have zero sums (r = 1, then trust_clip), as in the reference.
-    measured = [i for i in active if leaves[i].trust]
+    measured = [i for i in rest if leaves[i].trust]
     sums = jnp.zeros((1, 2), jnp.float32)  # row 0: the zero sums
     if measured:
         part = impl.leaf_sums(
@@ -465,21 +521,49 @@ def _step(
         sums = jnp.concatenate([sums, part])
     row = {i: k + 1 for k, i in enumerate(measured)}
     sums = sums[np.asarray([row.get(i, 0) for i in range(len(leaves))], np.int32)]
-    w_norm = jnp.sqrt(sums[:, ew.SUM_W2])
-    u_norm = jnp.sqrt(sums[:, ew.SUM_U2])
-    r = hyper["trust_coefficient"] * w_norm / (u_norm + hyper["eps"])
-    r = jnp.where(jnp.logical_or(w_norm == 0.0, u_norm == 0.0), 1.0, r)
-    if trust_clip:
-        r = jnp.minimum(r, hyper["trust_clip"])
+    r = ew.trust_ratio(
+        sums[:, ew.SUM_W2],
+        sums[:, ew.SUM_U2],
+        hyper["trust_coefficient"],
+        hyper["eps"],
+        hyper["trust_clip"] if trust_clip else None,
+    )
     trust = np.asarray([leaf.trust for leaf in leaves], bool)
     ratio_vector = jnp.where(trust, r, 1.0)
     if flags.skip_nonfinite:  # a skipped step reports ratios of 1, as the reference
         ratio_vector = jnp.where(hyper["finite"] != 0, ratio_vector, 1.0)
-    ratios = [ratio_vector[i] for i in range(len(leaves))]
 
     updates, new_momentum = _run_update(
-        params, grads, momentum, ratio_vector, scalars, flags=flags, leaves=leaves, impl=impl, kw=kw
+        params,
+        grads,
+        momentum,
+        ratio_vector,
+        scalars,
+        flags=flags,
+        leaves=leaves,
+        impl=impl,
+        kw=kw,
+        only=rest,
     )
+    if fused:
+        fused_impl = _fused_module(kernel)
+        first, mom, fused_ratios = fused_impl.fused_update(
+            _pick(params, fused),
+            _pick(grads, fused),
+            _pick(momentum, fused),
+            scalars,
+            fused_impl.trust_scalars(hyper["trust_coefficient"], hyper["eps"], hyper["trust_clip"]),
+            flags=flags,
+            leaves=_pick(leaves, fused),
+            trust_clip=trust_clip,
+            ring_blocks=ring,
+            **kw,
+        )
+        ratio_vector = ratio_vector.at[np.asarray(fused, np.int32)].set(fused_ratios)
+        for k, i in enumerate(fused):
+            updates[i] = first[k]
+            new_momentum[i] = mom[k]
+    ratios = [ratio_vector[i] for i in range(len(leaves))]
     return updates, new_momentum, ratios
 
 
@@ -498,5 +582,5 @@ def _update_given(
         flags=flags,
         leaves=leaves,
         impl=_kernel_module(kernel),
-        kw=dict(interpret=interpret, **dict(options)),
+        kw=dict(interpret=interpret, **_split_options(kernel, options)[0]),
     )

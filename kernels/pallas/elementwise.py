@@ -130,6 +130,29 @@ def momentum_update(
     return step, v_new
 
 
+def trust_ratio(
+    sum_w2: jax.Array,
+    sum_u2: jax.Array,
+    trust_coefficient: jax.Array,
+    eps: jax.Array,
+    trust_clip: jax.Array | None,
+) -> jax.Array:
+    """Step 4 of the rule, elementwise on float32 arrays of per-leaf sums.
+
+    ``r = trust_coefficient * ||w|| / (||u|| + eps)``, 1 where either norm is
+    zero, then at most ``trust_clip`` (None: no clip). The backend applies it to
+    the vector of all leaves' sums in XLA; the fused TPU kernel to a vector of
+    one leaf's sums on the vector unit.
+    """
+    w_norm = jnp.sqrt(sum_w2)
+    u_norm = jnp.sqrt(sum_u2)
+    r = trust_coefficient * w_norm / (u_norm + eps)
+    r = jnp.where(jnp.logical_or(w_norm == 0.0, u_norm == 0.0), 1.0, r)
+    if trust_clip is not None:
+        r = jnp.minimum(r, trust_clip)
+    return r
+
+
 def _sum(x: jax.Array) -> jax.Array:
     # A 0-d value is its own sum (Mosaic GPU cannot reduce a scalar).
     return x if x.ndim == 0 else jnp.sum(x)

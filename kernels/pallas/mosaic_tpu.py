@@ -14,6 +14,10 @@ results of block t drain to HBM while block t+1 is computed.
 * :func:`update_kernel` reads per-leaf trust ratios from SMEM and writes each
   leaf's update and new momentum.
 
+These two passes read w and g twice. ``mosaic_tpu_fused`` does the whole step
+in one pass for the layers that fit its VMEM ring, on the plans and DMA
+helpers defined here; the backend leaves only larger layers to these kernels.
+
 Each leaf is viewed as a 2-D array the vector unit can tile: ``(n / 128, 128)``
 when 128 divides its size, else ``(1, n)``, and cut into full blocks (a
 ``fori_loop``) plus one remainder block (static), so no DMA crosses the leaf's
@@ -167,8 +171,8 @@ class _Stream:
     Attributes:
       dtype_attr: The ``LeafSpec`` attribute holding the role's dtype.
       hbm: Per leaf, its array in HBM.
-      buffers: (dtype name, kind) -> the (2, *block) VMEM buffer of that role.
-      sems: The role's (2,) DMA semaphores (one per slot).
+      buffers: (dtype name, kind) -> the (slots, *block) VMEM buffer of that role.
+      sems: The role's DMA semaphores, one per slot.
     """
 
     dtype_attr: str
@@ -192,13 +196,14 @@ def _buffer_keys(dtype_attr: str, leaves, plan: TilePlan) -> list[tuple[str, str
     return keys
 
 
-def _scratch_shapes(dtype_attrs: Sequence[str], leaves, plan: TilePlan) -> list:
-    """Per role, a (2, *block) VMEM buffer per (dtype, kind) in use; then DMA sems."""
+def _scratch_shapes(dtype_attrs: Sequence[str], leaves, plan: TilePlan, slots: int = 2) -> list:
+    """Per role, a (slots, *block) VMEM buffer per (dtype, kind) in use; then
+    per role a (slots,) array of DMA semaphores."""
     shapes = []
     for attr in dtype_attrs:
         for name, kind in _buffer_keys(attr, leaves, plan):
-            shapes.append(pltpu.VMEM((2, *plan.block_shape(kind)), np.dtype(name)))
-    shapes.extend(pltpu.SemaphoreType.DMA((2,)) for _ in dtype_attrs)
+            shapes.append(pltpu.VMEM((slots, *plan.block_shape(kind)), np.dtype(name)))
+    shapes.extend(pltpu.SemaphoreType.DMA((slots,)) for _ in dtype_attrs)
     return shapes
 
 
