@@ -375,3 +375,23 @@ def test_backend_rejects_fused_options_it_cannot_honour():
         backend.pallas_step(w, w, w, 0.1, kernel="mosaic_gpu", kernel_options={"fused": True}, **kw)
     with pytest.raises(ValueError, match="ring_blocks must be an int >= 2, got 1"):
         backend.pallas_step(w, w, w, 0.1, kernel_options={"ring_blocks": 1}, **kw)
+
+
+def test_resnet50_is_one_fused_launch_on_a_v5e():
+    """ResNet-50's 161 float32 leaves all fit the default ring (no TPU attached:
+    a v5e), so a step is one launch reading w and g once; its largest layer
+    (36 blocks) and the next fit the ring together, so each layer's loads start
+    before the layer before it is done."""
+    from bench.workloads import resnet50_shapes
+
+    sizes = [int(np.prod(s)) for s in resnet50_shapes()]
+    specs = [ew.LeafSpec(n, F32, F32, F32, True, True) for n in sizes]
+    fits, ring = fused.fusable(specs)
+    assert len(fits) == 161 and all(fits)
+    # float32 (512, 128) row blocks and (1, 8192) lane blocks (the 64-element
+    # norms), 256 KiB each, for w and g: 1 MiB per slot, 64 MiB of ring.
+    assert ring == 64
+    fplan = fused.plan_fused(sizes, ring)
+    blocks = [sum(e.count for e in entries) for entries in fplan.entries]
+    assert max(blocks) == 36 and max(map(sum, itertools.pairwise(blocks))) <= ring
+    replay(fplan)
