@@ -495,9 +495,10 @@ def _step(
             g_norm = jnp.zeros((), jnp.float32)
         scalars = _scalars(lr, hyper, g_norm)
 
+    fused_impl = _fused_module(kernel) if fused_options["fused"] else None
     fused, ring = [], None
-    if fused_options["fused"] and active:
-        fits, ring = _fused_module(kernel).fusable(
+    if fused_impl is not None and active:
+        fits, ring = fused_impl.fusable(
             _pick(leaves, active),
             ring_blocks=fused_options.get("ring_blocks"),
             **{k: kw[k] for k in ("block_rows", "block_lanes") if k in kw},
@@ -546,7 +547,6 @@ def _step(
         only=rest,
     )
     if fused:
-        fused_impl = _fused_module(kernel)
         first, mom, fused_ratios = fused_impl.fused_update(
             _pick(params, fused),
             _pick(grads, fused),
