@@ -1,4 +1,4 @@
-# lars: make demo | make test | make bench | make lint | make format | make clean
+# lars: make demo | make test | make test-fast | make bench | make lint | make format | make clean
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
 # installs what it needs. Override the interpreter with `make PYTHON=...`.
 
@@ -7,7 +7,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_FLAGS ?= -n 2
 
-.PHONY: all venv test lint format demo bench clean
+.PHONY: all venv test test-fast lint format demo bench clean
 
 all: test
 
@@ -46,8 +46,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Everything (what CI runs).
 test: lint
 	$(VPY) -m pytest $(PYTEST_FLAGS) tests
+
+# The tests not marked slow: a few minutes on 2 cores.
+test-fast: lint
+	$(VPY) -m pytest $(PYTEST_FLAGS) -m "not slow" tests
 
 demo: $(STAMP)
 	$(VPY) -m examples.digits --quick

@@ -49,8 +49,14 @@ APPLY_SUFFIX = ":apply"
 def in_place_rows(backends: Sequence[str]) -> list[str]:
     """The "<backend>:apply" rows for the backends with an in-place form."""
     from lars import _dispatch
+    from lars.contract import Feature
 
-    return [b + APPLY_SUFFIX for b in backends if _dispatch.resolve(b, lars.LarsConfig()).apply]
+    platform = jax.default_backend()
+    return [
+        b + APPLY_SUFFIX
+        for b in backends
+        if Feature.IN_PLACE in _dispatch.get(b).features(platform)
+    ]
 
 
 def optax_tx(lr: jax.Array) -> optax.GradientTransformation:

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -164,6 +165,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _run_spec(args, optimizer: str, batch: int, seed: int, peak_lr: float, tag: str) -> Any:
+    """One run of the experiment with the command line's shared settings."""
+    from examples.digits_experiment import RunSpec
+
+    return RunSpec(
+        optimizer=optimizer,
+        batch_size=batch,
+        seed=seed,
+        epochs=args.epochs,
+        peak_lr=peak_lr,
+        trust_coefficient=args.lars_tc,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        warmup_epochs=args.warmup_epochs,
+        widths=args.widths,
+        tag=tag,
+    )
+
+
 def _scaled(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / BASE_BATCH
 
@@ -182,7 +202,7 @@ def tune(args: argparse.Namespace, data, say) -> tuple[dict[str, float], list[di
     """
     from sklearn.model_selection import train_test_split
 
-    from examples.digits_experiment import Runner, RunSpec
+    from examples.digits_experiment import Runner
 
     x_fit, x_val, y_fit, y_val = train_test_split(
         data.x_train, data.y_train, test_size=0.2, stratify=data.y_train, random_state=0
@@ -203,19 +223,7 @@ def tune(args: argparse.Namespace, data, say) -> tuple[dict[str, float], list[di
         scored, pending, extensions = [], list(grid), 0
         while pending:
             base = pending.pop(0)
-            spec = RunSpec(
-                optimizer=opt,
-                batch_size=batch,
-                seed=TUNE_SEED,
-                epochs=args.epochs,
-                peak_lr=_scaled(base, batch),
-                trust_coefficient=args.lars_tc,
-                weight_decay=args.weight_decay,
-                momentum=args.momentum,
-                warmup_epochs=args.warmup_epochs,
-                widths=args.widths,
-                tag="tune",
-            )
+            spec = _run_spec(args, opt, batch, TUNE_SEED, _scaled(base, batch), "tune")
             result = runner.run(spec)
             acc, loss = result.final_test_acc, result.history["test_loss"][-1]
             loss = loss if np.isfinite(loss) else float("inf")
@@ -279,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from examples import digits_report as report
     from examples.digits_data import load_digits_split
-    from examples.digits_experiment import Runner, RunSpec
+    from examples.digits_experiment import Runner
 
     def say(text: str) -> None:
         tqdm.write(text, file=sys.stdout)
@@ -318,19 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in range(args.seeds):
         for batch in batch_sizes:
             for opt in ("sgd", "lars"):
-                spec = RunSpec(
-                    optimizer=opt,
-                    batch_size=batch,
-                    seed=seed,
-                    epochs=args.epochs,
-                    peak_lr=_scaled(base_lrs[opt], batch),
-                    trust_coefficient=args.lars_tc,
-                    weight_decay=args.weight_decay,
-                    momentum=args.momentum,
-                    warmup_epochs=args.warmup_epochs,
-                    widths=args.widths,
-                    tag="final",
-                )
+                spec = _run_spec(args, opt, batch, seed, _scaled(base_lrs[opt], batch), "final")
                 r = runner.run(spec)
                 results.append(r)
                 say(

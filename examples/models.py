@@ -30,6 +30,13 @@ def _norm(features: int, rngs: nnx.Rngs, dtype, bn_momentum: float) -> nnx.Batch
     return nnx.BatchNorm(features, momentum=bn_momentum, dtype=dtype, rngs=rngs)
 
 
+def _shortcut(cin, cout, stride, rngs, dtype, bn_momentum) -> tuple:
+    """(1x1 projection, its BatchNorm) where the shape changes, else (None, None)."""
+    if stride == 1 and cin == cout:
+        return None, None
+    return _conv(cin, cout, 1, stride, rngs, dtype), _norm(cout, rngs, dtype, bn_momentum)
+
+
 class BasicBlock(nnx.Module):
     """Two 3x3 convolutions with BatchNorm and an identity (or 1x1) shortcut."""
 
@@ -40,12 +47,7 @@ class BasicBlock(nnx.Module):
         self.bn1 = _norm(cout, rngs, dtype, bn_momentum)
         self.conv2 = _conv(cout, cout, 3, 1, rngs, dtype)
         self.bn2 = _norm(cout, rngs, dtype, bn_momentum)
-        if stride != 1 or cin != cout:
-            self.proj = _conv(cin, cout, 1, stride, rngs, dtype)
-            self.proj_bn = _norm(cout, rngs, dtype, bn_momentum)
-        else:
-            self.proj = None
-            self.proj_bn = None
+        self.proj, self.proj_bn = _shortcut(cin, cout, stride, rngs, dtype, bn_momentum)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -67,12 +69,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = _norm(width, rngs, dtype, bn_momentum)
         self.conv3 = _conv(width, cout, 1, 1, rngs, dtype)
         self.bn3 = _norm(cout, rngs, dtype, bn_momentum)
-        if stride != 1 or cin != cout:
-            self.proj = _conv(cin, cout, 1, stride, rngs, dtype)
-            self.proj_bn = _norm(cout, rngs, dtype, bn_momentum)
-        else:
-            self.proj = None
-            self.proj_bn = None
+        self.proj, self.proj_bn = _shortcut(cin, cout, stride, rngs, dtype, bn_momentum)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))

@@ -1,67 +1,35 @@
-"""Backend registry: maps a backend name to an implementation of the LARS step.
+"""The backend registry and the routing of one step: the only caller of ``Backend.run``.
 
-Every backend implements the same multi-tensor signature as
-``lars._reference.reference_step``; the public API only resolves a name here
-and calls the backend (public API -> dispatch -> backend -> kernel).
+Backends are registered by module path and imported on first use (a module
+defines ``BACKEND``, a ``lars.contract.Backend``). :func:`run_step` decides,
+for one step, everything the contract leaves to the front end: which route
+(one device, a mesh, inside ``jax.shard_map``), which features to ask for,
+the derivative rule, and what to run where the backend lacks a feature.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import importlib
+from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lars._config import LarsConfig
-from lars._reference import reference_step
+from lars import _reference, _sharded
+from lars._autodiff import call
+from lars.contract import Backend, Feature, StepInputs, StepResult, StepSpec
 
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """One implementation of the LARS step.
-
-    Attributes:
-      name: The name users pass as ``backend=``.
-      step: The step function (signature of ``reference_step``).
-      unavailable: Returns None when the backend can run here, else a sentence
-        naming what is missing (no GPU, a package not installed, ...).
-      unsupported: Returns None when the backend handles ``config``, else a
-        sentence naming the option it lacks.
-      apply: Optional. The same signature as ``step``, but the first field of
-        the result holds the new params (``optax.apply_updates(params,
-        updates)``, bit for bit) instead of the updates, so a backend can write
-        them over the donated params' buffers; None when it has no such form.
-      update_with_ratios: Optional. The update half of the step for sharded
-        params (``lars._sharded``): the signature of ``step`` plus ``ratios``
-        (one per leaf) and ``global_norm`` after ``lr``, and ``write_params``;
-        None for a backend that XLA partitions itself (the reference) or that
-        has no such form (its leaves are then gathered on every device).
-      skips_nonfinite: Returns True when ``step`` and ``apply`` take a
-        ``finite`` flag (a bool scalar) here and, when it is False, leave params
-        and momentum in place (updates -0.0), so that ``skip_nonfinite`` needs
-        no copies of them.
-      dtypes: The (param dtype, grad dtype) pairs the backend computes in, or
-        None for every pair the front end accepts. The front end rejects other
-        leaves by path before calling the backend.
-    """
-
-    name: str
-    step: Callable
-    unavailable: Callable[[], str | None] = lambda: None
-    unsupported: Callable[[LarsConfig], str | None] = lambda config: None
-    apply: Callable | None = None
-    update_with_ratios: Callable | None = None
-    skips_nonfinite: Callable[[], bool] = lambda: False
-    dtypes: frozenset | None = None
-
-
-_REGISTRY: dict[str, Backend] = {}
+# name -> the module that defines its BACKEND.
+_MODULES: dict[str, str] = {
+    "reference": "lars._reference",
+    "native": "lars.kernels.native",
+    "pallas": "lars.kernels.pallas",
+    "triton": "lars.kernels.triton",
+}
+_LOADED: dict[str, Backend] = {}
 
 # The order "auto" tries backends in, fastest first, per platform. Each entry is
 # backed by a measurement in bench/results/ (the reference is the fallback).
-# cpu: the native (XLA FFI) step beats the reference on the ResNet-50 parameter
-# set in every form measured (kernels/native/bench_resnet50.py).
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("native", "reference"),
     "gpu": ("reference",),
@@ -69,145 +37,137 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def register(backend: Backend) -> None:
-    """Adds ``backend`` to the registry (replacing one of the same name)."""
-    _REGISTRY[backend.name] = backend
+def register(name: str, module: str) -> None:
+    """Registers the backend that ``module`` (a module path) defines as ``BACKEND``.
+
+    The module is imported when the backend is first used; a name registered
+    again is replaced.
+    """
+    _MODULES[name] = module
+    _LOADED.pop(name, None)
 
 
-register(Backend(name="reference", step=reference_step))
-
-
-def _register_native() -> None:
-    """Registers the XLA FFI backend (lars.kernels.native); its library loads lazily."""
-    from lars.kernels import native
-
-    register(
-        Backend(
-            name="native",
-            step=native.step,
-            unavailable=native.unavailable,
-            unsupported=native.unsupported,
-            apply=native.apply,
-            update_with_ratios=native.step_with_ratios,
-            skips_nonfinite=native.skips_nonfinite,
-            dtypes=frozenset(native.SUPPORTED_DTYPES),
-        )
-    )
-
-
-_register_native()
-
-
-def _pallas_step(*args, **kwargs):
-    from lars.kernels.pallas import backend
-
-    return backend.pallas_step(*args, **kwargs)
-
-
-def _pallas_apply(*args, **kwargs):
-    from lars.kernels.pallas import backend
-
-    return backend.pallas_apply(*args, **kwargs)
-
-
-def _pallas_unavailable() -> str | None:
-    from lars.kernels.pallas import backend
-
-    return backend.unavailable()
-
-
-def _pallas_update_with_ratios(*args, **kwargs):
-    from lars.kernels.pallas import backend
-
-    return backend.update_with_ratios(*args, **kwargs)
-
-
-# float32/bfloat16/float16 params with grads of their dtype or lower precision
-# (the Pallas and Triton kernels compute in float32; no float64).
-_KERNEL_DTYPES = frozenset(
-    (np.dtype(p), np.dtype(g))
-    for p, g in [
-        (jnp.float32, jnp.float32),
-        (jnp.float32, jnp.bfloat16),
-        (jnp.float32, jnp.float16),
-        (jnp.bfloat16, jnp.bfloat16),
-        (jnp.float16, jnp.float16),
-    ]
-)
-
-# The Pallas kernels (lars.kernels.pallas): Mosaic GPU on Hopper, Mosaic TPU on
-# TPU, interpret mode on a CPU. Imported on first use (Pallas is slow to import).
-register(
-    Backend(
-        name="pallas",
-        step=_pallas_step,
-        unavailable=_pallas_unavailable,
-        apply=_pallas_apply,
-        update_with_ratios=_pallas_update_with_ratios,
-        skips_nonfinite=lambda: True,
-        dtypes=_KERNEL_DTYPES,
-    )
-)
-
-
-def _triton_backend():
-    from lars.kernels.triton import backend
-
-    return backend
-
-
-# The Triton kernels (lars.kernels.triton), launched by jax-triton on a CUDA
-# GPU. Imported on first use; triton and jax-triton only when a step runs.
-register(
-    Backend(
-        name="triton",
-        step=lambda *a, **k: _triton_backend().triton_step(*a, **k),
-        unavailable=lambda: _triton_backend().unavailable(),
-        unsupported=lambda config: _triton_backend().unsupported(config),
-        apply=lambda *a, **k: _triton_backend().triton_apply(*a, **k),
-        skips_nonfinite=lambda: True,
-        dtypes=_KERNEL_DTYPES,
-    )
-)
+def get(name: str) -> Backend:
+    """The registered backend ``name`` (importing its module on first use)."""
+    if name not in _LOADED:
+        backend = importlib.import_module(_MODULES[name]).BACKEND
+        if backend.name != name:
+            raise ValueError(f"{_MODULES[name]} defines backend {backend.name!r}, not {name!r}")
+        _LOADED[name] = backend
+    return _LOADED[name]
 
 
 def available_backends() -> list[str]:
     """Names of the registered backends that can run on this machine."""
-    return [name for name, b in _REGISTRY.items() if b.unavailable() is None]
+    platform = jax.default_backend()
+    return [name for name in _MODULES if get(name).unavailable(platform) is None]
 
 
-def resolve(name: str, config: LarsConfig, platform: str | None = None) -> Backend:
+def resolve(name: str, options: dict | None = None, platform: str | None = None) -> Backend:
     """Returns the backend to use for ``name`` on ``platform``.
 
     Args:
       name: "auto" or a registered backend name.
-      config: The hyperparameters; a backend lacking one of the options raises.
+      options: ``backend_options``; only with an explicit name.
       platform: "cpu", "gpu" or "tpu"; the default JAX backend when None.
 
     Raises:
-      ValueError: for an unknown name, or a backend that lacks an option.
+      ValueError: for an unknown name, or options with "auto".
       RuntimeError: for a backend that cannot run on this machine.
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {name!r}")
+    platform = platform or jax.default_backend()
     if name == "auto":
-        if platform is None:
-            import jax
-
-            platform = jax.default_backend()
+        if options:
+            raise ValueError("backend_options need an explicit backend= name, not 'auto'")
         for candidate in _AUTO_ORDER.get(platform, ("reference",)):
-            backend = _REGISTRY.get(candidate)
-            if backend and backend.unavailable() is None and backend.unsupported(config) is None:
-                return backend
-        return _REGISTRY["reference"]
-    if name not in _REGISTRY:
-        known = ", ".join(["auto", *_REGISTRY])
+            if candidate in _MODULES and get(candidate).unavailable(platform) is None:
+                return get(candidate)
+        return get("reference")
+    if name not in _MODULES:
+        known = ", ".join(["auto", *_MODULES])
         raise ValueError(f"unknown backend {name!r}; known backends: {known}")
-    backend = _REGISTRY[name]
-    missing = backend.unavailable()
+    backend = get(name)
+    missing = backend.unavailable(platform)
     if missing is not None:
         raise RuntimeError(f"backend {name!r} cannot run here: {missing}")
-    lacking = backend.unsupported(config)
-    if lacking is not None:
-        raise ValueError(f"backend {name!r} does not support this configuration: {lacking}")
     return backend
+
+
+def unsupported_reason(backend: Backend, spec: StepSpec, paths: Sequence[str]) -> str | None:
+    """None when ``backend`` computes ``spec``, else why not (naming the leaf for a dtype)."""
+    if backend.dtypes is not None:
+        for path, leaf in zip(paths, spec.leaves, strict=True):
+            pair = (leaf.param_dtype, leaf.grad_dtype)
+            if pair not in backend.dtypes:
+                return (
+                    f"it does not compute {pair[0]} params with {pair[1]} gradients "
+                    f"(the leaf at {path}); use backend='reference'"
+                )
+    return backend.unsupported(spec, jax.default_backend())
+
+
+def check_step(backend: Backend, spec: StepSpec, paths: Sequence[str], *, auto: bool) -> Backend:
+    """The backend that runs ``spec``: ``backend``, or with ``auto`` the reference
+    when ``backend`` cannot.
+
+    Raises:
+      TypeError: naming the leaf, for a dtype pair the backend does not compute.
+      ValueError: for a step the backend does not support.
+    """
+    reason = unsupported_reason(backend, spec, paths)
+    if reason is None:
+        return backend
+    if auto:
+        return get("reference")
+    error = TypeError if "gradients (the leaf at" in reason else ValueError
+    raise error(f"backend {backend.name!r} cannot run this step: {reason}")
+
+
+def run_step(
+    backend: Backend, spec: StepSpec, paths: Sequence[str], inputs: StepInputs
+) -> tuple[StepResult, bool, bool]:
+    """One step on the leaves, routed; the only place a route is chosen.
+
+    Args:
+      backend: The resolved backend (``check_step`` passed).
+      spec: The step, with ``write_params`` as the caller wants it, and
+        ``skip_nonfinite`` False.
+      paths: The leaves' paths, for errors.
+      inputs: The leaves, the learning rate, and the all-finite flag of a
+        ``skip_nonfinite`` step (else None).
+
+    Returns:
+      (result, in_place, skipped_itself): ``in_place`` says whether the first
+      field holds new params (``spec.write_params`` and the backend wrote
+      them); ``skipped_itself`` whether the backend took ``finite`` (else the
+      caller must leave params and momentum in place on a skipped step).
+    """
+    platform = jax.default_backend()
+    features = backend.features(platform)
+    in_place = spec.write_params and Feature.IN_PLACE in features
+    spec = spec.replace(write_params=in_place)
+    plain = inputs._replace(finite=None)
+    axes = _sharded.manual_axes(paths, inputs.params, inputs.grads)
+    if axes is not None:
+        # Inside shard_map: local shards, norms summed over the axes that
+        # shard each leaf; a backend that cannot run there updates in XLA.
+        local = backend if Feature.SHARD_MAP in features else _reference.BACKEND
+        return _sharded.manual_step(local, spec, plain, axes), in_place, False
+    if Feature.GIVEN_RATIOS in features and _sharded.needed():
+        # Several devices: the backend runs shard by shard, its norms added
+        # over the shards (one device's leaves are whole and run as below).
+        return _sharded.sharded_step(backend, spec, plain), in_place, False
+    skips = inputs.finite is not None and Feature.SKIP_NONFINITE in features
+    spec = spec.replace(skip_nonfinite=skips)
+    return call(backend, spec, inputs if skips else plain), in_place, skips
+
+
+def all_finite(leaves: Sequence[jax.Array]) -> jax.Array:
+    """A bool scalar: every entry of every leaf is finite."""
+    # max|x| is NaN or Inf when any entry is (max propagates NaN); unlike
+    # all(isfinite(x)), XLA fuses it into one reduction per leaf (no per-element
+    # temporary, so a step with donated params stays in place).
+    flags = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in leaves]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)

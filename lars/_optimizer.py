@@ -13,7 +13,7 @@ import numpy as np
 
 from lars._config import check_learning_rate
 from lars._holder import is_state_object, make_holder
-from lars._transform import LarsState, apply_lars_to_params, init_state, make_spec
+from lars._transform import LarsState, LarsUpdate, init_state, lars
 from lars._trees import MaskOrFn, check_like_params, check_params
 from lars.schedules import ConstantLR
 
@@ -58,7 +58,8 @@ class Lars:
       grad_clip_norm: Clip all gradients to this global norm first.
       grad_clip_value: Then clip every entry to [-v, v].
       nesterov, weight_decay_mask, trust_ratio_mask, trust_clip,
-      lr_inside_momentum, skip_nonfinite, backend: As in :func:`lars.lars`.
+      lr_inside_momentum, skip_nonfinite, backend, backend_options: As in
+        :func:`lars.lars`, whose transformation this object steps.
       donate: Give the current params and optimizer state to each step's
         buffers (``jax.jit`` donation): on backends with an in-place form
         (``native``) a step then allocates nothing for them. Off by default,
@@ -92,6 +93,7 @@ class Lars:
         lr_inside_momentum: bool = False,
         skip_nonfinite: bool = False,
         backend: str = "auto",
+        backend_options: dict | None = None,
         donate: bool = False,
     ) -> None:
         if not isinstance(donate, bool):
@@ -105,7 +107,10 @@ class Lars:
         else:
             check_learning_rate(lr, "lr")
             self._scheduler = ConstantLR(base_lr=lr, factor=1.0, total_iters=0)
-        self._spec = make_spec(
+        # The step is lars.lars's: with a schedule function as its learning
+        # rate, or with the scheduler's value passed to each step.
+        self._tx = lars(
+            self._schedule_fn or 0.0,
             momentum=momentum,
             weight_decay=weight_decay,
             trust_coefficient=trust_coefficient,
@@ -119,6 +124,7 @@ class Lars:
             lr_inside_momentum=lr_inside_momentum,
             skip_nonfinite=skip_nonfinite,
             backend=backend,
+            backend_options=backend_options,
         )
         self.momentum = momentum
         self.weight_decay = weight_decay
@@ -227,8 +233,8 @@ class Lars:
         self, params: Any, grads: Any, state: LarsState, lr: jax.Array
     ) -> tuple[Any, LarsState]:
         if self._schedule_fn is not None:
-            lr = self._schedule_fn(state.count)
-        return apply_lars_to_params(grads, state, params, lr, self._spec)
+            return self._tx.apply_gradients(params, state, grads)
+        return LarsUpdate(lr, self._tx.update.spec).apply_gradients(params, state, grads)
 
     def step(self, grads: Any) -> None:
         """Applies one LARS step with ``grads`` (shaped like the registered values).

@@ -1,7 +1,10 @@
-"""The pure-JAX reference LARS step: the truth every other backend is tested against.
+"""The "reference" backend: the pure-JAX LARS step every other backend is tested against.
 
-It works on flat lists of leaves (the multi-tensor signature every backend
-shares) and leaves fusion to XLA. The order of floating-point operations
+:func:`reference_step` is the step, written out; :func:`update_with_ratios`
+is its update half with the trust ratios given (shards of sharded params);
+:func:`run` implements the backend contract (``lars.contract``) on top of
+the two, and ``BACKEND`` registers it. It works on flat lists of leaves and
+leaves fusion to XLA. The order of floating-point operations
 follows ``optax`` (``clip_by_global_norm``, ``add_decayed_weights``,
 ``scale_by_trust_ratio``, ``trace``, ``scale_by_schedule``), so results agree
 with braintools and optax to the last bit or close to it.
@@ -10,25 +13,19 @@ with braintools and optax to the last bit or close to it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lars._config import LarsConfig
-
-
-class StepResult(NamedTuple):
-    """What one LARS step produces, leaf by leaf (lists in the params' order)."""
-
-    updates: list[jax.Array]  # to add to the params, in the params' dtypes
-    momentum: list[jax.Array]  # the new momentum buffers
-    trust_ratio: list[jax.Array]  # float32 scalars: the ratio applied to each leaf
-
-
-def compute_dtype(param_dtype: jnp.dtype) -> jnp.dtype:
-    """Accumulation and momentum dtype for a param dtype: at least float32."""
-    return jnp.promote_types(param_dtype, jnp.float32)
+from lars.contract import (
+    Backend,
+    Feature,
+    LarsConfig,
+    StepInputs,
+    StepResult,
+    StepSpec,
+    compute_dtype,
+)
 
 
 def reference_step(
@@ -138,40 +135,58 @@ def _leaf_update(
     return (-step).astype(p.dtype), v_new.astype(v.dtype)
 
 
-def reference_update_with_ratios(
-    params: Sequence[jax.Array],
-    grads: Sequence[jax.Array],
-    momentum: Sequence[jax.Array],
-    lr: jax.Array,
-    ratios: jax.Array,
-    global_norm: jax.Array,
-    *,
-    config: LarsConfig,
-    decay_mask: Sequence[bool],
-    trust_mask: Sequence[bool],
-    write_params: bool = False,
-) -> StepResult:
-    """The update half of :func:`reference_step`, with trust ratios given.
+def update_with_ratios(spec: StepSpec, inputs: StepInputs) -> StepResult:
+    """The update half of :func:`reference_step`, with ``inputs.ratios`` given.
 
-    Used on shards (``lars._sharded``): the ratios and the global gradient norm
-    are those of whole layers, summed over the shards by the caller.
-
-    Args:
-      params, grads, momentum, lr, config, decay_mask: As in :func:`reference_step`.
-      ratios: One trust ratio per leaf (leaves outside the trust mask: 1).
-      global_norm: The global gradient norm, used with ``grad_clip_norm``.
-      trust_mask: Unused (the ratios already hold it); kept for the signature.
-      write_params: Return the new params instead of the updates.
+    For shards (``lars._sharded``): the ratios (one per leaf; 1 outside the
+    trust mask) and ``inputs.global_norm`` (used with ``grad_clip_norm``) are
+    those of whole layers, summed over the shards by the caller.
     """
-    del trust_mask
+    params, grads, momentum, lr, _, ratios, global_norm = inputs
+    config = spec.config
     gs = clipped_grads(params, grads, global_norm, config)
     out, new_momentum, out_ratios = [], [], []
-    for i, (p, g, v, decay) in enumerate(zip(params, gs, momentum, decay_mask, strict=True)):
-        if decay and config.has_weight_decay:
+    for i, (p, g, v, leaf) in enumerate(zip(params, gs, momentum, spec.leaves, strict=True)):
+        if leaf.decay:
             g = g + config.weight_decay * p.astype(g.dtype)
         r = ratios[i].astype(g.dtype)
         u, v_new = _leaf_update(p, g, v, r, lr, config)
-        out.append((p + u).astype(p.dtype) if write_params else u)
+        out.append(u)
         new_momentum.append(v_new)
         out_ratios.append(r.astype(jnp.float32))
     return StepResult(out, new_momentum, out_ratios)
+
+
+def run(spec: StepSpec, inputs: StepInputs) -> StepResult:
+    """The backend contract's step (``lars.contract``), in plain JAX.
+
+    Every other backend's ``run`` is checked against this one, and its
+    derivatives are this function's.
+    """
+    params, grads, momentum, lr, finite = inputs[:5]
+    if spec.given_ratios:
+        result = update_with_ratios(spec, inputs)
+    else:
+        masks = dict(decay_mask=spec.decay_mask, trust_mask=spec.trust_mask)
+        result = reference_step(params, grads, momentum, lr, config=spec.config, **masks)
+    first, new_momentum, out_ratios = result
+    if spec.write_params:
+        first = [(p + u).astype(p.dtype) for p, u in zip(params, first, strict=True)]
+    if finite is not None:  # a skipped step: nothing moves
+        keep = params if spec.write_params else [jnp.full_like(u, -0.0) for u in first]
+        first = [jnp.where(finite, a, b) for a, b in zip(first, keep, strict=True)]
+        new_momentum = [
+            jnp.where(finite, a, b.astype(a.dtype))
+            for a, b in zip(new_momentum, momentum, strict=True)
+        ]
+        out_ratios = [jnp.where(finite, r, jnp.ones_like(r)) for r in out_ratios]
+    return StepResult(list(first), list(new_momentum), list(out_ratios))
+
+
+# XLA partitions and fuses the plain step itself: the reference asks for no
+# routing (no GIVEN_RATIOS) and no in-place form; JAX differentiates it.
+BACKEND = Backend(
+    name="reference",
+    run=run,
+    features=lambda platform: frozenset({Feature.DIFFERENTIABLE}),
+)

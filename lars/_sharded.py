@@ -11,8 +11,8 @@ under ``jax.jit`` with sharded inputs each device:
    distinct set of axes, over a few scalars (replicated leaves need none), so
    every norm is the norm of the whole layer, never of a shard;
 3. turns the sums into trust ratios (the reference's formula) and runs the
-   backend's update on its shard (``Backend.update_with_ratios``), writing
-   params and momentum that keep the params' sharding.
+   backend's update on its shard (``run`` with ``spec.given_ratios``),
+   writing params and momentum that keep the params' sharding.
 
 A leaf whose sharding cannot be split evenly (a dimension not divisible by its
 mesh axes) is gathered for the step and comes back replicated: correct, but not
@@ -28,7 +28,6 @@ are refused, naming the leaf.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -40,25 +39,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lars._config import LarsConfig
-from lars._reference import (
-    StepResult,
-    clipped_grads,
-    compute_dtype,
-    reference_update_with_ratios,
-    trust_ratio,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """The static part of a sharded step (hashable: a custom_partitioning static arg)."""
-
-    backend: Any  # lars._dispatch.Backend with update_with_ratios
-    config: LarsConfig
-    decay_mask: tuple[bool, ...]
-    trust_mask: tuple[bool, ...]
-    write_params: bool  # the first result holds new params, not updates
+from lars._autodiff import call
+from lars._reference import clipped_grads, trust_ratio
+from lars.contract import Backend, StepInputs, StepResult, StepSpec, compute_dtype
 
 
 def needed() -> bool:
@@ -99,14 +82,14 @@ def _ratios(
     params: Sequence[jax.Array],
     grads: Sequence[jax.Array],
     axes: Sequence[tuple[str, ...]],
-    plan: _Plan,
+    spec: StepSpec,
 ) -> tuple[jax.Array, jax.Array]:
     """Whole-layer trust ratios from local sums, and the global gradient norm.
 
     The arithmetic is the reference step's (``lars._reference``), in each leaf's
     compute dtype; only the order of the additions differs (local, then psum).
     """
-    config = plan.config
+    config = spec.config
     wide = any(compute_dtype(p.dtype) == jnp.float64 for p in params)
     out_dtype = jnp.float64 if wide else jnp.float32
     clip_norm = jnp.zeros((), out_dtype)
@@ -115,10 +98,10 @@ def _ratios(
     gs = clipped_grads(params, grads, clip_norm, config) if params else []
     sums, where = [], []
     for i, (p, g) in enumerate(zip(params, gs, strict=True)):
-        if not plan.trust_mask[i]:
+        if not spec.leaves[i].trust:
             continue
         w = p.astype(g.dtype)
-        if plan.decay_mask[i] and config.has_weight_decay:
+        if spec.leaves[i].decay:
             g = g + config.weight_decay * w
         sums += [jnp.sum(w * w), jnp.sum(g * g)]
         where += [axes[i], axes[i]]
@@ -126,7 +109,7 @@ def _ratios(
     ratios, k = [], 0
     for i, p in enumerate(params):
         cd = compute_dtype(p.dtype)
-        if not plan.trust_mask[i]:
+        if not spec.leaves[i].trust:
             ratios.append(jnp.ones((), out_dtype))
             continue
         r = trust_ratio(jnp.sqrt(sums[k]).astype(cd), jnp.sqrt(sums[k + 1]).astype(cd), config)
@@ -155,27 +138,20 @@ def _leaf_layout(sharding: Any, ndim: int, shape: tuple[int, ...], mesh: Any) ->
     return NamedSharding(mesh, P(*spec)), tuple(axes)
 
 
-def _whole_step(plan: _Plan, lr: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
+def _whole_step(static: tuple, lr: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
     """The step on whole leaves: what the partitioned step computes, unsplit."""
-    n = len(plan.decay_mask)
+    backend, spec = static
+    n = len(spec.leaves)
     params, grads, momentum = arrays[:n], arrays[n : 2 * n], arrays[2 * n :]
-    fn = plan.backend.apply if plan.write_params else plan.backend.step
-    result = fn(
-        list(params),
-        list(grads),
-        list(momentum),
-        lr,
-        config=plan.config,
-        decay_mask=list(plan.decay_mask),
-        trust_mask=list(plan.trust_mask),
-    )
+    result = call(backend, spec, StepInputs(list(params), list(grads), list(momentum), lr))
     return [*result.updates, *result.momentum, *result.trust_ratio]
 
 
-def _partition(plan: _Plan, mesh: Any, arg_shapes: Any, result_shape: Any) -> tuple:
+def _partition(static: tuple, mesh: Any, arg_shapes: Any, result_shape: Any) -> tuple:
     """Chooses each leaf's layout and returns the per-device step."""
     del result_shape
-    n = len(plan.decay_mask)
+    backend, spec = static
+    n = len(spec.leaves)
     layouts = [
         _leaf_layout(s.sharding, len(s.shape), tuple(s.shape), mesh) for s in arg_shapes[1 : 1 + n]
     ]
@@ -185,19 +161,8 @@ def _partition(plan: _Plan, mesh: Any, arg_shapes: Any, result_shape: Any) -> tu
 
     def local_step(lr: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
         params, grads, momentum = arrays[:n], arrays[n : 2 * n], arrays[2 * n :]
-        ratios, global_norm = _ratios(params, grads, axes, plan)
-        result = plan.backend.update_with_ratios(
-            list(params),
-            list(grads),
-            list(momentum),
-            lr,
-            ratios,
-            global_norm,
-            config=plan.config,
-            decay_mask=list(plan.decay_mask),
-            trust_mask=list(plan.trust_mask),
-            write_params=plan.write_params,
-        )
+        inputs = StepInputs(list(params), list(grads), list(momentum), lr)
+        result = manual_step(backend, spec, inputs, axes)
         return [*result.updates, *result.momentum, *result.trust_ratio]
 
     arg_shardings = (scalar, *leaf_shardings, *leaf_shardings, *leaf_shardings)
@@ -221,41 +186,18 @@ def _partitioned(ranks: tuple[int, ...]) -> custom_partitioning:
     return fn
 
 
-def sharded_step(
-    backend: Any,
-    params: Sequence[jax.Array],
-    grads: Sequence[jax.Array],
-    momentum: Sequence[jax.Array],
-    lr: jax.Array,
-    *,
-    config: LarsConfig,
-    decay_mask: Sequence[bool],
-    trust_mask: Sequence[bool],
-    write_params: bool,
-) -> StepResult:
-    """A fused backend's step that runs shard by shard under sharding.
-
-    Args:
-      backend: A ``lars._dispatch.Backend`` with ``update_with_ratios``.
-      params, grads, momentum, lr, config, decay_mask, trust_mask: As in
-        ``lars._reference.reference_step``.
-      write_params: Return new params (the backend's ``apply``) not updates.
+def sharded_step(backend: Backend, spec: StepSpec, inputs: StepInputs) -> StepResult:
+    """A backend's step (``Feature.GIVEN_RATIOS``) that runs shard by shard under sharding.
 
     Returns:
-      A ``StepResult`` (the first field holds params with ``write_params``).
+      A ``StepResult`` (the first field holds params with ``spec.write_params``).
     """
+    params, grads, momentum, lr = inputs[:4]
     n = len(params)
     if n == 0:
         return StepResult([], [], [])
-    plan = _Plan(
-        backend=backend,
-        config=config,
-        decay_mask=tuple(bool(m) for m in decay_mask),
-        trust_mask=tuple(bool(m) for m in trust_mask),
-        write_params=write_params,
-    )
     fn = _partitioned(tuple(jnp.ndim(p) for p in params))
-    out = fn(plan, jnp.asarray(lr, jnp.float32), *params, *grads, *momentum)
+    out = fn((backend, spec), jnp.asarray(lr, jnp.float32), *params, *grads, *momentum)
     return StepResult(list(out[:n]), list(out[n : 2 * n]), list(out[2 * n :]))
 
 
@@ -294,47 +236,19 @@ def manual_axes(
 
 
 def manual_step(
-    backend: Any,
-    params: Sequence[jax.Array],
-    grads: Sequence[jax.Array],
-    momentum: Sequence[jax.Array],
-    lr: jax.Array,
-    *,
-    axes: Sequence[tuple[str, ...]],
-    config: LarsConfig,
-    decay_mask: Sequence[bool],
-    trust_mask: Sequence[bool],
-    write_params: bool,
+    backend: Backend, spec: StepSpec, inputs: StepInputs, axes: Sequence[tuple[str, ...]]
 ) -> StepResult:
-    """The step on local shards inside shard_map, norms summed over ``axes``.
+    """The step on local shards (inside shard_map, or one device's part of a mesh).
 
-    Args:
-      backend: A ``lars._dispatch.Backend``; one without ``update_with_ratios``
-        (the reference) runs the reference's update.
-      axes: Per leaf, the mesh axes that shard it (:func:`manual_axes`).
-      params, grads, momentum, lr, config, decay_mask, trust_mask, write_params:
-        As in :func:`sharded_step`.
+    Each leaf's sums are added over the mesh axes that shard it (``axes``,
+    from :func:`manual_axes` or the leaf's sharding), turned into whole-layer
+    trust ratios, and the backend updates its shards with them
+    (``spec.given_ratios``).
     """
+    params, grads, momentum, lr = inputs[:4]
     if not params:
         return StepResult([], [], [])
-    plan = _Plan(
-        backend=backend,
-        config=config,
-        decay_mask=tuple(bool(m) for m in decay_mask),
-        trust_mask=tuple(bool(m) for m in trust_mask),
-        write_params=write_params,
-    )
-    ratios, global_norm = _ratios(params, grads, axes, plan)
-    update = backend.update_with_ratios or reference_update_with_ratios
-    return update(
-        list(params),
-        list(grads),
-        list(momentum),
-        lr,
-        ratios,
-        global_norm,
-        config=config,
-        decay_mask=list(decay_mask),
-        trust_mask=list(trust_mask),
-        write_params=write_params,
-    )
+    ratios, global_norm = _ratios(params, grads, axes, spec)
+    spec = spec.with_shapes(params).replace(given_ratios=True, skip_nonfinite=False)
+    inputs = StepInputs(params, grads, momentum, lr, ratios=ratios, global_norm=global_norm)
+    return call(backend, spec, inputs)

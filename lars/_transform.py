@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from lars import _dispatch, _sharded
+from lars import _dispatch
 from lars._config import LarsConfig, check_learning_rate
-from lars._reference import compute_dtype
 from lars._trees import MaskOrFn, check_like_params, check_params, resolve_mask
+from lars.contract import Backend, StepInputs, StepSpec, compute_dtype
 
 
 class LarsState(NamedTuple):
@@ -32,48 +30,38 @@ class LarsSpec:
     """Everything a step needs besides arrays: hyperparameters, masks, backend."""
 
     config: LarsConfig
-    backend: _dispatch.Backend
+    backend: Backend
     weight_decay_mask: MaskOrFn = None
     trust_ratio_mask: MaskOrFn = None
     skip_nonfinite: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # the backend's, normalised
+    auto: bool = False  # backend="auto": the reference runs what the backend cannot
 
 
 def make_spec(
+    config: LarsConfig,
     *,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
     weight_decay_mask: MaskOrFn,
     trust_ratio_mask: MaskOrFn,
-    trust_clip: float | None,
-    grad_clip_norm: float | None,
-    grad_clip_value: float | None,
-    lr_inside_momentum: bool,
     skip_nonfinite: bool,
     backend: str,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> LarsSpec:
-    """Validates every hyperparameter and resolves the backend."""
+    """Checks the options besides the hyperparameters and resolves the backend."""
+    if backend_options is not None and not isinstance(backend_options, Mapping):
+        raise TypeError(f"backend_options must be a mapping, got {backend_options!r}")
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-    config = LarsConfig(
-        momentum=momentum,
-        weight_decay=weight_decay,
-        trust_coefficient=trust_coefficient,
-        eps=eps,
-        nesterov=nesterov,
-        trust_clip=trust_clip,
-        grad_clip_norm=grad_clip_norm,
-        grad_clip_value=grad_clip_value,
-        lr_inside_momentum=lr_inside_momentum,
-    )
+    resolved = _dispatch.resolve(backend, dict(backend_options or {}))
+    options = resolved.options(dict(backend_options or {}))
     return LarsSpec(
         config=config,
-        backend=_dispatch.resolve(backend, config),
+        backend=resolved,
         weight_decay_mask=weight_decay_mask,
         trust_ratio_mask=trust_ratio_mask,
         skip_nonfinite=skip_nonfinite,
+        options=tuple(sorted(options.items())),
+        auto=backend == "auto",
     )
 
 
@@ -89,48 +77,6 @@ def init_state(params: Any) -> LarsState:
         trust_ratio=jax.tree.map(lambda p: jnp.ones((), jnp.float32), params),
         skipped=jnp.zeros((), jnp.int32),
     )
-
-
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-    """A bool scalar: every entry of every leaf is finite."""
-    # max|x| is NaN or Inf when any entry is (max propagates NaN); unlike
-    # all(isfinite(x)), XLA fuses it into one reduction per leaf (no per-element
-    # temporary, so a step with donated params stays in place).
-    flags = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in leaves]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
-
-
-def _check_backend_dtypes(
-    backend: _dispatch.Backend, paths: list[str], params: list, grads: list
-) -> None:
-    """Refuses, by path, a (param, grad) dtype pair the backend does not compute."""
-    if backend.dtypes is None:
-        return
-    for path, p, g in zip(paths, params, grads, strict=True):
-        pair = (np.dtype(p.dtype), np.dtype(g.dtype))
-        if pair not in backend.dtypes:
-            raise TypeError(
-                f"backend {backend.name!r} does not compute {pair[0]} params with "
-                f"{pair[1]} gradients (the leaf at {path}); use backend='reference'"
-            )
-
-
-def _route(
-    backend: _dispatch.Backend, paths: list[str], params: list, grads: list, in_place: bool
-) -> tuple[Callable, bool]:
-    """The step function for these leaves, and whether it goes through lars._sharded."""
-    axes = _sharded.manual_axes(paths, params, grads)
-    if axes is not None:
-        # Inside shard_map: local shards, norms summed over the axes that
-        # shard each leaf.
-        return functools.partial(
-            _sharded.manual_step, backend, axes=axes, write_params=in_place
-        ), True
-    if backend.update_with_ratios is not None and _sharded.needed():
-        # Several devices: a fused kernel runs shard by shard, its norms added
-        # over the shards.
-        return functools.partial(_sharded.sharded_step, backend, write_params=in_place), True
-    return (backend.apply if in_place else backend.step), False
 
 
 def _lars_step(
@@ -154,26 +100,21 @@ def _lars_step(
     p_leaves, treedef = jax.tree.flatten(params)
     p_leaves = [jnp.asarray(p) for p in p_leaves]
     g_leaves = [jnp.asarray(g) for g in treedef.flatten_up_to(grads)]
-    _check_backend_dtypes(spec.backend, paths, p_leaves, g_leaves)
     v_leaves = treedef.flatten_up_to(state.momentum)
     r_leaves = treedef.flatten_up_to(state.trust_ratio)
-    in_place = emit_params and spec.backend.apply is not None
-    lr = jnp.asarray(lr, jnp.float32)
-    step, routed = _route(spec.backend, paths, p_leaves, g_leaves, in_place)
-    ok = _all_finite(g_leaves) if spec.skip_nonfinite else None
-    # A backend that skips the step itself when told the gradients are not all
-    # finite keeps params and momentum in place (no copies of the old ones).
-    skips_itself = ok is not None and not routed and spec.backend.skips_nonfinite()
-    result = step(
+    step_spec = StepSpec.build(
+        spec.config,
         p_leaves,
         g_leaves,
-        v_leaves,
-        lr,
-        config=spec.config,
         decay_mask=decay_mask,
         trust_mask=trust_mask,
-        **({"finite": ok} if skips_itself else {}),
+        write_params=emit_params,
+        options=spec.options,
     )
+    backend = _dispatch.check_step(spec.backend, step_spec, paths, auto=spec.auto)
+    ok = _dispatch.all_finite(g_leaves) if spec.skip_nonfinite else None
+    inputs = StepInputs(p_leaves, g_leaves, v_leaves, jnp.asarray(lr, jnp.float32), finite=ok)
+    result, in_place, skips_itself = _dispatch.run_step(backend, step_spec, paths, inputs)
     out, momentum, ratios = list(result.updates), list(result.momentum), list(result.trust_ratio)
     if emit_params and not in_place:
         out = [(p + u).astype(p.dtype) for p, u in zip(p_leaves, out, strict=True)]
@@ -200,36 +141,35 @@ def _lars_step(
     return treedef.unflatten(out), new_state
 
 
-def apply_lars(
-    grads: Any, state: LarsState, params: Any, lr: jax.Array, spec: LarsSpec
-) -> tuple[Any, LarsState]:
-    """One LARS step as optax updates.
+class LarsUpdate:
+    """The ``update`` function of :func:`lars.lars`, and its in-place twin.
 
-    Args:
-      grads: Gradients, shaped like ``params``.
-      state: The current ``LarsState``.
-      params: The current parameters.
-      lr: The learning rate of this step (a scalar).
-      spec: Hyperparameters, masks and backend.
-
-    Returns:
-      (updates, new_state): ``params + updates`` are the new parameters.
-
-    Raises:
-      ValueError, TypeError: on malformed input, naming the offending leaf.
+    Calling it is optax's ``update(grads, state, params)``;
+    :meth:`apply_gradients` is the same step returning new params.
     """
-    return _lars_step(grads, state, params, lr, spec, emit_params=False)
 
+    def __init__(self, learning_rate: float | Callable[[jax.Array], jax.Array], spec: LarsSpec):
+        self.learning_rate = learning_rate
+        self.spec = spec
 
-def apply_lars_to_params(
-    grads: Any, state: LarsState, params: Any, lr: jax.Array, spec: LarsSpec
-) -> tuple[Any, LarsState]:
-    """Like :func:`apply_lars`, but returns the new params themselves.
+    def _lr(self, state: LarsState) -> Any:
+        if not callable(self.learning_rate):
+            return self.learning_rate
+        if not isinstance(state, LarsState):
+            raise TypeError(f"state must be a LarsState, got {type(state).__name__}")
+        return self.learning_rate(state.count)
 
-    Backends with an in-place form write them over the (donated) params'
-    buffers; the result is ``optax.apply_updates(params, updates)`` bit for bit.
-    """
-    return _lars_step(grads, state, params, lr, spec, emit_params=True)
+    def __call__(self, grads: Any, state: LarsState, params: Any = None) -> tuple[Any, LarsState]:
+        """One LARS step as optax updates: ``params + updates`` are the new params.
+
+        Raises:
+          ValueError, TypeError: on malformed input, naming the offending leaf.
+        """
+        return _lars_step(grads, state, params, self._lr(state), self.spec, emit_params=False)
+
+    def apply_gradients(self, params: Any, state: LarsState, grads: Any) -> tuple[Any, LarsState]:
+        """The step returning (new params, new state); see ``LarsTransformation``."""
+        return _lars_step(grads, state, params, self._lr(state), self.spec, emit_params=True)
 
 
 class LarsTransformation(optax.GradientTransformation):
@@ -261,7 +201,7 @@ class LarsTransformation(optax.GradientTransformation):
           >>> print(params["w"])
           [0.9999 0.9999 0.9999]
         """
-        return self.update.apply_fn(grads, state, params)
+        return self.update.apply_gradients(params, state, grads)
 
 
 def lars(
@@ -280,7 +220,8 @@ def lars(
     lr_inside_momentum: bool = False,
     skip_nonfinite: bool = False,
     backend: str = "auto",
-) -> optax.GradientTransformation:
+    backend_options: Mapping[str, Any] | None = None,
+) -> LarsTransformation:
     r"""LARS: layer-wise adaptive rate scaling, as an optax transformation.
 
     By default this is exactly ``braintools.optim.Lars`` (0.4.0)::
@@ -319,6 +260,9 @@ def lars(
         If False (the default, as braintools and optax), NaN/Inf propagate into
         the params and momentum.
       backend: "auto" or a backend name (see :func:`lars.available_backends`).
+      backend_options: Options of the named backend (not with "auto"), e.g.
+        ``{"fused": False}`` for ``pallas`` or ``{"slots": 64}`` for
+        ``triton``; each backend's ``options`` lists and checks them.
 
     Returns:
       A :class:`LarsTransformation` (an ``optax.GradientTransformation``) whose
@@ -353,29 +297,23 @@ def lars(
                 "schedule (a callable of the step count). Use lars.Lars for scheduler objects."
             )
         check_learning_rate(learning_rate)
-    spec = make_spec(
+    config = LarsConfig(
         momentum=momentum,
         weight_decay=weight_decay,
         trust_coefficient=trust_coefficient,
         eps=eps,
         nesterov=nesterov,
-        weight_decay_mask=weight_decay_mask,
-        trust_ratio_mask=trust_ratio_mask,
         trust_clip=trust_clip,
         grad_clip_norm=grad_clip_norm,
         grad_clip_value=grad_clip_value,
         lr_inside_momentum=lr_inside_momentum,
+    )
+    spec = make_spec(
+        config,
+        weight_decay_mask=weight_decay_mask,
+        trust_ratio_mask=trust_ratio_mask,
         skip_nonfinite=skip_nonfinite,
         backend=backend,
+        backend_options=backend_options,
     )
-
-    def update_fn(grads: Any, state: LarsState, params: Any = None) -> tuple[Any, LarsState]:
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        return apply_lars(grads, state, params, lr, spec)
-
-    def apply_fn(grads: Any, state: LarsState, params: Any) -> tuple[Any, LarsState]:
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        return apply_lars_to_params(grads, state, params, lr, spec)
-
-    update_fn.apply_fn = apply_fn  # read by LarsTransformation.apply_gradients
-    return LarsTransformation(init_state, update_fn)
+    return LarsTransformation(init_state, LarsUpdate(learning_rate, spec))

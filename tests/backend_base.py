@@ -28,6 +28,7 @@ import oracle
 import pytest
 
 import lars
+from lars.contract import StepFlags
 
 # --------------------------------------------------------------------------
 # Learning rates: each comes with an independent float64 formula for the oracle.
@@ -131,6 +132,42 @@ CASES = [
     ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
+
+# Every option and mask form of CASES, in 6 cases: for backends whose kernels
+# run in an interpreter here, where each case compiles for seconds.
+INTERPRETED_CASES = [
+    "defaults",  # braintools defaults
+    "both_masks",  # weight decay, both masks as callables
+    "trust_clip_masked",  # trust_clip with an ndim-tree trust mask
+    "optax_form_nesterov",  # lr inside momentum, nesterov, eps 0, prefix mask, schedule
+    "grad_clip_norm",  # global-norm clipping with weight decay
+    "everything",  # every option at once
+]
+
+# The kernels' switches with every option on (not in place, not skipping).
+ALL_OPTIONS = StepFlags(
+    clip_norm=True,
+    clip_value=True,
+    has_decay=True,
+    nesterov=True,
+    lr_inside_momentum=True,
+    trust_clip=True,
+)
+
+
+def oracle_run(
+    case: Case, params: Any, grads: list, paths, shapes, round_params=None, **overrides
+) -> oracle.OracleState:
+    """The float64 oracle's trajectory for ``case`` (``overrides``: OracleConfig fields)."""
+    return oracle.run(
+        as_f64_leaves(params),
+        [as_f64_leaves(g) for g in grads],
+        dataclasses.replace(case.oracle_config(), **overrides),
+        decay_mask=expected_mask(case.decay_mask, paths, shapes),
+        trust_mask=expected_mask(case.trust_mask, paths, shapes),
+        round_params=round_params,
+    )
+
 
 # --------------------------------------------------------------------------
 # The pytree: odd shapes, empty leaves, zero leaves, nesting.
@@ -333,6 +370,7 @@ class BackendTests:
 
     Attributes:
       backend: The backend name passed as ``backend=``.
+      backend_options: The ``backend_options=`` passed with it.
       big: Size of the largest leaf (a subclass may shrink it).
       mid: Size of the mid-sized leaf.
       steps: Steps per trajectory (>= 10).
@@ -346,6 +384,7 @@ class BackendTests:
     """
 
     backend: ClassVar[str] = "reference"
+    backend_options: ClassVar[dict | None] = None
     big: ClassVar[int] = 65537
     mid: ClassVar[int] = 4097
     steps: ClassVar[int] = 10
@@ -385,6 +424,17 @@ class BackendTests:
             params, state = step(params, state, g)
         return params, state
 
+    def transform(self, case: Case, params: Any) -> lars.LarsTransformation:
+        """``lars.lars`` with ``case``'s settings on this backend."""
+        return lars.lars(
+            case.learning_rate(),
+            weight_decay_mask=lars_mask(case.decay_mask, params),
+            trust_ratio_mask=lars_mask(case.trust_mask, params),
+            backend=self.backend,
+            backend_options=self.backend_options,
+            **case.lars_kwargs(),
+        )
+
     def _transform_step(self, case: Case, params: Any, grads: Any, jit: bool):
         signature = (
             self.backend,
@@ -395,13 +445,7 @@ class BackendTests:
         )
         if signature in _STEP_CACHE:
             return _STEP_CACHE[signature]
-        opt = lars.lars(
-            case.learning_rate(),
-            weight_decay_mask=lars_mask(case.decay_mask, params),
-            trust_ratio_mask=lars_mask(case.trust_mask, params),
-            backend=self.backend,
-            **case.lars_kwargs(),
-        )
+        opt = self.transform(case, params)
 
         def step(p, s, g):
             updates, s = opt.update(g, s, p)
@@ -412,18 +456,10 @@ class BackendTests:
 
     def oracle_for(self, case: Case, params: Any, grads: list, paths, shapes, lr=None):
         """The oracle's trajectory for ``case`` on the same (rounded) inputs."""
-        cfg = case.oracle_config()
-        if lr is not None:
-            cfg = dataclasses.replace(cfg, learning_rate=lr)
+        overrides = {} if lr is None else {"learning_rate": lr}
         dtypes = [x.dtype for x in jax.tree.leaves(params)]
-        return oracle.run(
-            as_f64_leaves(params),
-            [as_f64_leaves(g) for g in grads],
-            cfg,
-            decay_mask=expected_mask(case.decay_mask, paths, shapes),
-            trust_mask=expected_mask(case.trust_mask, paths, shapes),
-            round_params=[oracle.rounder(d) for d in dtypes],
-        )
+        rounders = [oracle.rounder(d) for d in dtypes]
+        return oracle_run(case, params, grads, paths, shapes, round_params=rounders, **overrides)
 
     def check(self, case: Case, dtype_case: str, params0, grads, paths, shapes, got, lr=None):
         got_params, got_state = got
@@ -505,7 +541,7 @@ class BackendTests:
                 sum(np.sum(v) for v in state.momentum)
             )
 
-        opt = lars.lars(0.3, backend=self.backend, **kw)
+        opt = lars.lars(0.3, backend=self.backend, backend_options=self.backend_options, **kw)
 
         def meta(scale):
             p = [jnp.asarray(x, jnp.float32) for x in params]
@@ -530,13 +566,7 @@ class BackendTests:
         """The new-params step equals update + optax.apply_updates, bit for bit (jitted)."""
         case = CASES_BY_NAME["everything"]
         params, grads, _, _ = self.problem()
-        opt = lars.lars(
-            case.learning_rate(),
-            weight_decay_mask=lars_mask(case.decay_mask, params),
-            trust_ratio_mask=lars_mask(case.trust_mask, params),
-            backend=self.backend,
-            **case.lars_kwargs(),
-        )
+        opt = self.transform(case, params)
 
         def two_part(p, s, g):
             updates, s = opt.update(g, s, p)
@@ -616,6 +646,7 @@ class BackendTests:
             weight_decay_mask=lars_mask(case.decay_mask, params),
             trust_ratio_mask=lars_mask(case.trust_mask, params),
             backend=self.backend,
+            backend_options=self.backend_options,
             **kwargs,
         )
         opt.register_trainable_weights(params)

@@ -7,15 +7,38 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+from backend_base import ALL_OPTIONS
 
+from lars.contract import NUM_SCALARS, LeafSpec, Scalar
 from lars.kernels.pallas import elementwise as ew
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 
-ALL_ON = ew.StepFlags(clip_norm=True, clip_value=True, nesterov=True, lr_inside_momentum=True)
-FLAG_SETS = {"plain": ew.StepFlags(), "all": ALL_ON}
-# lr, momentum, weight decay, clip divisor (||g||), clip factor (max norm), clip value.
-SCALARS = np.array([0.3, 0.9, 0.05, 4.0, 1.5, 0.4, 0.0, 0.0], np.float32)
+ALL_ON = ALL_OPTIONS
+FLAG_SETS = {"plain": ew.Flags(), "all": ALL_ON}
+
+
+def _scalars(**values) -> np.ndarray:
+    out = np.zeros(NUM_SCALARS, np.float32)
+    for name, value in values.items():
+        out[Scalar[name]] = value
+    return out
+
+
+# The kernels' run-time scalars (contract.Scalar). FINITE is 0: a kernel that
+# read it without flags.skip_nonfinite would skip every step.
+SCALARS = _scalars(
+    LR=0.3,
+    MOMENTUM=0.9,
+    WEIGHT_DECAY=0.05,
+    CLIP_DIVISOR=4.0,  # ||g||
+    CLIP_FACTOR=1.5,  # the max norm
+    CLIP_VALUE=0.4,
+    TRUST_COEFFICIENT=0.02,
+    EPS=1e-8,
+    TRUST_CLIP=0.05,
+    FINITE=0.0,
+)
 
 # Small blocks, so that the test leaves span several full blocks plus remainders.
 TPU_BLOCKS = {"block_rows": 32, "block_lanes": 256}
@@ -41,13 +64,22 @@ def make_leaves(shapes, dtypes, seed=0) -> Leaves:
     rng = np.random.default_rng(seed)
     specs, params, grads, momentum = [], [], [], []
     for i, (shape, (p_dtype, g_dtype)) in enumerate(zip(shapes, dtypes, strict=True)):
-        size = int(np.prod(shape, dtype=np.int64))
-        specs.append(ew.LeafSpec(size, p_dtype, g_dtype, F32, decay=i % 2 == 0, trust=True))
+        specs.append(LeafSpec(tuple(shape), p_dtype, g_dtype, F32, decay=i % 2 == 0, trust=True))
         params.append(jnp.asarray(rng.standard_normal(shape), p_dtype))
         grads.append(jnp.asarray(0.5 * rng.standard_normal(shape), g_dtype))
         momentum.append(jnp.asarray(0.1 * rng.standard_normal(shape), F32))
     ratios = rng.uniform(0.05, 1.0, len(shapes)).astype(np.float32)
     return Leaves(specs, list(shapes), params, grads, momentum, ratios)
+
+
+def options(**values) -> tuple:
+    """``StepSpec.options`` (sorted (name, value) pairs) from keyword arguments."""
+    return tuple(sorted(values.items()))
+
+
+def leaf_spec(size: int, dtype=F32) -> LeafSpec:
+    """A 1-D leaf of ``size`` elements, decayed and trust-ratio scaled."""
+    return LeafSpec((size,), dtype, dtype, F32, decay=True, trust=True)
 
 
 def f64(x) -> np.ndarray:
@@ -57,11 +89,11 @@ def f64(x) -> np.ndarray:
 def oracle_grad(g, w, scalars, flags, decay) -> np.ndarray:
     s = scalars.astype(np.float64)
     if flags.clip_norm:
-        g = g / s[ew.CLIP_DIVISOR] * s[ew.CLIP_FACTOR]
+        g = g / s[Scalar.CLIP_DIVISOR] * s[Scalar.CLIP_FACTOR]
     if flags.clip_value:
-        g = np.clip(g, -s[ew.CLIP_VALUE], s[ew.CLIP_VALUE])
+        g = np.clip(g, -s[Scalar.CLIP_VALUE], s[Scalar.CLIP_VALUE])
     if decay:
-        g = g + s[ew.WEIGHT_DECAY] * w
+        g = g + s[Scalar.WEIGHT_DECAY] * w
     return g
 
 
@@ -79,7 +111,7 @@ def oracle_sums(leaves: Leaves, flags, with_params=True) -> np.ndarray:
 
 def oracle_update(leaves: Leaves, flags):
     s = SCALARS.astype(np.float64)
-    lr, mu = s[ew.LR], s[ew.MOMENTUM]
+    lr, mu = s[Scalar.LR], s[Scalar.MOMENTUM]
     out = []
     for i, spec in enumerate(leaves.specs):
         w, g, v = f64(leaves.params[i]), f64(leaves.grads[i]), f64(leaves.momentum[i])

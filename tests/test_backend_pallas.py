@@ -8,26 +8,22 @@ every mask form, and the remaining tests of the suite (eager, determinism,
 zero and empty leaves, containers, ``lars.Lars`` and schedules) all run.
 The kernels' own tests, option by option, are in test_pallas.py and
 test_pallas_fused.py. On a CPU the step runs the Mosaic TPU kernels, the fused
-one-pass kernel for every leaf here (they all fit its VMEM ring).
+one-pass kernel for every leaf here (they all fit its VMEM ring), and every
+test here is marked slow.
 """
 
 import backend_base
+import jax
 import pytest
-from backend_base import CASES_BY_NAME, BackendTests
+from backend_base import CASES_BY_NAME, INTERPRETED_CASES, BackendTests
 
-from lars.kernels.pallas import backend
+from lars.kernels import pallas
 
-INTERPRET = backend.default_kernel()[1]
+INTERPRET = pallas.default_kernel(jax.default_backend())[1]
+pytestmark = [pytest.mark.slow] if INTERPRET else []
 
 # Every option and mask form of CASES, in 6 cases (all 18 off the CPU).
-CPU_CASES = [
-    "defaults",  # braintools defaults
-    "both_masks",  # weight decay, both masks as callables
-    "trust_clip_masked",  # trust_clip with an ndim-tree trust mask
-    "optax_form_nesterov",  # lr inside momentum, nesterov, eps 0, prefix mask, schedule
-    "grad_clip_norm",  # global-norm clipping with weight decay
-    "everything",  # every option at once
-]
+CPU_CASES = INTERPRETED_CASES
 CASES = backend_base.CASES if not INTERPRET else [CASES_BY_NAME[n] for n in CPU_CASES]
 LOW_PRECISION = ["defaults", "both_masks", "everything"] if not INTERPRET else ["everything"]
 

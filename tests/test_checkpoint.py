@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from backends import BACKENDS
 
 import lars
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
-BACKENDS = lars.available_backends()
 K, M = 3, 3  # steps before and after the restart
 
 

@@ -187,28 +187,22 @@ def test_command_line_runs_end_to_end(tmp_path):
     assert len(list((tmp_path / "ckpt").rglob("*.npz"))) == 2
 
 
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_command_line_help_and_bad_input():
-    done = subprocess.run(
-        [sys.executable, "-m", "examples.digits", "--help"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_module("examples.digits", "--help")
     assert done.returncode == 0 and "--quick" in done.stdout and "--resume" in done.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "examples.digits", "--batch-sizes", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    bad = run_module("examples.digits", "--batch-sizes", "0")
     assert bad.returncode == 2 and "batch size must be >= 1" in bad.stderr
 
 
 def test_resnet50_step_help_and_bad_input():
     # The benchmark itself needs minutes on a CPU even at a tiny size; its options are checked.
-    done = subprocess.run(
-        [sys.executable, "-m", "examples.resnet50_step", "--help"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_module("examples.resnet50_step", "--help")
     assert done.returncode == 0 and "--image-size" in done.stdout and "--batch" in done.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "examples.resnet50_step", "--image-size", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    bad = run_module("examples.resnet50_step", "--image-size", "16")
     assert bad.returncode == 2 and "--image-size must be >= 32" in bad.stderr

@@ -71,6 +71,14 @@ def test_jitted_update_compiles_once(learning_rate):
     assert int(state.count) == 4
 
 
+def first_step_jitted(opt):
+    """(params, state after one step of the jitted update, that update)."""
+    params = params_tree()
+    update = jax.jit(opt.update)
+    _, state = update(grads_tree(0), opt.init(params), params)
+    return params, state, update
+
+
 def test_inject_hyperparams_changes_lr_without_recompiling():
     # Masks are passed through static_args: inject_hyperparams would otherwise
     # take a callable mask for a schedule of the step count.
@@ -78,10 +86,7 @@ def test_inject_hyperparams_changes_lr_without_recompiling():
     opt = factory(
         learning_rate=0.1, weight_decay=1e-2, weight_decay_mask=lars.exclude_bias_and_norm
     )
-    params = params_tree()
-    state = opt.init(params)
-    update = jax.jit(opt.update)
-    _, state = update(grads_tree(0), state, params)
+    params, state, update = first_step_jitted(opt)
     state.hyperparams["learning_rate"] = jnp.asarray(0.05, jnp.float32)
     second, state = update(grads_tree(1), state, params)
     assert update._cache_size() == 1
@@ -101,10 +106,7 @@ def test_inject_hyperparams_changes_lr_without_recompiling():
 def test_inject_hyperparams_other_values_are_traced_and_applied():
     """momentum injected as a traced value is applied (it is not validated then)."""
     opt = optax.inject_hyperparams(lars.lars)(learning_rate=0.1, momentum=0.9)
-    params = params_tree()
-    state = opt.init(params)
-    update = jax.jit(opt.update)
-    _, state = update(grads_tree(0), state, params)
+    params, state, update = first_step_jitted(opt)
     state.hyperparams["momentum"] = jnp.asarray(0.0, jnp.float32)
     got, state = update(grads_tree(1), state, params)
     assert update._cache_size() == 1

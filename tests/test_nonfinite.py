@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from backends import BACKENDS
 
 import lars
 
 # Interpret-mode Pallas compiles slowly on a CPU; it gets its own small case.
-BACKENDS = lars.available_backends()
 
 
 def _params() -> dict:

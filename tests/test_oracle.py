@@ -9,8 +9,6 @@ the tolerance, so a backend that ignored an option would fail.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +24,7 @@ from backend_base import (
     as_f64_leaves,
     expected_mask,
     make_problem,
+    oracle_run,
 )
 
 
@@ -73,14 +72,7 @@ def test_hand_computed_options():
 def _run_case(case: Case, steps: int = 10, **overrides) -> oracle.OracleState:
     params, grads, paths = make_problem(257, 65, steps, seed=1)
     shapes = [np.shape(x) for x in jax.tree.leaves(params)]
-    cfg = dataclasses.replace(case.oracle_config(), **overrides)
-    return oracle.run(
-        as_f64_leaves(params),
-        [as_f64_leaves(g) for g in grads],
-        cfg,
-        decay_mask=expected_mask(case.decay_mask, paths, shapes),
-        trust_mask=expected_mask(case.trust_mask, paths, shapes),
-    )
+    return oracle_run(case, params, grads, paths, shapes, **overrides)
 
 
 def _relative_difference(a: oracle.OracleState, b: oracle.OracleState) -> float:

@@ -7,7 +7,7 @@ numbers in one mode or the other. The schedule is replayed in plain Python.
 Results are compared with the kernel's reference, with the two-pass kernels,
 and with float64 NumPy. Small blocks and small rings make the test leaves span
 several blocks, wrap around the ring many times, and split between the fused
-kernel and the two-pass kernels.
+kernel and the two-pass kernels. The interpret-mode tests are marked slow.
 """
 
 from __future__ import annotations
@@ -33,21 +33,30 @@ from pallas_cases import (
     aliased_operands,
     assert_close,
     bits,
+    leaf_spec,
     make_leaves,
     mosaic_ops,
     mosaic_tpu_kernels,
+    options,
     oracle_sums,
     oracle_update,
 )
 
-from lars._config import LarsConfig
-from lars._reference import reference_step
-from lars.kernels.pallas import backend, mosaic_tpu
+import lars
+from lars import _reference
+from lars.contract import LarsConfig, Scalar, StepInputs, StepSpec
+from lars.kernels import pallas
 from lars.kernels.pallas import elementwise as ew
+from lars.kernels.pallas import fused_plan, mosaic_tpu
 from lars.kernels.pallas import mosaic_tpu_fused as fused
 
-TRUST_COEFFICIENT, EPS, TRUST_CLIP = 0.02, 1e-8, 0.05
-TRUST = fused.trust_scalars(TRUST_COEFFICIENT, EPS, TRUST_CLIP)
+# The trust scalars the fused kernel reads from the scalars vector.
+TRUST_COEFFICIENT, EPS, TRUST_CLIP = (
+    float(SCALARS[Scalar.TRUST_COEFFICIENT]),
+    float(SCALARS[Scalar.EPS]),
+    float(SCALARS[Scalar.TRUST_CLIP]),
+)
+slow = pytest.mark.slow
 
 # With TPU_BLOCKS: 1 block; 1; 1; 17 (1, 256) blocks; 2 (32, 128) blocks and a
 # remainder; a conv kernel of 2 blocks; 1; 5 (32, 128) blocks.
@@ -77,7 +86,7 @@ def oracle_ratios(leaves, flags, trust_clip: bool) -> np.ndarray:
 
 def split(leaves, ring: int):
     """(the leaves the fused kernel takes, their indices) for a ring of ``ring`` slots."""
-    fits, got_ring = fused.fusable(leaves.specs, ring_blocks=ring, **TPU_BLOCKS)
+    fits, got_ring = fused_plan.fusable(leaves.specs, ring_blocks=ring, **TPU_BLOCKS)
     assert got_ring == ring
     idx = [i for i, fit in enumerate(fits) if fit]
     pick = lambda xs: [xs[i] for i in idx]
@@ -93,31 +102,29 @@ def split(leaves, ring: int):
     return part, idx
 
 
-def run_fused(leaves, flags, ring, *, trust_clip=True, interpret=True, scalars=SCALARS, **jit):
-    def fn(w, g, v, s, t):
+def run_fused(leaves, flags, ring, *, interpret=True, scalars=SCALARS, **jit):
+    def fn(w, g, v, s):
         return fused.fused_update(
             w,
             g,
             v,
             s,
-            t,
             flags=flags,
             leaves=leaves.specs,
-            trust_clip=trust_clip,
             ring_blocks=ring,
             interpret=interpret,
             **TPU_BLOCKS,
         )
 
     args = jax.tree.map(jnp.copy, (leaves.params, leaves.grads, leaves.momentum))
-    return jax.jit(fn, **jit)(*args, jnp.asarray(scalars), TRUST)
+    return jax.jit(fn, **jit)(*args, jnp.asarray(scalars))
 
 
 # --------------------------------------------------------------------------
 # The schedule.
 
 
-def replay(fplan: fused.FusedPlan) -> None:
+def replay(fplan: fused_plan.FusedPlan) -> None:
     """Replays the fused schedule: every block is loaded once, before the kernel
     waits for it, into a slot whose last block the kernel has used; when the
     ring holds two layers, the next layer's loads have all started before a
@@ -151,40 +158,41 @@ def test_fused_schedule_replays_safely():
     rng = np.random.default_rng(0)
     for _ in range(300):
         sizes = [int(n) for n in rng.integers(1, 40 * 128, rng.integers(1, 12))]
-        blocks = [fused.leaf_blocks(n, **TPU_BLOCKS) for n in sizes]
+        blocks = [fused_plan.leaf_blocks(n, **TPU_BLOCKS) for n in sizes]
         ring = max(blocks) + int(rng.integers(0, 3 * max(blocks) + 2))
-        fplan = fused.plan_fused(sizes, max(ring, 2), **TPU_BLOCKS)
+        fplan = fused_plan.plan_fused(sizes, max(ring, 2), **TPU_BLOCKS)
         for j, entries in enumerate(fplan.entries):
             assert all(e.branch.leaf == j for e in entries)
         replay(fplan)
-    plan = fused.plan_fused([4 * 32 * 128, 300, 128, 1], 5, **TPU_BLOCKS)  # 4, 2, 1, 1 blocks
+    plan = fused_plan.plan_fused([4 * 32 * 128, 300, 128, 1], 5, **TPU_BLOCKS)  # 4, 2, 1, 1
     assert plan.initial == (0, 5) and plan.refills == ((5, 8), (8, 8), (8, 8), (8, 8))
 
 
 def test_fused_schedule_rejects_what_does_not_fit():
     with pytest.raises(ValueError, match="leaf 1 has 3 blocks, more than the ring's 2 slots"):
-        fused.plan_fused([100, 3 * 32 * 128], 2, **TPU_BLOCKS)
+        fused_plan.plan_fused([100, 3 * 32 * 128], 2, **TPU_BLOCKS)
     with pytest.raises(ValueError, match="at least 2 slots"):
-        fused.plan_fused([100], 1, **TPU_BLOCKS)
+        fused_plan.plan_fused([100], 1, **TPU_BLOCKS)
 
 
 def test_fusable_and_the_default_ring():
     # (n / 128, 128) views of 3, 160 and 7813 rows: 1, 5 and 245 blocks of 32 rows.
-    specs = [ew.LeafSpec(128 * n, F32, F32, F32, True, True) for n in (3, 5 * 32, 7813)]
-    fits, ring = fused.fusable(specs, ring_blocks=4, **TPU_BLOCKS)
+    specs = [leaf_spec(128 * n) for n in (3, 5 * 32, 7813)]
+    fits, ring = fused_plan.fusable(specs, ring_blocks=4, **TPU_BLOCKS)
     assert (fits, ring) == ([True, False, False], 4)
     # Default blocks, no TPU attached: a TPU v5e, 128 MiB of VMEM, half for the
     # ring: 64 MiB over a float32 (512, 128) block of w and one of g (256 KiB each).
-    fits, ring = fused.fusable(specs)
+    fits, ring = fused_plan.fusable(specs)
     assert ring == 128 and fits == [True, True, True]
-    big = ew.LeafSpec(129 * 512 * 128, F32, F32, F32, True, True)  # 129 blocks
-    assert fused.fusable([big])[0] == [False]
+    big = leaf_spec(129 * 512 * 128)  # 129 blocks
+    assert fused_plan.fusable([big])[0] == [False]
 
 
 # --------------------------------------------------------------------------
 # The kernel (interpret mode).
 
 
+@slow
 @pytest.mark.parametrize("ring", [2, 5, 64])
 @pytest.mark.parametrize("flags_name", ["plain", "all"])
 def test_fused_kernel_matches_two_pass_kernels_and_float64(flags_name, ring):
@@ -194,8 +202,9 @@ def test_fused_kernel_matches_two_pass_kernels_and_float64(flags_name, ring):
     leaves, idx = split(leaves, ring)
     assert 0 < len(idx) and (ring == 64) == (len(idx) == len(SHAPES))
     scalars = jnp.asarray(SCALARS)
-    trust_clip = flags_name == "all"
-    first, momentum, ratios = run_fused(leaves, flags, ring, trust_clip=trust_clip)
+    trust_clip = flags.trust_clip
+    assert trust_clip == (flags_name == "all")
+    first, momentum, ratios = run_fused(leaves, flags, ring)
 
     # The ratios: float64, and the two-pass kernels' (the same sums, in the same
     # order, and the same ratio operations, in XLA; equal to the rounding of the
@@ -204,8 +213,10 @@ def test_fused_kernel_matches_two_pass_kernels_and_float64(flags_name, ring):
     assert_close(ratios, want, 1e-5, "ratios vs float64")
     kw = dict(flags=flags, leaves=leaves.specs, **TPU_BLOCKS)
     sums = mosaic_tpu.leaf_sums(leaves.params, leaves.grads, scalars, interpret=True, **kw)
-    clip = TRUST[fused.TRUST_CLIP] if trust_clip else None
-    two_pass = ew.trust_ratio(sums[:, 0], sums[:, 1], TRUST[0], TRUST[1], clip)
+    clip = scalars[Scalar.TRUST_CLIP] if trust_clip else None
+    two_pass = ew.trust_ratio(
+        sums[:, 0], sums[:, 1], scalars[Scalar.TRUST_COEFFICIENT], scalars[Scalar.EPS], clip
+    )
     two_pass = jnp.where(np.asarray([s.trust for s in leaves.specs]), two_pass, 1.0)
     assert_close(ratios, two_pass, 1e-6, "ratios vs two-pass")
 
@@ -214,9 +225,7 @@ def test_fused_kernel_matches_two_pass_kernels_and_float64(flags_name, ring):
     upd, mom = mosaic_tpu.update(
         leaves.params, leaves.grads, leaves.momentum, ratios, scalars, interpret=True, **kw
     )
-    ref = fused.fused_update_reference(
-        leaves.params, leaves.grads, leaves.momentum, scalars, TRUST, trust_clip=trust_clip, **kw
-    )
+    ref = fused.fused_update_reference(leaves.params, leaves.grads, leaves.momentum, scalars, **kw)
     for j, (spec, (want_upd, want_mom)) in enumerate(
         zip(leaves.specs, oracle_update(leaves, flags), strict=True)
     ):
@@ -232,6 +241,7 @@ def test_fused_kernel_matches_two_pass_kernels_and_float64(flags_name, ring):
     assert_close(ratios, ref[2], 1e-6, "ratios vs reference")
 
 
+@slow
 @pytest.mark.parametrize("mode", ["eager", "on_wait"])
 def test_fused_kernel_in_the_tpu_simulator(mode):
     """The TPU simulator runs each DMA when it starts ("eager") or when it is
@@ -240,7 +250,7 @@ def test_fused_kernel_in_the_tpu_simulator(mode):
     shapes = [(5,), (300,), (70, 128), (3, 3, 16, 32), (100, 128)]
     leaves = make_leaves(shapes, DTYPES[:5], seed=3)
     leaves.specs[3] = dataclasses.replace(leaves.specs[3], trust=False)  # no norms: r = 1
-    assert [fused.leaf_blocks(s.size, **TPU_BLOCKS) for s in leaves.specs] == [1, 2, 3, 2, 4]
+    assert [fused_plan.leaf_blocks(s.size, **TPU_BLOCKS) for s in leaves.specs] == [1, 2, 3, 2, 4]
     params = pltpu.InterpretParams(dma_execution_mode=mode)
     got = run_fused(leaves, ALL_ON, 4, interpret=params)
     want = run_fused(leaves, ALL_ON, 4)  # the XLA interpreter
@@ -248,6 +258,7 @@ def test_fused_kernel_in_the_tpu_simulator(mode):
         assert_close(a, b, 2e-6, f"output {j}")
 
 
+@slow
 @pytest.mark.parametrize("write_params", [False, True])
 def test_fused_kernel_skips_a_nonfinite_step(write_params):
     """FINITE = 0: params and momenta bitwise as they were, updates -0.0, ratios 1."""
@@ -256,7 +267,7 @@ def test_fused_kernel_skips_a_nonfinite_step(write_params):
     leaves.grads[1] = jnp.full_like(leaves.grads[1], jnp.inf)
     flags = dataclasses.replace(ALL_ON, write_params=write_params, skip_nonfinite=True)
     scalars = SCALARS.copy()
-    scalars[ew.FINITE] = 0.0
+    scalars[Scalar.FINITE] = 0.0
     first, momentum, ratios = run_fused(leaves, flags, 64, scalars=scalars)
     np.testing.assert_array_equal(np.asarray(ratios), np.ones(6, np.float32))
     for j, spec in enumerate(leaves.specs):
@@ -265,6 +276,7 @@ def test_fused_kernel_skips_a_nonfinite_step(write_params):
         np.testing.assert_array_equal(bits(momentum[j]), bits(leaves.momentum[j]))
 
 
+@slow
 def test_fused_kernel_writes_params_as_optax_apply_updates():
     """write_params: the new params are ``optax.apply_updates(params, updates)``
     (to the rounding of the interpreted arithmetic: the two programs are
@@ -297,19 +309,18 @@ def test_fused_kernel_lowers_for_tpu_in_place(write_params):
         [(64, 128), (300,), (3, 3, 16, 32)], [(F32, F32), (BF16, BF16), (F32, BF16)]
     )
     flags = dataclasses.replace(ALL_ON, clip_value=False, write_params=write_params)
-    fits, ring = fused.fusable(leaves.specs)
+    assert flags.trust_clip
+    fits, ring = fused_plan.fusable(leaves.specs)
 
-    def fn(w, g, v, s, t):
-        return fused.fused_update(
-            w, g, v, s, t, flags=flags, leaves=leaves.specs, trust_clip=True, ring_blocks=ring
-        )
+    def fn(w, g, v, s):
+        return fused.fused_update(w, g, v, s, flags=flags, leaves=leaves.specs, ring_blocks=ring)
 
-    args = (leaves.params, leaves.grads, leaves.momentum, jnp.asarray(SCALARS), TRUST)
+    args = (leaves.params, leaves.grads, leaves.momentum, jnp.asarray(SCALARS))
     lowered = jax.jit(fn, donate_argnums=(0, 2)).trace(*args).lower(lowering_platforms=("tpu",))
     text = lowered.as_text()
-    n = 3
-    momenta = set(range(2 + 2 * n, 2 + 3 * n))
-    params = set(range(2, 2 + n)) if write_params else set()
+    n = 3  # operands: the scalars, then n params, n gradients, n momenta
+    momenta = set(range(1 + 2 * n, 1 + 3 * n))
+    params = set(range(1, 1 + n)) if write_params else set()
     assert aliased_operands(text) == [momenta | params]
     (kernel,) = mosaic_tpu_kernels(text)
     ops = mosaic_ops(kernel)
@@ -332,6 +343,7 @@ def test_fused_kernel_lowers_for_tpu_in_place(write_params):
 # Through the backend.
 
 
+@slow
 def test_backend_splits_leaves_between_fused_and_two_pass():
     """With a ring of 2 slots, the (80, 128) and (4097,) leaves take the two
     passes and the rest the fused kernel; the step matches the reference with
@@ -346,35 +358,36 @@ def test_backend_splits_leaves_between_fused_and_two_pass():
     momentum = [jnp.asarray(0.01 * rng.standard_normal(s), F32) for s in shapes]
     config = LarsConfig(weight_decay=0.01, trust_clip=0.5, nesterov=True, grad_clip_norm=2.0)
     masks = dict(decay_mask=[True] * 7, trust_mask=[True, True, True, True, False, True, True])
-    want = reference_step(params, grads, momentum, jnp.float32(0.3), config=config, **masks)
-    specs = backend._leaf_specs(
-        params, grads, momentum, masks["decay_mask"], masks["trust_mask"], True
-    )
-    fits, _ = fused.fusable([s for s in specs if s.size], ring_blocks=2, **TPU_BLOCKS)
+    spec = StepSpec.build(config, params, grads, **masks)
+    lr = jnp.float32(0.3)
+    want = _reference.run(spec, StepInputs(params, grads, momentum, lr))
+    fits, _ = fused_plan.fusable([s for s in spec.leaves if s.size], ring_blocks=2, **TPU_BLOCKS)
     assert fits == [True, True, True, False, True, False]
-    for options in ({"ring_blocks": 2}, {"fused": False}, {}):
-        got = backend.pallas_step(
-            params,
-            grads,
-            momentum,
-            jnp.float32(0.3),
-            config=config,
-            **masks,
-            kernel_options={**TPU_BLOCKS, **options},
+    for extra in ({"ring_blocks": 2}, {"fused": False}, {}):
+        got = pallas.BACKEND.run(
+            spec.replace(options=options(**TPU_BLOCKS, **extra)),
+            StepInputs(params, grads, momentum, lr),
         )
         for name, a, b in zip(["updates", "momentum", "trust_ratio"], got, want, strict=True):
             for j, (x, y) in enumerate(zip(a, b, strict=True)):
                 assert x.shape == y.shape and x.dtype == y.dtype, (name, j)
-                assert_close(x, y, 1e-5, f"{options} {name} of leaf {j}")
+                assert_close(x, y, 1e-5, f"{extra} {name} of leaf {j}")
 
 
 def test_backend_rejects_fused_options_it_cannot_honour():
-    w = [jnp.ones((130,), F32)]
-    kw = dict(config=LarsConfig(), decay_mask=[True], trust_mask=[True])
-    with pytest.raises(ValueError, match="mosaic_gpu kernel has no fused one-pass kernel"):
-        backend.pallas_step(w, w, w, 0.1, kernel="mosaic_gpu", kernel_options={"fused": True}, **kw)
-    with pytest.raises(ValueError, match="ring_blocks must be an int >= 2, got 1"):
-        backend.pallas_step(w, w, w, 0.1, kernel_options={"ring_blocks": 1}, **kw)
+    """When the optimizer is made (``Backend.options``), and by ``run``."""
+    for bad, match in [
+        ({"kernel": "mosaic_gpu", "fused": True}, "mosaic_gpu kernel has no fused one-pass kernel"),
+        ({"ring_blocks": 1}, "ring_blocks must be an int >= 2, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lars.lars(0.1, backend="pallas", backend_options=bad)
+        w = [jnp.ones((130,), F32)]
+        spec = StepSpec.build(
+            LarsConfig(), w, w, decay_mask=[True], trust_mask=[True], options=options(**bad)
+        )
+        with pytest.raises(ValueError, match=match):
+            pallas.BACKEND.run(spec, StepInputs(w, w, w, jnp.float32(0.1)))
 
 
 def test_resnet50_is_one_fused_launch_on_a_v5e():
@@ -385,13 +398,13 @@ def test_resnet50_is_one_fused_launch_on_a_v5e():
     from bench.workloads import resnet50_shapes
 
     sizes = [int(np.prod(s)) for s in resnet50_shapes()]
-    specs = [ew.LeafSpec(n, F32, F32, F32, True, True) for n in sizes]
-    fits, ring = fused.fusable(specs)
+    specs = [leaf_spec(n) for n in sizes]
+    fits, ring = fused_plan.fusable(specs)
     assert len(fits) == 161 and all(fits)
     # float32 (512, 128) row blocks and (1, 8192) lane blocks (the 64-element
     # norms), 256 KiB each, for w and g: 1 MiB per slot, 64 MiB of ring.
     assert ring == 64
-    fplan = fused.plan_fused(sizes, ring)
+    fplan = fused_plan.plan_fused(sizes, ring)
     blocks = [sum(e.count for e in entries) for entries in fplan.entries]
     assert max(blocks) == 36 and max(map(sum, itertools.pairwise(blocks))) <= ring
     replay(fplan)

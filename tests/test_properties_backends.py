@@ -17,8 +17,9 @@ leaves) and magnitudes mixed within and across leaves. For each backend:
    momentum shape in the state) raises ValueError/TypeError naming the leaf's
    pytree path, and leaves params and state (and ``lars.Lars``) untouched.
 
-The backends are listed explicitly: a backend that cannot run here fails
-(CI builds the native library), it is not skipped. The Pallas kernels run in
+The backends are ``tests/backends.py``'s list, and each one's dtype pairs its
+``Backend.dtypes``: a backend that cannot run here fails (CI builds the native
+library), it is not skipped. The Pallas kernels run in
 interpret mode on a CPU, where each new tree compiles for seconds, so the
 "pallas" examples are few and their leaves smaller.
 """
@@ -35,13 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import strategies
 from backend_base import TOLERANCES, Tol
+from backends import KERNEL_BACKENDS, require
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lars
+from lars import _dispatch
 
-BACKENDS = ["native", "pallas"]
+BACKENDS = KERNEL_BACKENDS
+pytestmark = pytest.mark.slow  # hypothesis compiles a program per example
 STEPS = 3
 
 F32, BF16, F16, F64 = (np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64))
@@ -63,8 +68,8 @@ ALL_COMBOS = [
     (F64, F16),
 ]
 COMBOS = {
-    "native": ALL_COMBOS,
-    "pallas": [c for c in ALL_COMBOS if c[0] != F64],
+    b: [c for c in ALL_COMBOS if _dispatch.get(b).dtypes is None or c in _dispatch.get(b).dtypes]
+    for b in BACKENDS
 }
 
 # Per backend: examples of the comparison, of the determinism test, of the
@@ -73,6 +78,7 @@ COMBOS = {
 EXAMPLES = {
     "native": {"compare": 30, "determinism": 12, "bad_input": 30, "max_size": 3000},
     "pallas": {"compare": 10, "determinism": 4, "bad_input": 15, "max_size": 1200},
+    "triton": {"compare": 10, "determinism": 4, "bad_input": 15, "max_size": 1200},
 }
 
 # Tolerances, keyed by the param dtype. float32 and bfloat16 params: the table
@@ -97,11 +103,6 @@ TOLS = {
 # after three steps with lr up to 2 and momentum up to 0.99.
 MAGNITUDES = {F16: ((-2.0, 1.0), (-3.0, 1.0))}
 DEFAULT_MAGNITUDES = ((-3.0, 2.0), (-5.0, 2.0))
-
-
-def require(backend: str) -> None:
-    if backend not in lars.available_backends():
-        pytest.fail(f"backend {backend!r} is not available here: {lars.available_backends()}")
 
 
 def example_settings(backend: str, kind: str) -> settings:
@@ -211,21 +212,7 @@ def trees(leaf: st.SearchStrategy) -> st.SearchStrategy:
     return tree.filter(lambda t: 1 <= len(jax.tree.leaves(t)) <= 6)
 
 
-optional = lambda s: st.one_of(st.none(), s)
-hyperparameters = st.fixed_dictionaries(
-    {
-        "momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
-        # Not subnormal-small: see test_properties.py.
-        "weight_decay": st.one_of(st.just(0.0), st.floats(1e-6, 0.1)),
-        "trust_coefficient": st.floats(1e-4, 1.0),
-        "eps": st.sampled_from([0.0, 1e-8, 1e-3, 0.5]),
-        "nesterov": st.booleans(),
-        "trust_clip": optional(st.floats(0.01, 10.0)),
-        "grad_clip_norm": optional(st.floats(0.01, 10.0)),
-        "grad_clip_value": optional(st.floats(0.01, 10.0)),
-        "lr_inside_momentum": st.booleans(),
-    }
-)
+hyperparameters = strategies.hyperparameters
 # A constant, or an optax schedule of the step count (lr as a traced value).
 learning_rates = st.one_of(
     st.just(0.0),

@@ -9,12 +9,10 @@ before JAX initialises, so it cannot share this test process).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from backends import BACKENDS, run_on_cpu_devices
 
 _SCRIPT = textwrap.dedent(
     """
@@ -145,23 +143,11 @@ _SCRIPT = textwrap.dedent(
 
 def _run_on_8_devices(script: str, backend: str) -> None:
     """Runs ``script`` with 8 simulated CPU devices; it must print OK."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-c", script, backend],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK" in out.stdout, out.stdout
+    run_on_cpu_devices(script, backend, devices=8)
 
 
-@pytest.mark.parametrize("backend", ["reference", "native", "pallas"])
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sharded_matches_unsharded(backend: str) -> None:
     _run_on_8_devices(_SCRIPT, backend)
 
@@ -179,9 +165,9 @@ def test_whole_layer_ratios_match_the_reference(options: dict) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from lars import _dispatch, _sharded
-    from lars._config import LarsConfig
+    from lars import _sharded
     from lars._reference import reference_step
+    from lars.contract import LarsConfig, StepSpec
 
     rng = np.random.default_rng(1)
     shapes = [(), (1,), (127,), (4097,), (3, 3, 4, 8), (0,), (5, 3)]
@@ -192,14 +178,8 @@ def test_whole_layer_ratios_match_the_reference(options: dict) -> None:
     config = LarsConfig(**options)
     decay = [True, False, True, True, True, True, True]
     trust = [True, True, True, False, True, True, True]
-    plan = _sharded._Plan(
-        backend=_dispatch.resolve("reference", config),
-        config=config,
-        decay_mask=tuple(decay),
-        trust_mask=tuple(trust),
-        write_params=False,
-    )
-    ratios, norm = _sharded._ratios(params, grads, [()] * len(params), plan)
+    spec = StepSpec.build(config, params, grads, decay_mask=decay, trust_mask=trust)
+    ratios, norm = _sharded._ratios(params, grads, [()] * len(params), spec)
     want = reference_step(
         params, grads, momentum, jnp.float32(0.1), config=config, decay_mask=decay, trust_mask=trust
     )
@@ -265,7 +245,8 @@ _SHARD_MAP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", ["reference", "native", "pallas"])
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inside_shard_map_norms_are_whole_layer(backend: str) -> None:
     """Called inside the user's shard_map, the step sums the norms over the shards."""
     _run_on_8_devices(_SHARD_MAP_SCRIPT, backend)

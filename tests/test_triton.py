@@ -18,6 +18,7 @@ too (also in the test extra).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -31,11 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import triton  # noqa: F401  (required: a missing triton fails here, it is not skipped)
+from backend_base import ALL_OPTIONS
 
+import lars.kernels.triton as triton_backend
+from lars import _dispatch
 from lars._config import LarsConfig
-from lars.kernels.triton import aot, backend
+from lars.contract import FLOAT32_COMPUTE_DTYPES, Feature, StepInputs, StepSpec
+from lars.kernels.triton import BACKEND, aot, backend
 from lars.kernels.triton import plan as P
-from lars.kernels.triton import step as S
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree
@@ -46,26 +50,33 @@ from bench.workloads import resnet50_shapes  # noqa: E402
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
 
-def make_plan(
+def options(tuning: P.Tuning) -> tuple:
+    """``StepSpec.options`` for a tuning, as the front end passes them (normalised)."""
+    return tuple(sorted(BACKEND.options(dataclasses.asdict(tuning)).items()))
+
+
+def make_spec(
     shapes, dtypes=None, *, config=None, decay=None, trust=None, tuning=None, write=False
-):
-    """A StepPlan for leaves of ``shapes`` and (param, grad) ``dtypes``."""
+) -> StepSpec:
+    """The StepSpec of leaves of ``shapes`` and (param, grad) ``dtypes`` (no arrays)."""
     n = len(shapes)
     dtypes = dtypes or [(F32, F32)] * n
-    leaf = lambda shape, dtype: types.SimpleNamespace(shape=shape, dtype=np.dtype(dtype))
-    params = [leaf(s, p) for s, (p, _) in zip(shapes, dtypes, strict=True)]
-    grads = [leaf(s, g) for s, (_, g) in zip(shapes, dtypes, strict=True)]
-    momentum = [leaf(s, F32) for s in shapes]
-    return S.build_plan(
+    params = [jax.ShapeDtypeStruct(s, p) for s, (p, _) in zip(shapes, dtypes, strict=True)]
+    grads = [jax.ShapeDtypeStruct(s, g) for s, (_, g) in zip(shapes, dtypes, strict=True)]
+    return StepSpec.build(
+        config or LarsConfig(weight_decay=1e-4),
         params,
         grads,
-        momentum,
-        config=config or LarsConfig(weight_decay=1e-4),
         decay_mask=decay or [True] * n,
         trust_mask=trust or [True] * n,
         write_params=write,
-        tuning=tuning or P.Tuning(),
+        options=options(tuning or P.Tuning()),
     )
+
+
+def make_plan(shapes, dtypes=None, **kw) -> P.StepPlan:
+    """The StepPlan of :func:`make_spec`."""
+    return P.StepPlan.of(make_spec(shapes, dtypes, **kw))
 
 
 # --------------------------------------------------------------------------
@@ -134,20 +145,20 @@ def test_resnet50_takes_one_launch_per_pass():
     assert len(shapes) == 161
     clip = LarsConfig(weight_decay=1e-4, grad_clip_norm=1.0)
     plan = make_plan(shapes, config=clip)
-    assert backend.count_launches(plan) == {P.GLOBAL_NORM: 1, P.FUSED: 1}
-    assert backend.count_launches(make_plan(shapes)) == {P.FUSED: 1}
+    assert plan.count_launches() == {P.GLOBAL_NORM: 1, P.FUSED: 1}
+    assert make_plan(shapes).count_launches() == {P.FUSED: 1}
     two_pass = P.Tuning(fused=False)
     plan = make_plan(shapes, config=clip, tuning=two_pass)
-    assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 1, P.GLOBAL_NORM: 1}
+    assert plan.count_launches() == {P.SUMS: 1, P.UPDATE: 1, P.GLOBAL_NORM: 1}
     # With 64 slots (CUDA before 12.1): three per pass.
     plan = make_plan(shapes, tuning=P.Tuning(slots=64))
-    assert backend.count_launches(plan) == {P.FUSED: 3}
+    assert plan.count_launches() == {P.FUSED: 3}
     plan = make_plan(shapes, tuning=P.Tuning(slots=64, fused=False))
-    assert backend.count_launches(plan) == {P.SUMS: 3, P.UPDATE: 3}
+    assert plan.count_launches() == {P.SUMS: 3, P.UPDATE: 3}
     # BatchNorm and biases excluded from the trust ratio: 54 leaves measured.
     trust = [len(s) > 1 for s in shapes]
     plan = make_plan(shapes, trust=trust, tuning=two_pass)
-    assert backend.count_launches(plan) == {P.SUMS: 1, P.UPDATE: 1}
+    assert plan.count_launches() == {P.SUMS: 1, P.UPDATE: 1}
     programs = sum(la.num_programs for la in plan.launches(P.UPDATE))
     chunks = [-(-int(np.prod(s)) // P.CHUNK) for s in shapes]
     assert programs == sum(chunks)
@@ -235,14 +246,29 @@ def test_kernel_specs_match_the_options():
 @pytest.mark.parametrize(
     "dtypes, match",
     [
-        ([(jnp.float64, jnp.float64)], r"leaf 0: .*float64 param"),
-        ([(F32, jnp.float64)], r"leaf 0: .*float64 gradient"),
-        ([(F32, F32), (jnp.int32, jnp.int32)], r"leaf 1: .*int32"),
+        (
+            [(jnp.float64, jnp.float64)],
+            r"float64 params with float64 gradients \(the leaf at \[0\]\)",
+        ),
+        ([(F32, jnp.float64)], r"float32 params with float64 gradients \(the leaf at \[0\]\)"),
+        ([(F32, F32), (jnp.int32, jnp.int32)], r"int32 params .*\(the leaf at \[1\]\)"),
     ],
 )
 def test_unhandled_dtypes_are_refused_naming_the_leaf(dtypes, match):
+    """The backend's dtypes are the kernels' (float32 compute); the front end names the leaf."""
+    spec = make_spec([(3,)] * len(dtypes), dtypes)
+    paths = [f"[{i}]" for i in range(len(dtypes))]
     with pytest.raises(TypeError, match=match):
-        make_plan([(3,)] * len(dtypes), dtypes)
+        _dispatch.check_step(BACKEND, spec, paths, auto=False)
+
+
+def test_a_leaf_too_large_for_the_tile_table_is_unsupported():
+    tuning = P.Tuning(chunk=1, block=1)
+    assert BACKEND.unsupported(make_spec([(2**31 - 1,)], tuning=tuning), "gpu") is None
+    spec = make_spec([(3,), (2**31,)], tuning=tuning)
+    reason = BACKEND.unsupported(spec, "gpu")
+    assert reason is not None and reason.startswith("leaf 1 has 2147483648 elements")
+    assert BACKEND.unsupported(make_spec([(2**31,)]), "gpu") is None  # 8192-element chunks
 
 
 def test_every_option_is_supported_and_the_missing_gpu_is_named():
@@ -254,11 +280,37 @@ def test_every_option_is_supported_and_the_missing_gpu_is_named():
         grad_clip_value=0.1,
         lr_inside_momentum=True,
     )
-    assert backend.unsupported(config) is None
-    assert backend.unsupported(LarsConfig()) is None
-    missing = backend.unavailable()
+    assert BACKEND.unsupported(make_spec([(3,)], config=config), "gpu") is None
+    assert BACKEND.unsupported(make_spec([(3,)], config=LarsConfig()), "gpu") is None
+    assert BACKEND.features("gpu") == {Feature.IN_PLACE, Feature.SKIP_NONFINITE}
+    assert BACKEND.dtypes == FLOAT32_COMPUTE_DTYPES
+    missing = BACKEND.unavailable(jax.default_backend())
     if jax.default_backend() != "gpu":
         assert missing is not None and missing.startswith("no GPU")
+    assert BACKEND.unavailable("cpu").startswith("no GPU")
+
+
+def test_backend_options_are_the_tuning_checked_by_name():
+    given = {"slots": 64, "chunk": 4096, "block": 512, "num_warps": 8, "fused": False}
+    given["lookahead"] = np.int64(3)
+    normalised = BACKEND.options(given)
+    assert normalised == {**given, "lookahead": 3} and type(normalised["lookahead"]) is int
+    spec = make_spec([(3,)]).replace(options=tuple(sorted(normalised.items())))
+    assert P.StepPlan.of(spec).tuning == P.Tuning(**normalised)
+    assert BACKEND.options({}) == {}
+    with pytest.raises(ValueError, match="unknown triton backend option 'slot'"):
+        BACKEND.options({"slot": 4})
+    with pytest.raises(TypeError, match="'fused' must be a bool"):
+        BACKEND.options({"fused": 1})
+    with pytest.raises(TypeError, match="'chunk' must be an int"):
+        BACKEND.options({"chunk": 2048.0})
+    with pytest.raises(TypeError, match="'slots' must be an int"):
+        BACKEND.options({"slots": True})
+    for name, value in [("slots", 0), ("block", 96), ("chunk", 1000), ("num_warps", 3)]:
+        with pytest.raises(ValueError, match=name):
+            BACKEND.options({name: value})
+    with pytest.raises(ValueError, match="lookahead"):
+        BACKEND.options({"lookahead": -1})
 
 
 @pytest.mark.parametrize(
@@ -275,11 +327,12 @@ def test_a_missing_package_is_named(monkeypatch, missing, message):
         monkeypatch.setattr("builtins.__import__", _import_failing("jax_triton", error))
     else:
         monkeypatch.setitem(sys.modules, missing, None)  # import raises ModuleNotFoundError
-    backend._import_problem.cache_clear()
+    triton_backend._import_problem.cache_clear()
     try:
-        assert backend._import_problem().startswith(message)
+        assert triton_backend._import_problem().startswith(message)
+        assert BACKEND.unavailable("gpu").startswith(message)
     finally:
-        backend._import_problem.cache_clear()
+        triton_backend._import_problem.cache_clear()
 
 
 def _import_failing(name, error):
@@ -296,14 +349,7 @@ def _import_failing(name, error):
 # --------------------------------------------------------------------------
 # Compiled for Hopper on the CPU.
 
-ALL_ON = P.Flags(
-    clip_norm=True,
-    clip_value=True,
-    has_decay=True,
-    nesterov=True,
-    lr_inside_momentum=True,
-    trust_clip=True,
-)
+ALL_ON = ALL_OPTIONS
 # In place and skipping a non-finite step: the select the skip adds must keep
 # the vector accesses (checked below), in both forms of the first output.
 IN_PLACE_SKIP = P.Flags(has_decay=True, write_params=True, skip_nonfinite=True)
@@ -352,6 +398,7 @@ def test_compiles_for_hopper(kernel, group):
         assert re.search(r"ld\.global\.cg", ptx)
 
 
+@pytest.mark.slow
 def test_the_default_launch_fits_the_kernel_parameter_limit():
     """The widest kernel's parameters fit the 32 kB of CUDA 12.1+ and ptxas takes them."""
     spec = P.KernelSpec(P.FUSED, P.SLOTS_PER_LAUNCH, True)
@@ -416,8 +463,9 @@ def load_jax_triton_lib():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("write_params", [False, True], ids=["updates", "in_place"])
-def test_step_lowers_for_cuda_through_jax_triton(write_params, fused):
+def test_step_lowers_for_cuda_through_jax_triton(monkeypatch, write_params, fused):
     jt, compiled = load_jax_triton_lib()
+    monkeypatch.setattr(backend, "_triton_call", lambda: jt.triton_call)
     shapes = [(), (127,), (3, 3, 4, 8), (0,), (4097,), (33,), (6, 7)]
     dtypes = [(F32, F32), (BF16, BF16), (F32, F32), (F32, F32), (F32, BF16), (F32, F32)]
     dtypes.append((BF16, BF16))
@@ -430,22 +478,13 @@ def test_step_lowers_for_cuda_through_jax_triton(write_params, fused):
     ]
     momentum = [jnp.zeros(s, F32) for s in shapes]
     config = LarsConfig(weight_decay=0.01, grad_clip_norm=1.0, nesterov=True)
-    masks = dict(decay_mask=[True] * len(shapes), trust_mask=[True] * len(shapes))
+    # The in-place form also skips a non-finite step itself.
+    spec = make_spec(
+        shapes, dtypes, config=config, tuning=P.Tuning(fused=fused), write=write_params
+    ).replace(skip_nonfinite=write_params)
 
     def step(params, grads, momentum, lr, finite):
-        return backend.run(
-            params,
-            grads,
-            momentum,
-            lr,
-            config=config,
-            write_params=write_params,
-            triton_call=jt.triton_call,
-            compute_capability=90,
-            tuning=P.Tuning(fused=fused),
-            finite=finite,  # the in-place form also skips a non-finite step itself
-            **masks,
-        )
+        return BACKEND.run(spec, StepInputs(params, grads, momentum, lr, finite=finite))
 
     def lower(lr):
         finite = jnp.bool_(True) if write_params else None
@@ -481,6 +520,7 @@ def test_step_lowers_for_cuda_through_jax_triton(write_params, fused):
 # The kernels in Triton's interpreter (a subprocess: TRITON_INTERPRET=1 first).
 
 
+@pytest.mark.slow
 def test_kernels_in_the_interpreter():
     """Runs triton_interpret_cases.py; every test there must pass (none skipped)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}

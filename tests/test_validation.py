@@ -354,13 +354,12 @@ def test_kernel_backend_rejects_float64_by_path(backend: str):
     """A dtype pair a backend does not compute is refused by path before dispatch."""
     from lars import _dispatch, _transform
 
-    spec = _transform.LarsSpec(
-        config=lars.LarsConfig(), backend=_dispatch._REGISTRY[backend]
-    )  # the backend need not run here: the check comes first
+    # The backend need not run here: the check comes before any call to it.
+    spec = _transform.LarsSpec(config=lars.LarsConfig(), backend=_dispatch.get(backend))
     with jax.enable_x64(True):
         params = {"a": jnp.ones(2, jnp.float32), "b": {"w": jnp.ones((3, 2), jnp.float64)}}
         state = _transform.init_state(params)
         with pytest.raises(
             TypeError, match=re.escape("float64 gradients (the leaf at ['b']['w'])")
         ):
-            _transform.apply_lars(params, state, params, 0.1, spec)
+            _transform.LarsUpdate(0.1, spec)(params, state, params)

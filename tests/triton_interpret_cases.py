@@ -10,14 +10,16 @@ arrays by ``lars.kernels.triton.interpret`` with the launch plan the GPU
 launcher uses:
 
 * the shared backend suite (``backend_base.BackendTests``) through ``lars.lars``
-  and ``lars.Lars`` against the float64 oracle, on a backend registered in this
-  process only;
+  and ``lars.Lars`` against the float64 oracle, on the "triton_interpret"
+  backend, registered in this process only;
 * each pass against its NumPy reference (the update pass bit for bit), on
   mixed dtype groups split over several launches;
-* ten steps against ``reference_step`` on odd shapes and mixed dtypes, and one
-  step with a 65537-element leaf;
+* ten steps of the backend's ``run`` against ``reference_step`` on odd shapes
+  and mixed dtypes, and one step with a 65537-element leaf;
 * NaN propagation, the in-place form against ``optax.apply_updates``, and
   errors for float64 leaves.
+
+Every test here runs the interpreter: all are marked slow.
 """
 
 from __future__ import annotations
@@ -35,60 +37,57 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from backend_base import CASES_BY_NAME, BackendTests
+from backend_base import ALL_OPTIONS, CASES_BY_NAME, INTERPRETED_CASES, BackendTests
 
 import lars
 from lars import _dispatch
 from lars._config import LarsConfig
-from lars._reference import reference_step, reference_update_with_ratios
-from lars.kernels.triton import interpret, kernels
+from lars._reference import reference_step
+from lars.contract import NUM_SCALARS, LeafSpec, Scalar, StepInputs, StepSpec
+from lars.kernels.triton import entry, interpret, kernels, reference
 from lars.kernels.triton import plan as P
 from lars.kernels.triton import step as S
+
+pytestmark = pytest.mark.slow
 
 # Small launch geometries: the test trees span several launches per pass (4
 # leaves each) and several chunks per leaf. The interpreter's time grows with
 # programs x vector steps, not with elements: the suite and the step tests run
 # one vector step per chunk, the kernel-level tests four (and the 65537-element
 # test the default geometry).
-TUNING = P.Tuning(slots=4, chunk=2048, block=2048)
+TUNING = {"slots": 4, "chunk": 2048, "block": 2048}
 KERNEL_TUNING = P.Tuning(slots=4, chunk=1024, block=256)
 BACKEND = "triton_interpret"
 
-_dispatch.register(
-    _dispatch.Backend(
-        name=BACKEND,
-        step=functools.partial(interpret.triton_step_interpret, tuning=TUNING),
-        apply=functools.partial(interpret.triton_apply_interpret, tuning=TUNING),
-        skips_nonfinite=lambda: True,
-    )
-)
+_dispatch.register(BACKEND, "lars.kernels.triton.interpret")
 
 F32, BF16, F16 = np.float32, ml_dtypes.bfloat16, np.float16
+
+
+def options(**tuning) -> tuple:
+    """``StepSpec.options`` for these backend options, normalised as the front end does."""
+    return tuple(sorted(interpret.BACKEND.options(tuning).items()))
 
 
 def test_kernels_are_interpreted():
     """The kernels really run in Triton's interpreter here (not compiled, not skipped)."""
     spec = P.KernelSpec(P.SUMS, 2, True)
     assert kernels.INTERPRETED
-    assert type(kernels.get_kernel(spec)).__name__ == "InterpretedFunction"
+    assert type(entry.get_kernel(spec)).__name__ == "InterpretedFunction"
+    assert _dispatch.get(BACKEND) is interpret.BACKEND
+    assert interpret.BACKEND.unavailable(jax.default_backend()) is None
+    assert BACKEND in lars.available_backends()
 
 
 # --------------------------------------------------------------------------
 # The shared suite, through the public API.
 
-# Every option and mask form of backend_base.CASES, in 6 cases.
-SUITE_CASES = [
-    "defaults",  # braintools defaults
-    "both_masks",  # weight decay, both masks as callables
-    "trust_clip_masked",  # trust_clip with an ndim-tree trust mask
-    "optax_form_nesterov",  # lr inside momentum, nesterov, eps 0, prefix mask, schedule
-    "grad_clip_norm",  # global-norm clipping with weight decay
-    "everything",  # every option at once
-]
+SUITE_CASES = INTERPRETED_CASES
 
 
 class TestTritonInterpreted(BackendTests):
     backend = BACKEND
+    backend_options = TUNING
     # The largest leaf spans several chunks of TUNING; the interpreter's cost
     # grows with the number of programs, so it is smaller than the suite's
     # 65537 (which has its own one-step test below).
@@ -108,14 +107,7 @@ class TestTritonInterpreted(BackendTests):
 # --------------------------------------------------------------------------
 # The passes against their NumPy references.
 
-FLAGS_ALL = P.Flags(
-    clip_norm=True,
-    clip_value=True,
-    has_decay=True,
-    nesterov=True,
-    lr_inside_momentum=True,
-    trust_clip=True,
-)
+FLAGS_ALL = ALL_OPTIONS
 FLAG_SETS = {
     "plain": P.Flags(),
     "decay": P.Flags(has_decay=True),
@@ -126,7 +118,7 @@ FLAG_SETS = {
 # lr, momentum, weight decay, clip divisor (||g||), clip factor (max norm), clip value,
 # trust coefficient, eps, trust clip (read by the fused pass), padding.
 SCALARS = np.array([0.3, 0.9, 0.05, 4.0, 1.5, 0.4, 0.02, 1e-3, 0.7], np.float32)
-SCALARS = np.concatenate([SCALARS, np.zeros(P.NUM_SCALARS - len(SCALARS), np.float32)])
+SCALARS = np.concatenate([SCALARS, np.zeros(NUM_SCALARS - len(SCALARS), np.float32)])
 # Odd sizes, several chunks of KERNEL_TUNING, a 0-d leaf, five dtype groups:
 # 9 leaves in 5 launches per pass.
 SHAPES = [(), (1,), (127,), (1024,), (2500,), (3, 3, 4, 8), (257,), (6, 7), (1025,)]
@@ -157,10 +149,11 @@ def make_leaves(seed: int = 0):
 
 def plan_for(params, grads, decay, flags, trust=None) -> P.StepPlan:
     leaves = tuple(
-        P.LeafSpec(
-            size=int(np.size(p)),
-            param_dtype=np.dtype(p.dtype).name,
-            grad_dtype=np.dtype(g.dtype).name,
+        LeafSpec(
+            shape=np.shape(p),
+            param_dtype=np.dtype(p.dtype),
+            grad_dtype=np.dtype(g.dtype),
+            momentum_dtype=np.dtype(F32),
             decay=decay[i] and flags.has_decay,
             trust=True if trust is None else trust[i],
         )
@@ -186,14 +179,14 @@ def test_sums_pass_matches_reference(flags_name):
     # 5 dtype groups, the float32 one of 4 leaves; leaves of up to 3 chunks.
     assert len(plan.launches(P.SUMS)) == 5
     got = S.pass_sums(P.SUMS, params, grads, SCALARS, plan=plan, **RUN)
-    want = kernels.sums_reference(
+    want = reference.sums_reference(
         params, grads, SCALARS, flags, [leaf.decay for leaf in plan.leaves]
     )
     assert got.dtype == np.float32 and got.shape == (len(SHAPES), 2)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
 
     got = S.pass_sums(P.GLOBAL_NORM, params, grads, SCALARS, plan=plan, **RUN)
-    want = kernels.sums_reference(None, grads, SCALARS, flags, [False] * len(SHAPES))
+    want = reference.sums_reference(None, grads, SCALARS, flags, [False] * len(SHAPES))
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
 
 
@@ -202,7 +195,7 @@ def test_sums_pass_skips_leaves_without_trust_ratio():
     trust = [i % 3 != 1 for i in range(len(SHAPES))]
     plan = plan_for(params, grads, decay, FLAG_SETS["plain"], trust)
     got = S.pass_sums(P.SUMS, params, grads, SCALARS, plan=plan, **RUN)
-    want = kernels.sums_reference(params, grads, SCALARS, plan.flags, [False] * len(SHAPES))
+    want = reference.sums_reference(params, grads, SCALARS, plan.flags, [False] * len(SHAPES))
     for i, t in enumerate(trust):
         if t:
             np.testing.assert_allclose(got[i], want[i], rtol=2e-6)
@@ -223,7 +216,7 @@ def test_update_pass_is_bitwise_its_reference(flags_name):
     ratios = np.random.default_rng(2).uniform(0.05, 1.0, len(SHAPES)).astype(F32)
     originals = [x.copy() for x in (*params, *momentum)]
     first, new_momentum = S.pass_update(params, grads, momentum, ratios, SCALARS, plan=plan, **RUN)
-    want_first, want_momentum = kernels.update_reference(
+    want_first, want_momentum = reference.update_reference(
         params, grads, momentum, ratios, SCALARS, flags, [leaf.decay for leaf in plan.leaves]
     )
     for i in range(len(SHAPES)):
@@ -308,7 +301,7 @@ def test_skipped_step_leaves_everything_in_place(write_params, fused):
 
     def run(flags, finite, g):
         scalars = SCALARS.copy()
-        scalars[P.FINITE] = finite
+        scalars[Scalar.FINITE] = finite
         plan = plan_for(params, g, decay, flags)
         if fused:
             return S.pass_fused(params, g, momentum, scalars, plan=plan, **RUN)[:2]
@@ -330,13 +323,14 @@ def test_public_step_skips_nonfinite_in_the_kernels(monkeypatch):
     """lars.lars(skip_nonfinite=True).apply_gradients, params and state donated:
     the kernels get the flag (no copies in XLA) and a NaN step changes nothing."""
     seen = []
-    original = interpret.numpy_step
+    original = interpret.launch
 
-    def recording(*args, **kwargs):
-        seen.append("finite" in args[4])  # hyper carries the flag
-        return original(*args, **kwargs)
+    def recording(spec, inputs, outputs, aliases, grid, constexprs, zeroed=()):
+        # The kernel reads the flag (a constexpr) and the FINITE scalar.
+        seen.append((constexprs["SKIP_NONFINITE"], float(inputs[1][Scalar.FINITE])))
+        return original(spec, inputs, outputs, aliases, grid, constexprs, zeroed)
 
-    monkeypatch.setattr(interpret, "numpy_step", recording)
+    monkeypatch.setattr(interpret, "launch", recording)
     opt = lars.lars(0.1, weight_decay=1e-3, skip_nonfinite=True, backend=BACKEND)
     step = jax.jit(opt.apply_gradients, donate_argnums=(0, 1))
     params = {"w": jnp.asarray(np.linspace(-1, 1, 12).reshape(4, 3), jnp.float32)}
@@ -347,7 +341,7 @@ def test_public_step_skips_nonfinite_in_the_kernels(monkeypatch):
         jax.tree.leaves((params, state.momentum)), jax.tree.leaves(before), strict=True
     ):
         np.testing.assert_array_equal(bits(a), bits(b))
-    assert int(state.skipped) == 1 and seen == [True, True]
+    assert int(state.skipped) == 1 and seen == [(True, 1.0), (True, 0.0)]
 
 
 # --------------------------------------------------------------------------
@@ -356,7 +350,9 @@ def test_public_step_skips_nonfinite_in_the_kernels(monkeypatch):
 
 def ratio_reference(sums: np.ndarray, trust: bool, flags: P.Flags) -> np.float64:
     """The trust ratio from float64 sums, with SCALARS' coefficient, eps and clip."""
-    tc, eps, clip = (float(SCALARS[k]) for k in (P.TRUST_COEFFICIENT, P.EPS, P.TRUST_CLIP))
+    tc, eps, clip = (
+        float(SCALARS[k]) for k in (Scalar.TRUST_COEFFICIENT, Scalar.EPS, Scalar.TRUST_CLIP)
+    )
     w_norm, u_norm = np.sqrt(sums)
     r = 1.0 if w_norm == 0 or u_norm == 0 else tc * w_norm / (u_norm + eps)
     if flags.trust_clip:
@@ -387,13 +383,13 @@ def test_fused_pass_matches_its_references(flags_name):
         flags, KERNEL_TUNING, trust
     )
     decay = [leaf.decay for leaf in plan.leaves]
-    sums = kernels.sums_reference(params, grads, SCALARS, flags, decay)
+    sums = reference.sums_reference(params, grads, SCALARS, flags, decay)
     for i in range(len(SHAPES)):
         want = ratio_reference(sums[i], trust[i], flags)
         np.testing.assert_allclose(ratios[i], want, rtol=4e-6, err_msg=f"leaf {i}")
         if not trust[i]:
             assert ratios[i] == 1.0
-    want_first, want_momentum = kernels.update_reference(
+    want_first, want_momentum = reference.update_reference(
         params, grads, momentum, ratios, SCALARS, flags, decay
     )
     for i in range(len(SHAPES)):
@@ -429,7 +425,7 @@ def test_fused_pass_items_run_in_table_order():
     launch_ = plan.launches(P.FUSED)[-1]
     spec = P.kernel_spec(launch_, flags)
     ids = launch_.leaves
-    inputs, outputs, aliases = S._update_inputs(
+    inputs, outputs, aliases = S.update_inputs(
         launch_, spec, params, grads, momentum, [launch_.table, SCALARS], False
     )
     outputs += S.fused_outputs(launch_)
@@ -491,17 +487,22 @@ STEP_CONFIGS = {
 MIXED = [(F32, F32), (BF16, BF16), (F32, BF16), (F16, F16), (F32, F32)] * 2
 
 
+def step_spec(config, params, grads, decay, trust, **fields) -> StepSpec:
+    """The StepSpec of a step on these leaves."""
+    return StepSpec.build(config, params, grads, decay_mask=decay, trust_mask=trust, **fields)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("config_name", list(STEP_CONFIGS))
 def test_ten_steps_match_reference_step(config_name, fused):
     """Ten jitted steps on mixed dtype groups, each against reference_step's step."""
     config = STEP_CONFIGS[config_name]
-    tuning = dataclasses.replace(TUNING, fused=fused)
     params, grads = make_step_problem(MIXED, steps=10)
     decay = [i % 3 != 0 for i in range(len(STEP_SHAPES))]
     trust = [i % 4 != 1 for i in range(len(STEP_SHAPES))]
     kw = dict(config=config, decay_mask=decay, trust_mask=trust)
-    ours = jax.jit(functools.partial(interpret.triton_step_interpret, tuning=tuning, **kw))
+    spec = step_spec(config, params, grads[0], decay, trust, options=options(**TUNING, fused=fused))
+    ours = jax.jit(lambda *arrays: interpret.BACKEND.run(spec, StepInputs(*arrays)))
     ref = jax.jit(functools.partial(reference_step, **kw))
     momentum = [jnp.zeros(np.shape(p), jnp.float32) for p in params]
     for t, g in enumerate(grads):
@@ -534,55 +535,28 @@ def test_one_step_on_a_65537_element_leaf():
     momentum = [jnp.asarray(0.01 * rng.standard_normal(s), jnp.float32) for s in shapes]
     kw = dict(config=STEP_CONFIGS["everything"], decay_mask=[True] * 3, trust_mask=[True] * 3)
     lr = jnp.float32(0.4)
-    got = interpret.triton_step_interpret(params, grads, momentum, lr, **kw)
+    spec = step_spec(kw["config"], params, grads, [True] * 3, [True] * 3)
+    got = interpret.BACKEND.run(spec, StepInputs(params, grads, momentum, lr))
     want = reference_step(params, grads, momentum, lr, **kw)
     for a, b in zip((*got.updates, *got.momentum), (*want.updates, *want.momentum), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(got.trust_ratio, want.trust_ratio, rtol=2e-5)
 
 
-@pytest.mark.parametrize("write_params", [False, True], ids=["updates", "in_place"])
-def test_update_with_given_ratios_matches_the_reference(write_params):
-    """The update half alone (for sharded params), against reference_update_with_ratios."""
-    params, grads = make_step_problem(MIXED, steps=1, seed=3)
-    rng = np.random.default_rng(5)
-    momentum = [jnp.asarray(0.01 * rng.standard_normal(np.shape(p)), jnp.float32) for p in params]
-    ratios = jnp.asarray(rng.uniform(0.05, 1.0, len(STEP_SHAPES)), jnp.float32)
-    kw = dict(
-        config=STEP_CONFIGS["everything"],
-        decay_mask=[i % 3 != 0 for i in range(len(STEP_SHAPES))],
-        trust_mask=[True] * len(STEP_SHAPES),
-        write_params=write_params,
-    )
-    lr, g_norm = jnp.float32(0.3), jnp.float32(7.0)  # above grad_clip_norm: the clip applies
-    got = interpret.triton_update_with_ratios_interpret(
-        params, grads[0], momentum, lr, ratios, g_norm, tuning=TUNING, **kw
-    )
-    want = reference_update_with_ratios(params, grads[0], momentum, lr, ratios, g_norm, **kw)
-    for i, p in enumerate(params):
-        tol = dict(rtol=2e-6, atol=1e-7) if p.dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-3)
-        assert got.updates[i].dtype == p.dtype and got.updates[i].shape == p.shape
-        np.testing.assert_allclose(
-            np.asarray(got.updates[i], F32), np.asarray(want.updates[i], F32), **tol
-        )
-        np.testing.assert_allclose(got.momentum[i], want.momentum[i], rtol=2e-6, atol=1e-7)
-    np.testing.assert_array_equal(np.asarray(got.trust_ratio), np.asarray(ratios))
-
-
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 def test_apply_form_is_optax_apply_updates(dtype):
-    """triton_apply writes params + updates, rounded as optax.apply_updates rounds them."""
+    """spec.write_params writes params + updates, rounded as optax.apply_updates rounds them."""
     params, grads = make_step_problem([(dtype, dtype)] * len(STEP_SHAPES), steps=1, seed=7)
     momentum = [jnp.full(np.shape(p), 0.01, jnp.float32) for p in params]
-    kw = dict(
-        config=STEP_CONFIGS["everything"],
-        decay_mask=[True] * len(STEP_SHAPES),
-        trust_mask=[True] * len(STEP_SHAPES),
-        tuning=TUNING,
+    masks = [True] * len(STEP_SHAPES)
+    spec = step_spec(
+        STEP_CONFIGS["everything"], params, grads[0], masks, masks, options=options(**TUNING)
     )
     lr = jnp.float32(0.3)
-    step = interpret.triton_step_interpret(params, grads[0], momentum, lr, **kw)
-    applied = interpret.triton_apply_interpret(params, grads[0], momentum, lr, **kw)
+    step = interpret.BACKEND.run(spec, StepInputs(params, grads[0], momentum, lr))
+    applied = interpret.BACKEND.run(
+        spec.replace(write_params=True), StepInputs(params, grads[0], momentum, lr)
+    )
     for i, p in enumerate(params):
         want = optax.apply_updates(p, step.updates[i])
         assert applied.updates[i].dtype == p.dtype
@@ -591,17 +565,12 @@ def test_apply_form_is_optax_apply_updates(dtype):
 
 
 def test_float64_leaf_is_refused_by_name():
-    params = [jnp.zeros(3, jnp.float32), np.zeros(2, np.float64)]
-    with pytest.raises(TypeError, match=r"leaf 1: .*float64"):
-        interpret.triton_step_interpret(
-            params,
-            params,
-            [np.zeros(3, np.float32), np.zeros(2, np.float64)],
-            jnp.float32(0.1),
-            config=LarsConfig(),
-            decay_mask=[True, True],
-            trust_mask=[True, True],
-        )
+    """The backend computes float32 only: the front end refuses a float64 leaf by its path."""
+    opt = lars.lars(0.1, backend=BACKEND, backend_options=TUNING)
+    with jax.enable_x64(True):
+        params = {"a": jnp.zeros(3, jnp.float32), "b": jnp.zeros(2, jnp.float64)}
+        with pytest.raises(TypeError, match=r"float64 gradients \(the leaf at \['b'\]\)"):
+            opt.update(params, opt.init(params), params)
 
 
 def test_public_api_runs_the_interpreted_kernels(monkeypatch):

@@ -1,34 +1,24 @@
-"""Multi-tensor LARS kernels for NVIDIA Hopper in Pallas Mosaic GPU.
+"""Multi-tensor LARS kernels for NVIDIA Hopper in Pallas Mosaic GPU: a norm and an update pass.
 
-Design (after apex ``multi_tensor_apply``): every leaf stays the separate
-array it is (no concatenation); a *tile table* maps each block of one launch to
-a (branch, start) pair. A branch is the code for one leaf and one tile shape:
-``full`` tiles of ``tile`` elements at a dynamic start, and one ``end`` branch
-for the rest of the leaf (at least 128 elements) at a static start. The block
-picks its branch with ``lax.switch`` (an ``scf.index_switch``), so one launch
-serves every leaf, whatever its size, dtype or masks.
+Every leaf stays the separate array it is; a *tile table* maps each block of a
+launch to a (branch, start) pair, a branch being the code for one leaf and one
+tile shape (``full`` tiles at a dynamic start, one ``end`` branch for the rest
+of the leaf), picked with ``lax.switch``. So one launch serves every leaf,
+whatever its size, dtype or masks. No access leaves a leaf (the end branch
+overlaps its last 128-element window with the piece before, masked out of the
+sums); leaves under 128 elements are left to XLA (``gpu_plan.small_leaves``).
 
-* :func:`sums_kernel` (the norm pass) writes per-block partial sums, one row
-  per block; the launcher reduces each leaf's rows in a fixed order (no
-  atomics: the result is bitwise repeatable).
-* :func:`update_kernel` reads per-leaf trust ratios and writes each leaf's
-  update and new momentum.
+* :func:`sums_kernel` writes per-block partial sums, reduced per leaf in a
+  fixed order (no atomics: bitwise repeatable).
+* :func:`update_kernel` writes each leaf's update (or new param) and new
+  momentum over the inputs' buffers.
 
-Tiles are loaded straight from global memory into registers (a warpgroup-wide
-strided layout: coalesced vector loads). The ``end`` branch loads the largest
-multiple of 128 elements the same way, then the leaf's last 128 elements (a
-window overlapping the previous piece, masked out of the sums), so no access
-ever leaves the leaf: no padding, any size of at least 128 works. Leaves under
-128 elements (narrow biases and norms) are left to XLA by the launchers, with
-the same elementwise code (see :func:`small_leaves`).
-
-On a CPU the kernels run in Mosaic GPU's interpret mode
-(``plgpu.InterpretGPUParams``), which executes the same kernel code.
+Off a GPU the kernels run in Mosaic GPU's interpreter (``interpret=True`` or a
+``plgpu.InterpretGPUParams``), which executes the same kernel code.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -39,108 +29,25 @@ from jax import custom_batching, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from lars.contract import LeafSpec
+
 from . import elementwise as ew
+from .gpu_plan import (
+    PARAM_BYTES,
+    TILE,
+    VEC,
+    WARPGROUP,
+    Branch,
+    TilePlan,
+    launch_groups,
+    plan_tiles,
+    small_leaves,
+)
 
-# Elements per block of a full tile. 4096 fp32 elements are 32 values per thread
-# of the 128-thread warpgroup per array: enough bytes in flight per block to
-# stream at full bandwidth while staying far from register spills. Chosen by
-# that arithmetic, not yet by measurement (gpu_check.py sweeps it).
-TILE = 4096
-# Elements per vector access: 4 fp32 values are one 16-byte load. Not measured.
-VEC = 4
-# Threads of one Pallas Mosaic GPU thread (a warpgroup): the granule of a
-# strided register array.
-WARPGROUP = 128
-
-# Kernel parameter bytes one launch may use. Mosaic GPU passes every buffer as
-# an MLIR memref descriptor (2 pointers, offset, size, stride: 40 bytes for 1-D)
-# and CUDA caps a kernel's parameters at 32,764 bytes (4 KiB before CUDA 12.1),
-# so the leaves are split into launches of at most this many bytes: ResNet-50's
-# 161 leaves take 2 launches per pass. Chosen from that limit, with margin.
-PARAM_BYTES = 24 * 1024
-_DESCRIPTOR_BYTES = 40  # a 1-D memref descriptor
-_FIXED_PARAM_BYTES = 256  # the table (2-D), the scalars and the ratios
-
-# Lane semantics: the kernel states its register layouts (warpgroup-strided)
-# and Pallas emits them directly. The Warpgroup semantics (Pallas' default)
-# infers layouts over the whole module instead, which took minutes for the 161
-# leaves of ResNet-50 (its cost grows faster than the number of branches).
+# Explicit register layouts: Pallas' default inference compiles too slowly (docs/pallas.md).
 SEMANTICS = plgpu.LoweringSemantics.Lane
 
 _AXIS = "block"
-
-
-@dataclasses.dataclass(frozen=True)
-class Branch:
-    """The code of one kind of block.
-
-    Attributes:
-      leaf: Position of the leaf in the launch's leaf list.
-      full: A full tile at the table's (dynamic) start; else the leaf's end.
-      start: Static first element of an ``end`` branch.
-      size: Elements the branch handles (``tile`` for a full tile).
-    """
-
-    leaf: int
-    full: bool
-    start: int
-    size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class TilePlan:
-    """The tile table of one launch.
-
-    Attributes:
-      tile: Elements per full tile.
-      branches: The branches, indexed by the table's first column.
-      table: (blocks, 2) int32: branch id and first element of every block.
-      leaf_blocks: Per leaf, its [first, last) block range (consecutive).
-    """
-
-    tile: int
-    branches: tuple[Branch, ...]
-    table: np.ndarray
-    leaf_blocks: tuple[tuple[int, int], ...]
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.table.shape[0])
-
-
-def plan_tiles(sizes: Sequence[int], tile: int = TILE) -> TilePlan:
-    """Lays the leaves of ``sizes`` (each >= 128 elements) out as blocks.
-
-    A leaf's full tiles come first, then its ``end`` block: the rest of the
-    leaf, at least 128 elements (when less would be left, the end block takes
-    the last full tile as well).
-
-    Raises:
-      ValueError: if ``tile`` is not a positive multiple of ``VEC * 128``, or a
-        leaf is smaller than 128 elements.
-    """
-    if tile <= 0 or tile % (VEC * WARPGROUP):
-        raise ValueError(f"tile must be a positive multiple of {VEC * WARPGROUP}, got {tile}")
-    branches: list[Branch] = []
-    rows: list[tuple[int, int]] = []
-    leaf_blocks = []
-    for leaf, n in enumerate(sizes):
-        if n < WARPGROUP:
-            raise ValueError(f"leaf {leaf} has {n} < {WARPGROUP} elements (see small_leaves)")
-        first = len(rows)
-        n_full, rem = divmod(n, tile)
-        if 0 < rem < WARPGROUP:  # too short for a vector: the end takes a full tile too
-            n_full -= 1
-        if n_full:
-            branches.append(Branch(leaf, True, 0, tile))
-            rows.extend((len(branches) - 1, t * tile) for t in range(n_full))
-        if n > n_full * tile:
-            start = n_full * tile
-            branches.append(Branch(leaf, False, start, n - start))
-            rows.append((len(branches) - 1, start))
-        leaf_blocks.append((first, len(rows)))
-    table = np.asarray(rows, np.int32).reshape(-1, 2)
-    return TilePlan(tile, tuple(branches), table, tuple(leaf_blocks))
 
 
 def _layout(size: int):
@@ -193,8 +100,8 @@ def sums_kernel(
     scalars_ref,
     *refs,
     plan: TilePlan,
-    leaves: Sequence[ew.LeafSpec],
-    flags: ew.StepFlags,
+    leaves: Sequence[LeafSpec],
+    flags: ew.Flags,
     with_params: bool,
 ) -> None:
     """Norm pass: block b writes its tile's two float32 sums to ``out[b]``.
@@ -240,8 +147,8 @@ def update_kernel(
     ratios_ref,
     *refs,
     plan: TilePlan,
-    leaves: Sequence[ew.LeafSpec],
-    flags: ew.StepFlags,
+    leaves: Sequence[LeafSpec],
+    flags: ew.Flags,
 ) -> None:
     """Update pass: each block updates one tile of one leaf.
 
@@ -290,27 +197,6 @@ def _interpret_params(interpret):
     return interpret or None
 
 
-def small_leaves(leaves: Sequence[ew.LeafSpec]) -> list[int]:
-    """Indices of the leaves under 128 elements, which the kernels leave to XLA.
-
-    A warpgroup-wide register array has at least 128 elements (one per thread),
-    so such a leaf cannot be loaded as one. These leaves are tiny by definition
-    (biases and normalisation vectors of narrow layers); the launchers compute
-    them with the same ``elementwise`` functions in XLA, which fuses them.
-    """
-    return [i for i, leaf in enumerate(leaves) if leaf.size < WARPGROUP]
-
-
-def launch_groups(
-    num_leaves: int, buffers_per_leaf: int, param_bytes: int = PARAM_BYTES
-) -> list[range]:
-    """Consecutive groups of leaves, each small enough for one launch's parameters."""
-    per_launch = (param_bytes - _FIXED_PARAM_BYTES) // (buffers_per_leaf * _DESCRIPTOR_BYTES)
-    if per_launch < 1:
-        raise ValueError(f"param_bytes={param_bytes} leaves no room for a single leaf")
-    return [range(a, min(a + per_launch, num_leaves)) for a in range(0, num_leaves, per_launch)]
-
-
 def _split(leaves):
     small = set(small_leaves(leaves))
     big = [i for i in range(len(leaves)) if i not in small]
@@ -322,8 +208,8 @@ def leaf_sums(
     grads: Sequence[jax.Array],
     scalars: jax.Array,
     *,
-    flags: ew.StepFlags,
-    leaves: Sequence[ew.LeafSpec],
+    flags: ew.Flags,
+    leaves: Sequence[LeafSpec],
     tile: int = TILE,
     param_bytes: int = PARAM_BYTES,
     interpret: bool | plgpu.InterpretGPUParams = False,
@@ -333,7 +219,7 @@ def leaf_sums(
     Args:
       params: The leaves' params, or None for the global-norm pass (sum g**2).
       grads: The leaves' gradients.
-      scalars: The float32 scalars vector (see ``elementwise``).
+      scalars: The float32 ``contract.Scalar`` vector.
       flags: Static options.
       leaves: Static per-leaf facts (sizes must be positive).
       tile: Elements per full tile.
@@ -417,8 +303,8 @@ def update(
     ratios: jax.Array,
     scalars: jax.Array,
     *,
-    flags: ew.StepFlags,
-    leaves: Sequence[ew.LeafSpec],
+    flags: ew.Flags,
+    leaves: Sequence[LeafSpec],
     tile: int = TILE,
     param_bytes: int = PARAM_BYTES,
     interpret: bool | plgpu.InterpretGPUParams = False,
@@ -496,14 +382,9 @@ def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile
 def _aliased_kernel(body, *, out_type, input_output_aliases, grid, interpret):
     """``plgpu.kernel`` (a Lane-semantics grid over ``_AXIS``) with input/output aliases.
 
-    ``plgpu.kernel`` in jax 0.11.2 has no ``input_output_aliases``; the route it
-    offers, writing into ``jax.new_ref`` operands, cannot be batched inside a
-    ``custom_jvp`` under ``jit`` ("No state discharge rule implemented for
-    primitive: custom_jvp_call"), so ``jax.vmap`` of a step would fail. This
-    calls the function ``plgpu.kernel`` is built on, Pallas' ``_mpmd_map``
-    (private: checked against jax 0.11.2 by the tests, which lower it for
-    CUDA and run it in the GPU simulator, also under ``jax.vmap``). Under
-    ``jax.vmap`` it launches once per batch entry.
+    Built on Pallas' private ``_mpmd_map``, as ``plgpu.kernel`` is (which has
+    no aliases in jax 0.11.2; why not ``jax.new_ref`` operands: docs/pallas.md).
+    Under ``jax.vmap`` it launches once per batch entry.
     """
     from jax._src import config as jax_config
     from jax._src.pallas import mpmd

@@ -1,181 +1,59 @@
-"""One pass over memory per layer on TPU: the fused Mosaic TPU LARS kernel.
+"""The fused Mosaic TPU LARS kernel: one pass over memory per layer.
 
-The two-pass kernels of ``mosaic_tpu`` read a layer's w and g from HBM twice,
-once for its norms and once for its update: 28 bytes per float32 parameter. A
-TPU has no cache to catch the second read, so this kernel keeps them in VMEM.
-It reads each layer's w and g once, into a *ring* of VMEM blocks, sums the
-layer's blocks as they arrive, computes the layer's trust ratio on the vector
-unit, and then streams the momentum in and the new params (or updates) and new
-momentum out, taking w and g from the ring: 20 bytes per float32 parameter.
-
-The schedule (:class:`FusedPlan`) is static and plain Python. The blocks of the
-fused layers are numbered in order, leaf after leaf, and block b lives in ring
-slot ``b % ring``. The loads of the first ``ring`` blocks start at once. When
-the update of layer j ends, the slots of its blocks are free, and the loads
-of the blocks after them start, up to ``ring`` blocks past the first block of
-layer j+1. So while one layer is summed and updated, the loads of the layers
-after it are already under way, as far as the ring has room. The kernel never
-waits for a load that has not been started, and never starts a load into a
-slot whose block has not been used. ``tests/test_pallas.py`` checks both by
-replaying the plan. A layer is fused when its blocks fit in the ring. Larger
-layers are left to the two-pass kernels, in a launch of their own.
-
-A TensorCore runs one program at a time, so the kernel is one invocation that
-walks this schedule; there is nothing to synchronise and nothing to deadlock.
-Each layer's sums are accumulated block after block, in the order of the
-two-pass norm kernel, so the sums agree bitwise with it.
-
-On a CPU the kernel runs in Pallas' interpret mode, like ``mosaic_tpu``. The
-ring size comes from the chip's VMEM (``ring_blocks``); tests pass small
-rings, so that they wrap around many times and split the leaves.
+Each layer's w and g are read once from HBM into a ring of VMEM blocks (the
+schedule of ``fused_plan``), summed as they arrive, the layer's trust ratio
+computed on the vector unit, and the layer updated from the ring while the
+momentum streams in and the results stream out: 20 instead of 28 bytes per
+float32 parameter. The kernel is one invocation walking that static schedule;
+each layer's sums accumulate in the order of ``mosaic_tpu``'s norm pass.
+Layers larger than the ring are left to ``mosaic_tpu``'s two passes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lars.contract import LeafSpec, Scalar
+
 from . import elementwise as ew
-from .mosaic_tpu import (
-    _ANY,
-    _SMEM,
+from .fused_plan import (
+    IN_ROLES,
+    OUT_ROLES,
+    RING_ROLES,
+    Entry,
+    FusedPlan,
+    buffers_bytes,
+    plan_fused,
+)
+from .tpu_pipeline import (
+    ANY,
     BLOCK_LANES,
     BLOCK_ROWS,
     LANES,
-    ROWS,
-    Branch,
-    TilePlan,
-    _buffer_keys,
-    _copies,
-    _scalar_getter,
-    _scratch_shapes,
-    _streams,
-    _tiles,
-    plan_tiles,
+    SMEM,
+    copies,
+    scalar_getter,
+    scratch_shapes,
+    split_streams,
     tpu_context,
 )
 
-# The share of the chip's VMEM the ring may use. The rest holds the streamed
-# blocks (momentum in, two results out, double-buffered: about 1.5 MiB with the
-# default blocks) and what Mosaic needs for itself. For a TPU v5e or v6e
-# (128 MiB of VMEM) this is a ring of 64 MiB: 128 float32 blocks of w and g,
-# so every layer of ResNet-50 (the largest is 2.4M params, 36 blocks) is fused,
-# and the next layer's loads can start while a layer is updated. For a v4
-# (16 MiB), it is 16 blocks: layers of up to 1M params. Chosen by that
-# arithmetic; not measured (no TPU was available).
-RING_FRACTION = 0.5
 # VMEM the kernel asks for on top of its buffers (Mosaic's internal scratch).
 VMEM_MARGIN = 4 * 1024 * 1024
-# The trust scalars the kernel reads from SMEM.
-TRUST_COEFFICIENT, EPS, TRUST_CLIP = 0, 1, 2
-NUM_TRUST_SCALARS = 4
-
-_RING_ROLES = ("param_dtype", "grad_dtype")  # w and g: read once, kept in the ring
-_IN_ROLES = ("momentum_dtype",)  # v: streamed
-_OUT_ROLES = ("param_dtype", "momentum_dtype")  # the update (or new w) and new v
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """A run of blocks of one branch, in the fused schedule.
-
-    Attributes:
-      branch: The branch (a leaf's full blocks, or its remainder block).
-      first: The global index of its first block (its ring slot is
-        ``first % ring``).
-      count: Its number of blocks.
-    """
-
-    branch: Branch
-    first: int
-    count: int
-
-    def start(self, k):
-        """The start (rows or lanes) of its k-th block in the leaf's view."""
-        return k * self.branch.length if self.branch.full else self.branch.start
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedPlan:
-    """The static schedule of one fused launch.
-
-    Attributes:
-      tiles: The blocks of the launch's leaves (as for the two-pass kernels).
-      ring: Slots in the ring (blocks of w and of g kept in VMEM).
-      entries: Per leaf, its entries in order.
-      initial: The global block range whose loads start first.
-      refills: Per leaf, the global block range whose loads start once the
-        leaf's update is done.
-    """
-
-    tiles: TilePlan
-    ring: int
-    entries: tuple[tuple[Entry, ...], ...]
-    initial: tuple[int, int]
-    refills: tuple[tuple[int, int], ...]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.tiles.num_steps
-
-
-def leaf_blocks(size: int, block_rows: int = BLOCK_ROWS, block_lanes: int = BLOCK_LANES) -> int:
-    """The number of blocks of a leaf of ``size`` > 0 elements."""
-    return plan_tiles([size], block_rows, block_lanes).num_steps
-
-
-def plan_fused(
-    sizes: Sequence[int],
-    ring: int,
-    block_rows: int = BLOCK_ROWS,
-    block_lanes: int = BLOCK_LANES,
-) -> FusedPlan:
-    """The fused schedule of leaves of ``sizes`` (each > 0) with a ring of ``ring`` slots.
-
-    Raises:
-      ValueError: if ``ring`` < 2, or a leaf has more blocks than the ring.
-    """
-    if ring < 2:
-        raise ValueError(f"the ring needs at least 2 slots, got {ring}")
-    tiles = plan_tiles(sizes, block_rows, block_lanes)
-    per_leaf: list[list[Entry]] = [[] for _ in sizes]
-    first = 0
-    for branch, count in _tiles(tiles):
-        per_leaf[branch.leaf].append(Entry(branch, first, count))
-        first += count
-    total = first
-    starts = [entries[0].first for entries in per_leaf] + [total]
-    for j in range(len(sizes)):
-        blocks = starts[j + 1] - starts[j]
-        if blocks > ring:
-            raise ValueError(f"leaf {j} has {blocks} blocks, more than the ring's {ring} slots")
-    # After leaf j's update every block before leaf j+1 is used, so the loads
-    # may run up to `ring` blocks past leaf j+1's first block.
-    refills = tuple(
-        (min(total, starts[j] + ring), min(total, starts[j + 1] + ring)) for j in range(len(sizes))
-    )
-    return FusedPlan(
-        tiles,
-        ring,
-        tuple(tuple(e) for e in per_leaf),
-        (0, min(total, ring)),
-        refills,
-    )
 
 
 # --------------------------------------------------------------------------
 # The kernel.
 
 
-def _ratio(sum_w2, sum_u2, trust_ref, scalars, flags: ew.StepFlags, trust_clip: bool):
+def _ratio(sum_w2, sum_u2, scalars, flags: ew.Flags):
     """A leaf's trust ratio from its sums, computed on (8, 128) vectors.
 
     The vector unit has the square root and the division the scalar unit
@@ -188,12 +66,12 @@ def _ratio(sum_w2, sum_u2, trust_ref, scalars, flags: ew.StepFlags, trust_clip: 
     r = ew.trust_ratio(
         vec(sum_w2),
         vec(sum_u2),
-        vec(trust_ref[TRUST_COEFFICIENT]),
-        vec(trust_ref[EPS]),
-        vec(trust_ref[TRUST_CLIP]) if trust_clip else None,
+        vec(ew.scalar(scalars, Scalar.TRUST_COEFFICIENT)),
+        vec(ew.scalar(scalars, Scalar.EPS)),
+        vec(ew.scalar(scalars, Scalar.TRUST_CLIP)) if flags.trust_clip else None,
     )
     if flags.skip_nonfinite:  # a skipped step reports ratios of 1, as the reference
-        r = jnp.where(vec(scalars(ew.FINITE)) != 0.0, r, 1.0)
+        r = jnp.where(vec(ew.scalar(scalars, Scalar.FINITE)) != 0.0, r, 1.0)
     return jnp.max(r)
 
 
@@ -212,12 +90,10 @@ def _for_each_block(entry: Entry, body) -> None:
 
 def fused_kernel(
     scalars_ref,
-    trust_ref,
     *refs,
     fplan: FusedPlan,
-    leaves: Sequence[ew.LeafSpec],
-    flags: ew.StepFlags,
-    trust_clip: bool,
+    leaves: Sequence[LeafSpec],
+    flags: ew.Flags,
 ) -> None:
     """The whole step of the launch's leaves, one leaf after the other.
 
@@ -235,21 +111,21 @@ def fused_kernel(
     scratch = list(refs[5 * n + 1 : -1])
     acc_ref = refs[-1]
     sizes = [
-        len(_scratch_shapes(roles, leaves, plan, slots))
-        for roles, slots in ((_RING_ROLES, ring_size), (_IN_ROLES, 2))
+        len(scratch_shapes(roles, leaves, plan, slots))
+        for roles, slots in ((RING_ROLES, ring_size), (IN_ROLES, 2))
     ]
-    ring = _streams(_RING_ROLES, groups[:2], scratch[: sizes[0]], leaves, plan)
-    v_in = _streams(_IN_ROLES, groups[2:3], scratch[sizes[0] : sum(sizes)], leaves, plan)
-    outs = _streams(_OUT_ROLES, groups[3:], scratch[sum(sizes) :], leaves, plan)
-    scalars = _scalar_getter(scalars_ref)
+    ring = split_streams(RING_ROLES, groups[:2], scratch[: sizes[0]], leaves, plan)
+    v_in = split_streams(IN_ROLES, groups[2:3], scratch[sizes[0] : sum(sizes)], leaves, plan)
+    outs = split_streams(OUT_ROLES, groups[3:], scratch[sum(sizes) :], leaves, plan)
+    scalars = scalar_getter(scalars_ref)
     all_entries = [e for entries in fplan.entries for e in entries]
 
     def start(streams, entry: Entry, k, slot, to_vmem=True):
-        for c in _copies(entry.branch, entry.start(k), slot, streams, leaves, to_vmem):
+        for c in copies(entry.branch, entry.start(k), slot, streams, leaves, to_vmem):
             c.start()
 
     def wait(streams, entry: Entry, k, slot, to_vmem=True):
-        for c in _copies(entry.branch, entry.start(k), slot, streams, leaves, to_vmem):
+        for c in copies(entry.branch, entry.start(k), slot, streams, leaves, to_vmem):
             c.wait()
 
     def issue(lo: int, hi: int) -> None:
@@ -290,9 +166,7 @@ def fused_kernel(
                     acc_ref[ew.SUM_U2] += b
 
                 _for_each_block(entry, add_sums)
-            ratio_ref[j] = _ratio(
-                acc_ref[ew.SUM_W2], acc_ref[ew.SUM_U2], trust_ref, scalars, flags, trust_clip
-            )
+            ratio_ref[j] = _ratio(acc_ref[ew.SUM_W2], acc_ref[ew.SUM_U2], scalars, flags)
         else:
             ratio_ref[j] = jnp.float32(1)
 
@@ -339,74 +213,14 @@ def fused_kernel(
 # The launcher.
 
 
-def _slot_bytes(dtype_name: str, kind: str, block_rows: int, block_lanes: int) -> int:
-    """VMEM bytes of one block buffer slot (a (1, n) block pads to a full tile
-    of 32 bytes per lane: 8 float32 or 16 bfloat16 sublanes)."""
-    if kind == ROWS:
-        return block_rows * LANES * np.dtype(dtype_name).itemsize
-    return 32 * block_lanes
-
-
-def _buffers_bytes(roles, leaves, plan: TilePlan, slots: int) -> int:
-    total = 0
-    for attr in roles:
-        for name, kind in _buffer_keys(attr, leaves, plan):
-            total += slots * _slot_bytes(name, kind, plan.block_rows, plan.block_lanes)
-    return total
-
-
-def _vmem_capacity() -> int:
-    """VMEM bytes of the TensorCore traced for (``DEFAULT_CHIP`` off a TPU)."""
-    with tpu_context():
-        return int(pltpu.get_tpu_info().vmem_capacity_bytes)
-
-
-def default_ring(
-    leaves: Sequence[ew.LeafSpec],
-    block_rows: int = BLOCK_ROWS,
-    block_lanes: int = BLOCK_LANES,
-) -> int:
-    """Ring slots for ``leaves`` (sizes > 0): ``RING_FRACTION`` of the chip's VMEM
-    over the bytes of one slot of every ring buffer these leaves use."""
-    plan = plan_tiles([leaf.size for leaf in leaves], block_rows, block_lanes)
-    per_slot = _buffers_bytes(_RING_ROLES, leaves, plan, 1)
-    if not per_slot:
-        return 2
-    return max(2, int(_vmem_capacity() * RING_FRACTION) // per_slot)
-
-
-def fusable(
-    leaves: Sequence[ew.LeafSpec],
-    *,
-    ring_blocks: int | None = None,
-    block_rows: int = BLOCK_ROWS,
-    block_lanes: int = BLOCK_LANES,
-) -> tuple[list[bool], int]:
-    """Which leaves (sizes > 0) the fused kernel takes, and the ring size.
-
-    A leaf is fused when its blocks fit in the ring (``ring_blocks``, by
-    default :func:`default_ring`).
-    """
-    ring = ring_blocks if ring_blocks is not None else default_ring(leaves, block_rows, block_lanes)
-    return [leaf_blocks(leaf.size, block_rows, block_lanes) <= ring for leaf in leaves], ring
-
-
-def trust_scalars(trust_coefficient, eps, trust_clip) -> jax.Array:
-    """The (NUM_TRUST_SCALARS,) float32 SMEM input of the fused kernel."""
-    values = [trust_coefficient, eps, trust_clip] + [0.0] * (NUM_TRUST_SCALARS - 3)
-    return jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
-
-
 def fused_update(
     params: Sequence[jax.Array],
     grads: Sequence[jax.Array],
     momentum: Sequence[jax.Array],
     scalars: jax.Array,
-    trust: jax.Array,
     *,
-    flags: ew.StepFlags,
-    leaves: Sequence[ew.LeafSpec],
-    trust_clip: bool,
+    flags: ew.Flags,
+    leaves: Sequence[LeafSpec],
     ring_blocks: int,
     block_rows: int = BLOCK_ROWS,
     block_lanes: int = BLOCK_LANES,
@@ -416,14 +230,13 @@ def fused_update(
 
     Args:
       params, grads, momentum: The leaves' arrays.
-      scalars: The float32 scalars vector (see ``elementwise``).
-      trust: The trust scalars (:func:`trust_scalars`).
+      scalars: The float32 ``contract.Scalar`` vector (the trust ratio's
+        coefficient, eps and clip included).
       flags: Static options.
       leaves: Static per-leaf facts (sizes must be positive, and each leaf's
         blocks must fit in the ring).
-      trust_clip: Clip the trust ratios at ``trust[TRUST_CLIP]``.
-      ring_blocks: Ring slots (see :func:`fusable`).
-      block_rows, block_lanes: Block sizes (see ``mosaic_tpu``).
+      ring_blocks: Ring slots (see ``fused_plan.fusable``).
+      block_rows, block_lanes: Block sizes (see ``tpu_pipeline``).
       interpret: As in ``mosaic_tpu.update``.
 
     Returns:
@@ -440,36 +253,34 @@ def fused_update(
     out_shape = [jax.ShapeDtypeStruct(v, leaf.param_dtype) for v, leaf in views]
     out_shape += [jax.ShapeDtypeStruct(v, leaf.momentum_dtype) for v, leaf in views]
     out_shape.append(jax.ShapeDtypeStruct((n,), jnp.float32))
-    # Inputs: scalars, trust, then n params, n gradients, n momenta; outputs:
+    # Inputs: scalars, then n params, n gradients, n momenta; outputs:
     # n updates (or params), n momenta, the ratios.
-    aliases = {2 + 2 * n + i: n + i for i in range(n)}
+    aliases = {1 + 2 * n + i: n + i for i in range(n)}
     if flags.write_params:
-        aliases.update({2 + i: i for i in range(n)})
+        aliases.update({1 + i: i for i in range(n)})
     scratch = [
-        *_scratch_shapes(_RING_ROLES, leaves, plan, ring_blocks),
-        *_scratch_shapes(_IN_ROLES, leaves, plan),
-        *_scratch_shapes(_OUT_ROLES, leaves, plan),
+        *scratch_shapes(RING_ROLES, leaves, plan, ring_blocks),
+        *scratch_shapes(IN_ROLES, leaves, plan),
+        *scratch_shapes(OUT_ROLES, leaves, plan),
         pltpu.SMEM((2,), jnp.float32),
     ]
     vmem = (
-        _buffers_bytes(_RING_ROLES, leaves, plan, ring_blocks)
-        + _buffers_bytes(_IN_ROLES + _OUT_ROLES, leaves, plan, 2)
+        buffers_bytes(RING_ROLES, leaves, plan, ring_blocks)
+        + buffers_bytes(IN_ROLES + OUT_ROLES, leaves, plan, 2)
         + VMEM_MARGIN
     )
     kernel = pl.pallas_call(
-        functools.partial(
-            fused_kernel, fplan=fplan, leaves=leaves, flags=flags, trust_clip=trust_clip
-        ),
+        functools.partial(fused_kernel, fplan=fplan, leaves=leaves, flags=flags),
         out_shape=tuple(out_shape),
-        in_specs=[_SMEM, _SMEM] + [_ANY] * len(flat),
-        out_specs=tuple([_ANY] * (2 * n) + [_SMEM]),
+        in_specs=[SMEM] + [ANY] * len(flat),
+        out_specs=tuple([ANY] * (2 * n) + [SMEM]),
         scratch_shapes=scratch,
         input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(vmem_limit_bytes=vmem),
         interpret=interpret,
     )
     with tpu_context():
-        outs = kernel(scalars, trust, *flat)
+        outs = kernel(scalars, *flat)
     shapes = [p.shape for p in params]
     first = [o.reshape(s) for o, s in zip(outs[:n], shapes, strict=True)]
     new_momentum = [o.reshape(s) for o, s in zip(outs[n : 2 * n], shapes, strict=True)]
@@ -481,25 +292,14 @@ def fused_update_reference(
     grads: Sequence[jax.Array],
     momentum: Sequence[jax.Array],
     scalars: jax.Array,
-    trust: jax.Array,
     *,
-    flags: ew.StepFlags,
-    leaves: Sequence[ew.LeafSpec],
-    trust_clip: bool,
+    flags: ew.Flags,
+    leaves: Sequence[LeafSpec],
     **unused,
 ) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
     """The plain-JAX reference of :func:`fused_update` (same arguments, no tiling)."""
     del unused
     sums = ew.leaf_sums_reference(params, grads, scalars, flags, leaves)
-    r = ew.trust_ratio(
-        sums[:, ew.SUM_W2],
-        sums[:, ew.SUM_U2],
-        trust[TRUST_COEFFICIENT],
-        trust[EPS],
-        trust[TRUST_CLIP] if trust_clip else None,
-    )
-    r = jnp.where(np.asarray([leaf.trust for leaf in leaves], bool), r, 1.0)
-    if flags.skip_nonfinite:
-        r = jnp.where(scalars[ew.FINITE] != 0.0, r, 1.0)
+    r = ew.leaf_ratios(sums, scalars, flags, leaves)
     first, new_momentum = ew.update_reference(params, grads, momentum, r, scalars, flags, leaves)
     return first, new_momentum, r

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import kernels
+from . import entry
 from . import plan as P
 
 # Hopper (sm_90), the GPU this backend is written for; 32 threads per warp.
@@ -66,24 +66,10 @@ def compile_kernel(
     types = signature(spec, param_dtype, grad_dtype)
     constexprs = spec.constexprs(flags, tuning)
     source = ASTSource(
-        kernels.get_kernel(spec),
+        entry.get_kernel(spec),
         {**types, **dict.fromkeys(constexprs, "constexpr")},
         constexprs=constexprs,
         attrs={(i,): [["tt.divisibility", 16]] for i in range(len(types))},
     )
     options = {"num_warps": tuning.num_warps, "enable_fp_fusion": False}
     return triton.compile(source, target=target, options=options)
-
-
-def compile_step(plan: P.StepPlan, target: GPUTarget = HOPPER) -> dict[str, object]:
-    """Compiles every distinct entry point a step's launches use, by kernel name."""
-    compiled = {}
-    for kind in plan.passes():
-        for launch in plan.launches(kind):
-            spec = P.kernel_spec(launch, plan.flags)
-            key = f"{spec.name}:{launch.param_dtype}:{launch.grad_dtype}"
-            if key not in compiled:
-                compiled[key] = compile_kernel(
-                    spec, launch.param_dtype, launch.grad_dtype, plan.flags, plan.tuning, target
-                )
-    return compiled

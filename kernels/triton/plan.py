@@ -1,57 +1,10 @@
-"""The launch plan of the Triton LARS step: which leaves go in which launch, and the tile table.
+"""The launch plan of the Triton LARS step: which leaves go in which launch, and the tile tables.
 
-Everything here is plain Python and NumPy, computed on the host at trace time
-from static facts (shapes, dtypes, masks, options); it imports neither triton
-nor jax-triton, so the GPU launcher (``backend.py``) and the interpreter
-launcher (``interpret.py``) share it unchanged.
-
-Addressing leaves. jax-triton hands every array to a kernel as its own pointer
-argument, and JAX gives no device addresses to put in a pointer table, so a
-launch takes a fixed number of leaves ("slots"), each as its own pointer
-arguments (the kernel's signature is generated for that number, see
-``kernels.py``). Each program of a launch reads one row of an int32 *tile
-table*: the slot it serves, which ``CHUNK``-element chunk of that leaf, how many
-elements the chunk has, and whether weight decay applies; it then selects its
-slot's pointers with a chain of scalar selects and streams the chunk. Leaves
-are grouped by (param dtype, grad dtype) so that all slots of a launch have the
-same pointer types, and each group is cut into launches of at most
-``SLOTS_PER_LAUNCH`` leaves.
-
-The fused pass (the default, ``Tuning.fused``). One launch per dtype group
-(and ``SLOTS_PER_LAUNCH`` leaves) does the norms, the trust ratios and the
-update, so that a layer's w and g are read from HBM once: the update of a
-chunk follows the norm of the same chunk closely enough that its second read
-hits L2. Each row of the launch's tile table is an *item*: the partial sums of
-one chunk (``KIND_SUMS``), the update of one chunk (``KIND_UPDATE``), or both
-for a leaf of a single chunk (``KIND_WHOLE``, ratio computed in between). A
-program claims the next item with an atomic counter, not by its program id, so
-items start in table order: a layer's update items come after all its sums
-items, ``Tuning.lookahead`` items later, and the program that claims one waits
-(spins) until the last of those sums has finished. That wait cannot deadlock:
-every item it waits for was claimed earlier by a program that is already
-running. The last sums item of a layer to finish (an arrival counter per leaf)
-adds the layer's per-chunk partials in chunk order and publishes the trust
-ratio; the result does not depend on which program ran which item. Between
-the sums and the update of a chunk the launch reads at most the rest of its
-layer and ``lookahead`` chunks: for ResNet-50's largest layer (2.4M params)
-19 MB + 16 MB, inside an H100's 50 MB L2.
-
-The two-pass form (``Tuning(fused=False)``): a norm pass over the leaves with a
-trust ratio, the ratios in XLA, and an update pass over all non-empty leaves;
-the update re-reads w and g from HBM (28 instead of 20 bytes per fp32 param).
-It needs no atomics and is kept as the fallback.
-
-Launches per dtype group and pass: ``ceil(leaves / SLOTS_PER_LAUNCH)``, plus a
-norm pass over all gradients with ``grad_clip_norm`` (the global norm must be
-known before any update). ResNet-50 (161 float32 leaves, one dtype group)
-therefore takes one fused launch per step (two with ``grad_clip_norm``), or 2
-(3) in the two-pass form, plus a few small XLA operations. Concatenating the
-leaves instead would need no slots but copies w, g and v in and w, v out every
-step (about 20 extra bytes per fp32 parameter on top of the 20 the step
-needs): not acceptable unmeasured.
-
-The tuning constants below were chosen by the arithmetic given with each, not
-by measurement: this backend has not run on a GPU yet.
+Plain Python and NumPy, computed on the host at trace time from a step's
+static facts (``lars.contract.StepSpec``: leaves, masks, switches, options);
+it imports neither triton nor jax-triton. A :class:`StepPlan` holds no
+hyperparameter values (they may be traced), so it is a ``jax.jit`` static
+argument. See docs/triton.md for the design of the tables and the fused pass.
 """
 
 from __future__ import annotations
@@ -61,36 +14,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Leaves per launch. Every leaf takes up to 5 pointer arguments in the update
-# pass (w, g, v in; update or new w, new v out), 8 bytes each: 192 slots are
-# 7.7 kB of kernel parameters. That needs the 32 kB parameter space of CUDA 12.1+
-# on Volta and newer (the 4 kB of older CUDA fits 64 slots: Tuning(slots=64));
-# ptxas accepts it for sm_90 (tests/test_triton.py). 192 covers ResNet-50's 161
-# leaves, so a dtype group takes one launch per pass (two per step, three with
-# grad_clip_norm), inside the kernels issue's bound of four. Each program pays
-# one select per slot and pointer (at most 5 * 191) before it streams its
-# 8192-element chunk. Chosen from these limits, not measured on a GPU.
+from lars.contract import LeafSpec, StepSpec
+from lars.contract import StepFlags as Flags
+
+# Leaves per launch: 192 slots of up to 5 pointers fit CUDA 12.1+'s 32 kB of
+# kernel parameters and cover ResNet-50's 161 leaves (chosen from these limits).
 SLOTS_PER_LAUNCH = 192
-# Elements one program streams. 8192 elements over 128 threads are 64 per
-# thread, so the per-program setup (table reads, pointer selects) is spread
-# thin; ResNet-50's 25.6M parameters make about 3,200 programs, about 1.5 waves
-# of resident blocks on an H100 (132 SMs x 16 blocks of 4 warps). Not measured.
+# Elements per program: 64 per thread of 4 warps (chosen by arithmetic, not measured).
 CHUNK = 8192
-# Elements per vector step of a program: 1024 over 128 threads are 8 per
-# thread, two 16-byte loads of fp32 (one of bf16/fp16) per array. Not measured.
+# Elements per vector step: two 16-byte fp32 loads per thread (not measured).
 BLOCK = 1024
-# Warps per program (128 threads). The Triton default; not measured.
+# Warps per program: the Triton default (not measured).
 NUM_WARPS = 4
-# Fused pass: items between a layer's last sums item and its first update item.
-# A program that claims an update item early waits for the sums in flight; a
-# later one finds the ratio ready but the layer's chunks further back in L2.
-# 256 chunks of 8192 fp32 (w and g) are 16 MB, which with ResNet-50's largest
-# layer (19 MB of w and g) stays inside an H100's 50 MB L2; and 256 items are
-# several hundred microseconds of streaming, far longer than one item (the
-# longest a waiting program waits). From these sizes, not measured.
+# Fused pass: items between a layer's last sums item and its first update
+# item; 16 MB of fp32 w and g, inside an H100's L2 (from sizes, not measured).
 LOOKAHEAD = 256
-# Fused pass: partial-sum rows a program adds per vector step when it
-# finalises a layer's trust ratio (ResNet-50's largest layer has 289 chunks).
+# Fused pass: partial-sum rows added per vector step when a ratio is finalised.
 REDUCE_BLOCK = 256
 
 # Columns of the int32 tile table: one row per program.
@@ -110,21 +49,6 @@ KIND_SUMS = 0  # partial sums of one chunk of a multi-chunk leaf
 KIND_UPDATE = 1  # update of one chunk, once the leaf's ratio is published
 KIND_WHOLE = 2  # a single-chunk leaf: sums, ratio and update in one program
 
-# Positions in the float32 ``scalars`` vector every launch reads: the values
-# that may change between steps reach the kernels as data, never as constants,
-# so a new learning rate does not recompile.
-LR = 0
-MOMENTUM = 1
-WEIGHT_DECAY = 2
-CLIP_DIVISOR = 3  # ||g|| when the global-norm clip triggers, else 1
-CLIP_FACTOR = 4  # grad_clip_norm when the clip triggers, else 1
-CLIP_VALUE = 5
-TRUST_COEFFICIENT = 6  # the fused pass computes the ratios: the formula's scalars
-EPS = 7
-TRUST_CLIP = 8
-FINITE = 9  # 1 for a step to take, 0 for one to skip (Flags.skip_nonfinite)
-NUM_SCALARS = 16  # padded to 64 bytes
-
 # Columns of the per-chunk partial sums a norm pass writes.
 SUM_W2 = 0  # sum of w**2 (of g**2 in the global-norm pass)
 SUM_U2 = 1  # sum of u**2, u the clipped and decayed gradient
@@ -133,11 +57,7 @@ SUM_U2 = 1  # sum of u**2, u the clipped and decayed gradient
 GLOBAL_NORM = "global_norm"  # sum of g**2 over every leaf (grad_clip_norm only)
 SUMS = "sums"  # per leaf, sum of w**2 and of u**2 (leaves with a trust ratio)
 UPDATE = "update"  # per element: new momentum, and the update or the new param
-FUSED = "fused"  # SUMS, the trust ratios and UPDATE in one launch (see above)
-
-# Param and gradient dtypes the kernels handle (any pair of them); compute and
-# momentum are float32.
-DTYPES = ("float32", "bfloat16", "float16")
+FUSED = "fused"  # SUMS, the trust ratios and UPDATE in one launch
 
 # Element offsets are int32 chunk numbers times CHUNK, computed in int64 in the
 # kernels; the table itself is int32.
@@ -146,13 +66,13 @@ _MAX_CHUNKS = 2**31 - 1
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """The launch geometry (see the module constants for the defaults' reasons).
+    """The launch geometry (the backend's options; see the module constants).
 
     Attributes:
       slots: Leaves per launch.
       chunk: Elements per program; a multiple of ``block``.
       block: Elements per vector step; a power of two.
-      num_warps: Warps per program (GPU launches only).
+      num_warps: Warps per program (GPU launches only); a power of two.
       fused: One fused launch per dtype group (norms, ratios and update);
         False: the two-pass form (a norm pass, then an update pass).
       lookahead: Fused pass: items between a layer's sums and its update.
@@ -172,55 +92,10 @@ class Tuning:
             raise ValueError(f"block must be a power of two, got {self.block}")
         if self.chunk < self.block or self.chunk % self.block:
             raise ValueError(f"chunk must be a multiple of block={self.block}, got {self.chunk}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafSpec:
-    """What the plan knows about one leaf (static).
-
-    Attributes:
-      size: Number of elements.
-      param_dtype: Name of the param dtype ("float32", "bfloat16", "float16").
-      grad_dtype: Name of the gradient dtype.
-      decay: Weight decay applies to this leaf (and is on in the config).
-      trust: The trust ratio applies (else r = 1 and no norms are needed).
-    """
-
-    size: int
-    param_dtype: str
-    grad_dtype: str
-    decay: bool
-    trust: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Flags:
-    """The static switches of a step (part of each kernel's identity).
-
-    Attributes:
-      clip_norm: Global-norm clipping is on.
-      clip_value: Element-wise clipping is on.
-      has_decay: Weight decay is on for at least one leaf.
-      nesterov: Nesterov momentum.
-      lr_inside_momentum: The optax form v = mu*v + lr*r*g; w -= v.
-      trust_clip: r = min(r, trust_clip) is on.
-      write_params: The update pass writes the new params (over the old ones)
-        instead of the updates.
-      skip_nonfinite: The update reads the ``FINITE`` scalar; at 0 it leaves
-        params and momenta as they were (updates -0.0): ``skip_nonfinite``
-        then needs no copies of them.
-    """
-
-    clip_norm: bool = False
-    clip_value: bool = False
-    has_decay: bool = False
-    nesterov: bool = False
-    lr_inside_momentum: bool = False
-    trust_clip: bool = False
-    write_params: bool = False
-    skip_nonfinite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,11 +126,22 @@ class Launch:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """Everything static about one step: hashable, so it can be a jit-static argument."""
+    """Everything static about one step's launches: hashable, a jit-static argument.
+
+    Attributes:
+      leaves: The step's leaves (``StepSpec.leaves``).
+      flags: Its switches.
+      tuning: The launch geometry.
+    """
 
     leaves: tuple[LeafSpec, ...]
     flags: Flags
     tuning: Tuning
+
+    @classmethod
+    def of(cls, spec: StepSpec) -> StepPlan:
+        """The plan of ``spec``, its options (normalised) the :class:`Tuning`."""
+        return cls(tuple(spec.leaves), spec.flags, Tuning(**dict(spec.options)))
 
     def launches(self, kind: str) -> list[Launch]:
         """The launches of pass ``kind``, dtype group by dtype group."""
@@ -286,10 +172,14 @@ class StepPlan:
         first = (GLOBAL_NORM,) if self.flags.clip_norm else ()
         return (*first, FUSED) if self.tuning.fused else (*first, SUMS, UPDATE)
 
+    def count_launches(self) -> dict[str, int]:
+        """Triton launches per pass of a step."""
+        return {kind: len(self.launches(kind)) for kind in self.passes()}
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """The identity of one generated entry point (see ``kernels.entry_source``).
+    """The identity of one generated entry point (see ``entry.entry_source``).
 
     Attributes:
       kind: The pass (GLOBAL_NORM, SUMS, UPDATE or FUSED).
@@ -376,10 +266,11 @@ def kernel_spec(launch: Launch, flags: Flags) -> KernelSpec:
 def group_by_dtypes(
     leaves: Sequence[LeafSpec], chosen: Sequence[int]
 ) -> dict[tuple[str, str], list[int]]:
-    """``chosen`` leaf indices by (param dtype, grad dtype), groups in order of first use."""
+    """``chosen`` leaf indices by (param dtype, grad dtype) names, groups in order of first use."""
     groups: dict[tuple[str, str], list[int]] = {}
     for i in chosen:
-        groups.setdefault((leaves[i].param_dtype, leaves[i].grad_dtype), []).append(i)
+        key = (np.dtype(leaves[i].param_dtype).name, np.dtype(leaves[i].grad_dtype).name)
+        groups.setdefault(key, []).append(i)
     return groups
 
 
@@ -410,7 +301,7 @@ def make_fused_table(
     chunk: int,
     lookahead: int,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The item table of one fused launch (see the module docstring).
+    """The item table of one fused launch.
 
     A leaf of one chunk with a trust ratio is one KIND_WHOLE item. A longer one
     is a KIND_SUMS item per chunk, then, ``lookahead`` sums items of later
@@ -486,16 +377,10 @@ def reduce_index(spans: Sequence[tuple[int, int]], num_rows: int) -> np.ndarray:
     return index
 
 
-def check_leaf(i: int, size: int, param_dtype, grad_dtype, momentum_dtype, chunk: int) -> None:
-    """Raises a TypeError/ValueError naming leaf ``i`` if the kernels cannot handle it."""
-    p, g, v = (np.dtype(d).name for d in (param_dtype, grad_dtype, momentum_dtype))
-    if p not in DTYPES or g not in DTYPES:
-        raise TypeError(
-            f"leaf {i}: the triton backend handles float32, bfloat16 and float16 params and "
-            f"gradients; this leaf has a {p} param and a {g} gradient "
-            "(use backend='reference' or 'native' for float64)"
-        )
-    if v != "float32":
-        raise TypeError(f"leaf {i}: momentum must be float32 for a {p} param, got {v}")
-    if -(-size // chunk) > _MAX_CHUNKS:
-        raise ValueError(f"leaf {i} has {size} elements, more than the int32 tile table addresses")
+def too_large(spec: StepSpec) -> str | None:
+    """None when the int32 tile tables address every leaf of ``spec``, else which does not."""
+    chunk = Tuning(**dict(spec.options)).chunk
+    for i, leaf in enumerate(spec.leaves):
+        if -(-leaf.size // chunk) > _MAX_CHUNKS:
+            return f"leaf {i} has {leaf.size} elements, more than the int32 tile table addresses"
+    return None

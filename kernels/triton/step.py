@@ -1,26 +1,27 @@
 """The LARS step on the Triton kernels, independent of how a kernel is launched.
 
-:func:`run_step` drives the passes of the plan (``plan.py``) through a
-*launcher*: ``backend.py`` launches with ``jax_triton.triton_call`` on device
-arrays (``xp = jax.numpy``), ``interpret.py`` with Triton's interpreter on
-NumPy arrays (``xp = numpy``). The launch plan, the kernels, their arguments
-and the few operations between the passes are the same code for both.
-
-Between the passes (in ``xp``): each launch's per-chunk partial sums are
-reduced per leaf in a fixed order, and the per-leaf sums become the global
-gradient norm and (in the two-pass form) the trust ratios with the formula of
-``lars._reference.reference_step``. The fused pass computes the ratios itself.
+:func:`run` is the backend contract's step for both Triton backends: it
+builds the plan (``plan.py``) and drives its passes through a *launcher*
+(``backend.py``: ``jax_triton.triton_call`` on a GPU; ``interpret.py``:
+Triton's interpreter in a ``jax.pure_callback``). Between the passes, in
+XLA: each launch's per-chunk partial sums are reduced per leaf in a fixed
+order, and the per-leaf sums become the global gradient norm and (in the
+two-pass form) the trust ratios with the reference's formula. The pass
+functions also take NumPy (``xp=numpy``) for kernel-level tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lars._config import LarsConfig
+from lars.contract import Scalar, StepInputs, StepResult, StepSpec, scalars
 
 from . import plan as P
 
@@ -38,7 +39,7 @@ class Launcher(Protocol):
 
     ``aliases`` maps input to output positions (the output is the input's
     buffer); the outputs at the positions in ``zeroed`` are zero when the
-    kernel starts.
+    kernel starts. A launcher is hashable (a jit-static argument).
     """
 
     def __call__(
@@ -53,106 +54,79 @@ class Launcher(Protocol):
     ) -> list[Any]: ...
 
 
-HYPERPARAMETERS = (
-    "momentum",
-    "weight_decay",
-    "trust_coefficient",
-    "eps",
-    "trust_clip",
-    "grad_clip_norm",
-    "grad_clip_value",
-)
+def run(spec: StepSpec, inputs: StepInputs, launch: Launcher) -> StepResult:
+    """One LARS step (``lars.contract``'s ``run``) with the kernels launched by ``launch``.
+
+    The hyperparameters reach the kernels as the ``lars.contract.scalars``
+    vector, never as compiled-in constants; only the plan and the launcher
+    are static.
+    """
+    if spec.given_ratios:
+        raise ValueError("the Triton backends do not take given trust ratios")
+    plan = P.StepPlan.of(spec)
+    params, grads, momentum, lr, finite = inputs[:5]
+    params, grads, momentum = list(params), list(grads), list(momentum)
+    values = scalars(lr, spec.config, finite=finite)
+    if plan.flags.clip_norm:
+        # optax.clip_by_global_norm: g <- g if ||g|| < c else (g / ||g||) * c.
+        g_norm = _global_norm(params, grads, values, plan=plan, launch=launch)
+        values = scalars(lr, spec.config, finite=finite, global_norm=g_norm)
+    first, new_momentum, ratios = _step(params, grads, momentum, values, plan=plan, launch=launch)
+    return StepResult(list(first), list(new_momentum), list(ratios))
 
 
-def hyperparameters(config: LarsConfig) -> dict[str, Any]:
-    """The config's numbers (possibly traced), 0 for an option that is off."""
-    values = {name: getattr(config, name) for name in HYPERPARAMETERS}
-    if not config.has_weight_decay:
-        values["weight_decay"] = 0.0
-    return {k: 0.0 if v is None else v for k, v in values.items()}
+@functools.partial(jax.jit, static_argnames=("plan", "launch"))
+def _global_norm(params, grads, values, *, plan: P.StepPlan, launch: Launcher) -> jax.Array:
+    """The global gradient norm (float32) from the GLOBAL_NORM pass."""
+    sums = pass_sums(P.GLOBAL_NORM, params, grads, values, plan=plan, launch=launch, xp=jnp)
+    return jnp.sqrt(jnp.sum(sums[:, P.SUM_W2]))
 
 
-def build_plan(
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    momentum: Sequence[Any],
-    *,
-    config: LarsConfig,
-    decay_mask: Sequence[bool],
-    trust_mask: Sequence[bool],
-    write_params: bool,
-    tuning: P.Tuning,
-    skip_nonfinite: bool = False,
-) -> P.StepPlan:
-    """The static plan of a step; raises naming the leaf the kernels cannot handle."""
-    has_decay = config.has_weight_decay
-    leaves = []
-    for i, (p, g, v) in enumerate(zip(params, grads, momentum, strict=True)):
-        shape = tuple(p.shape)
-        if shape != tuple(g.shape) or shape != tuple(v.shape):
-            raise ValueError(
-                f"leaf {i}: param, gradient and momentum shapes differ "
-                f"({shape}, {tuple(g.shape)}, {tuple(v.shape)})"
-            )
-        size = int(np.prod(shape, dtype=np.int64))
-        P.check_leaf(i, size, p.dtype, g.dtype, v.dtype, tuning.chunk)
-        leaves.append(
-            P.LeafSpec(
-                size=size,
-                param_dtype=np.dtype(p.dtype).name,
-                grad_dtype=np.dtype(g.dtype).name,
-                decay=bool(decay_mask[i]) and has_decay,
-                trust=bool(trust_mask[i]),
-            )
-        )
-    flags = P.Flags(
-        clip_norm=config.grad_clip_norm is not None,
-        clip_value=config.grad_clip_value is not None,
-        has_decay=any(leaf.decay for leaf in leaves),
-        nesterov=bool(config.nesterov),
-        lr_inside_momentum=bool(config.lr_inside_momentum),
-        trust_clip=config.trust_clip is not None,
-        write_params=write_params,
-        skip_nonfinite=skip_nonfinite,
-    )
-    return P.StepPlan(tuple(leaves), flags, tuning)
+@functools.partial(jax.jit, static_argnames=("plan", "launch"))
+def _step(params, grads, momentum, values, *, plan: P.StepPlan, launch: Launcher):
+    """Norms, trust ratios and update: (updates or new params, new momenta, ratios).
 
+    Jitted so that eager calls reuse the compiled kernels.
+    """
+    f32 = np.float32
+    one = jnp.ones((), f32)
+    run = dict(plan=plan, launch=launch, xp=jnp)
+    if plan.tuning.fused:
+        # Norms, trust ratios and the update in one launch per dtype group.
+        first, new_momentum, ratios = pass_fused(params, grads, momentum, values, **run)
+        # Empty leaves: zero norms, so r = 1, then trust_clip, as in the reference.
+        empty_ratio = one
+        if plan.flags.trust_clip:
+            empty_ratio = jnp.minimum(one, values[Scalar.TRUST_CLIP])
+        for i, leaf in enumerate(plan.leaves):
+            if leaf.size == 0:
+                ratios[i] = empty_ratio if leaf.trust else one
+        first = _fill_empty(first, new_momentum, params, momentum, plan)
+        return first, new_momentum, _skipped_ratios(ratios, values, plan)
 
-def prepare(
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    momentum: Sequence[Any],
-    *,
-    config: LarsConfig,
-    decay_mask: Sequence[bool],
-    trust_mask: Sequence[bool],
-    write_params: bool,
-    tuning: P.Tuning | None,
-    xp: Any,
-    skip_nonfinite: bool = False,
-) -> tuple[P.StepPlan, dict[str, Any]]:
-    """The step's plan (:func:`build_plan`, ``plan.Tuning()`` by default) and
-    :func:`hyperparameters` as float32 0-d ``xp`` arrays."""
-    plan = build_plan(
-        params,
-        grads,
-        momentum,
-        config=config,
-        decay_mask=decay_mask,
-        trust_mask=trust_mask,
-        write_params=write_params,
-        tuning=tuning or P.Tuning(),
-        skip_nonfinite=skip_nonfinite,
-    )
-    hyper = {k: xp.asarray(v, np.float32) for k, v in hyperparameters(config).items()}
-    return plan, hyper
+    # Trust ratios from the per-leaf sums (optax.scale_by_trust_ratio). Empty
+    # leaves have zero sums: r = 1, then trust_clip, as in the reference.
+    sums = pass_sums(P.SUMS, params, grads, values, **run)
+    w_norm = jnp.sqrt(sums[:, P.SUM_W2])
+    u_norm = jnp.sqrt(sums[:, P.SUM_U2])
+    r = values[Scalar.TRUST_COEFFICIENT] * w_norm / (u_norm + values[Scalar.EPS])
+    r = jnp.where(jnp.logical_or(w_norm == 0.0, u_norm == 0.0), one, r)
+    if plan.flags.trust_clip:
+        r = jnp.minimum(r, values[Scalar.TRUST_CLIP])
+    trust = np.asarray([leaf.trust for leaf in plan.leaves], bool)
+    ratios = jnp.where(trust, r, one).astype(f32)
+
+    first, new_momentum = pass_update(params, grads, momentum, ratios, values, **run)
+    first = _fill_empty(first, new_momentum, params, momentum, plan)
+    ratios = [ratios[i] for i in range(len(plan.leaves))]
+    return first, new_momentum, _skipped_ratios(ratios, values, plan)
 
 
 def pass_sums(
     kind: str,
     params: Sequence[Any],
     grads: Sequence[Any],
-    scalars: Any,
+    values: Any,
     *,
     plan: P.StepPlan,
     launch: Launcher,
@@ -171,7 +145,7 @@ def pass_sums(
     for launch_ in plan.launches(kind):
         spec = P.kernel_spec(launch_, plan.flags)
         ids = launch_.leaves
-        inputs = [xp.asarray(launch_.table), scalars]
+        inputs = [xp.asarray(launch_.table), values]
         if spec.with_params:
             inputs += [params[i] for i in ids]
         inputs += [grads[i] for i in ids]
@@ -192,7 +166,7 @@ def pass_sums(
     return sums[np.asarray([row_of.get(i, 0) for i in range(len(plan.leaves))], np.int32)]
 
 
-def _update_inputs(
+def update_inputs(
     launch_: P.Launch,
     spec: P.KernelSpec,
     params: Sequence[Any],
@@ -238,7 +212,7 @@ def pass_fused(
     params: Sequence[Any],
     grads: Sequence[Any],
     momentum: Sequence[Any],
-    scalars: Any,
+    values: Any,
     *,
     plan: P.StepPlan,
     launch: Launcher,
@@ -256,8 +230,8 @@ def pass_fused(
         spec = P.kernel_spec(launch_, plan.flags)
         ids = launch_.leaves
         k = len(ids)
-        head = [xp.asarray(launch_.table), scalars]
-        inputs, outputs, aliases = _update_inputs(
+        head = [xp.asarray(launch_.table), values]
+        inputs, outputs, aliases = update_inputs(
             launch_, spec, params, grads, momentum, head, plan.flags.write_params
         )
         outputs += fused_outputs(launch_)
@@ -281,7 +255,7 @@ def pass_update(
     grads: Sequence[Any],
     momentum: Sequence[Any],
     ratios: Any,
-    scalars: Any,
+    values: Any,
     *,
     plan: P.StepPlan,
     launch: Launcher,
@@ -298,8 +272,8 @@ def pass_update(
         spec = P.kernel_spec(launch_, plan.flags)
         ids = launch_.leaves
         k = len(ids)
-        head = [xp.asarray(launch_.table), scalars, ratios[np.asarray(ids, np.int32)]]
-        inputs, outputs, aliases = _update_inputs(
+        head = [xp.asarray(launch_.table), values, ratios[np.asarray(ids, np.int32)]]
+        inputs, outputs, aliases = update_inputs(
             launch_, spec, params, grads, momentum, head, plan.flags.write_params
         )
         results = launch(
@@ -315,138 +289,12 @@ def pass_update(
     return first, new_momentum
 
 
-def run_step(
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    momentum: Sequence[Any],
-    lr: Any,
-    hyper: dict[str, Any],
-    *,
-    plan: P.StepPlan,
-    launch: Launcher,
-    xp: Any,
-) -> tuple[list[Any], list[Any], list[Any]]:
-    """One LARS step: returns (updates or new params, new momenta, trust ratios).
-
-    Args:
-      params, grads, momentum: The leaves (``xp`` arrays).
-      lr: The learning rate, a float32 0-d array.
-      hyper: :func:`hyperparameters` as float32 0-d ``xp`` arrays, and with
-        ``plan.flags.skip_nonfinite`` "finite": 1 to take the step, 0 to skip
-        it (params and momenta stay as they were, the ratios are 1).
-      plan: The step's plan (its leaves must match the arrays).
-      launch: Runs a launch (see :class:`Launcher`).
-      xp: ``jax.numpy`` or ``numpy``: the array namespace of the arrays.
-    """
-    f32 = np.float32
-    one = xp.ones((), f32)
-    values = _scalar_values(lr, hyper, xp)
-    run = dict(plan=plan, launch=launch, xp=xp)
-    # 1. grad_clip_norm (optax.clip_by_global_norm): g <- g if ||g|| < c else (g / ||g||) * c.
-    if plan.flags.clip_norm:
-        sums = pass_sums(P.GLOBAL_NORM, params, grads, _stack(values, xp), **run)
-        _set_clip(values, xp.sqrt(xp.sum(sums[:, P.SUM_W2])), hyper, xp)
-    scalars_now = _stack(values, xp)
-    trust = np.asarray([leaf.trust for leaf in plan.leaves], bool)
-
-    if plan.tuning.fused:
-        # 2-3. Norms, trust ratios and the update in one launch per dtype group.
-        first, new_momentum, ratios = pass_fused(params, grads, momentum, scalars_now, **run)
-        # Empty leaves: zero norms, so r = 1, then trust_clip, as in the reference.
-        empty_ratio = one
-        if plan.flags.trust_clip:
-            empty_ratio = xp.minimum(one, hyper["trust_clip"])
-        for i, leaf in enumerate(plan.leaves):
-            if leaf.size == 0:
-                ratios[i] = empty_ratio if leaf.trust else one
-        first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
-        return first, new_momentum, _skipped_ratios(ratios, hyper, plan, xp)
-
-    # 2. Trust ratios from the per-leaf sums (optax.scale_by_trust_ratio). Empty
-    # leaves have zero sums: r = 1, then trust_clip, as in the reference.
-    sums = pass_sums(P.SUMS, params, grads, scalars_now, **run)
-    w_norm = xp.sqrt(sums[:, P.SUM_W2])
-    u_norm = xp.sqrt(sums[:, P.SUM_U2])
-    r = hyper["trust_coefficient"] * w_norm / (u_norm + hyper["eps"])
-    r = xp.where(xp.logical_or(w_norm == 0.0, u_norm == 0.0), one, r)
-    if plan.flags.trust_clip:
-        r = xp.minimum(r, hyper["trust_clip"])
-    ratios = xp.where(trust, r, one).astype(f32)
-
-    # 3. The update pass.
-    first, new_momentum = pass_update(params, grads, momentum, ratios, scalars_now, **run)
-    first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
-    ratios = [ratios[i] for i in range(len(plan.leaves))]
-    return first, new_momentum, _skipped_ratios(ratios, hyper, plan, xp)
-
-
-def _skipped_ratios(ratios: list[Any], hyper: dict[str, Any], plan: P.StepPlan, xp: Any):
+def _skipped_ratios(ratios: list[Any], values: jax.Array, plan: P.StepPlan) -> list[Any]:
     """The ratios, or 1 for every leaf on a skipped step (as the reference reports)."""
     if not plan.flags.skip_nonfinite:
         return ratios
-    one = xp.ones((), np.float32)
-    return [xp.where(hyper["finite"] != 0, r, one).astype(np.float32) for r in ratios]
-
-
-def run_update_given(
-    params: Sequence[Any],
-    grads: Sequence[Any],
-    momentum: Sequence[Any],
-    lr: Any,
-    hyper: dict[str, Any],
-    ratios: Any,
-    global_norm: Any,
-    *,
-    plan: P.StepPlan,
-    launch: Launcher,
-    xp: Any,
-) -> tuple[list[Any], list[Any], list[Any]]:
-    """The update half of a step, with the trust ratios and global norm given.
-
-    For sharded params (``lars._sharded``): the ratios are those of whole
-    layers, summed over every shard by the caller; the update pass runs alone.
-    Arguments as in :func:`run_step`, plus ``ratios`` (one float32 per leaf)
-    and ``global_norm`` (the global gradient norm, used with ``grad_clip_norm``).
-    """
-    values = _scalar_values(lr, hyper, xp)
-    if plan.flags.clip_norm:
-        _set_clip(values, xp.asarray(global_norm).astype(np.float32), hyper, xp)
-    ratios = xp.asarray(ratios).astype(np.float32)
-    run = dict(plan=plan, launch=launch, xp=xp)
-    first, new_momentum = pass_update(params, grads, momentum, ratios, _stack(values, xp), **run)
-    first = _fill_empty(first, new_momentum, params, momentum, plan, xp)
-    return first, new_momentum, [ratios[i] for i in range(len(plan.leaves))]
-
-
-def _scalar_values(lr: Any, hyper: dict[str, Any], xp: Any) -> dict[int, Any]:
-    """The ``scalars`` vector's entries (position -> 0-d float32), clipping off."""
-    one = xp.ones((), np.float32)
-    return {
-        P.LR: xp.asarray(lr).astype(np.float32),
-        P.MOMENTUM: hyper["momentum"],
-        P.WEIGHT_DECAY: hyper["weight_decay"],
-        P.CLIP_DIVISOR: one,
-        P.CLIP_FACTOR: one,
-        P.CLIP_VALUE: hyper["grad_clip_value"],
-        P.TRUST_COEFFICIENT: hyper["trust_coefficient"],
-        P.EPS: hyper["eps"],
-        P.TRUST_CLIP: hyper["trust_clip"],
-        P.FINITE: hyper.get("finite", one),
-    }
-
-
-def _set_clip(values: dict[int, Any], g_norm: Any, hyper: dict[str, Any], xp: Any) -> None:
-    """The clip scalars for the global gradient norm ``g_norm`` (1 and 1 below the bound)."""
-    one = xp.ones((), np.float32)
-    trigger = g_norm < hyper["grad_clip_norm"]
-    values[P.CLIP_DIVISOR] = xp.where(trigger, one, g_norm)
-    values[P.CLIP_FACTOR] = xp.where(trigger, one, hyper["grad_clip_norm"])
-
-
-def _stack(values: dict[int, Any], xp: Any) -> Any:
-    """The float32 ``scalars`` vector (unset positions 0)."""
-    zero = xp.zeros((), np.float32)
-    return xp.stack([values.get(k, zero) for k in range(P.NUM_SCALARS)]).astype(np.float32)
+    one = jnp.ones((), np.float32)
+    return [jnp.where(values[Scalar.FINITE] != 0, r, one).astype(np.float32) for r in ratios]
 
 
 def _fill_empty(
@@ -455,11 +303,10 @@ def _fill_empty(
     params: Sequence[Any],
     momentum: Sequence[Any],
     plan: P.StepPlan,
-    xp: Any,
 ) -> list[Any]:
     """The results of the empty leaves (not launched); fills ``new_momentum`` in place."""
     for i, leaf in enumerate(plan.leaves):
         if leaf.size == 0:
-            first[i] = params[i] if plan.flags.write_params else xp.zeros_like(params[i])
+            first[i] = params[i] if plan.flags.write_params else jnp.zeros_like(params[i])
             new_momentum[i] = momentum[i]
     return first

@@ -2,9 +2,9 @@
 
 Run from the repository root on a machine with an NVIDIA Hopper GPU::
 
-    python -m lars.kernels.pallas.gpu_check [--out DIR] [--quick]
+    python -m bench.pallas_gpu_check [--out DIR] [--quick]
 
-1. Correctness: the "pallas" backend step against ``reference_step`` on a
+1. Correctness: the "pallas" backend's ``run`` against the reference's on a
    pytree of awkward shapes (0-d, 1, 127, 4097, 65537 elements, conv kernels,
    empty and zero leaves) for several option sets and dtypes, and the global
    norm pass against float64 NumPy.
@@ -43,34 +43,34 @@ import numpy as np
 import optax
 
 import lars
-from lars._config import LarsConfig
-from lars._reference import reference_step
-from lars.kernels.pallas import backend, mosaic_gpu
+from bench.hlo import count_launches
+from bench.workloads import resnet50_shapes
+from lars import _reference
+from lars.contract import NUM_SCALARS, LarsConfig, StepInputs, StepSpec
+from lars.kernels import pallas
+from lars.kernels.pallas import elementwise, gpu_plan, mosaic_gpu
+
+# --------------------------------------------------------------------------
+# The steps compared, on flat lists of leaves.
+
+
+def _run(backend, params, grads, momentum, lr, *, config, decay_mask, trust_mask, **options):
+    spec = StepSpec.build(
+        config,
+        params,
+        grads,
+        decay_mask=decay_mask,
+        trust_mask=trust_mask,
+        options=tuple(sorted(options.items())),
+    )
+    return backend.run(spec, StepInputs(params, grads, momentum, jnp.asarray(lr, jnp.float32)))
+
+
+pallas_step = functools.partial(_run, pallas.BACKEND)
+reference_step = functools.partial(_run, _reference.BACKEND)
 
 # --------------------------------------------------------------------------
 # Parameter sets.
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """ResNet-50 v1.5: 53 conv kernels (HWIO), 106 BatchNorm vectors, fc (2048, 1000) + bias."""
-    shapes: list[tuple[int, ...]] = []
-
-    def conv_bn(k, cin, cout):
-        shapes.extend([(k, k, cin, cout), (cout,), (cout,)])
-
-    conv_bn(7, 3, 64)
-    cin = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            conv_bn(1, cin, width)
-            conv_bn(3, width, width)
-            conv_bn(1, width, 4 * width)
-            if b == 0:
-                conv_bn(1, cin, 4 * width)
-            cin = 4 * width
-    shapes.extend([(2048, 1000), (1000,)])
-    assert len(shapes) == 161 and sum(math.prod(s) for s in shapes) == 25_557_032
-    return shapes
 
 
 ODD_SHAPES = [(), (1,), (127,), (4097,), (65537,), (3, 3, 16, 32), (0,), (33,), (5, 3), (1000,)]
@@ -136,7 +136,7 @@ def check_correctness(log) -> dict:
             }.items():
                 kw = dict(config=config, decay_mask=masks[0], trust_mask=masks[1])
                 lr = jnp.asarray(0.1, jnp.float32)
-                got = jax.jit(lambda p, g, v, lr, kw=kw: backend.pallas_step(p, g, v, lr, **kw))(
+                got = jax.jit(lambda p, g, v, lr, kw=kw: pallas_step(p, g, v, lr, **kw))(
                     params, grads, momentum, lr
                 )
                 want = jax.jit(lambda p, g, v, lr, kw=kw: reference_step(p, g, v, lr, **kw))(
@@ -159,7 +159,7 @@ def check_correctness(log) -> dict:
     params, grads, momentum = make_leaves(resnet50_shapes(), jnp.float32, jnp.float32, seed=2)
     n = len(params)
     kw = dict(config=CONFIGS["everything"], decay_mask=[True] * n, trust_mask=[True] * n)
-    f = jax.jit(lambda p, g, v, lr: backend.pallas_step(p, g, v, lr, **kw))
+    f = jax.jit(lambda p, g, v, lr: pallas_step(p, g, v, lr, **kw))
     a = f(params, grads, momentum, jnp.asarray(0.1, jnp.float32))
     b = f(params, grads, momentum, jnp.asarray(0.1, jnp.float32))
     same = all(
@@ -170,10 +170,16 @@ def check_correctness(log) -> dict:
     log(f"  resnet50 bitwise deterministic: {same}")
     # The global-norm pass against float64.
     g64 = sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads)
-    specs = backend._leaf_specs(params, grads, momentum, [True] * n, [True] * n, True)
+    specs = StepSpec.build(
+        CONFIGS["everything"], params, grads, decay_mask=[True] * n, trust_mask=[True] * n
+    ).leaves
     sums = jax.jit(
         lambda g: mosaic_gpu.leaf_sums(
-            None, g, jnp.zeros((8,), jnp.float32), flags=backend.ew.StepFlags(), leaves=specs
+            None,
+            g,
+            jnp.zeros((NUM_SCALARS,), jnp.float32),
+            flags=elementwise.Flags(),
+            leaves=specs,
         )
     )(grads)
     rel = abs(float(jnp.sum(sums[:, 0])) - g64) / g64
@@ -184,29 +190,6 @@ def check_correctness(log) -> dict:
 
 # --------------------------------------------------------------------------
 # 2. Timing.
-
-
-def count_launches(hlo_text: str) -> int:
-    """Kernel launches per step: ENTRY instructions that run code (calls expanded)."""
-    try:
-        from bench.hlo import count_launches as bench_count
-
-        return bench_count(hlo_text)
-    except ImportError:
-        pass
-    skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all"}
-    entry, count = False, 0
-    for line in hlo_text.splitlines():
-        if line.startswith("ENTRY"):
-            entry = True
-            continue
-        if entry and line.strip() == "}":
-            break
-        if entry and " = " in line:
-            rhs = line.split(" = ", 1)[1]
-            opcode = rhs.split("(", 1)[0].split()[-1] if "(" in rhs else ""
-            count += opcode not in skip
-    return count
 
 
 def time_step(fn, args, *, n_state: int, warmup=3, iters=30, repeats=5) -> dict:
@@ -268,7 +251,7 @@ def timing(log, quick: bool, smoke: bool = False) -> dict:
     counts = dict(warmup=1, iters=1, repeats=2) if smoke else dict(warmup=3, iters=30, repeats=5)
     workloads = {"resnet50": resnet50_shapes(), "one_64M": [(64 * 1024 * 1024,)]}
     grad_dtypes = {"fp32": jnp.float32, "bf16_grads": jnp.bfloat16}
-    tiles = [mosaic_gpu.TILE] if quick else sorted({2048, mosaic_gpu.TILE, 8192})
+    tiles = [gpu_plan.TILE] if quick else sorted({2048, gpu_plan.TILE, 8192})
     if smoke:  # the harness on a CPU: tiny workloads, kernels in interpret mode
         workloads = {"small": [(300,), (5, 3), (1000,)]}
         grad_dtypes = {"fp32": jnp.float32}
@@ -295,10 +278,8 @@ def timing(log, quick: bool, smoke: bool = False) -> dict:
 
             impls = {"reference": flat_step(reference_step, config, masks)}
             for tile in tiles:
-                pallas = functools.partial(
-                    backend.pallas_step, kernel="mosaic_gpu", kernel_options={"tile": tile}
-                )
-                impls[f"pallas_tile{tile}"] = flat_step(pallas, config, masks)
+                step = functools.partial(pallas_step, kernel="mosaic_gpu", tile=tile)
+                impls[f"pallas_tile{tile}"] = flat_step(step, config, masks)
             tx = optax.lars(0.1, weight_decay=5e-5, trust_coefficient=0.001, momentum=0.9)
             optax_step = functools.partial(_optax_step, tx)
 
@@ -346,7 +327,7 @@ def lowering_only(log) -> dict:
     )
     t0 = time.perf_counter()
     text = (
-        jax.jit(lambda p, g, v, lr: backend.pallas_step(p, g, v, lr, **kw))
+        jax.jit(lambda p, g, v, lr: pallas_step(p, g, v, lr, **kw))
         .trace(params, grads, momentum, jnp.asarray(0.1, jnp.float32))
         .lower(lowering_platforms=("cuda",))
         .as_text()
@@ -380,7 +361,7 @@ def main(argv=None) -> int:
         "optax": optax.__version__,
         "lars": lars.__version__,
         "python": platform.python_version(),
-        "tile_default": mosaic_gpu.TILE,
+        "tile_default": gpu_plan.TILE,
     }
     log(f"environment: {env}")
     out: dict[str, Any] = {"environment": env}

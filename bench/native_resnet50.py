@@ -1,15 +1,17 @@
 """Times the native LARS step on the ResNet-50 parameter set against its anchors.
 
-Run with ``python -m lars.kernels.native.bench_resnet50`` (``--help`` for
-options). Every variant is a ``jax.jit`` of a full step (update and apply) with
-params and state donated and the learning rate passed as a device array:
+Run from the repository root with ``python -m bench.native_resnet50``
+(``--help`` for options; ``--rounds 1 --steps 1`` for a quick run). The
+recorded run is ``bench/results/native_resnet50_cpu.json``. Every variant is a
+``jax.jit`` of a full step (update and apply) with params and state donated
+and the learning rate passed as a device array:
 
 * ``optax.lars``: ``jax.jit(optax.lars)``, the baseline a JAX user has today;
 * ``reference``: ``lars.lars(backend="reference")``;
 * ``native``: ``lars.lars(backend="native")`` (updates, then
   ``optax.apply_updates``);
-* ``native_apply``: the native handler writing the new params in place
-  (``lars.kernels.native.apply``);
+* ``native_apply``: the native backend's step alone writing the new params in
+  place (``lars.kernels.native.run`` with ``StepSpec.write_params``);
 * ``Lars:<backend>``: ``lars.Lars(...).update(grads)`` (jitted inside, without
   donation);
 * ``train:<name>``: the first three inside a training step that computes the
@@ -47,7 +49,7 @@ import numpy as np
 import optax
 
 import lars
-from lars._config import LarsConfig
+from lars import contract
 from lars.kernels import native
 
 
@@ -132,16 +134,21 @@ def make_variants(
 
         variants["Lars:" + backend] = (lars_object_step, [opt, _arrays(shapes, seed + 400), lr])
 
-    config = LarsConfig(momentum=0.9, weight_decay=weight_decay)
+    params = _arrays(shapes, 10)
     mask = [True] * len(shapes)
+    spec = contract.StepSpec.build(
+        contract.LarsConfig(momentum=0.9, weight_decay=weight_decay),
+        params,
+        params,
+        decay_mask=mask,
+        trust_mask=mask,
+        write_params=True,
+    )
 
     def apply_step(params, momentum, grads, lr):
-        result = native.apply(
-            params, grads, momentum, lr, config=config, decay_mask=mask, trust_mask=mask
-        )
+        result = native.run(spec, contract.StepInputs(params, grads, momentum, lr))
         return result.updates, result.momentum
 
-    params = _arrays(shapes, 10)
     momentum = [jnp.zeros(s, jnp.float32) for s in shapes]
     variants["native_apply"] = (
         jax.jit(apply_step, donate_argnums=(0, 1)),
@@ -167,6 +174,16 @@ def make_floors(num_params: int) -> dict[str, tuple[Callable, list]]:
         "numpy_copy": (numpy_copy, [dst_np, src_np]),
         "inplace_scale": (scale, [jnp.ones(n, jnp.float32), jnp.asarray(1.0, jnp.float32)]),
     }
+
+
+def bytes_per_step(params: list[Any], grads: list[Any]) -> int:
+    """The ideal memory traffic of one in-place step: read w, g, v; write w, v."""
+    total = 0
+    for p, g in zip(params, grads, strict=True):
+        size = math.prod(np.shape(p))
+        v_bytes = contract.compute_dtype(p.dtype).itemsize
+        total += size * (2 * np.dtype(p.dtype).itemsize + np.dtype(g.dtype).itemsize + 2 * v_bytes)
+    return total
 
 
 def _run(fn: Callable, args: list, steps: int) -> float:
@@ -207,6 +224,8 @@ def measure(rounds: int, steps: int, weight_decay: float, threads: int) -> dict[
     native.set_num_threads(threads)
     shapes = resnet50_shapes()
     num_params = sum(math.prod(s) for s in shapes)
+    leaves = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    step_bytes = bytes_per_step(leaves, leaves)  # 20 bytes per parameter
     entries = {**make_variants(shapes, weight_decay), **make_floors(num_params)}
     temps = {name: temp_bytes(fn, args) for name, (fn, args) in entries.items()}
     for fn, args in entries.values():  # compile and warm up
@@ -246,7 +265,7 @@ def measure(rounds: int, steps: int, weight_decay: float, threads: int) -> dict[
         "ms_min": {k: float(np.min(v) * 1e3) for k, v in t.items()},
         "ratio_median": {k: float(np.median(v)) for k, v in ratios.items()},
         "bandwidth_GBps": {
-            k: float(20 * num_params / np.median(t[k]) / 1e9)
+            k: float(step_bytes / np.median(t[k]) / 1e9)
             for k in ("copy", "numpy_copy", "inplace_scale", "native_apply")
         },
         "temp_bytes": temps,

@@ -1,0 +1,128 @@
+"""The generated ``@triton.jit`` entry points: one per (pass, number of slots, params passed).
+
+jax-triton passes every array as its own named pointer argument and Triton has
+no variadic kernels, so a launch serving ``slots`` leaves runs an entry point
+generated for that number: its signature, the selection of the program's slot
+pointers (a chain of scalar selects on the table's slot column) and a call of
+the pass's program (``programs.py``). :func:`get_kernel` builds it once per
+process, in the mode the kernels were imported in (``kernels.INTERPRETED``).
+"""
+
+from __future__ import annotations
+
+import functools
+import linecache
+
+import triton
+import triton.language as tl
+
+from . import kernels, programs
+from . import plan as P
+
+_ARG_COMMENTS = {
+    "table_ptr": "int32 (programs, TABLE_COLUMNS): slot, chunk, length, decay",
+    "scalars_ptr": "float32 (NUM_SCALARS,): lr, momentum, decay, clip scalars",
+    "ratios_ptr": "float32 (slots,): trust ratios",
+    "partials_ptr": "out: float32 (rows, 2) partial sums",
+    "ratios_out_ptr": "out: float32 (slots,) trust ratios",
+    "sync_ptr": "out: int32 (1 + 2 * slots), zeroed: item counter, arrivals, flags",
+    "w": "params",
+    "g": "gradients",
+    "v": "momentum",
+    "out": "out: updates, or new params if WRITE_PARAMS",
+    "v_out": "out: new momentum",
+}
+
+
+def entry_source(spec: P.KernelSpec) -> str:
+    """The Python source of the ``@triton.jit`` entry point for ``spec``.
+
+    For ``KernelSpec(SUMS, 2, with_params=True)`` it reads::
+
+        @triton.jit
+        def lars_sums_2_w(
+            table_ptr,  # int32 (programs, TABLE_COLUMNS): slot, chunk, length, decay
+            scalars_ptr,  # float32 (NUM_SCALARS,): ...
+            w_0, w_1,  # params
+            g_0, g_1,  # gradients
+            partials_ptr,  # out: float32 (programs, 2) partial sums
+            GLOBAL: tl.constexpr,
+            ...
+        ):
+            row = tl.program_id(0)  # a FUSED entry claims its row: tl.atomic_add(sync_ptr, 1)
+            slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)
+            is_1 = slot == 1
+            w_ptr = w_0
+            w_ptr = tl.where(is_1, w_1, w_ptr)
+            g_ptr = g_0
+            g_ptr = tl.where(is_1, g_1, g_ptr)
+            sums_program(table_ptr, scalars_ptr, w_ptr, g_ptr, partials_ptr, GLOBAL, ...)
+    """
+    lines = ["@triton.jit", f"def {spec.name}("]
+    for arg in spec.scalar_args():
+        lines.append(f"    {arg},  # {_ARG_COMMENTS[arg]}")
+    for role in spec.pointer_roles():
+        names = ", ".join(f"{role}_{k}" for k in range(spec.slots))
+        lines.append(f"    {names},  # {_ARG_COMMENTS[role]}")
+    for arg in spec.output_args():
+        lines.append(f"    {arg},  # {_ARG_COMMENTS[arg]}")
+    for name in spec.constexpr_names():
+        lines.append(f"    {name}: tl.constexpr,")
+    lines.append("):")
+    if spec.kind == P.FUSED:  # items start in table order, whichever program runs first
+        lines.append("    row = tl.atomic_add(sync_ptr, 1, sem='relaxed')")
+    else:
+        lines.append("    row = tl.program_id(0)")
+    lines.append("    slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
+    for k in range(1, spec.slots):
+        lines.append(f"    is_{k} = slot == {k}")
+    for role in spec.pointer_roles():
+        lines.append(f"    {role}_ptr = {role}_0")
+        for k in range(1, spec.slots):
+            lines.append(f"    {role}_ptr = tl.where(is_{k}, {role}_{k}, {role}_ptr)")
+    if not spec.with_params:
+        lines.append("    w_ptr = g_ptr  # not read")
+    constexprs = ", ".join(spec.constexpr_names())
+    if spec.kind == P.UPDATE:
+        lines.append(
+            "    update_program(table_ptr, scalars_ptr, ratios_ptr, slot, w_ptr, g_ptr, v_ptr, "
+            f"out_ptr, v_out_ptr, {constexprs})"
+        )
+    elif spec.kind == P.FUSED:
+        lines.append(
+            "    fused_program(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, v_ptr, out_ptr, "
+            f"v_out_ptr, partials_ptr, ratios_out_ptr, sync_ptr, {constexprs})"
+        )
+    else:
+        lines.append(
+            f"    sums_program(table_ptr, scalars_ptr, w_ptr, g_ptr, partials_ptr, {constexprs})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def get_kernel(spec: P.KernelSpec):
+    """The ``@triton.jit`` entry point for ``spec`` (generated once per process).
+
+    The source is registered with ``linecache`` so that Triton (compiler and
+    interpreter alike) can read it back as it reads any kernel's source.
+    """
+    if bool(triton.knobs.runtime.interpret) != kernels.INTERPRETED:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed after lars.kernels.triton.kernels was imported; "
+            "the kernels exist in one mode per process"
+        )
+    source = entry_source(spec)
+    filename = f"<lars.kernels.triton: {spec.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {
+        "triton": triton,
+        "tl": tl,
+        "sums_program": programs.sums_program,
+        "update_program": programs.update_program,
+        "fused_program": programs.fused_program,
+        "_TABLE_COLUMNS": programs._TABLE_COLUMNS,
+        "_COL_SLOT": programs._COL_SLOT,
+    }
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[spec.name]
