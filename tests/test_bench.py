@@ -181,6 +181,7 @@ def test_cli_rejects_unknown_names(tmp_path, capsys):
     assert not (tmp_path / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_row_and_column(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(

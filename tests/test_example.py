@@ -63,6 +63,7 @@ def _assert_bitwise_equal(a, b):
         assert x.tobytes() == y.tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["lars", "sgd"])
 def test_resume_from_checkpoint_is_bitwise_identical(optimizer, tmp_path):
     k, m = 3, 4
@@ -92,6 +93,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(optimizer, tmp_path):
     assert all(moved)
 
 
+@pytest.mark.slow
 def test_runner_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch):
     x, y = _data(64)
     spec = RunSpec("lars", 32, seed=1, epochs=5, peak_lr=2.0, widths=WIDTHS, warmup_epochs=1)
@@ -128,6 +130,7 @@ def test_runner_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch):
     _assert_bitwise_equal(a, b)
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     _, state = _fresh("lars", 0, 10)
     training.save_checkpoint(tmp_path / "c.npz", state, {})
@@ -167,6 +170,7 @@ def test_unknown_optimizer_is_refused():
         training.make_optimizer("adam", 0.1)
 
 
+@pytest.mark.slow
 def test_command_line_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
     cmd = [
