@@ -18,7 +18,8 @@ class LarsConfig:
     Attributes:
       momentum: Momentum factor mu in [0, 1).
       weight_decay: Coupled L2 decay lambda (added to the gradient before the
-        trust ratio).
+        trust ratio). ``lars.lars`` evaluates a weight-decay schedule at each
+        step and gives the step a config holding its value.
       trust_coefficient: eta in r = eta * ||w|| / (||g|| + eps).
       eps: Added to the gradient norm in the trust ratio denominator.
       nesterov: Step along r*g + mu*v_new instead of v_new.
@@ -56,7 +57,15 @@ class LarsConfig:
 
     @property
     def has_weight_decay(self) -> bool:
-        """Whether weight decay is on (False for a traced value: assume on)."""
+        """Whether weight decay applies: off only for a Python or NumPy zero.
+
+        A JAX array (a weight-decay schedule's value, an
+        ``optax.inject_hyperparams`` value, traced or not) is a run-time value:
+        the decay ``g + wd * w`` is computed whatever it holds, as
+        ``optax.add_decayed_weights`` does for anything but a Python number.
+        """
+        if isinstance(self.weight_decay, jax.Array):
+            return True
         return not (is_concrete_number(self.weight_decay) and float(self.weight_decay) == 0.0)
 
 

@@ -5,10 +5,19 @@ defines ``BACKEND``, a ``lars.contract.Backend``). :func:`run_step` decides,
 for one step, everything the contract leaves to the front end: which route
 (one device, a mesh, inside ``jax.shard_map``), which features to ask for,
 the derivative rule, and what to run where the backend lacks a feature.
+
+Two things no backend sees: a hyperparameter given as a schedule is asked
+about as a traced value (it changes every step, so a backend that compiles
+hyperparameters in must refuse it even in an eager step), and arrays whose
+type carries a sharding over ``Explicit`` mesh axes reach a kernel backend
+with those axes switched to ``Auto`` (``jax.sharding.auto_axes``), its results
+resharded as the params and momenta were; the reference keeps the explicit
+types.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Sequence
 
@@ -95,8 +104,20 @@ def resolve(name: str, options: dict | None = None, platform: str | None = None)
     return backend
 
 
-def unsupported_reason(backend: Backend, spec: StepSpec, paths: Sequence[str]) -> str | None:
-    """None when ``backend`` computes ``spec``, else why not (naming the leaf for a dtype)."""
+def unsupported_reason(
+    backend: Backend, spec: StepSpec, paths: Sequence[str], *, runtime: Sequence[str] = ()
+) -> str | None:
+    """None when ``backend`` computes ``spec``, else why not (naming the leaf for a dtype).
+
+    Args:
+      backend: The backend asked.
+      spec: The step.
+      paths: The leaves' paths, for the reason.
+      runtime: Names of hyperparameters that change from step to step (a
+        schedule's values): the backend is asked about them as traced values,
+        as it sees them under ``jax.jit``, whether or not they are concrete
+        in this step.
+    """
     if backend.dtypes is not None:
         for path, leaf in zip(paths, spec.leaves, strict=True):
             pair = (leaf.param_dtype, leaf.grad_dtype)
@@ -105,23 +126,47 @@ def unsupported_reason(backend: Backend, spec: StepSpec, paths: Sequence[str]) -
                     f"it does not compute {pair[0]} params with {pair[1]} gradients "
                     f"(the leaf at {path}); use backend='reference'"
                 )
-    return backend.unsupported(spec, jax.default_backend())
+    platform = jax.default_backend()
+    if not runtime:
+        return backend.unsupported(spec, platform)
+    reasons = []
+
+    def ask(*values: jax.Array) -> tuple:
+        config = dataclasses.replace(spec.config, **dict(zip(runtime, values, strict=True)))
+        reasons.append(backend.unsupported(spec.replace(config=config), platform))
+        return ()
+
+    jax.eval_shape(ask, *(jax.ShapeDtypeStruct((), jnp.float32) for _ in runtime))
+    return reasons[0]
 
 
-def check_step(backend: Backend, spec: StepSpec, paths: Sequence[str], *, auto: bool) -> Backend:
+def check_step(
+    backend: Backend,
+    spec: StepSpec,
+    paths: Sequence[str],
+    *,
+    auto: bool,
+    runtime: Sequence[str] = (),
+) -> Backend:
     """The backend that runs ``spec``: ``backend``, or with ``auto`` the reference
     when ``backend`` cannot.
+
+    ``runtime`` names the hyperparameters given as schedules (see
+    :func:`unsupported_reason`).
 
     Raises:
       TypeError: naming the leaf, for a dtype pair the backend does not compute.
       ValueError: for a step the backend does not support.
     """
-    reason = unsupported_reason(backend, spec, paths)
+    reason = unsupported_reason(backend, spec, paths, runtime=runtime)
     if reason is None:
         return backend
     if auto:
         return get("reference")
     error = TypeError if "gradients (the leaf at" in reason else ValueError
+    if runtime and error is ValueError:
+        names = ", ".join(runtime)
+        reason += f" ({names} is given as a schedule: its value changes every step)"
     raise error(f"backend {backend.name!r} cannot run this step: {reason}")
 
 
@@ -158,16 +203,28 @@ def run_step(
     if Feature.GIVEN_RATIOS in features and _sharded.needed():
         # Several devices: the backend runs shard by shard, its norms added
         # over the shards (one device's leaves are whole and run as below).
-        return _sharded.sharded_step(backend, spec, plain), in_place, False
+        step = lambda x: _sharded.sharded_step(backend, spec, x)
+        return _on_auto_axes(backend, step, plain), in_place, False
     skips = inputs.finite is not None and Feature.SKIP_NONFINITE in features
     spec = spec.replace(skip_nonfinite=skips)
-    return call(backend, spec, inputs if skips else plain), in_place, skips
+    step = lambda x: call(backend, spec, x)
+    return _on_auto_axes(backend, step, inputs if skips else plain), in_place, skips
+
+
+def _on_auto_axes(backend: Backend, step, inputs: StepInputs) -> StepResult:
+    """``step(inputs)``; for a kernel backend on arrays typed as sharded over
+    Explicit mesh axes, with those axes switched to Auto (the reference runs on
+    the explicit types itself)."""
+    if backend is _reference.BACKEND:
+        return step(inputs)
+    return _sharded.on_auto_axes(step, inputs)
 
 
 def all_finite(leaves: Sequence[jax.Array]) -> jax.Array:
     """A bool scalar: every entry of every leaf is finite."""
-    # max|x| is NaN or Inf when any entry is (max propagates NaN); unlike
-    # all(isfinite(x)), XLA fuses it into one reduction per leaf (no per-element
-    # temporary, so a step with donated params stays in place).
-    flags = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in leaves]
+    # sum(x * 0) is 0 when every entry is finite and NaN when one is not; XLA
+    # fuses it into one reduction per leaf (no per-element temporary, so a step
+    # with donated params stays in place), and the sum of a sharded leaf's
+    # shards keeps the NaN (a cross-device max dropped it on a CPU mesh).
+    flags = [jnp.isfinite(jnp.sum(x * 0)) for x in leaves]
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)

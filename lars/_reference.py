@@ -8,6 +8,13 @@ leaves fusion to XLA. The order of floating-point operations
 follows ``optax`` (``clip_by_global_norm``, ``add_decayed_weights``,
 ``scale_by_trust_ratio``, ``trace``, ``scale_by_schedule``), so results agree
 with braintools and optax to the last bit or close to it.
+
+Complex leaves (complex64/complex128 params) are computed as ``optax.lars``
+computes them: in their complex dtype, with real norms of ``|x|`` (the
+squares of ``optax.tree.norm`` for the global norm, ``jnp.linalg.norm`` per
+leaf) and the real trust ratio and learning rate multiplied in as complex
+numbers. The front end refuses ``grad_clip_value`` on complex leaves (complex
+numbers have no order; ``optax.clip`` raises).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from lars.contract import (
     StepResult,
     StepSpec,
     compute_dtype,
+    norm_dtype,
 )
 
 
@@ -56,7 +64,8 @@ def reference_step(
 
     # 1. Global-norm clipping (optax.clip_by_global_norm).
     if config.grad_clip_norm is not None:
-        g_norm = jnp.sqrt(sum((jnp.sum(g * g) for g in gs), jnp.zeros((), gs[0].dtype)))
+        zero = jnp.zeros((), norm_dtype(gs[0].dtype))
+        g_norm = jnp.sqrt(sum((jnp.sum(global_squares(g)) for g in gs), zero))
         gs = _clip_by_global_norm(gs, g_norm, config)
 
     # 2. Element-wise clipping (optax.clip).
@@ -72,7 +81,7 @@ def reference_step(
         if trust:
             r = trust_ratio(jnp.linalg.norm(w), jnp.linalg.norm(g), config)
         else:
-            r = jnp.ones((), g.dtype)
+            r = jnp.ones((), norm_dtype(g.dtype))
         u, v_new = _leaf_update(p, g, v, r, lr, config)
         updates.append(u)
         new_momentum.append(v_new)
@@ -93,6 +102,20 @@ def trust_ratio(w_norm: jax.Array, g_norm: jax.Array, config: LarsConfig) -> jax
     return r
 
 
+def global_squares(g: jax.Array) -> jax.Array:
+    """|g|**2 entry by entry, as ``optax.tree.norm`` squares (real and imaginary parts)."""
+    if jnp.iscomplexobj(g):
+        return jnp.square(g.real) + jnp.square(g.imag)
+    return g * g
+
+
+def leaf_squares(x: jax.Array) -> jax.Array:
+    """|x|**2 entry by entry, as ``jnp.linalg.norm`` squares (``real(x * conj(x))``)."""
+    if jnp.iscomplexobj(x):
+        return jnp.real(x * jnp.conj(x))
+    return x * x
+
+
 def clipped_grads(
     params: Sequence[jax.Array], grads: Sequence[jax.Array], g_norm: jax.Array | None, config
 ) -> list[jax.Array]:
@@ -102,7 +125,7 @@ def clipped_grads(
     """
     gs = [g.astype(compute_dtype(p.dtype)) for p, g in zip(params, grads, strict=True)]
     if config.grad_clip_norm is not None:
-        gs = _clip_by_global_norm(gs, jnp.asarray(g_norm, gs[0].dtype), config)
+        gs = _clip_by_global_norm(gs, jnp.asarray(g_norm, norm_dtype(gs[0].dtype)), config)
     return _clip_by_value(gs, config)
 
 
@@ -149,7 +172,7 @@ def update_with_ratios(spec: StepSpec, inputs: StepInputs) -> StepResult:
     for i, (p, g, v, leaf) in enumerate(zip(params, gs, momentum, spec.leaves, strict=True)):
         if leaf.decay:
             g = g + config.weight_decay * p.astype(g.dtype)
-        r = ratios[i].astype(g.dtype)
+        r = ratios[i].astype(norm_dtype(g.dtype))
         u, v_new = _leaf_update(p, g, v, r, lr, config)
         out.append(u)
         new_momentum.append(v_new)
@@ -173,7 +196,7 @@ def run(spec: StepSpec, inputs: StepInputs) -> StepResult:
     if spec.write_params:
         first = [(p + u).astype(p.dtype) for p, u in zip(params, first, strict=True)]
     if finite is not None:  # a skipped step: nothing moves
-        keep = params if spec.write_params else [jnp.full_like(u, -0.0) for u in first]
+        keep = params if spec.write_params else [negative_zeros_like(u) for u in first]
         first = [jnp.where(finite, a, b) for a, b in zip(first, keep, strict=True)]
         new_momentum = [
             jnp.where(finite, a, b.astype(a.dtype))
@@ -181,6 +204,15 @@ def run(spec: StepSpec, inputs: StepInputs) -> StepResult:
         ]
         out_ratios = [jnp.where(finite, r, jnp.ones_like(r)) for r in out_ratios]
     return StepResult(list(first), list(new_momentum), list(out_ratios))
+
+
+def negative_zeros_like(x: jax.Array) -> jax.Array:
+    """Updates that move nothing: ``p + (-0.0) == p`` bitwise, signed zeros included.
+
+    For complex leaves both parts are -0.0.
+    """
+    zero = complex(-0.0, -0.0) if jnp.iscomplexobj(x) else -0.0
+    return jnp.full_like(x, zero)
 
 
 # XLA partitions and fuses the plain step itself: the reference asks for no

@@ -18,6 +18,13 @@ A leaf whose sharding cannot be split evenly (a dimension not divisible by its
 mesh axes) is gathered for the step and comes back replicated: correct, but not
 local. On one device the wrapper is not used at all.
 
+On a mesh of Explicit axes (``jax.sharding.AxisType.Explicit``) an array's
+type carries its sharding, which kernels refuse: :func:`on_auto_axes` runs a
+kernel backend's step with those axes switched to Auto (the arrays keep their
+layout) and types the results as the params and momenta were; the
+partitioned per-device step is traced with the context mesh's Explicit axes
+Auto as well (``jax.set_mesh``).
+
 Inside ``jax.shard_map`` (a user's own per-device code) the step sees local
 shards. There each leaf's varying mesh axes (what ``shard_map`` tracks with
 ``check_vma=True``, its default) say which axes shard it: :func:`manual_step`
@@ -28,6 +35,7 @@ are refused, naming the leaf.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -40,8 +48,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lars._autodiff import call
-from lars._reference import clipped_grads, trust_ratio
-from lars.contract import Backend, StepInputs, StepResult, StepSpec, compute_dtype
+from lars._reference import clipped_grads, global_squares, leaf_squares, trust_ratio
+from lars.contract import Backend, StepInputs, StepResult, StepSpec, compute_dtype, norm_dtype
 
 
 def needed() -> bool:
@@ -59,7 +67,7 @@ def _global_grad_norm(
     local = []
     for p, g in zip(params, grads, strict=True):
         g = g.astype(compute_dtype(p.dtype))
-        local.append(jnp.sum(g * g))
+        local.append(jnp.sum(global_squares(g)))
     total = _psum_by_axes(local, axes)
     return jnp.sqrt(sum(total, jnp.zeros((), dtype)))
 
@@ -87,10 +95,11 @@ def _ratios(
     """Whole-layer trust ratios from local sums, and the global gradient norm.
 
     The arithmetic is the reference step's (``lars._reference``), in each leaf's
-    compute dtype; only the order of the additions differs (local, then psum).
+    compute dtype (its real dtype for the norms of complex leaves); only the
+    order of the additions differs (local, then psum).
     """
     config = spec.config
-    wide = any(compute_dtype(p.dtype) == jnp.float64 for p in params)
+    wide = any(norm_dtype(compute_dtype(p.dtype)) == jnp.float64 for p in params)
     out_dtype = jnp.float64 if wide else jnp.float32
     clip_norm = jnp.zeros((), out_dtype)
     if config.grad_clip_norm is not None:
@@ -103,12 +112,12 @@ def _ratios(
         w = p.astype(g.dtype)
         if spec.leaves[i].decay:
             g = g + config.weight_decay * w
-        sums += [jnp.sum(w * w), jnp.sum(g * g)]
+        sums += [jnp.sum(leaf_squares(w)), jnp.sum(leaf_squares(g))]
         where += [axes[i], axes[i]]
     sums = _psum_by_axes(sums, where)
     ratios, k = [], 0
     for i, p in enumerate(params):
-        cd = compute_dtype(p.dtype)
+        cd = norm_dtype(compute_dtype(p.dtype))
         if not spec.leaves[i].trust:
             ratios.append(jnp.ones((), out_dtype))
             continue
@@ -162,12 +171,25 @@ def _partition(static: tuple, mesh: Any, arg_shapes: Any, result_shape: Any) -> 
     def local_step(lr: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
         params, grads, momentum = arrays[:n], arrays[n : 2 * n], arrays[2 * n :]
         inputs = StepInputs(list(params), list(grads), list(momentum), lr)
-        result = manual_step(backend, spec, inputs, axes)
+        # XLA calls this back while compiling, under the caller's context mesh:
+        # one of Explicit axes (jax.set_mesh) would type the per-device arrays
+        # as sharded, so the shard's code is traced with those axes Auto.
+        with _without_explicit_axes():
+            result = manual_step(backend, spec, inputs, axes)
         return [*result.updates, *result.momentum, *result.trust_ratio]
 
     arg_shardings = (scalar, *leaf_shardings, *leaf_shardings, *leaf_shardings)
     result_shardings = [*leaf_shardings, *leaf_shardings, *([scalar] * n)]
     return mesh, local_step, result_shardings, arg_shardings
+
+
+def _without_explicit_axes() -> Any:
+    """A context in which the context mesh's Explicit axes are Auto (else nothing changes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return contextlib.nullcontext()
+    auto = {a: jax.sharding.AxisType.Auto for a in mesh.explicit_axes}
+    return jax.sharding.use_abstract_mesh(mesh.update_axis_types(auto))
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,6 +221,50 @@ def sharded_step(backend: Backend, spec: StepSpec, inputs: StepInputs) -> StepRe
     fn = _partitioned(tuple(jnp.ndim(p) for p in params))
     out = fn((backend, spec), jnp.asarray(lr, jnp.float32), *params, *grads, *momentum)
     return StepResult(list(out[:n]), list(out[n : 2 * n]), list(out[2 * n :]))
+
+
+def explicit_mesh(arrays: Sequence[Any]) -> Any:
+    """The mesh of the first array whose type is sharded over Explicit axes, else None."""
+    for x in arrays:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is not None and any(entry is not None for entry in spec):
+            if sharding.mesh.explicit_axes:
+                return sharding.mesh
+    return None
+
+
+def on_auto_axes(step: Any, inputs: StepInputs) -> StepResult:
+    """``step(inputs)`` with the inputs' Explicit mesh axes switched to Auto.
+
+    Under explicit sharding (``jax.sharding.AxisType.Explicit``) an array's type
+    carries its sharding, and kernels (a Pallas call, a reshape to blocks)
+    refuse sharded types. Inside ``jax.sharding.auto_axes`` the arrays keep
+    their layout but are typed unsharded, so the step runs as on an Auto mesh
+    (shard by shard through :func:`sharded_step` for a ``GIVEN_RATIOS``
+    backend); its results are resharded as the params and momenta were typed
+    (replicated where a type names no mesh), the ratios replicated. Without
+    explicit types, ``step(inputs)``.
+    """
+    params, momentum = inputs.params, inputs.momentum
+    mesh = explicit_mesh([*params, *inputs.grads, *momentum])
+    if mesh is None:
+        return step(inputs)
+    replicated = NamedSharding(mesh, P())
+
+    def typed(x: Any) -> Any:
+        sharding = jax.typeof(x).sharding
+        return sharding if sharding.mesh == mesh else replicated
+
+    out = (
+        tuple(typed(p) for p in params),
+        tuple(typed(v) for v in momentum),
+        tuple(replicated for _ in params),
+    )
+    run = jax.sharding.auto_axes(
+        lambda x: tuple(map(tuple, step(x))), axes=mesh.explicit_axes, out_sharding=out
+    )
+    return StepResult(*(list(x) for x in run(inputs)))
 
 
 def varying_axes(x: Any) -> frozenset[str]:

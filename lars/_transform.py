@@ -1,4 +1,14 @@
-"""``lars.lars``: LARS as an ``optax.GradientTransformation``."""
+"""``lars.lars``: LARS as an ``optax.GradientTransformationExtraArgs``.
+
+The contract with optax users: ``lars.lars(...)`` is what ``optax.lars``
+returns, a ``GradientTransformationExtraArgs`` whose ``update(grads, state,
+params, **extra_args)`` ignores the keyword arguments ``optax.chain``,
+``optax.inject_hyperparams`` and their kind pass along (``value=loss``, ...);
+the learning rate and the weight decay may be optax schedules of the step
+count; float and complex params are updated (complex ones on the reference
+backend). Every check happens before anything is computed, so a refused call
+changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +22,19 @@ import optax
 
 from lars import _dispatch
 from lars._config import LarsConfig, check_learning_rate
+from lars._reference import negative_zeros_like
 from lars._trees import MaskOrFn, check_like_params, check_params, resolve_mask
 from lars.contract import Backend, StepInputs, StepSpec, compute_dtype
+
+Schedule = Callable[[jax.Array], Any]
 
 
 class LarsState(NamedTuple):
     """State of :func:`lars.lars` (and of :class:`lars.Lars`)."""
 
     count: jax.Array  # int32 scalar: the number of steps taken so far.
-    momentum: optax.Updates  # per-leaf momentum v, float32 (float64 for float64 params).
+    # per-leaf momentum v: float32; float64 for float64 and complex for complex params.
+    momentum: optax.Updates
     trust_ratio: optax.Updates  # per-leaf float32 scalar: ratio r of the last step (1 before).
     skipped: jax.Array  # int32 scalar: steps skipped for a non-finite gradient (skip_nonfinite).
 
@@ -36,6 +50,9 @@ class LarsSpec:
     skip_nonfinite: bool = False
     options: tuple[tuple[str, Any], ...] = ()  # the backend's, normalised
     auto: bool = False  # backend="auto": the reference runs what the backend cannot
+    # A schedule of the step count for the weight decay (config.weight_decay is
+    # then replaced by its value at each step).
+    weight_decay_schedule: Schedule | None = None
 
 
 def make_spec(
@@ -46,6 +63,7 @@ def make_spec(
     skip_nonfinite: bool,
     backend: str,
     backend_options: Mapping[str, Any] | None = None,
+    weight_decay_schedule: Schedule | None = None,
 ) -> LarsSpec:
     """Checks the options besides the hyperparameters and resolves the backend."""
     if backend_options is not None and not isinstance(backend_options, Mapping):
@@ -62,11 +80,50 @@ def make_spec(
         skip_nonfinite=skip_nonfinite,
         options=tuple(sorted(options.items())),
         auto=backend == "auto",
+        weight_decay_schedule=weight_decay_schedule,
     )
 
 
+def _step_config(spec: LarsSpec, count: jax.Array) -> tuple[LarsConfig, tuple[str, ...]]:
+    """The step's hyperparameters, and the names of those that change from step to step.
+
+    With a weight-decay schedule, its value at ``count`` (as
+    ``optax.add_decayed_weights`` evaluates it: before the count advances).
+    """
+    schedule = spec.weight_decay_schedule
+    if schedule is None:
+        return spec.config, ()
+    value = schedule(count)
+    dtype = jnp.result_type(value)
+    if jnp.shape(value) != () or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise TypeError(
+            "the weight_decay schedule must return a real scalar, got an array of shape "
+            f"{jnp.shape(value)} and dtype {dtype}"
+        )
+    try:
+        config = dataclasses.replace(spec.config, weight_decay=jnp.asarray(value))
+    except ValueError as e:  # a concrete value out of range (eager steps)
+        step = count if isinstance(count, jax.core.Tracer) else int(count)
+        raise ValueError(f"the weight_decay schedule's value at step {step}: {e}") from None
+    return config, ("weight_decay",)
+
+
+def _check_complex_options(paths: list[str], leaves: list[Any], config: LarsConfig) -> None:
+    """Refuses value clipping on complex leaves (``optax.clip`` raises there too)."""
+    if config.grad_clip_value is None:
+        return
+    for path, leaf in zip(paths, leaves, strict=True):
+        if jnp.iscomplexobj(leaf):
+            raise ValueError(
+                f"grad_clip_value cannot clip the complex params leaf at {path}: complex "
+                "numbers have no order (use grad_clip_norm, or clip real params only)"
+            )
+
+
 def init_state(params: Any) -> LarsState:
-    """Zero momentum (float32 or wider), ratios of 1, count 0; checks the leaves."""
+    """Zero momentum (``compute_dtype`` of each param), ratios of 1, count 0; checks the leaves."""
     check_params(params)
     return LarsState(
         count=jnp.zeros((), jnp.int32),
@@ -91,11 +148,13 @@ def _lars_step(
         raise ValueError("lars needs params: call update(grads, state, params)")
     if not isinstance(state, LarsState):
         raise TypeError(f"state must be a LarsState, got {type(state).__name__}")
-    paths, _, _ = check_params(params)
+    paths, leaves, _ = check_params(params)
     check_like_params("grads", grads, params)
     check_like_params("state.momentum", state.momentum, params, grads=False)
     decay_mask = resolve_mask(spec.weight_decay_mask, params, "weight_decay_mask")
     trust_mask = resolve_mask(spec.trust_ratio_mask, params, "trust_ratio_mask")
+    config, runtime = _step_config(spec, state.count)
+    _check_complex_options(paths, leaves, config)
 
     p_leaves, treedef = jax.tree.flatten(params)
     p_leaves = [jnp.asarray(p) for p in p_leaves]
@@ -103,7 +162,7 @@ def _lars_step(
     v_leaves = treedef.flatten_up_to(state.momentum)
     r_leaves = treedef.flatten_up_to(state.trust_ratio)
     step_spec = StepSpec.build(
-        spec.config,
+        config,
         p_leaves,
         g_leaves,
         decay_mask=decay_mask,
@@ -111,7 +170,7 @@ def _lars_step(
         write_params=emit_params,
         options=spec.options,
     )
-    backend = _dispatch.check_step(spec.backend, step_spec, paths, auto=spec.auto)
+    backend = _dispatch.check_step(spec.backend, step_spec, paths, auto=spec.auto, runtime=runtime)
     ok = _dispatch.all_finite(g_leaves) if spec.skip_nonfinite else None
     inputs = StepInputs(p_leaves, g_leaves, v_leaves, jnp.asarray(lr, jnp.float32), finite=ok)
     result, in_place, skips_itself = _dispatch.run_step(backend, step_spec, paths, inputs)
@@ -124,7 +183,7 @@ def _lars_step(
         # A skipped step leaves params and momentum bitwise as they were: the
         # update is -0.0 (x + -0.0 == x for every x, signed zeros included).
         if not emit_params:
-            out = [jnp.where(ok, u, jnp.full_like(u, -0.0)) for u in out]
+            out = [jnp.where(ok, u, negative_zeros_like(u)) for u in out]
         elif not skips_itself:
             out = [jnp.where(ok, a, b) for a, b in zip(out, p_leaves, strict=True)]
         if not skips_itself:
@@ -144,7 +203,7 @@ def _lars_step(
 class LarsUpdate:
     """The ``update`` function of :func:`lars.lars`, and its in-place twin.
 
-    Calling it is optax's ``update(grads, state, params)``;
+    Calling it is optax's ``update(grads, state, params, **extra_args)``;
     :meth:`apply_gradients` is the same step returning new params.
     """
 
@@ -159,12 +218,23 @@ class LarsUpdate:
             raise TypeError(f"state must be a LarsState, got {type(state).__name__}")
         return self.learning_rate(state.count)
 
-    def __call__(self, grads: Any, state: LarsState, params: Any = None) -> tuple[Any, LarsState]:
+    def __call__(
+        self, grads: Any, state: LarsState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, LarsState]:
         """One LARS step as optax updates: ``params + updates`` are the new params.
+
+        Args:
+          grads: The gradients, shaped like ``params``.
+          state: The :class:`LarsState`.
+          params: The params (required).
+          **extra_args: Ignored, as optax's aliases ignore them: what
+            ``optax.chain`` and other ``GradientTransformationExtraArgs``
+            pass along (e.g. ``value=loss``).
 
         Raises:
           ValueError, TypeError: on malformed input, naming the offending leaf.
         """
+        del extra_args
         return _lars_step(grads, state, params, self._lr(state), self.spec, emit_params=False)
 
     def apply_gradients(self, params: Any, state: LarsState, grads: Any) -> tuple[Any, LarsState]:
@@ -172,12 +242,14 @@ class LarsUpdate:
         return _lars_step(grads, state, params, self._lr(state), self.spec, emit_params=True)
 
 
-class LarsTransformation(optax.GradientTransformation):
+class LarsTransformation(optax.GradientTransformationExtraArgs):
     """``lars.lars``'s transformation: an optax ``(init, update)`` pair, plus
     :meth:`apply_gradients`, the step that returns new params directly.
 
-    It is an ``optax.GradientTransformation`` (a NamedTuple of ``init`` and
-    ``update``), so it chains, unpacks and wraps as any other.
+    It is an ``optax.GradientTransformationExtraArgs`` (a NamedTuple of
+    ``init`` and ``update``), as ``optax.lars`` is: it chains, unpacks and
+    wraps as any other, and ``update`` takes (and ignores) extra keyword
+    arguments.
     """
 
     def apply_gradients(self, params: Any, state: LarsState, grads: Any) -> tuple[Any, LarsState]:
@@ -207,7 +279,7 @@ class LarsTransformation(optax.GradientTransformation):
 def lars(
     learning_rate: float | Callable[[jax.Array], jax.Array],
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    weight_decay: float | Callable[[jax.Array], jax.Array] = 0.0,
     trust_coefficient: float = 0.001,
     eps: float = 1e-8,
     *,
@@ -241,7 +313,11 @@ def lars(
         count, evaluated before the count is advanced).
       momentum: Momentum factor, in [0, 1).
       weight_decay: Coupled L2 decay added to the gradient before the trust
-        ratio, >= 0.
+        ratio, >= 0; or an optax schedule (a callable of the step count,
+        evaluated as the learning rate is), as ``optax.lars`` takes. A
+        schedule's values are run-time values: backends that compile
+        hyperparameters in (``native``) refuse them and ``"auto"`` runs the
+        step on one that takes them.
       trust_coefficient: eta, > 0.
       eps: Added to ``||g||`` in the ratio's denominator, >= 0.
       nesterov: Step along ``r*g + momentum*v_new`` (optax/PyTorch Nesterov).
@@ -265,10 +341,16 @@ def lars(
         ``triton``; each backend's ``options`` lists and checks them.
 
     Returns:
-      A :class:`LarsTransformation` (an ``optax.GradientTransformation``) whose
-      state is a :class:`LarsState`. ``update(grads, state, params)`` needs
-      ``params``; ``apply_gradients(params, state, grads)`` returns the new
-      params and state (in place on backends that can).
+      A :class:`LarsTransformation` (an ``optax.GradientTransformationExtraArgs``)
+      whose state is a :class:`LarsState`. ``update(grads, state, params)``
+      needs ``params`` and ignores extra keyword arguments;
+      ``apply_gradients(params, state, grads)`` returns the new params and
+      state (in place on backends that can).
+
+    Params may be floating-point or complex (complex64/complex128, computed as
+    ``optax.lars`` does, with norms of ``|x|``); complex leaves run on the
+    reference backend (``"auto"`` picks it; another named backend refuses,
+    naming the leaf).
 
     Raises:
       ValueError, TypeError: for a hyperparameter out of range or of the wrong
@@ -290,13 +372,25 @@ def lars(
       You, Gitman & Ginsburg, `Large Batch Training of Convolutional Networks
       <https://arxiv.org/abs/1708.03888>`_, 2017.
     """
+    # A scheduler object (braintools', lars.schedules'): braintools' ones are
+    # callable but return -lr for optax.scale_by_schedule, so a call would step
+    # uphill; they are refused whether callable or not.
+    if hasattr(learning_rate, "get_lr"):
+        raise TypeError(
+            "learning_rate is a scheduler object; lars.lars takes a float or an optax "
+            "schedule (a callable of the step count). Use lars.Lars for scheduler objects."
+        )
     if not callable(learning_rate):
-        if hasattr(learning_rate, "get_lr"):
-            raise TypeError(
-                "learning_rate is a scheduler object; lars.lars takes a float or an optax "
-                "schedule (a callable of the step count). Use lars.Lars for scheduler objects."
-            )
         check_learning_rate(learning_rate)
+    weight_decay_schedule = None
+    if hasattr(weight_decay, "get_lr"):
+        raise TypeError(
+            "weight_decay is a scheduler object; lars.lars takes a float or an optax "
+            "schedule (a callable of the step count) for weight_decay"
+        )
+    if callable(weight_decay):
+        # The config's value stands in until each step replaces it.
+        weight_decay_schedule, weight_decay = weight_decay, 0.0
     config = LarsConfig(
         momentum=momentum,
         weight_decay=weight_decay,
@@ -315,5 +409,6 @@ def lars(
         skip_nonfinite=skip_nonfinite,
         backend=backend,
         backend_options=backend_options,
+        weight_decay_schedule=weight_decay_schedule,
     )
     return LarsTransformation(init_state, LarsUpdate(learning_rate, spec))

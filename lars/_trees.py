@@ -12,6 +12,13 @@ import numpy as np
 # Gradient dtypes accepted for a parameter dtype other than the gradient's own:
 # low-precision gradients on higher-precision master weights (mixed precision).
 _LOW_PRECISION_GRADS = (jnp.bfloat16, jnp.float16)
+# Real gradients on complex params (optax.lars takes them: the gradient is
+# added to and scaled by complex numbers): the real dtype of the param's
+# precision, or a low-precision one.
+_REAL_PART = {
+    np.dtype(jnp.complex64): np.dtype(jnp.float32),
+    np.dtype(jnp.complex128): np.dtype(jnp.float64),
+}
 
 MaskOrFn = Any | Callable[[Any], Any] | None
 
@@ -64,26 +71,53 @@ def _describe_mask_difference(name: str, mask: Any, params: Any) -> str:
     return "; ".join(parts)
 
 
+def is_trainable_dtype(dtype: Any) -> bool:
+    """Floating-point or complex: the dtypes LARS updates (as optax.lars does)."""
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating))
+
+
 def check_params(params: Any) -> tuple[list[str], list[Any], Any]:
-    """Checks that every leaf of ``params`` is a floating-point array.
+    """Checks that every leaf of ``params`` is a floating-point or complex array.
 
     Returns:
       (paths, leaves, treedef) of ``params``.
 
     Raises:
-      TypeError: naming the path of the first non-floating leaf.
+      TypeError: naming the path of the first leaf of another dtype.
     """
     paths, leaves, treedef = leaves_with_paths(params)
     for path, leaf in zip(paths, leaves, strict=True):
-        if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float)):
+        if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float, complex)):
             raise TypeError(f"params leaf at {path} is a {type(leaf).__name__}, not an array")
         dtype = _dtype(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not is_trainable_dtype(dtype):
             raise TypeError(
                 f"params leaf at {path} has dtype {dtype}; LARS updates floating-point "
-                "arrays only (integer and boolean leaves cannot be trained)"
+                "and complex arrays only (integer and boolean leaves cannot be trained)"
             )
     return paths, leaves, treedef
+
+
+def _grad_dtype_problem(dtype: np.dtype, p_dtype: np.dtype) -> str | None:
+    """None when a gradient of ``dtype`` fits a param of ``p_dtype``, else the rule broken."""
+    if dtype == p_dtype:
+        return None
+    if jnp.issubdtype(p_dtype, jnp.complexfloating):
+        real = _REAL_PART[p_dtype]
+        if dtype == real or dtype in _LOW_PRECISION_GRADS:
+            return None
+        return (
+            f"gradients of complex params must have the param's dtype, or be {real}, "
+            "bfloat16 or float16"
+        )
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "complex gradients on real params (the update would lose its imaginary part)"
+    wider_param = p_dtype in (np.dtype(jnp.float32), np.dtype(jnp.float64))
+    if wider_param and dtype in _LOW_PRECISION_GRADS:
+        return None
+    return (
+        "gradients must match the param dtype, or be bfloat16/float16 on float32 or float64 params"
+    )
 
 
 def check_like_params(what: str, tree: Any, params: Any, *, grads: bool = True) -> None:
@@ -91,7 +125,10 @@ def check_like_params(what: str, tree: Any, params: Any, *, grads: bool = True) 
 
     Gradients must have the parameter's shape and either its dtype or, for
     float32/float64 parameters, a lower-precision float dtype (bfloat16 or
-    float16 gradients on float32 master weights).
+    float16 gradients on float32 master weights). Complex parameters also take
+    real gradients of their precision (float32 on complex64, float64 on
+    complex128) or bfloat16/float16 ones; real parameters take no complex
+    gradients.
 
     Raises:
       ValueError: on a structure or shape mismatch, naming the path.
@@ -102,7 +139,7 @@ def check_like_params(what: str, tree: Any, params: Any, *, grads: bool = True) 
     if treedef != p_treedef:
         raise ValueError(_describe_structure_difference(what, tree, params, "params"))
     for path, leaf, p_leaf in zip(paths, leaves, p_leaves, strict=True):
-        if leaf is None or not (hasattr(leaf, "shape") or isinstance(leaf, (int, float))):
+        if leaf is None or not (hasattr(leaf, "shape") or isinstance(leaf, (int, float, complex))):
             raise TypeError(f"{what} leaf at {path} is a {type(leaf).__name__}, not an array")
         shape, p_shape = jnp.shape(leaf), jnp.shape(p_leaf)
         if shape != p_shape:
@@ -112,14 +149,12 @@ def check_like_params(what: str, tree: Any, params: Any, *, grads: bool = True) 
         if not grads:
             continue
         dtype, p_dtype = _dtype(leaf), _dtype(p_leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not is_trainable_dtype(dtype):
             raise TypeError(f"{what} leaf at {path} has non-floating dtype {dtype}")
-        wider_param = p_dtype in (np.dtype(jnp.float32), np.dtype(jnp.float64))
-        if dtype != p_dtype and not (wider_param and dtype in _LOW_PRECISION_GRADS):
+        problem = _grad_dtype_problem(dtype, p_dtype)
+        if problem is not None:
             raise TypeError(
-                f"{what} leaf at {path} has dtype {dtype}, but the param has {p_dtype} "
-                "(gradients must match the param dtype, or be bfloat16/float16 on "
-                "float32 params)"
+                f"{what} leaf at {path} has dtype {dtype}, but the param has {p_dtype} ({problem})"
             )
 
 

@@ -24,8 +24,10 @@ The front end (``lars.lars``, ``lars.Lars``) makes every decision before
 What ``run`` receives in ``inputs``: ``len(spec.leaves)`` params, grads and
 momenta of the shapes and dtypes in ``spec.leaves``; ``lr`` a float32 scalar;
 ``finite`` a bool scalar exactly when ``spec.skip_nonfinite``; ``ratios`` (one
-per leaf, float32, or float64 when a leaf computes in float64) and the scalar
-``global_norm`` exactly when ``spec.given_ratios``.
+per leaf, float32, or float64 when a leaf computes in float64 or complex128)
+and the scalar ``global_norm`` exactly when ``spec.given_ratios``. Complex
+leaves (complex64/complex128 params, computed in their own dtype, norms of
+``|x|``) reach only backends whose ``dtypes`` list them (the reference).
 
 What ``run`` returns: a :class:`StepResult` of ``len(spec.leaves)`` entries per
 field. With ``spec.write_params`` the first field holds the new params
@@ -64,6 +66,7 @@ __all__ = [
     "StepSpec",
     "compute_dtype",
     "lazy",
+    "norm_dtype",
     "scalars",
 ]
 
@@ -144,8 +147,22 @@ def scalars(
 
 
 def compute_dtype(param_dtype: Any) -> np.dtype:
-    """Accumulation and momentum dtype for a param dtype: at least float32."""
+    """Accumulation and momentum dtype for a param dtype: at least float32.
+
+    float32 for bfloat16/float16/float32 params, float64 for float64; complex
+    params keep their dtype (complex64, complex128), as ``optax.trace`` keeps
+    a complex momentum.
+    """
     return np.dtype(jnp.promote_types(param_dtype, jnp.float32))
+
+
+def norm_dtype(dtype: Any) -> np.dtype:
+    """The real dtype of the norms and trust ratio of a compute dtype.
+
+    The dtype itself for a real one; float32 for complex64 and float64 for
+    complex128 (``jnp.linalg.norm`` of a complex array is real).
+    """
+    return np.dtype(jnp.finfo(dtype).dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +172,8 @@ class LeafSpec:
     Attributes:
       shape: The param's (and grad's, and momentum's) shape.
       param_dtype: The param's dtype (and the updates').
-      grad_dtype: The gradient's dtype (the param's or lower precision).
+      grad_dtype: The gradient's dtype (the param's or lower precision; a real
+        dtype of the param's precision or lower for complex params).
       momentum_dtype: The momentum's dtype, ``compute_dtype(param_dtype)``.
       decay: Weight decay applies to this leaf (its mask is True and the
         config's weight decay is on).

@@ -197,3 +197,34 @@ def test_interface_attributes_match_braintools():
     states = make_states(initial_values())
     assert ours.register_trainable_weights(states) is ours
     assert int(ours.step_count.value) == 0
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_applied_rates_are_braintools_bit_for_bit(name: str):
+    """The rate each update applies (current_lr), scheduler by scheduler, for 30 steps."""
+    ours_s = getattr(lars.schedules, name)(**SCHEDULERS[name])
+    theirs_s = getattr(braintools.optim, name)(**SCHEDULERS[name])
+    ours, theirs = lars.Lars(ours_s, **KW), braintools.optim.Lars(theirs_s, **KW)
+    for _ in range(30):
+        a, b = np.asarray(ours.current_lr), np.asarray(theirs.current_lr)
+        assert (a.dtype, a.tobytes()) == (b.dtype, b.tobytes())
+        assert ours.get_last_lr() == [ours.current_lr]
+        ours_s.step()
+        theirs_s.step()
+
+
+def test_braintools_attributes_are_there():
+    """The attributes braintools code reads, with braintools' values."""
+    values = initial_values()
+    ours, theirs = lars.Lars(0.25, **KW), braintools.optim.Lars(0.25, **KW)
+    for opt in (ours, theirs):
+        opt.register_trainable_weights(make_states(values))
+    assert len(ours.param_groups) == len(theirs.param_groups) == 1
+    assert set(ours.param_groups[0]) == set(theirs.param_groups[0])
+    assert ours.param_groups[0]["lr"].value == theirs.param_groups[0]["lr"].value
+    assert ours.param_groups_opt_states == theirs.param_groups_opt_states == []
+    assert ours.schedulers == theirs.schedulers == []
+    assert ours.get_last_lr() == [ours.current_lr] and float(ours.get_last_lr()[0]) == 0.25
+    assert sorted(ours.param_states.to_dict()) == sorted(theirs.param_states.to_dict())
+    ours.param_groups[0]["lr"].value = 0.125  # group 0's rate is the optimizer's
+    assert float(ours.current_lr) == 0.125 == float(ours.lr.get_last_lr()[0])

@@ -250,3 +250,137 @@ _SHARD_MAP_SCRIPT = textwrap.dedent(
 def test_inside_shard_map_norms_are_whole_layer(backend: str) -> None:
     """Called inside the user's shard_map, the step sums the norms over the shards."""
     _run_on_8_devices(_SHARD_MAP_SCRIPT, backend)
+
+
+# Params on a mesh of Explicit axes (their types carry the sharding): every
+# backend's step matches the reference's on unsharded params, with and without
+# jax.set_mesh, jitted and eager, update and apply_gradients, a skipped
+# (non-finite) step included; params and momenta keep their sharded types.
+# Kernels see the arrays with the axes switched to Auto (lars._sharded.on_auto_axes).
+_EXPLICIT_SCRIPT = textwrap.dedent(
+    """
+    import contextlib, sys
+    import numpy as np
+    import jax, jax.numpy as jnp, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+    import lars
+
+    assert jax.device_count() == 8, jax.devices()
+    backend = sys.argv[1]
+    rng = np.random.default_rng(0)
+    shapes = {
+        "rows": (64, 12), "cols": (6, 128), "both": (32, 48), "half": (8, 20), "repl": (7, 5),
+        "vec": (256,), "scalar": (), "conv": (3, 3, 8, 16), "bias": (16,), "zero": (16, 4),
+    }
+    specs = {
+        "rows": P(("a", "b"), None), "cols": P(None, ("a", "b")), "both": P("a", "b"),
+        "half": P("b", None), "repl": P(), "vec": P(("a", "b")), "scalar": P(),
+        "conv": P(None, None, "a", "b"), "bias": P("a"), "zero": P(None, "b"),
+    }
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    params["zero"] = jnp.zeros((16, 4), jnp.float32)
+    shapes["plain"] = (5,)  # a leaf never put on the mesh: its type names no mesh
+    params["plain"] = jnp.asarray(rng.normal(size=5), jnp.float32)
+    grads = []
+    for i in range(6):
+        r = np.random.default_rng(i)
+        g = {k: jnp.asarray(r.normal(size=s), jnp.float32) for k, s in shapes.items()}
+        if i == 3:
+            g["both"] = g["both"].at[1, 2].set(jnp.nan)  # a skipped step
+        grads.append(g)
+    kw = dict(weight_decay=1e-3, nesterov=True, grad_clip_norm=5.0, skip_nonfinite=True,
+              trust_ratio_mask=lars.exclude_bias_and_norm)
+    sched = optax.cosine_decay_schedule(0.5, 20)
+    opt = lars.lars(sched, backend=backend, **kw)
+    ref = lars.lars(sched, backend="reference", **kw)
+
+    def update_step(o):
+        def step(p, s, g):
+            u, s = o.update(g, s, p)
+            return optax.apply_updates(p, u), s
+        return step
+
+    def apply_step(o):
+        return lambda p, s, g: o.apply_gradients(p, s, g)
+
+    def put_on(mesh, tree):
+        if mesh is None:
+            return tree
+        put = lambda k, x: jax.device_put(x, NamedSharding(mesh, specs[k])) if k in specs else x
+        return {k: put(k, x) for k, x in tree.items()}
+
+    def run(o, make_step, mesh, *, jit=True, context=False):
+        put = lambda tree: put_on(mesh, tree)
+        with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+            p = put(params)
+            s = o.init(p)
+            f = jax.jit(make_step(o)) if jit else make_step(o)
+            for g in grads:
+                p, s = f(p, s, put(g))
+            if mesh is not None and set(mesh.explicit_axes) == set(mesh.axis_names):
+                # On a mesh of Explicit axes, params and momenta keep their sharding,
+                # in their types as on the devices.
+                for k in specs:
+                    want = NamedSharding(mesh, specs[k])
+                    for x in (p[k], s.momentum[k]):
+                        assert x.sharding.is_equivalent_to(want, x.ndim), (k, x.sharding)
+                        typed = NamedSharding(mesh, jax.typeof(x).sharding.spec)
+                        assert typed.is_equivalent_to(want, x.ndim), (k, typed)
+            assert int(s.skipped) == 1, (s.skipped, s.count)
+            return jax.tree.map(np.asarray, (p, s.momentum, s.trust_ratio))
+
+    want = run(ref, update_step, None)
+    explicit = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+    mixed = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Explicit, AxisType.Auto))
+    cases = [
+        (explicit, update_step, True, False), (explicit, update_step, True, True),
+        (explicit, apply_step, True, True), (explicit, apply_step, False, False),
+        (mixed, update_step, True, True),
+    ]
+    for mesh, make_step, jit, context in cases:
+        got = run(opt, make_step, mesh, jit=jit, context=context)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            case = (mesh.axis_types, make_step.__name__, jit, context)
+            np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-6, err_msg=str(case))
+
+    # The compiled step adds partial sums and gathers no sharded leaf.
+    with jax.set_mesh(explicit):
+        p = put_on(explicit, params)
+        hlo = jax.jit(update_step(opt)).lower(p, opt.init(p), p).compile().as_text()
+    assert "all-gather" not in hlo, "a sharded leaf was gathered"
+    if backend != "reference":
+        assert "all-reduce" in hlo, "no cross-shard sum"
+
+    # Complex leaves (the reference's) inside the user's shard_map: whole-layer
+    # norms of |x| from the shards' sums.
+    if backend == "reference":
+        from jax.sharding import Mesh
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+        cshapes = {"rows": (16, 6), "both": (8, 12), "repl": (7, 5)}
+        cspecs = {"rows": P(("a", "b")), "both": P("a", "b"), "repl": P()}
+        cplx = lambda r, s: jnp.asarray(r.normal(size=s) + 1j * r.normal(size=s), jnp.complex64)
+        cparams = {k: cplx(rng, s) for k, s in cshapes.items()}
+        copt = lars.lars(0.5, weight_decay=1e-3, grad_clip_norm=3.0)
+        cstep = update_step(copt)
+        state_specs = lars.LarsState(count=P(), momentum=cspecs, trust_ratio=P(), skipped=P())
+        in_specs, out_specs = (cspecs, state_specs, cspecs), (cspecs, state_specs)
+        local = jax.jit(jax.shard_map(cstep, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+        p1 = p2 = cparams
+        s1 = s2 = copt.init(cparams)
+        for i in range(4):
+            g = {k: cplx(np.random.default_rng(i), s) for k, s in cshapes.items()}
+            p1, s1 = local(p1, s1, g)
+            p2, s2 = jax.jit(cstep)(p2, s2, g)
+        for k in cparams:
+            np.testing.assert_allclose(p1[k], p2[k], rtol=2e-6, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(s1.momentum[k], s2.momentum[k], rtol=2e-6, atol=1e-6)
+            assert np.any(np.asarray(p1[k]) != np.asarray(cparams[k]))
+    print("OK")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_mesh_axes_match_the_reference(backend: str) -> None:
+    _run_on_8_devices(_EXPLICIT_SCRIPT, backend)

@@ -337,15 +337,60 @@ def test_non_finite_scheduled_lr_raises_at_update_and_changes_nothing():
     assert_unchanged(before, snapshot(opt))  # (NaN compares equal to NaN here)
 
 
-def test_load_state_dict_with_wrong_shapes_changes_nothing(trained):
+def _with_momentum(saved: dict, path: tuple, value) -> dict:
+    """``saved`` with a momentum leaf replaced (braintools' chain: trace is entry -2)."""
+    chain = list(saved["opt_state"])
+    chain[-2] = chain[-2]._replace(trace=_with(chain[-2].trace, path, value))
+    return {**saved, "opt_state": tuple(chain)}
+
+
+BAD_STATE_DICTS = [
+    (
+        lambda sd: _with_momentum(sd, ("scale",), np.zeros(5, np.float32)),
+        ValueError,
+        r"\['scale'\] has shape \(5,\)",
+    ),
+    (
+        lambda sd: _with_momentum(sd, ("scale",), np.zeros((1, 2), np.float32)),
+        ValueError,
+        r"\['scale'\] has shape \(1, 2\)",
+    ),
+    (
+        lambda sd: _with_momentum(sd, ("scale",), np.zeros(2, np.int32)),
+        TypeError,
+        r"\['scale'\] must be a floating-point array",
+    ),
+    (lambda sd: _with_momentum(sd, ("layer", "w"), _DELETE), ValueError, r"missing 'w'"),
+    (
+        lambda sd: _with_momentum(sd, ("extra",), np.zeros(2, np.float32)),
+        ValueError,
+        "unexpected 'extra'",
+    ),
+    (lambda sd: {**sd, "opt_state": sd["opt_state"][1:]}, ValueError, "has 3 entries"),
+    (lambda sd: {**sd, "step_count": "3"}, TypeError, r"\['step_count'\] must be an integer"),
+    (lambda sd: {**sd, "base_lr": "0"}, TypeError, r"\['base_lr'\] must be a real number"),
+    (lambda sd: {**sd, "lr": float("nan")}, ValueError, r"\['lr'\] must be finite"),
+    (
+        lambda sd: {**sd, "scheduler": {**sd["scheduler"], "base_lrs": {"0": "0"}}},
+        TypeError,
+        r"\['scheduler'\]\['base_lrs'\]\[0\]",
+    ),
+    (lambda sd: {**sd, "scheduler": None}, ValueError, "scheduler does not match"),
+    (lambda sd: {k: v for k, v in sd.items() if k != "lars"}, ValueError, r"lacks \['lars'\]"),
+    (lambda sd: {"step_count": 3, "scheduler": None}, ValueError, "opt_state"),
+    (lambda sd: [sd], TypeError, "state_dict must be a dict"),
+]
+
+
+@pytest.mark.parametrize("corrupt, error, match", BAD_STATE_DICTS)
+def test_bad_state_dict_raises_and_changes_nothing(trained, corrupt, error, match):
     saved = trained.state_dict()
-    saved["opt_state"]["momentum"]["scale"] = np.zeros(5, np.float32)
     before = snapshot(trained)
-    with pytest.raises(ValueError, match=r"\['scale'\]"):
-        trained.load_state_dict(saved)
+    with pytest.raises(error, match=match):
+        trained.load_state_dict(corrupt(saved))
     assert_unchanged(before, snapshot(trained))
-    with pytest.raises(ValueError, match="opt_state"):
-        trained.load_state_dict({"step_count": 3, "scheduler": None})
+    assert trained.base_lr == 0.1 and trained.lr_scheduler.base_lrs == [0.1]
+    trained.load_state_dict(saved)  # the uncorrupted one loads
     assert_unchanged(before, snapshot(trained))
 
 
