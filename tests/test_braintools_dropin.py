@@ -18,7 +18,14 @@ import pytest
 from backends import BACKENDS, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_braintools_parity import assert_close, gradients, initial_values, make_states, read
+from test_braintools_parity import (
+    assert_close,
+    gradients,
+    initial_values,
+    make_states,
+    optimizer_pair,
+    read,
+)
 
 import lars
 
@@ -176,12 +183,7 @@ SETTINGS = [
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: "-".join(kw) or "defaults")
 def test_state_dict_has_braintools_layout(kw: dict):
-    values = initial_values()
-    grads = gradients(values)
-    ours_states, theirs_states = make_states(values), make_states(values)
-    ours = lars.Lars(0.4, **kw).register_trainable_weights(ours_states)
-    theirs = braintools.optim.Lars(0.4, **kw)
-    theirs.register_trainable_weights(theirs_states)
+    _, grads, _, _, ours, theirs = optimizer_pair(0.4, **kw)
     for t in range(2):
         ours.update(grads[t])
         theirs.update(grads[t])
@@ -816,12 +818,7 @@ def test_a_broadcastable_gradient_shape_raises_where_braintools_reshapes_the_par
 
 def test_update_takes_braintools_extra_keyword_arguments():
     """braintools' update(grads, **extra_args) passes them to optax; LARS ignores them."""
-    values = initial_values()
-    grads = gradients(values)
-    ours_states, theirs_states = make_states(values), make_states(values)
-    ours = lars.Lars(0.5, **KW).register_trainable_weights(ours_states)
-    theirs = braintools.optim.Lars(0.5, **KW)
-    theirs.register_trainable_weights(theirs_states)
+    values, grads, ours_states, theirs_states, ours, theirs = optimizer_pair(0.5, **KW)
     for t in range(3):
         ours.update(grads[t], value=jnp.float32(1.5))
         theirs.update(grads[t], value=jnp.float32(1.5))

@@ -49,6 +49,18 @@ def make_states(values: dict) -> dict:
     return {k: brainstate.ParamState(v) for k, v in values.items()}
 
 
+def optimizer_pair(lr, **kw) -> tuple:
+    """(values, grads, our states, their states, lars.Lars, braintools.optim.Lars)
+    registered on the same fresh problem."""
+    values = initial_values()
+    grads = gradients(values)
+    ours_states, theirs_states = make_states(values), make_states(values)
+    ours = lars.Lars(lr, **kw).register_trainable_weights(ours_states)
+    theirs = braintools.optim.Lars(lr, **kw)
+    theirs.register_trainable_weights(theirs_states)
+    return values, grads, ours_states, theirs_states, ours, theirs
+
+
 def read(states: dict) -> dict:
     return {k: s.value for k, s in states.items()}
 
@@ -170,12 +182,7 @@ def test_inside_brainstate_jit_matches_braintools():
 
 
 def test_current_lr_setter_matches_braintools():
-    values = initial_values()
-    grads = gradients(values)
-    ours_states, theirs_states = make_states(values), make_states(values)
-    ours = lars.Lars(0.5, **KW).register_trainable_weights(ours_states)
-    theirs = braintools.optim.Lars(0.5, **KW)
-    theirs.register_trainable_weights(theirs_states)
+    values, grads, ours_states, theirs_states, ours, theirs = optimizer_pair(0.5, **KW)
     for t in range(6):
         if t == 3:
             ours.current_lr = 0.05
