@@ -1,42 +1,68 @@
-# lars: make demo | make test | make test-fast | make bench | make lint | make format | make clean
+# lars: make demo | make test | make test-fast | make test-jax-0.11 | make bench | make lint
+#       | make format | make wheel | make clean
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
 # installs what it needs. Override the interpreter with `make PYTHON=...`.
+#
+# Installing is pip's: `pip install -e ".[test,demo,bench]"` builds the native
+# backend's library through CMakeLists.txt (the build backend, scikit-build-core,
+# brings cmake and ninja from PyPI when the machine has none) into
+# kernels/native/lib/, where the checkout loads it from. LARS_NATIVE_CUDA=ON/OFF
+# forces the CUDA handler on or off (default: built when nvcc is found).
 
 VENV      := .venv
 VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_FLAGS ?= -n 2
 
-.PHONY: all venv test test-fast lint format demo bench clean
+# The oldest supported jax (the device images' 0.11.2), in a second venv.
+JAX_OLD        := 0.11.2
+VENV_OLD       := build/venv-jax-$(JAX_OLD)
+VPY_OLD        := $(VENV_OLD)/bin/python
+STAMP_OLD      := $(VENV_OLD)/.installed
+# What `make test-jax-0.11` runs there: the reference, native, optax and
+# braintools parity tests (`make test-jax-0.11 TESTS_OLD=tests` runs them all).
+TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/test_native.py \
+	tests/test_native_api.py tests/test_native_ffi.py tests/test_optax_parity.py \
+	tests/test_braintools_parity.py
+
+NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
+
+.PHONY: all venv test test-fast test-jax-0.11 lint format demo bench wheel clean
 
 all: test
 
-$(VPY):
+# $(call make-venv,DIR): creates DIR with Python >= 3.12.
+define make-venv
 	@py="$$(PYTHON="$(PYTHON)" sh scripts/find_python.sh)" || exit 1; \
-	echo "creating $(VENV) with $$py"; \
-	"$$py" -m venv $(VENV)
+	echo "creating $(1) with $$py"; \
+	"$$py" -m venv $(1)
+endef
 
-# The native backend (lars.kernels.native): CMakeLists.txt builds its XLA FFI
-# library into kernels/native/lib/ with the venv's jax headers. cmake and ninja
-# come from PyPI when the machine has no cmake.
-NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
+# $(call install,PYTHON,EXTRA PIP ARGUMENTS): the editable install, native built in place.
+# The distribution was called `lars` before it became `jax-lars`: an old
+# editable install of it is removed first.
+define install
+	$(1) -m pip install --upgrade pip
+	$(1) -m pip uninstall -y -q lars 2>/dev/null || true
+	$(1) -m pip install -e ".[test,demo,bench]" $(2)
+	@echo "native library (kernels/native/lib/build-info.txt):"; sed 's/^/  /' kernels/native/lib/build-info.txt
+endef
+
+$(VPY):
+	$(call make-venv,$(VENV))
 
 $(STAMP): pyproject.toml $(NATIVE_SRC) | $(VPY)
-	$(VPY) -m pip install --upgrade pip
-	$(VPY) -m pip install -e ".[test,demo,bench]"
-	@cmake="$$(command -v cmake || true)"; \
-	if [ -z "$$cmake" ]; then \
-	  $(VPY) -m pip install cmake ninja && cmake="$(VENV)/bin/cmake"; \
-	fi; \
-	gen=""; if command -v ninja >/dev/null 2>&1 || [ -x "$(VENV)/bin/ninja" ]; then gen="-G Ninja"; fi; \
-	if [ ! -f build/native/CMakeCache.txt ]; then \
-	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" "$$cmake" -S . -B build/native $$gen \
-	    -DPython3_EXECUTABLE="$(CURDIR)/$(VPY)" || exit 1; \
-	fi; \
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" "$$cmake" --build build/native --parallel
+	$(call install,$(VPY))
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+$(VPY_OLD):
+	$(call make-venv,$(VENV_OLD))
+
+$(STAMP_OLD): pyproject.toml $(NATIVE_SRC) | $(VPY_OLD)
+	$(call install,$(VPY_OLD),"jax==$(JAX_OLD)" "jaxlib==$(JAX_OLD)")
+	@touch $(STAMP_OLD)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -46,13 +72,19 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Everything (what CI runs).
+# Everything on the newest jax the pins allow (what CI runs first).
 test: lint
+	@$(VPY) -c "import jax; print('jax', jax.__version__)"
 	$(VPY) -m pytest $(PYTEST_FLAGS) tests
 
 # The tests not marked slow: a few minutes on 2 cores.
 test-fast: lint
 	$(VPY) -m pytest $(PYTEST_FLAGS) -m "not slow" tests
+
+# The oldest supported jax, in its own venv (CI runs it after `make test`).
+test-jax-0.11: $(STAMP_OLD)
+	@$(VPY_OLD) -c "import jax; print('jax', jax.__version__)"
+	$(VPY_OLD) -m pytest $(PYTEST_FLAGS) $(TESTS_OLD)
 
 demo: $(STAMP)
 	$(VPY) -m examples.digits --quick
@@ -61,5 +93,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VPY) -m bench
 
+# A wheel of jax-lars in dist/ (native library inside).
+wheel: $(STAMP)
+	$(VPY) -m pip wheel --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist kernels/native/lib *.egg-info .pytest_cache .ruff_cache

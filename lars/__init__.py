@@ -59,4 +59,6 @@ __all__ = [
     "schedules",
 ]
 
+# The one source of the version: the build backend reads it into the package
+# metadata (pyproject.toml, [tool.scikit-build.metadata.version]).
 __version__ = "0.1.0"

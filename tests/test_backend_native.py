@@ -7,7 +7,7 @@ import lars
 
 pytestmark = pytest.mark.skipif(
     "native" not in lars.available_backends(),
-    reason="the native library is not built (see CMakeLists.txt)",
+    reason="the native library is not built (pip install -e . builds it)",
 )
 
 

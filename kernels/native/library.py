@@ -3,7 +3,11 @@
 ``lib/`` beside this file holds ``liblars_native_cpu`` (the CPU handler,
 ``lars_cpu.cc``) and, when a CUDA compiler was found at build time,
 ``liblars_native_cuda`` (``lars_cuda.cu``); the top-level CMakeLists.txt
-builds them (``make venv``). :func:`load` registers what is there under
+builds them when the package is installed (``pip install .``, a wheel), and
+into the source tree's ``kernels/native/lib`` for an editable install
+(``pip install -e .``, what ``make`` does) or a plain CMake build, where the
+checkout's ``lars.kernels`` is loaded from. ``lib/build-info.txt`` says what
+was built. :func:`load` registers what is there under
 :data:`TARGET` and remembers why anything is missing; without a library the
 package still imports and ``BACKEND.unavailable`` says why.
 """
@@ -53,9 +57,10 @@ def load() -> dict[str, Any]:
             LIB_DIR / CPU_LIBRARY,
             "LarsNativeStepCpu",
             "cpu",
-            f"the native library is not built ({CPU_LIBRARY} is missing from "
-            "lars/kernels/native/lib); build it with `make venv` or "
-            "`cmake -S . -B build/native && cmake --build build/native`",
+            f"the native library is not built ({CPU_LIBRARY} is missing from {LIB_DIR}); "
+            "install the package with pip (`pip install .`, or `pip install -e .` in a "
+            "checkout), or build it with `cmake -S . -B build/native && cmake --build "
+            "build/native`",
         )
         if cpu is not None:
             cpu.LarsNativeCpuIsa.restype = ctypes.c_char_p
@@ -66,8 +71,9 @@ def load() -> dict[str, Any]:
             LIB_DIR / CUDA_LIBRARY,
             "LarsNativeStepCuda",
             "CUDA",
-            "the CUDA handler is not built (no CUDA compiler was found when the "
-            "native library was built)",
+            "the CUDA handler is not built (no CUDA compiler was found, or "
+            "LARS_NATIVE_CUDA=OFF, when the native library was built; see "
+            f"{LIB_DIR / 'build-info.txt'})",
         )
         _state.update(cpu=cpu, cuda=cuda, cpu_error=cpu_error, cuda_error=cuda_error)
         return _state

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +52,13 @@ from . import plan
 
 # The jax-triton release this backend is written and checked against.
 JAX_TRITON_VERSION = "0.3.1"
+
+# The (triton, jax-triton) releases the backend is tested with: 3.6.0 / 0.3.1
+# is the pair of the GPU images. jax-triton 0.4 needs triton >= 3.7 and has not
+# been run. Another pair makes the backend unavailable, saying so, unless
+# LARS_TRITON_UNTESTED=1 is set.
+TESTED_VERSIONS: tuple[tuple[str, str], ...] = (("3.6.0", JAX_TRITON_VERSION),)
+UNTESTED_ENV = "LARS_TRITON_UNTESTED"
 
 FEATURES = frozenset({Feature.IN_PLACE, Feature.SKIP_NONFINITE})
 
@@ -70,10 +79,40 @@ def _import_problem() -> str | None:
     return None
 
 
+def installed_versions() -> tuple[str, str] | None:
+    """(triton, jax-triton) versions from the installed metadata (nothing is
+    imported), or None when either is not installed."""
+    try:
+        return importlib.metadata.version("triton"), importlib.metadata.version("jax-triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_problem(versions: tuple[str, str] | None) -> str | None:
+    """None if ``versions`` (triton, jax-triton) is a tested pair (or unknown),
+    else a sentence naming the installed and the tested pairs."""
+    if versions is None:
+        return None
+    triton_version, jax_triton_version = (v.split("+")[0] for v in versions)
+    if (triton_version, jax_triton_version) in TESTED_VERSIONS:
+        return None
+    tested = ", ".join(f"triton {t} with jax-triton {j}" for t, j in TESTED_VERSIONS)
+    pins = " ".join(f"triton=={t} jax-triton=={j}" for t, j in TESTED_VERSIONS[:1])
+    return (
+        f"triton {versions[0]} with jax-triton {versions[1]} is not a tested pair "
+        f"(tested: {tested}); install them with `pip install {pins}`, or set "
+        f"{UNTESTED_ENV}=1 to run this pair anyway"
+    )
+
+
 def unavailable(platform: str) -> str | None:
     """None if the backend can run on ``platform`` here, else what is missing."""
     if platform != "gpu":
         return f"no GPU: the Triton kernels run on an NVIDIA GPU (JAX's platform is {platform!r})"
+    if os.environ.get(UNTESTED_ENV) != "1":
+        problem = version_problem(installed_versions())
+        if problem is not None:
+            return problem
     return _import_problem()
 
 
