@@ -57,6 +57,12 @@ class OracleState:
     # Per leaf, the largest |v| seen so far: the scale to judge momentum errors
     # by (the final v of a small leaf can be near zero by cancellation).
     momentum_scale: list[float] = dataclasses.field(default_factory=list)
+    # Per leaf, how strongly the last step's trust ratio depends on the params
+    # it was computed from: |d log r / d||w||| = 1/||w|| + wd/(||g + wd w|| + eps)
+    # (0 where no ratio was computed). A float32 run's ratio inherits its
+    # params' accumulated error through it; large when earlier steps cancelled
+    # most of w.
+    ratio_sensitivity: list[float] = dataclasses.field(default_factory=list)
 
 
 def init(params: Sequence[Any]) -> OracleState:
@@ -116,12 +122,12 @@ def step(
         c = cfg.grad_clip_value
         gs = [np.clip(g, -c, c) for g in gs]
 
-    new_params, new_momentum, ratios, scales = [], [], [], []
+    new_params, new_momentum, ratios, scales, sensitivity = [], [], [], [], []
     for i in range(n):
         w, g, v = state.params[i], gs[i], state.momentum[i]
         if decay_mask[i]:
             g = g + cfg.weight_decay * w
-        r = 1.0
+        r, sens = 1.0, 0.0
         if trust_mask[i]:
             w_norm = float(np.sqrt(np.sum(w * w)))
             g_norm = float(np.sqrt(np.sum(g * g)))
@@ -129,6 +135,8 @@ def step(
                 r = 1.0
             else:
                 r = cfg.trust_coefficient * w_norm / (g_norm + cfg.eps)
+                wd = cfg.weight_decay if decay_mask[i] else 0.0
+                sens = 1.0 / w_norm + abs(wd) / (g_norm + cfg.eps)
             if cfg.trust_clip is not None:
                 r = min(r, cfg.trust_clip)
         u = r * g
@@ -147,7 +155,8 @@ def step(
         ratios.append(r)
         v_max = float(np.max(np.abs(v_new))) if v_new.size else 0.0
         scales.append(max(state.momentum_scale[i], v_max))
-    return OracleState(new_params, new_momentum, ratios, state.count + 1, scales)
+        sensitivity.append(sens)
+    return OracleState(new_params, new_momentum, ratios, state.count + 1, scales, sensitivity)
 
 
 def run(
