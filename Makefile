@@ -1,9 +1,9 @@
 # lars: make demo | make test | make test-fast | make test-jax-0.11 | make bench | make lint
-#       | make format | make wheel | make clean
+#       | make format | make docs | make wheel | make clean
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
 # installs what it needs. Override the interpreter with `make PYTHON=...`.
 #
-# Installing is pip's: `pip install -e ".[test,demo,bench]"` builds the native
+# Installing is pip's: `pip install -e ".[test,demo,bench,docs]"` builds the native
 # backend's library through CMakeLists.txt (the build backend, scikit-build-core,
 # brings cmake and ninja from PyPI when the machine has none) into
 # kernels/native/lib/, where the checkout loads it from. LARS_NATIVE_CUDA=ON/OFF
@@ -27,7 +27,7 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 
 NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
 
-.PHONY: all venv test test-fast test-jax-0.11 lint format demo bench wheel clean
+.PHONY: all venv test test-fast test-jax-0.11 lint format demo bench docs wheel clean
 
 all: test
 
@@ -44,7 +44,7 @@ endef
 define install
 	$(1) -m pip install --upgrade pip
 	$(1) -m pip uninstall -y -q lars 2>/dev/null || true
-	$(1) -m pip install -e ".[test,demo,bench]" $(2)
+	$(1) -m pip install -e ".[test,demo,bench,docs]" $(2)
 	@echo "native library (kernels/native/lib/build-info.txt):"; sed 's/^/  /' kernels/native/lib/build-info.txt
 endef
 
@@ -92,6 +92,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m bench
+
+# The API reference and the README as HTML pages, in build/docs/html (Sphinx;
+# warnings are errors, every cross-reference must resolve). `make test` builds
+# them too (tests/test_docs.py); the examples in the docstrings run as
+# doctests in tests/test_doctests.py.
+docs: $(STAMP)
+	$(VPY) -m sphinx -W --keep-going -b html docs build/docs/html
+	@echo "API reference: build/docs/html/index.html"
 
 # A wheel of jax-lars in dist/ (native library inside).
 wheel: $(STAMP)

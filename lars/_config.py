@@ -57,7 +57,7 @@ class LarsConfig:
 
     @property
     def has_weight_decay(self) -> bool:
-        """Whether weight decay applies: off only for a Python or NumPy zero.
+        """Whether weight decay applies (off only for a Python or NumPy zero).
 
         A JAX array (a weight-decay schedule's value, an
         ``optax.inject_hyperparams`` value, traced or not) is a run-time value:

@@ -52,10 +52,9 @@ class Lars:
     A drop-in for ``braintools.optim.Lars`` (same arguments, same numbers by
     default), plus the options of :func:`lars.lars`. As in braintools:
     ``param_groups`` (``add_param_group(params, lr=..., weight_decay=...)``:
-    each group is its own LARS step, see :mod:`lars._groups`),
-    ``param_states``, ``step_count``, ``current_lr``, ``lr_apply``,
-    ``add_scheduler``/``get_last_lr``, and ``state_dict()`` /
-    ``load_state_dict()`` in braintools' layout (see :mod:`lars._state_dict`).
+    each group is its own LARS step), ``param_states``, ``step_count``,
+    ``current_lr``, ``lr_apply``, ``add_scheduler``/``get_last_lr``, and
+    ``state_dict()`` / ``load_state_dict()`` in braintools' layout.
     Gradients of weights no group holds are ignored (frozen layers).
 
     Args:
@@ -69,9 +68,14 @@ class Lars:
       eps: Added to the gradient norm, >= 0.
       grad_clip_norm: Clip all gradients (of each param group) to this global norm first.
       grad_clip_value: Then clip every entry to [-v, v].
-      nesterov, weight_decay_mask, trust_ratio_mask, trust_clip,
-      lr_inside_momentum, skip_nonfinite, backend, backend_options: As in
-        :func:`lars.lars`, whose transformation this object steps.
+      nesterov: As in :func:`lars.lars`, whose transformation this object steps.
+      weight_decay_mask: As in :func:`lars.lars`.
+      trust_ratio_mask: As in :func:`lars.lars`.
+      trust_clip: As in :func:`lars.lars`.
+      lr_inside_momentum: As in :func:`lars.lars`.
+      skip_nonfinite: As in :func:`lars.lars`.
+      backend: As in :func:`lars.lars`.
+      backend_options: As in :func:`lars.lars`.
       donate: Give the current params and optimizer state to each step's
         buffers (``jax.jit`` donation): on backends with an in-place form
         (``native``) a step then allocates nothing for them. Off by default,
@@ -437,9 +441,11 @@ class Lars:
 
     # -- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state in ``braintools.optim.Lars``'s layout (see
-        :mod:`lars._state_dict`): NumPy arrays and Python numbers, for msgpack,
-        orbax, pickle or ``numpy.savez``."""
+        """The optimizer's state in ``braintools.optim.Lars``'s layout.
+
+        NumPy arrays and Python numbers, for msgpack, orbax, pickle or
+        ``numpy.savez``; the README's "Checkpoints" lists the entries.
+        """
         return _state_dict.state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

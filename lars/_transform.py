@@ -32,11 +32,11 @@ Schedule = Callable[[jax.Array], Any]
 class LarsState(NamedTuple):
     """State of :func:`lars.lars` (and of :class:`lars.Lars`)."""
 
-    count: jax.Array  # int32 scalar: the number of steps taken so far.
-    # per-leaf momentum v: float32; float64 for float64 and complex for complex params.
+    count: jax.Array  #: The number of steps taken so far (int32 scalar).
+    #: Per-leaf momentum v (float32; float64 for float64 and complex for complex params).
     momentum: optax.Updates
-    trust_ratio: optax.Updates  # per-leaf float32 scalar: ratio r of the last step (1 before).
-    skipped: jax.Array  # int32 scalar: steps skipped for a non-finite gradient (skip_nonfinite).
+    trust_ratio: optax.Updates  #: Per leaf, the ratio r of the last step (float32; 1 before).
+    skipped: jax.Array  #: Steps skipped for a non-finite gradient (int32; skip_nonfinite).
 
 
 @dataclasses.dataclass(frozen=True)

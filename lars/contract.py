@@ -70,9 +70,9 @@ __all__ = [
     "scalars",
 ]
 
-# The hyperparameters of a step, in the order of ``LarsConfig``. The native
-# handlers take them under these names (``Hyper`` in
-# kernels/native/lars_common.h; a test holds the two lists equal).
+#: The hyperparameters of a step, in the order of ``LarsConfig``. The native
+#: handlers take them under these names (``Hyper`` in
+#: kernels/native/lars_common.h; a test holds the two lists equal).
 HYPERPARAMETERS = (
     "momentum",
     "weight_decay",
@@ -91,19 +91,19 @@ class Scalar(enum.IntEnum):
     compiled-in constants, so a new learning rate does not recompile.
     """
 
-    LR = 0
-    MOMENTUM = 1
-    WEIGHT_DECAY = 2  # 0 when weight decay is off
-    CLIP_DIVISOR = 3  # ||g|| when the global-norm clip triggers, else 1
-    CLIP_FACTOR = 4  # grad_clip_norm when the clip triggers, else 1
-    CLIP_VALUE = 5  # 0 when value clipping is off
-    TRUST_COEFFICIENT = 6
-    EPS = 7
-    TRUST_CLIP = 8  # 0 when trust clipping is off
-    FINITE = 9  # 1 for a step to take, 0 for one to skip
+    LR = 0  #: the learning rate of this step
+    MOMENTUM = 1  #: mu
+    WEIGHT_DECAY = 2  #: 0 when weight decay is off
+    CLIP_DIVISOR = 3  #: ||g|| when the global-norm clip triggers, else 1
+    CLIP_FACTOR = 4  #: grad_clip_norm when the clip triggers, else 1
+    CLIP_VALUE = 5  #: 0 when value clipping is off
+    TRUST_COEFFICIENT = 6  #: eta
+    EPS = 7  #: added to ||g|| in the trust ratio
+    TRUST_CLIP = 8  #: 0 when trust clipping is off
+    FINITE = 9  #: 1 for a step to take, 0 for one to skip
 
 
-NUM_SCALARS = 16  # the vector is padded to 64 bytes
+NUM_SCALARS = 16  #: The length of the scalars vector (padded to 64 bytes).
 
 
 def scalars(
@@ -315,31 +315,31 @@ class StepSpec:
 class StepInputs(NamedTuple):
     """The arrays of one step (lists in the order of ``spec.leaves``)."""
 
-    params: Sequence[jax.Array]
-    grads: Sequence[jax.Array]
-    momentum: Sequence[jax.Array]
-    lr: jax.Array  # a float32 scalar
-    finite: jax.Array | None = None  # bool scalar, exactly when spec.skip_nonfinite
-    ratios: jax.Array | None = None  # one per leaf, exactly when spec.given_ratios
-    global_norm: jax.Array | None = None  # scalar, exactly when spec.given_ratios
+    params: Sequence[jax.Array]  #: the params
+    grads: Sequence[jax.Array]  #: the gradients
+    momentum: Sequence[jax.Array]  #: the momentum buffers
+    lr: jax.Array  #: a float32 scalar
+    finite: jax.Array | None = None  #: bool scalar, exactly when spec.skip_nonfinite
+    ratios: jax.Array | None = None  #: one per leaf, exactly when spec.given_ratios
+    global_norm: jax.Array | None = None  #: scalar, exactly when spec.given_ratios
 
 
 class StepResult(NamedTuple):
     """What one step produces, leaf by leaf (lists in the order of ``spec.leaves``)."""
 
-    updates: list[jax.Array]  # the updates, or the new params with spec.write_params
-    momentum: list[jax.Array]  # the new momentum buffers
-    trust_ratio: list[jax.Array]  # float32 scalars: the ratio applied to each leaf
+    updates: list[jax.Array]  #: the updates, or the new params with spec.write_params
+    momentum: list[jax.Array]  #: the new momentum buffers
+    trust_ratio: list[jax.Array]  #: the ratio applied to each leaf (float32 scalars)
 
 
 class Feature(enum.Enum):
     """What a backend can do beyond the plain step (``Backend.features``)."""
 
-    IN_PLACE = "in_place"  # spec.write_params: new params over the params' buffers
-    SKIP_NONFINITE = "skip_nonfinite"  # takes ``finite`` and then moves nothing
-    GIVEN_RATIOS = "given_ratios"  # updates shards with whole-layer ratios (a mesh)
-    SHARD_MAP = "shard_map"  # GIVEN_RATIOS also inside jax.shard_map
-    DIFFERENTIABLE = "differentiable"  # JAX differentiates run itself
+    IN_PLACE = "in_place"  #: new params over the params' buffers (spec.write_params)
+    SKIP_NONFINITE = "skip_nonfinite"  #: takes ``finite`` and then moves nothing
+    GIVEN_RATIOS = "given_ratios"  #: updates shards with whole-layer ratios (a mesh)
+    SHARD_MAP = "shard_map"  #: GIVEN_RATIOS also inside jax.shard_map
+    DIFFERENTIABLE = "differentiable"  #: JAX differentiates run itself
 
 
 Run = Callable[[StepSpec, StepInputs], StepResult]

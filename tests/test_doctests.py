@@ -1,4 +1,8 @@
-"""The examples in the package's docstrings run and print what they show."""
+"""The examples in the package's docstrings run and print what they show.
+
+These are the examples the API reference shows (``make docs``); this test is
+what runs them.
+"""
 
 from __future__ import annotations
 
