@@ -6,7 +6,8 @@ the one source of the usage text), the reference of every public symbol
 design notes in this folder. The examples in the docstrings are run as
 doctests by ``tests/test_doctests.py``; ``tests/test_docs.py`` builds these
 pages with warnings as errors and checks that every name of ``lars.__all__``,
-``lars.schedules.__all__`` and ``lars.contract.__all__`` is in the reference.
+``lars.schedules.__all__`` and ``lars.contract.__all__`` (and the native
+backend's settings) is in the reference.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ html_static_path: list[str] = []
 # Links of the README to files of the repository outside these pages
 # (bench/README.md, examples/results/, ...) become their paths as text;
 # images and links to docs/ pages (made relative by the include) stay.
-_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
+_LINK = re.compile(r"(?<!!)\[([^\[\]]+)\]\(([^()\s]+)\)")
 
 
 def _repository_links_as_text(app, relative_path, parent_docname, content) -> None:

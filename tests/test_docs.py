@@ -7,7 +7,10 @@ The docstrings' examples shown there are run by ``tests/test_doctests.py``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import inspect
+import re
 import subprocess
 import sys
 import types
@@ -23,14 +26,26 @@ SPHINX = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "htm
 MODULES = [lars, lars.schedules, lars.contract]
 
 
+# What users of the native backend call (its other names, BACKEND and run,
+# are the contract's, which the dispatcher calls).
+NATIVE_SETTINGS = [
+    "cpu_isa",
+    "get_num_threads",
+    "last_step_threads",
+    "set_cpu_isa",
+    "set_num_threads",
+]
+
+
 def public_names() -> list[str]:
     """Every public name, spelled as users import it."""
-    return [f"{m.__name__}.{name}" for m in MODULES for name in m.__all__]
+    names = [f"{m.__name__}.{name}" for m in MODULES for name in m.__all__]
+    return names + [f"lars.kernels.native.{name}" for name in NATIVE_SETTINGS]
 
 
 def resolve(dotted: str) -> object:
     module, _, name = dotted.rpartition(".")
-    return getattr(sys.modules[module], name)
+    return getattr(importlib.import_module(module), name)
 
 
 def documented_as(dotted: str, inventory: set[str]) -> str | None:
@@ -51,6 +66,8 @@ def test_public_names_cover_the_front_doors():
     names = set(public_names())
     assert {"lars.lars", "lars.Lars", "lars.schedules", "lars.contract"} <= names
     assert {"lars.schedules.StepLR", "lars.contract.Backend"} <= names
+    native = importlib.import_module("lars.kernels.native")
+    assert set(NATIVE_SETTINGS) == set(native.__all__) - {"BACKEND", "run"}
 
 
 @pytest.mark.slow
@@ -117,3 +134,23 @@ def test_public_name_has_a_docstring(dotted: str):
             if not (inspect.getdoc(getattr(obj, name)) or "").strip()
         ]
         assert not bare, f"{dotted}: public members without a docstring: {bare}"
+
+
+def test_readme_links_to_the_repository_become_paths():
+    spec = importlib.util.spec_from_file_location("docs_conf", ROOT / "docs" / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    readme = (ROOT / "README.md").read_text()
+    content = [readme]
+    conf._repository_links_as_text(None, "README.md", "index", content)
+    before, after = readme.splitlines(), content[0].splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert changed, "the README links to bench/ and examples/"
+    for a, b in changed:  # only the links changed, into their paths
+        assert "](" in a and "](" not in b, (a, b)
+        assert re.sub(r"\[([^\[\]]*)\]\(([^()]*)\)", r"\1", a).replace("`", "") == re.sub(
+            r" \(`[^`]*`\)|`", "", b
+        ), (a, b)
+    # images stay (the build copies them)
+    assert [line for line in before if "![" in line] == [line for line in after if "![" in line]
