@@ -20,7 +20,10 @@ Arrays are NumPy arrays and numbers Python numbers, so the dict saves with
 ``numpy.savez``, and ``braintools.optim.Lars.load_state_dict`` reads it (its
 added groups are Adam, so only a one-group state carries over to it).
 Group entries that are not numbers (a group's ``'name'``, masks) are left out:
-orbax stores no strings.
+orbax stores no strings. On several processes (``jax.distributed``), arrays
+sharded across them are gathered whole into every process, so there
+``state_dict()`` is a collective: call it on every process (``load_state_dict``
+puts each array back on the sharding of the one it replaces).
 
 ``load_state_dict`` reads that layout, braintools' own (no ``scheduler`` and
 no ``lars``: the scheduler then gets ``lr`` as its current rate, as braintools
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from lars._groups import build, group_lr, group_options
 from lars._holder import is_state_object
@@ -64,9 +68,16 @@ def _chain_names(options: Mapping[str, Any]) -> list[str]:
     return [*names, "scale_by_trust_ratio", "trace", "scale_by_schedule"]
 
 
+def _whole(x: Any) -> np.ndarray:
+    """The whole array in NumPy; one sharded over several processes is gathered from all."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def _host(tree: Any) -> Any:
     """The tree with NumPy arrays for its leaves (0-d ones too: orbax takes no NumPy scalars)."""
-    return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(_whole, tree)
 
 
 def _number(value: Any) -> Any:
