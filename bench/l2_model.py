@@ -196,6 +196,7 @@ def simulate(
     in_place: bool = True,
     unit: str = "step",
     seed: int = 0,
+    jitter: float = 0.0,
 ) -> Result:
     """Replays the fused launches of ``plan`` through an LRU of ``l2_bytes``.
 
@@ -205,7 +206,9 @@ def simulate(
     a memory-bound kernel; a program with nothing to do is parked until the
     layer it waits for is ready. ``seed`` draws the programs' start times
     within the first step (the order they claim in and, from there, break
-    ties).
+    ties) and, with ``jitter``, each step's time: its nominal time times a
+    factor drawn uniformly from [1 - jitter, 1 + jitter] (programs that do
+    not move in lockstep).
 
     Args:
       plan: The step's plan (its fused launches run one after the other, the
@@ -216,9 +219,12 @@ def simulate(
         array and w is read by the update only where decay applies).
       unit: "step" or "line" (see the module docstring).
       seed: See above.
+      jitter: See above; in [0, 1).
     """
     if resident < 1:
         raise ValueError(f"resident must be >= 1, got {resident}")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError(f"jitter must be in [0, 1), got {jitter}")
     arrays = _Arrays(plan, in_place, unit)
     cache = LRU(l2_bytes)
     rng = np.random.default_rng(seed)
@@ -258,6 +264,8 @@ def simulate(
                 compulsory.setdefault(~key if write else key, size)
                 moved += size
             cost = max(0.1, moved / unit_cost)
+            if jitter:
+                cost *= 1.0 + jitter * (2.0 * rng.random() - 1.0)
             busy += cost
             prog[2] += 1
             if prog[2] == len(prog[1]):
@@ -330,7 +338,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--not-in-place", action="store_true", help="write updates, not new params")
     p.add_argument("--unit", choices=("step", "line"), default="step", help="cache unit")
     p.add_argument("--chunk", type=int, default=P.CHUNK, help="elements per item")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="start times (and jitter) of the programs")
+    p.add_argument(
+        "--jitter", type=float, default=0.0, help="each step's time varies by up to this fraction"
+    )
     return p
 
 
@@ -367,6 +378,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                             in_place=not args.not_in_place,
                             unit=args.unit,
                             seed=args.seed,
+                            jitter=args.jitter,
                         )
                         out.append(
                             dict(

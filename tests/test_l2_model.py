@@ -83,6 +83,17 @@ def test_a_step_that_fits_moves_each_byte_once(resident, unit, grads, floor):
     assert r.write_bytes == 8 * n  # w and v, in place
 
 
+def test_jitter_changes_the_schedule_not_what_a_fitting_step_moves():
+    plan = make_plan(_SIZES, chunk=256, block=64, lookahead=1)
+    n = sum(np.prod(s) for s in _SIZES)
+    steady = L.simulate(plan, l2_bytes=1 << 30, resident=5, seed=3)
+    jittered = L.simulate(plan, l2_bytes=1 << 30, resident=5, seed=3, jitter=0.5)
+    assert jittered.time != steady.time
+    assert jittered.read_bytes + jittered.write_bytes == 20 * n
+    with pytest.raises(ValueError, match="jitter"):
+        L.simulate(plan, l2_bytes=1 << 30, resident=5, jitter=1.0)
+
+
 def test_not_in_place_writes_the_update_and_reads_w_where_decay_applies():
     decay = [True, False, True, False]
     plan = make_plan(
