@@ -219,11 +219,16 @@ def shards(x: Any) -> list[tuple[Any, np.ndarray]]:
     return list(out.values())
 
 
-def check_oracle(p: dict, s: lars.LarsState, want: oracle.OracleState, what: str) -> None:
-    """Every shard this process holds against the oracle (backend_base's float32 tolerances)."""
+def check_oracle(
+    p: dict, s: lars.LarsState, want: oracle.OracleState, what: str, w0: dict | None = None
+) -> None:
+    """Every shard this process holds against the oracle (backend_base's float32 tolerances).
+
+    ``w0``: the params the run started from (default :func:`host_params`).
+    """
     tol = TOLERANCES["float32"]
-    w0 = host_params()
-    for n, k in enumerate(NAMES):
+    w0 = host_params() if w0 is None else w0
+    for n, k in enumerate(sorted(w0)):
         wp, vp = want.params[n], want.momentum[n]
         change = float(np.max(np.abs(wp - w0[k])))
         mag = float(max(np.max(np.abs(wp)), np.max(np.abs(w0[k]))))
@@ -248,7 +253,29 @@ def check_unsharded(p: dict, s: lars.LarsState, p1: dict, s1: lars.LarsState, wh
                 np.testing.assert_allclose(got, whole[idx], rtol=2e-6, atol=1e-6, err_msg=what)
 
 
+def check_uneven(backend: str) -> None:
+    """A leaf that XLA shards unevenly inside the step (7 rows over the two
+    processes) is gathered across them for the step: whole-layer norms."""
+    uneven = NamedSharding(MESH, P("a"))
+    opt, _ = transform_step(backend)
+
+    def step(p, s, g):
+        p = {"odd7": jax.lax.with_sharding_constraint(p["odd7"], uneven)}
+        g = {"odd7": jax.lax.with_sharding_constraint(g["odd7"], uneven)}
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    rng = np.random.default_rng(7)
+    w, g = (rng.normal(size=(7, 5)).astype(np.float32) for _ in range(2))
+    put = lambda x: {"odd7": jax.make_array_from_callback(x.shape, REPLICATED, lambda i: x[i])}
+    p = put(w)
+    got, s = jax.jit(step)(p, opt.init(p), put(g))
+    want = oracle.run([w], [[g]], oracle_config(True), round_params=[oracle.rounder(np.float32)])
+    check_oracle(got, s, want, f"{backend} uneven", w0={"odd7": w})
+
+
 def phase_steps(backend: str) -> None:
+    check_uneven(backend)
     p, s = run_transform(backend, to_global(host_params()))
     check_shardings(p, s, f"{backend} lars.lars")
     check_oracle(p, s, want_oracle(True, STEPS), f"{backend} lars.lars")
