@@ -73,11 +73,15 @@ class LRU:
         self.hits = 0
         self.misses = 0
 
-    def access(self, key: int, size: int, write: bool) -> bool:
-        """Reads or writes the ``size``-byte unit ``key``; True on a hit."""
+    def access(self, key: int, size: int, write: bool, evict_first: bool = False) -> bool:
+        """Reads or writes the ``size``-byte unit ``key``; True on a hit.
+
+        With ``evict_first`` the unit becomes the least recently used one (the
+        next to go), as a last use marked with an eviction hint.
+        """
         entry = self.entries.get(key)
         if entry is not None:
-            self.entries.move_to_end(key)
+            self.entries.move_to_end(key, last=not evict_first)
             if write:
                 entry[1] = True
             self.hits += 1
@@ -86,6 +90,8 @@ class LRU:
         if not write:
             self.read_bytes += size
         self.entries[key] = [size, write]
+        if evict_first:
+            self.entries.move_to_end(key, last=False)
         self.used += size
         while self.used > self.capacity:
             _, (evicted, dirty) = self.entries.popitem(last=False)
@@ -138,10 +144,11 @@ class _Arrays:
 
     _ROLES: ClassVar[dict[str, int]] = {"w": 0, "g": 1, "v": 2, "update": 3}
 
-    def __init__(self, plan: P.StepPlan, in_place: bool, unit: str) -> None:
+    def __init__(self, plan: P.StepPlan, in_place: bool, unit: str, evict_first: bool) -> None:
         if unit not in ("step", "line"):
             raise ValueError(f"unit must be 'step' or 'line', got {unit!r}")
         self.unit = unit
+        self.evict_first = evict_first
         self.in_place = in_place
         self.block = plan.tuning.block
         self.chunk = plan.tuning.chunk
@@ -166,24 +173,29 @@ class _Arrays:
 
 
 def _item_steps(row: np.ndarray, leaf: int, arrays: _Arrays, decay: bool) -> list[list[tuple]]:
-    """Per vector step of one item, its accesses (key, bytes, write), in the kernel's order."""
+    """Per vector step of one item, its accesses (key, bytes, write, evict first), in order.
+
+    An update's accesses are each unit's last use: with ``arrays.evict_first``
+    they carry the hint.
+    """
     kind, chunk, length = row[P.COL_KIND], int(row[P.COL_CHUNK]), int(row[P.COL_LENGTH])
     base = chunk * arrays.chunk
     n_steps = arrays.chunk // arrays.block
     counts = [max(0, min(arrays.block, length - k * arrays.block)) for k in range(n_steps)]
     phases = []
     if kind != P.KIND_UPDATE:
-        phases.append([("g", False), ("w", False)])
+        phases.append(([("g", False), ("w", False)], False))
     if kind != P.KIND_SUMS:
         reads = ("g", "v", "w") if arrays.in_place or decay else ("g", "v")
-        phases.append([(r, False) for r in reads] + [("out", True), ("v", True)])
+        accesses = [(r, False) for r in reads] + [("out", True), ("v", True)]
+        phases.append((accesses, arrays.evict_first))
     steps: list[list[tuple]] = []
-    for accesses in phases:
+    for accesses, hint in phases:
         for k, n in enumerate(counts):
             first = base + k * arrays.block
             step = []
             for role, write in accesses if n else ():
-                step += [(key, b, write) for key, b in arrays.units(leaf, role, first, n)]
+                step += [(key, b, write, hint) for key, b in arrays.units(leaf, role, first, n)]
             steps.append(step)
     return steps
 
@@ -197,6 +209,7 @@ def simulate(
     unit: str = "step",
     seed: int = 0,
     jitter: float = 0.0,
+    evict_first: bool = False,
 ) -> Result:
     """Replays the fused launches of ``plan`` through an LRU of ``l2_bytes``.
 
@@ -220,12 +233,15 @@ def simulate(
       unit: "step" or "line" (see the module docstring).
       seed: See above.
       jitter: See above; in [0, 1).
+      evict_first: The update's loads and stores (each unit's last use) are
+        marked to be evicted first (Triton's ``eviction_policy="evict_first"``),
+        modelled as making them least recently used.
     """
     if resident < 1:
         raise ValueError(f"resident must be >= 1, got {resident}")
     if not 0.0 <= jitter < 1.0:
         raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-    arrays = _Arrays(plan, in_place, unit)
+    arrays = _Arrays(plan, in_place, unit, evict_first)
     cache = LRU(l2_bytes)
     rng = np.random.default_rng(seed)
     unit_cost = arrays.block * 4  # bytes of one fp32 vector load: one time unit
@@ -259,8 +275,8 @@ def simulate(
                 parked.setdefault(slot, []).append((now, i))
                 continue
             moved = 0
-            for key, size, write in prog[1][prog[2]]:
-                cache.access(key, size, write)
+            for key, size, write, hint in prog[1][prog[2]]:
+                cache.access(key, size, write, hint)
                 compulsory.setdefault(~key if write else key, size)
                 moved += size
             cost = max(0.1, moved / unit_cost)
@@ -337,6 +353,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--not-in-place", action="store_true", help="write updates, not new params")
     p.add_argument("--unit", choices=("step", "line"), default="step", help="cache unit")
+    p.add_argument(
+        "--evict-first",
+        action="store_true",
+        help="the update's loads and stores carry an evict-first hint",
+    )
     p.add_argument("--chunk", type=int, default=P.CHUNK, help="elements per item")
     p.add_argument("--seed", type=int, default=0, help="start times (and jitter) of the programs")
     p.add_argument(
@@ -379,6 +400,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                             unit=args.unit,
                             seed=args.seed,
                             jitter=args.jitter,
+                            evict_first=args.evict_first,
                         )
                         out.append(
                             dict(

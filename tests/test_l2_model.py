@@ -58,6 +58,17 @@ def test_lru_thrashes_on_a_loop_twice_its_size():
     assert cache.hits == 0 and cache.read_bytes == 60 * 128
 
 
+def test_lru_evict_first_makes_a_unit_the_next_to_go():
+    cache = L.LRU(2)
+    cache.access("a", 1, False)
+    cache.access("b", 1, False, evict_first=True)  # b is now older than a
+    cache.access("c", 1, False)  # evicts b, not a
+    assert list(cache.entries) == ["a", "c"]
+    assert cache.access("a", 1, False, evict_first=True)
+    cache.access("d", 1, False)  # evicts a
+    assert list(cache.entries) == ["c", "d"]
+
+
 def test_lru_rejects_an_empty_cache():
     with pytest.raises(ValueError, match="capacity"):
         L.LRU(0)
@@ -117,6 +128,18 @@ def test_a_layer_larger_than_the_cache_rereads_w_and_g(unit):
     # chunks ..c-1 (20 B each): always more than 200 kB, so every access misses.
     assert r.read_bytes == 20 * n and r.write_bytes == 8 * n
     assert r.bytes_per_param == 28.0 and r.floor_per_param == 20.0
+
+
+@pytest.mark.parametrize("unit", ["step", "line"])
+def test_evict_first_updates_keep_the_last_norms_in_the_cache(unit):
+    n = 64 * 1024
+    plan = make_plan([(n,)], chunk=1024, block=256, lookahead=0)
+    r = L.simulate(plan, l2_bytes=200 * 1024, resident=1, unit=unit, evict_first=True)
+    # The update's units go straight out, so the cache still holds the norms' last
+    # 200 kB (g and w of the last 25,600 elements) when the update reaches them:
+    # those elements' w and g are not read again.
+    kept = 200 * 1024 // 8
+    assert r.read_bytes == 20 * n - 8 * kept and r.write_bytes == 8 * n
 
 
 # --------------------------------------------------------------------------
