@@ -23,6 +23,8 @@ feeds them to a fully associative, write-back LRU cache:
 * Reads that miss are fetched from DRAM; writes allocate without a fetch
   (every line is written whole) and dirty data is written back when evicted
   or at the end (every written byte reaches DRAM once).
+* With ``evict_first`` the update's loads and stores (each line's last use)
+  make their lines the least recently used, as an evict-first hint would.
 * The cache unit is ``"step"`` (default): the bytes one vector step of one
   program touches in one array (4 kB of fp32: 32 lines of 128 B, always
   touched together, so they sit together in the LRU order), or ``"line"``:
