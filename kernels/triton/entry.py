@@ -32,7 +32,7 @@ _ARG_COMMENTS = {
     "ratios_ptr": "float32 (slots,): trust ratios",
     "partials_ptr": "out: float32 (rows, 2) partial sums",
     "ratios_out_ptr": "out: float32 (slots,) trust ratios",
-    "sync_ptr": "out: int32 (1 + 2 * slots), zeroed: item counter, arrivals, flags",
+    "sync_ptr": "out: int32 (plan.sync_words), zeroed: item counter, arrivals, flags",
     "w": "params",
     "g": "gradients",
     "v": "momentum",
@@ -88,6 +88,7 @@ def entry_source(spec: P.KernelSpec) -> str:
             "CHUNK",
             "BLOCK",
             "REDUCE_BLOCK",
+            "SPIN_LIMIT",
         )
         lines.append(
             "    s_w, s_u = fused_sums(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, "

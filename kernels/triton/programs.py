@@ -48,6 +48,8 @@ _MOMENTUM = tl.constexpr(int(Scalar.MOMENTUM))
 _TRUST_COEFFICIENT = tl.constexpr(int(Scalar.TRUST_COEFFICIENT))
 _EPS = tl.constexpr(int(Scalar.EPS))
 _TRUST_CLIP = tl.constexpr(int(Scalar.TRUST_CLIP))
+_SYNC_ERROR = tl.constexpr(P.SYNC_ERROR)
+_ERROR_SPIN = tl.constexpr(P.ERROR_SPIN)
 
 
 @triton.jit
@@ -207,6 +209,16 @@ def leaf_sums(
 
 
 @triton.jit
+def slot_words(sync_ptr, SPIN_LIMIT: tl.constexpr):
+    """The first per-slot word of the sync buffer (after the error word with a spin limit)."""
+    if SPIN_LIMIT > 0:
+        base = sync_ptr + 2
+    else:
+        base = sync_ptr + 1
+    return base
+
+
+@triton.jit
 def fused_sums(
     item,  # int32 scalar: the table row this program claimed
     table_ptr,  # int32 (items, TABLE_COLUMNS): the item table
@@ -216,8 +228,9 @@ def fused_sums(
     g_ptr,  # the slot's leaf: gradients
     partials_ptr,  # out: float32 (rows, 2): per-chunk partial sums
     ratios_out_ptr,  # out: float32 (slots,): each slot's trust ratio
-    sync_ptr,  # int32 (1 + 2 * slots), zero at launch: [0] the item counter; then
-    # per slot, its sums items finished and its ratio-ready flag
+    sync_ptr,  # int32 (plan.sync_words), zero at launch: [0] the item counter; then
+    # (with a spin limit) the error word; then per slot, its sums items
+    # finished and its ratio-ready flag
     CLIP_NORM: tl.constexpr,  # global-norm clipping is on
     CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
     HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
@@ -225,6 +238,7 @@ def fused_sums(
     CHUNK: tl.constexpr,  # elements per item
     BLOCK: tl.constexpr,  # elements per vector step
     REDUCE_BLOCK: tl.constexpr,  # partial rows per vector step (leaf_sums)
+    SPIN_LIMIT: tl.constexpr,  # polls of a ready flag before giving up (0: no bound)
 ):
     """Fused pass, first half: a SUMS or WHOLE item's chunk sums; returns them (0 for UPDATE).
 
@@ -260,7 +274,7 @@ def fused_sums(
             BLOCK,
         )
     if kind == _KIND_SUMS:
-        arrivals = sync_ptr + 1 + 2 * slot
+        arrivals = slot_words(sync_ptr, SPIN_LIMIT) + 2 * slot
         ready = arrivals + 1
         first_row = tl.load(entry + _COL_FIRST_ROW)
         chunks = tl.load(entry + _COL_CHUNKS)
@@ -287,7 +301,7 @@ def fused_update(
     out_ptr,  # out: updates, or new params if WRITE_PARAMS
     v_out_ptr,  # out: new momentum
     ratios_out_ptr,  # out: float32 (slots,): each slot's trust ratio
-    sync_ptr,  # int32 (1 + 2 * slots): see fused_sums
+    sync_ptr,  # int32 (plan.sync_words): see fused_sums
     s_w,  # float32 scalars: the chunk's sums from fused_sums (WHOLE items)
     s_u,
     CLIP_NORM: tl.constexpr,  # global-norm clipping is on
@@ -300,6 +314,7 @@ def fused_update(
     TRUST_CLIP: tl.constexpr,  # r = min(r, trust_clip) is on
     CHUNK: tl.constexpr,  # elements per item
     BLOCK: tl.constexpr,  # elements per vector step
+    SPIN_LIMIT: tl.constexpr,  # polls of a ready flag before giving up (0: no bound)
 ):
     """Fused pass, second half: an UPDATE or WHOLE item's update (nothing for SUMS)."""
     entry = table_ptr + item * _TABLE_COLUMNS
@@ -320,10 +335,21 @@ def fused_update(
         elif trust != 0:
             # Every sums item of this leaf was claimed before this item: wait
             # for the last of them to publish the ratio.
-            ready = sync_ptr + 2 + 2 * slot
-            while tl.atomic_add(ready, 0, sem="acquire") == 0:
-                pass
-            ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
+            ready = slot_words(sync_ptr, SPIN_LIMIT) + 2 * slot + 1
+            if SPIN_LIMIT > 0:  # debug: give up, flag the launch, poison the chunk
+                flag = tl.atomic_add(ready, 0, sem="acquire")
+                polls = tl.full((), 1, tl.int32)
+                while (flag == 0) & (polls < SPIN_LIMIT):
+                    flag = tl.atomic_add(ready, 0, sem="acquire")
+                    polls += 1
+                ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
+                if flag == 0:
+                    tl.atomic_xchg(sync_ptr + _SYNC_ERROR, _ERROR_SPIN, sem="relaxed")
+                    ratio = tl.full((), float("nan"), tl.float32)
+            else:
+                while tl.atomic_add(ready, 0, sem="acquire") == 0:
+                    pass
+                ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
         elif chunk == 0:
             tl.store(ratios_out_ptr + slot, ratio)
         lr = tl.load(scalars_ptr + _LR)
