@@ -591,6 +591,33 @@ def test_ten_steps_match_reference_step(config_name, fused):
         momentum = want.momentum
 
 
+def test_a_jitted_step_that_gives_up_a_wait_raises(monkeypatch):
+    """With ``spin_limit`` the jitted step returns and raises (the error word read
+    back on the host) when a leaf's sums never arrive, instead of hanging; with
+    a sound table the same step runs."""
+    config = STEP_CONFIGS["defaults"]
+    params, grads = make_step_problem(MIXED, steps=1)
+    n = len(STEP_SHAPES)
+    momentum = [jnp.zeros(np.shape(p), jnp.float32) for p in params]
+    args = (params, grads[0], momentum, jnp.float32(0.1))
+
+    def step(spin_limit):  # a new plan (a new trace) for each limit
+        opts = options(**TUNING, spin_limit=spin_limit)
+        spec = step_spec(config, params, grads[0], [True] * n, [True] * n, options=opts)
+        run = jax.jit(lambda *arrays: interpret.BACKEND.run(spec, StepInputs(*arrays)))
+        return jax.block_until_ready(run(*args))
+
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in step(4).updates)
+    make_table = P.make_fused_table
+    monkeypatch.setattr(
+        P,
+        "make_fused_table",
+        lambda *a: (without_sums_of_one_leaf(make_table(*a)[0])[0], make_table(*a)[1]),
+    )
+    with pytest.raises(Exception, match="gave up"):
+        step(3)
+
+
 def test_one_step_on_a_65537_element_leaf():
     """One step with the default launch geometry (the one a GPU runs)."""
     rng = np.random.default_rng(4)
