@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -358,7 +359,8 @@ def report(
     """Rows for ``cases`` (compiled by ``jobs`` processes) and the CUDA handler; and errors."""
     errors: list[str] = []
     if jobs > 1 and len(cases) > 1:
-        with ProcessPoolExecutor(jobs) as pool:
+        # Fresh processes (spawn, not fork: the caller may have started JAX's threads).
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(compile_triton, cases))
     else:
         rows = [compile_triton(case) for case in cases]

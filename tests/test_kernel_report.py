@@ -110,11 +110,12 @@ def test_default_triton_kernels_fit_the_limits(tmp_path):
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert {r["group"] for r in rows} == {"/".join(g) for g in K.GROUPS}
-    assert {r["pass"] for r in rows} == {P.FUSED}
+    assert {r["pass"] for r in rows} == {P.FUSED, P.GLOBAL_NORM}  # grad_clip_norm is on
     cases = K.triton_cases(["two_pass"], [("float32", "float32")], ["all"])
+    cases = [c for c in cases if c.spec.kind != P.GLOBAL_NORM]  # compiled above
     two_pass, errors = K.report(cases, cuda=False, jobs=2)
     assert not errors
-    assert {r["pass"] for r in two_pass} == {P.GLOBAL_NORM, P.SUMS, P.UPDATE}
+    assert {r["pass"] for r in two_pass} == {P.SUMS, P.UPDATE}
     rows += two_pass
     assert_within_limits(rows)
     for row in rows:
