@@ -342,6 +342,15 @@ def compile_cuda(source: Path = CUDA_SOURCE) -> list[dict]:
     return rows
 
 
+def tool_version(path: str | None) -> str:
+    """The release line of a CUDA tool's ``--version`` (e.g. "release 12.8, V12.8.93")."""
+    if not path or not Path(path).exists():
+        return "not found"
+    text = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release [^\n]*", text)
+    return m.group(0) if m else text.strip()[-80:]
+
+
 def _demangle(name: str) -> str:
     tool = shutil.which("c++filt")
     if not tool:
@@ -439,10 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     from bench import environment
 
+    env = environment.collect(argv)
+    env["command"] = " ".join(["python -m bench.kernel_report", *(argv or sys.argv[1:])])
     result = {
         "target": ARCH,
-        "environment": environment.collect(argv),
+        "environment": env,
         "triton": __import__("triton").__version__,
+        "ptxas": tool_version(str(Path(cuobjdump_path()).with_name("ptxas"))),
+        "nvcc": tool_version(shutil.which("nvcc")),
         "seconds": round(seconds, 1),
         "rows": rows,
         "errors": errors,
