@@ -398,6 +398,19 @@ def test_compiles_for_hopper(kernel, group):
         assert re.search(r"ld\.global\.cg", ptx)
 
 
+def test_only_a_spin_limit_compiles_the_bounded_wait():
+    """The debug switch's check (a relaxed exchange of the error word) is in the
+    PTX with spin_limit > 0 and absent at the default 0."""
+    spec = P.KernelSpec(P.FUSED, 5, True)
+    exch = r"atom\.global\.gpu\.relaxed\.exch"
+    default = aot.compile_kernel(spec, "float32", "float32", ALL_ON).asm["ptx"]
+    bounded = aot.compile_kernel(spec, "float32", "float32", ALL_ON, P.Tuning(spin_limit=1000)).asm[
+        "ptx"
+    ]
+    assert not re.search(exch, default)
+    assert re.search(exch, bounded)
+
+
 @pytest.mark.slow
 def test_the_default_launch_fits_the_kernel_parameter_limit():
     """The widest kernel's parameters fit the 32 kB of CUDA 12.1+ and ptxas takes them."""

@@ -446,6 +446,71 @@ def test_fused_pass_items_run_in_table_order():
         assert (sync[1 + 2 * j], sync[2 + 2 * j]) == ((chunks, 1) if many else (0, 0))
 
 
+def without_sums_of_one_leaf(table: np.ndarray) -> tuple[np.ndarray, int]:
+    """``table`` without the sums items of its first multi-chunk leaf (whose
+    ratio then never arrives); and that leaf's slot."""
+    sums = table[:, P.COL_KIND] == P.KIND_SUMS
+    if not sums.any():
+        return table, -1
+    slot = int(table[sums][0, P.COL_SLOT])
+    return table[~(sums & (table[:, P.COL_SLOT] == slot))], slot
+
+
+def test_with_a_spin_limit_a_ratio_that_never_arrives_sets_the_error_word():
+    """Debug switch (``spin_limit``): an update item whose leaf's sums never
+    arrive gives up after the limit, sets the error word and writes NaN for its
+    chunk; the launch returns and every other leaf is updated as usual."""
+    flags = FLAG_SETS["decay"]
+    params, grads, momentum, decay = make_leaves()
+    tuning = dataclasses.replace(KERNEL_TUNING, spin_limit=5)
+    plan = P.StepPlan(plan_for(params, grads, decay, flags).leaves, flags, tuning)
+    launch_ = next(x for x in plan.launches(P.FUSED) if (x.table[:, P.COL_KIND] == 0).any())
+    table, stuck = without_sums_of_one_leaf(launch_.table)
+    launch_ = dataclasses.replace(launch_, table=table)
+    spec = P.kernel_spec(launch_, flags)
+    inputs, outputs, aliases = S.update_inputs(
+        launch_, spec, params, grads, momentum, [launch_.table, SCALARS], False
+    )
+    outputs += S.fused_outputs(launch_, tuning)
+    results = interpret.launch(
+        spec,
+        inputs,
+        outputs,
+        aliases,
+        launch_.num_programs,
+        spec.constexprs(flags, tuning),
+        zeroed=(len(outputs) - 1,),
+    )
+    sync = results[-1]
+    assert sync[P.SYNC_COUNTER] == launch_.num_programs
+    assert sync[P.SYNC_ERROR] == P.ERROR_SPIN
+    k = len(launch_.leaves)
+    assert np.isnan(results[stuck]).all() and np.isnan(results[k + stuck]).all()
+    for j in range(k):
+        if j != stuck:
+            assert np.isfinite(results[j]).all() and np.isfinite(results[k + j]).all()
+    with pytest.raises(RuntimeError, match="spin_limit"):
+        S._raise_on_spin_error(sync[P.SYNC_ERROR])
+
+
+def test_a_spin_limit_changes_no_result_of_a_sound_table(monkeypatch):
+    """The same bits with and without the spin limit, the error word clear; and
+    with the sums of a leaf taken out of the table the pass raises, naming it."""
+    flags = FLAG_SETS["all"]
+    _, want = run_fused(flags, KERNEL_TUNING)
+    _, got = run_fused(flags, dataclasses.replace(KERNEL_TUNING, spin_limit=3))
+    for a, b in zip((*got[0], *got[1], got[2]), (*want[0], *want[1], want[2]), strict=True):
+        np.testing.assert_array_equal(bits(a), bits(b))
+    make_table = P.make_fused_table
+    monkeypatch.setattr(
+        P,
+        "make_fused_table",
+        lambda *a: (without_sums_of_one_leaf(make_table(*a)[0])[0], make_table(*a)[1]),
+    )
+    with pytest.raises(RuntimeError, match="gave up"):
+        run_fused(flags, dataclasses.replace(KERNEL_TUNING, spin_limit=3))
+
+
 # --------------------------------------------------------------------------
 # Whole steps against reference_step.
 
@@ -524,6 +589,33 @@ def test_ten_steps_match_reference_step(config_name, fused):
         # Continue both from the reference's state (the comparison is per step).
         params = [optax.apply_updates(p, u) for p, u in zip(params, want.updates, strict=True)]
         momentum = want.momentum
+
+
+def test_a_jitted_step_that_gives_up_a_wait_raises(monkeypatch):
+    """With ``spin_limit`` the jitted step returns and raises (the error word read
+    back on the host) when a leaf's sums never arrive, instead of hanging; with
+    a sound table the same step runs."""
+    config = STEP_CONFIGS["defaults"]
+    params, grads = make_step_problem(MIXED, steps=1)
+    n = len(STEP_SHAPES)
+    momentum = [jnp.zeros(np.shape(p), jnp.float32) for p in params]
+    args = (params, grads[0], momentum, jnp.float32(0.1))
+
+    def step(spin_limit):  # a new plan (a new trace) for each limit
+        opts = options(**TUNING, spin_limit=spin_limit)
+        spec = step_spec(config, params, grads[0], [True] * n, [True] * n, options=opts)
+        run = jax.jit(lambda *arrays: interpret.BACKEND.run(spec, StepInputs(*arrays)))
+        return jax.block_until_ready(run(*args))
+
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in step(4).updates)
+    make_table = P.make_fused_table
+    monkeypatch.setattr(
+        P,
+        "make_fused_table",
+        lambda *a: (without_sums_of_one_leaf(make_table(*a)[0])[0], make_table(*a)[1]),
+    )
+    with pytest.raises(Exception, match="gave up"):
+        step(3)
 
 
 def test_one_step_on_a_65537_element_leaf():

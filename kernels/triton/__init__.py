@@ -19,6 +19,9 @@ Backend options (``backend_options=``), the launch geometry (``plan.Tuning``):
   runs a norm launch, then an update launch.
 * ``lookahead`` (int >= 0, default 256): fused launch, items between a
   layer's partial sums and its update.
+* ``spin_limit`` (int >= 0, default 0): a debug switch of the fused launch;
+  N > 0 bounds each wait for a trust ratio to N polls, and a wait that gives
+  up makes the step raise instead of hanging (0 waits without bound).
 
 Modules: ``plan`` (the launch plan, plain Python), ``kernels`` and
 ``programs`` (the ``@triton.jit`` code), ``entry`` (the generated entry

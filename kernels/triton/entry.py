@@ -6,6 +6,13 @@ generated for that number: its signature, the selection of the program's slot
 pointers (a chain of scalar selects on the table's slot column) and a call of
 the pass's program (``programs.py``). :func:`get_kernel` builds it once per
 process, in the mode the kernels were imported in (``kernels.INTERPRETED``).
+
+A fused entry point calls its program in two halves (sums, then update), each
+after its own load of the slot and selection of the pointers it takes. With
+one selection for both halves, LLVM sank the select chains of the pointers
+only the update uses into its branch, so the ``slots - 1`` comparisons of the
+slot stayed live across the sums loop: 244 registers per thread at 192 slots
+on sm_90, 56 with a selection per half (docs/triton.md).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ _ARG_COMMENTS = {
     "ratios_ptr": "float32 (slots,): trust ratios",
     "partials_ptr": "out: float32 (rows, 2) partial sums",
     "ratios_out_ptr": "out: float32 (slots,) trust ratios",
-    "sync_ptr": "out: int32 (1 + 2 * slots), zeroed: item counter, arrivals, flags",
+    "sync_ptr": "out: int32 (plan.sync_words), zeroed: item counter, arrivals, flags",
     "w": "params",
     "g": "gradients",
     "v": "momentum",
@@ -49,7 +56,8 @@ def entry_source(spec: P.KernelSpec) -> str:
             GLOBAL: tl.constexpr,
             ...
         ):
-            row = tl.program_id(0)  # a FUSED entry claims its row: tl.atomic_add(sync_ptr, 1)
+            row = tl.program_id(0)  # a FUSED entry claims its row: tl.atomic_add(sync_ptr, 1),
+            # then selects w and g, calls fused_sums, selects all five, calls fused_update
             slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)
             is_1 = slot == 1
             w_ptr = w_0
@@ -71,15 +79,30 @@ def entry_source(spec: P.KernelSpec) -> str:
     lines.append("):")
     if spec.kind == P.FUSED:  # items start in table order, whichever program runs first
         lines.append("    row = tl.atomic_add(sync_ptr, 1, sem='relaxed')")
-    else:
-        lines.append("    row = tl.program_id(0)")
-    lines.append("    slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
-    for k in range(1, spec.slots):
-        lines.append(f"    is_{k} = slot == {k}")
-    for role in spec.pointer_roles():
-        lines.append(f"    {role}_ptr = {role}_0")
-        for k in range(1, spec.slots):
-            lines.append(f"    {role}_ptr = tl.where(is_{k}, {role}_{k}, {role}_ptr)")
+        _select(lines, spec, ("w", "g"))
+        sums = (
+            "CLIP_NORM",
+            "CLIP_VALUE",
+            "HAS_DECAY",
+            "TRUST_CLIP",
+            "CHUNK",
+            "BLOCK",
+            "REDUCE_BLOCK",
+            "SPIN_LIMIT",
+        )
+        lines.append(
+            "    s_w, s_u = fused_sums(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, "
+            f"partials_ptr, ratios_out_ptr, sync_ptr, {', '.join(sums)})"
+        )
+        _select(lines, spec, spec.pointer_roles())
+        update = tuple(n for n in spec.constexpr_names() if n != "REDUCE_BLOCK")
+        lines.append(
+            "    fused_update(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, v_ptr, out_ptr, "
+            f"v_out_ptr, ratios_out_ptr, sync_ptr, s_w, s_u, {', '.join(update)})"
+        )
+        return "\n".join(lines) + "\n"
+    lines.append("    row = tl.program_id(0)")
+    _select(lines, spec, spec.pointer_roles())
     if not spec.with_params:
         lines.append("    w_ptr = g_ptr  # not read")
     constexprs = ", ".join(spec.constexpr_names())
@@ -88,16 +111,22 @@ def entry_source(spec: P.KernelSpec) -> str:
             "    update_program(table_ptr, scalars_ptr, ratios_ptr, slot, w_ptr, g_ptr, v_ptr, "
             f"out_ptr, v_out_ptr, {constexprs})"
         )
-    elif spec.kind == P.FUSED:
-        lines.append(
-            "    fused_program(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, v_ptr, out_ptr, "
-            f"v_out_ptr, partials_ptr, ratios_out_ptr, sync_ptr, {constexprs})"
-        )
     else:
         lines.append(
             f"    sums_program(table_ptr, scalars_ptr, w_ptr, g_ptr, partials_ptr, {constexprs})"
         )
     return "\n".join(lines) + "\n"
+
+
+def _select(lines: list[str], spec: P.KernelSpec, roles: tuple[str, ...]) -> None:
+    """Appends the loading of the row's slot and the selection of its ``roles``' pointers."""
+    lines.append("    slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
+    for k in range(1, spec.slots):
+        lines.append(f"    is_{k} = slot == {k}")
+    for role in roles:
+        lines.append(f"    {role}_ptr = {role}_0")
+        for k in range(1, spec.slots):
+            lines.append(f"    {role}_ptr = tl.where(is_{k}, {role}_{k}, {role}_ptr)")
 
 
 @functools.cache
@@ -120,7 +149,8 @@ def get_kernel(spec: P.KernelSpec):
         "tl": tl,
         "sums_program": programs.sums_program,
         "update_program": programs.update_program,
-        "fused_program": programs.fused_program,
+        "fused_sums": programs.fused_sums,
+        "fused_update": programs.fused_update,
         "_TABLE_COLUMNS": programs._TABLE_COLUMNS,
         "_COL_SLOT": programs._COL_SLOT,
     }

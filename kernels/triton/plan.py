@@ -31,6 +31,15 @@ NUM_WARPS = 4
 LOOKAHEAD = 256
 # Fused pass: partial-sum rows added per vector step when a ratio is finalised.
 REDUCE_BLOCK = 256
+# Fused pass: polls of a ready flag before an update item gives up (a debug
+# switch; 0, the default, waits without bound and compiles no check).
+SPIN_LIMIT = 0
+
+# Words of the fused pass's zeroed int32 sync buffer: the item counter, then
+# (with a spin limit) the error word, then per slot its arrivals and ready flag.
+SYNC_COUNTER = 0
+SYNC_ERROR = 1  # 0, or ERROR_SPIN once a wait gave up (only with a spin limit)
+ERROR_SPIN = 1
 
 # Columns of the int32 tile table: one row per program.
 COL_SLOT = 0  # the slot (leaf position in the launch) the program serves
@@ -76,6 +85,10 @@ class Tuning:
       fused: One fused launch per dtype group (norms, ratios and update);
         False: the two-pass form (a norm pass, then an update pass).
       lookahead: Fused pass: items between a layer's sums and its update.
+      spin_limit: Fused pass, a debug switch: 0 waits for a ratio without
+        bound; N > 0 gives up after N polls, sets the launch's error word
+        (``SYNC_ERROR``) and updates the chunk with a NaN ratio, so a
+        protocol fault returns instead of hanging.
     """
 
     slots: int = SLOTS_PER_LAUNCH
@@ -84,6 +97,7 @@ class Tuning:
     num_warps: int = NUM_WARPS
     fused: bool = True
     lookahead: int = LOOKAHEAD
+    spin_limit: int = SPIN_LIMIT
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -96,6 +110,8 @@ class Tuning:
             raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if self.spin_limit < 0:
+            raise ValueError(f"spin_limit must be >= 0, got {self.spin_limit}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +240,7 @@ class KernelSpec:
             return ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "CHUNK", "BLOCK")
         if self.kind == FUSED:
             options = ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "TRUST_CLIP")
-            return (*options, "CHUNK", "BLOCK", "REDUCE_BLOCK")
+            return (*options, "CHUNK", "BLOCK", "REDUCE_BLOCK", "SPIN_LIMIT")
         return ("GLOBAL", "CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", "CHUNK", "BLOCK")
 
     def arg_names(self) -> list[str]:
@@ -251,6 +267,7 @@ class KernelSpec:
                 "TRUST_CLIP": flags.trust_clip,
             }
         values.update(CHUNK=tuning.chunk, BLOCK=tuning.block, REDUCE_BLOCK=REDUCE_BLOCK)
+        values.update(SPIN_LIMIT=tuning.spin_limit)
         return {name: values[name] for name in self.constexpr_names()}
 
 
@@ -261,6 +278,11 @@ def kernel_spec(launch: Launch, flags: Flags) -> KernelSpec:
     else:
         with_params = launch.kind in (SUMS, FUSED)
     return KernelSpec(launch.kind, len(launch.leaves), with_params)
+
+
+def sync_words(slots: int, tuning: Tuning) -> int:
+    """Words of a fused launch's sync buffer (see ``SYNC_COUNTER``)."""
+    return 1 + (tuning.spin_limit > 0) + 2 * slots
 
 
 def group_by_dtypes(

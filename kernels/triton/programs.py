@@ -5,11 +5,13 @@
   for the global-norm pass) to its own row of a partials buffer.
 * :func:`update_program` (update pass): one chunk of one leaf; writes the new
   momentum and either the update or the new param.
-* :func:`fused_program` (the fused pass): one item of the table, claimed in
-  table order: a chunk's partial sums, a chunk's update, or both for a
-  single-chunk leaf. The last sums item of a leaf to finish adds the leaf's
-  partials in chunk order and publishes its trust ratio; update items wait
-  for it (the schedule and why it cannot deadlock: docs/triton.md).
+* :func:`fused_sums` then :func:`fused_update` (the fused pass): one item of
+  the table, claimed in table order: a chunk's partial sums, a chunk's
+  update, or both for a single-chunk leaf. The last sums item of a leaf to
+  finish adds the leaf's partials in chunk order and publishes its trust
+  ratio; update items wait for it (the schedule and why it cannot deadlock:
+  docs/triton.md). The entry point selects each half's pointers just before
+  calling it (two halves: see ``entry.py``).
 
 Each reads its row of the tile table (``plan.COL_*``) and the run-time scalars
 (``lars.contract.Scalar``); its slot's pointers are selected by the caller.
@@ -46,6 +48,8 @@ _MOMENTUM = tl.constexpr(int(Scalar.MOMENTUM))
 _TRUST_COEFFICIENT = tl.constexpr(int(Scalar.TRUST_COEFFICIENT))
 _EPS = tl.constexpr(int(Scalar.EPS))
 _TRUST_CLIP = tl.constexpr(int(Scalar.TRUST_CLIP))
+_SYNC_ERROR = tl.constexpr(P.SYNC_ERROR)
+_ERROR_SPIN = tl.constexpr(P.ERROR_SPIN)
 
 
 @triton.jit
@@ -205,45 +209,51 @@ def leaf_sums(
 
 
 @triton.jit
-def fused_program(
+def slot_words(sync_ptr, SPIN_LIMIT: tl.constexpr):
+    """The first per-slot word of the sync buffer (after the error word with a spin limit)."""
+    if SPIN_LIMIT > 0:
+        base = sync_ptr + 2
+    else:
+        base = sync_ptr + 1
+    return base
+
+
+@triton.jit
+def fused_sums(
     item,  # int32 scalar: the table row this program claimed
     table_ptr,  # int32 (items, TABLE_COLUMNS): the item table
-    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip, trust scalars
+    scalars_ptr,  # float32 (NUM_SCALARS,): decay, clip, trust scalars
     slot,  # int32 scalar: the item's slot
     w_ptr,  # the slot's leaf: params
     g_ptr,  # the slot's leaf: gradients
-    v_ptr,  # the slot's leaf: momentum
-    out_ptr,  # out: updates, or new params if WRITE_PARAMS
-    v_out_ptr,  # out: new momentum
     partials_ptr,  # out: float32 (rows, 2): per-chunk partial sums
     ratios_out_ptr,  # out: float32 (slots,): each slot's trust ratio
-    sync_ptr,  # int32 (1 + 2 * slots), zero at launch: [0] the item counter; then
-    # per slot, its sums items finished and its ratio-ready flag
+    sync_ptr,  # int32 (plan.sync_words), zero at launch: [0] the item counter; then
+    # (with a spin limit) the error word; then per slot, its sums items
+    # finished and its ratio-ready flag
     CLIP_NORM: tl.constexpr,  # global-norm clipping is on
     CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
     HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
-    NESTEROV: tl.constexpr,  # Nesterov direction
-    LR_INSIDE: tl.constexpr,  # the optax form of momentum
-    WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
-    SKIP_NONFINITE: tl.constexpr,  # read the FINITE scalar (0: skip the step)
     TRUST_CLIP: tl.constexpr,  # r = min(r, trust_clip) is on
     CHUNK: tl.constexpr,  # elements per item
     BLOCK: tl.constexpr,  # elements per vector step
     REDUCE_BLOCK: tl.constexpr,  # partial rows per vector step (leaf_sums)
+    SPIN_LIMIT: tl.constexpr,  # polls of a ready flag before giving up (0: no bound)
 ):
-    """Fused pass: one item (a chunk's sums, a chunk's update, or both)."""
+    """Fused pass, first half: a SUMS or WHOLE item's chunk sums; returns them (0 for UPDATE).
+
+    A SUMS item stores its partials and arrives; the last arrival of a leaf
+    publishes the leaf's trust ratio.
+    """
     entry = table_ptr + item * _TABLE_COLUMNS
     chunk = tl.load(entry + _COL_CHUNK)
     start = chunk.to(tl.int64) * CHUNK
     length = tl.load(entry + _COL_LENGTH)
     decay = tl.load(entry + _COL_DECAY)
     kind = tl.load(entry + _COL_KIND)
-    trust = tl.load(entry + _COL_TRUST)
     clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
         scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
     )
-    arrivals = sync_ptr + 1 + 2 * slot
-    ready = arrivals + 1
     s_w = tl.zeros((), tl.float32)
     s_u = tl.zeros((), tl.float32)
     if kind != _KIND_UPDATE:
@@ -264,6 +274,8 @@ def fused_program(
             BLOCK,
         )
     if kind == _KIND_SUMS:
+        arrivals = slot_words(sync_ptr, SPIN_LIMIT) + 2 * slot
+        ready = arrivals + 1
         first_row = tl.load(entry + _COL_FIRST_ROW)
         chunks = tl.load(entry + _COL_CHUNKS)
         row = partials_ptr + (first_row + chunk) * 2
@@ -274,7 +286,48 @@ def fused_program(
             sum_w2, sum_u2 = leaf_sums(partials_ptr, first_row, chunks, REDUCE_BLOCK)
             tl.store(ratios_out_ptr + slot, trust_ratio(sum_w2, sum_u2, scalars_ptr, TRUST_CLIP))
             tl.atomic_xchg(ready, 1, sem="release")
-    else:
+    return s_w, s_u
+
+
+@triton.jit
+def fused_update(
+    item,  # int32 scalar: the table row this program claimed
+    table_ptr,  # int32 (items, TABLE_COLUMNS): the item table
+    scalars_ptr,  # float32 (NUM_SCALARS,): lr, momentum, decay, clip, trust scalars
+    slot,  # int32 scalar: the item's slot
+    w_ptr,  # the slot's leaf: params
+    g_ptr,  # the slot's leaf: gradients
+    v_ptr,  # the slot's leaf: momentum
+    out_ptr,  # out: updates, or new params if WRITE_PARAMS
+    v_out_ptr,  # out: new momentum
+    ratios_out_ptr,  # out: float32 (slots,): each slot's trust ratio
+    sync_ptr,  # int32 (plan.sync_words): see fused_sums
+    s_w,  # float32 scalars: the chunk's sums from fused_sums (WHOLE items)
+    s_u,
+    CLIP_NORM: tl.constexpr,  # global-norm clipping is on
+    CLIP_VALUE: tl.constexpr,  # element-wise clipping is on
+    HAS_DECAY: tl.constexpr,  # weight decay is on for some leaf
+    NESTEROV: tl.constexpr,  # Nesterov direction
+    LR_INSIDE: tl.constexpr,  # the optax form of momentum
+    WRITE_PARAMS: tl.constexpr,  # write new params instead of updates
+    SKIP_NONFINITE: tl.constexpr,  # read the FINITE scalar (0: skip the step)
+    TRUST_CLIP: tl.constexpr,  # r = min(r, trust_clip) is on
+    CHUNK: tl.constexpr,  # elements per item
+    BLOCK: tl.constexpr,  # elements per vector step
+    SPIN_LIMIT: tl.constexpr,  # polls of a ready flag before giving up (0: no bound)
+):
+    """Fused pass, second half: an UPDATE or WHOLE item's update (nothing for SUMS)."""
+    entry = table_ptr + item * _TABLE_COLUMNS
+    kind = tl.load(entry + _COL_KIND)
+    if kind != _KIND_SUMS:
+        chunk = tl.load(entry + _COL_CHUNK)
+        start = chunk.to(tl.int64) * CHUNK
+        length = tl.load(entry + _COL_LENGTH)
+        decay = tl.load(entry + _COL_DECAY)
+        trust = tl.load(entry + _COL_TRUST)
+        clip_divisor, clip_factor, clip_value, weight_decay = option_scalars(
+            scalars_ptr, CLIP_NORM, CLIP_VALUE, HAS_DECAY
+        )
         ratio = tl.full((), 1.0, tl.float32)
         if kind == _KIND_WHOLE:  # a single-chunk leaf: its sums are the leaf's
             ratio = trust_ratio(s_w, s_u, scalars_ptr, TRUST_CLIP)
@@ -282,9 +335,21 @@ def fused_program(
         elif trust != 0:
             # Every sums item of this leaf was claimed before this item: wait
             # for the last of them to publish the ratio.
-            while tl.atomic_add(ready, 0, sem="acquire") == 0:
-                pass
-            ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
+            ready = slot_words(sync_ptr, SPIN_LIMIT) + 2 * slot + 1
+            if SPIN_LIMIT > 0:  # debug: give up, flag the launch, poison the chunk
+                flag = tl.atomic_add(ready, 0, sem="acquire")
+                polls = tl.full((), 1, tl.int32)
+                while (flag == 0) & (polls < SPIN_LIMIT):
+                    flag = tl.atomic_add(ready, 0, sem="acquire")
+                    polls += 1
+                ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
+                if flag == 0:
+                    tl.atomic_xchg(sync_ptr + _SYNC_ERROR, _ERROR_SPIN, sem="relaxed")
+                    ratio = tl.full((), float("nan"), tl.float32)
+            else:
+                while tl.atomic_add(ready, 0, sem="acquire") == 0:
+                    pass
+                ratio = tl.load(ratios_out_ptr + slot, cache_modifier=".cg")
         elif chunk == 0:
             tl.store(ratios_out_ptr + slot, ratio)
         lr = tl.load(scalars_ptr + _LR)

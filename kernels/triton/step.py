@@ -197,15 +197,25 @@ def update_inputs(
     return inputs, outputs, aliases
 
 
-def fused_outputs(launch_: P.Launch) -> list[OutSpec]:
+def fused_outputs(launch_: P.Launch, tuning: P.Tuning | None = None) -> list[OutSpec]:
     """The outputs of a FUSED launch after the per-leaf ones; the last is zeroed."""
     k = len(launch_.leaves)
     rows = max(1, launch_.spans[-1][1])
+    words = P.sync_words(k, tuning or P.Tuning())
     return [
         OutSpec((rows, 2), np.float32),  # per-chunk partial sums
         OutSpec((k,), np.float32),  # trust ratios
-        OutSpec((1 + 2 * k,), np.int32),  # item counter; per slot, arrivals and ready flag
+        OutSpec((words,), np.int32),  # item counter, error word, per slot arrivals and flag
     ]
+
+
+def _raise_on_spin_error(word: Any) -> None:
+    """Raises when a fused launch's error word says a wait gave up (``Tuning.spin_limit``)."""
+    if int(np.asarray(word)) == P.ERROR_SPIN:
+        raise RuntimeError(
+            "triton fused pass: an update waited spin_limit polls for its trust ratio "
+            "and gave up (a sums item never arrived); the results are not valid"
+        )
 
 
 def pass_fused(
@@ -234,7 +244,7 @@ def pass_fused(
         inputs, outputs, aliases = update_inputs(
             launch_, spec, params, grads, momentum, head, plan.flags.write_params
         )
-        outputs += fused_outputs(launch_)
+        outputs += fused_outputs(launch_, plan.tuning)
         results = launch(
             spec,
             inputs,
@@ -244,6 +254,11 @@ def pass_fused(
             spec.constexprs(plan.flags, plan.tuning),
             zeroed=(len(outputs) - 1,),
         )
+        if plan.tuning.spin_limit > 0:  # debug: a wait that gave up raises
+            if xp is np:
+                _raise_on_spin_error(results[-1][P.SYNC_ERROR])
+            else:
+                jax.debug.callback(_raise_on_spin_error, results[-1][P.SYNC_ERROR])
         for j, i in enumerate(ids):
             first[i], new_momentum[i] = results[j], results[k + j]
             ratios[i] = results[2 * k + 1][j]
