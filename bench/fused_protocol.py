@@ -3,10 +3,12 @@
 The fused pass of the Triton backend (``lars.kernels.triton``: ``entry.py``
 claims, ``programs.fused_program`` does the rest) synchronises its programs
 through one int32 buffer, zeroed at launch: ``sync[0]`` hands out table rows
-(``atomic_add``, so items start in table order), ``sync[1 + 2*slot]`` counts a
+(``atomic_add``, so items start in table order); then, after an error word
+in a launch with a spin limit (``plan.SYNC_ERROR``), two words per slot: a
 layer's finished sums items (the arrival that makes it ``chunks`` adds the
-partials and publishes the trust ratio), and ``sync[2 + 2*slot]`` is the
-layer's ready flag, on which its update items spin.
+partials and publishes the trust ratio) and its ready flag, on which its
+update items spin. The model waits without bound, as the kernel does
+without a spin limit.
 
 This module executes that protocol step by step, one atomic or memory
 operation of one program at a time, over the launches the backend's own step
@@ -65,12 +67,15 @@ class FusedLaunch:
       grid: Programs launched.
       slots: Leaves of the launch.
       sync_zeroed: The sync buffer (the last output) is zeroed at launch.
+      slot_base: The sync buffer's first per-slot word (after the item
+        counter, and the error word of a launch with a spin limit).
     """
 
     table: np.ndarray = dataclasses.field(repr=False)
     grid: int
     slots: int
     sync_zeroed: bool
+    slot_base: int = 1
 
     @property
     def items(self) -> int:
@@ -118,10 +123,12 @@ def captured_launches(plan: P.StepPlan) -> list[FusedLaunch]:
         if spec.kind != P.FUSED:
             raise ValueError(f"expected fused launches only, got {spec.kind}")
         sync = outputs[-1]
-        if tuple(sync.shape) != (1 + 2 * spec.slots,) or np.dtype(sync.dtype) != np.int32:
+        base = int(np.prod(sync.shape)) - 2 * spec.slots
+        if len(sync.shape) != 1 or base not in (1, 2) or np.dtype(sync.dtype) != np.int32:
             raise ValueError(f"the last output is not the sync buffer: {sync}")
         table = np.array(inputs[0], np.int32)
-        record.append(FusedLaunch(table, int(grid), spec.slots, len(outputs) - 1 in zeroed))
+        zeroed_sync = len(outputs) - 1 in zeroed
+        record.append(FusedLaunch(table, int(grid), spec.slots, zeroed_sync, base))
         return [np.zeros(o.shape, o.dtype) for o in outputs]
 
     def arrays(dtype_of) -> list[np.ndarray]:
@@ -137,12 +144,12 @@ def captured_launches(plan: P.StepPlan) -> list[FusedLaunch]:
 
 def completed_sync(launch: FusedLaunch) -> np.ndarray:
     """The sync buffer as a correct run of ``launch`` leaves it (what "not zeroed" reuses)."""
-    sync = np.zeros(1 + 2 * launch.slots, np.int64)
+    sync = np.zeros(launch.slot_base + 2 * launch.slots, np.int64)
     sync[0] = launch.grid
     for row in launch.table:
         if row[P.COL_KIND] == P.KIND_SUMS:
-            sync[1 + 2 * row[P.COL_SLOT]] += 1
-            sync[2 + 2 * row[P.COL_SLOT]] = 1
+            sync[launch.slot_base + 2 * row[P.COL_SLOT]] += 1
+            sync[launch.slot_base + 2 * row[P.COL_SLOT] + 1] = 1
     return sync
 
 
@@ -178,7 +185,9 @@ class _Model:
             raise ValueError(f"claim must be 'atomic' or 'program_id', got {claim!r}")
         self.table = launch.table
         self.claim = claim
-        self.sync = np.zeros(1 + 2 * launch.slots, np.int64) if sync is None else sync.copy()
+        self.base = launch.slot_base
+        words = launch.slot_base + 2 * launch.slots
+        self.sync = np.zeros(words, np.int64) if sync is None else sync.copy()
         self.sums_total = np.zeros(launch.slots, np.int64)  # the table's sums items per slot
         for row in self.table:
             if row[P.COL_KIND] == P.KIND_SUMS:
@@ -221,8 +230,8 @@ class _Model:
             block[0] = ARRIVE
             return "go"
         if phase == ARRIVE:
-            before = self.sync[1 + 2 * slot]
-            self.sync[1 + 2 * slot] += 1
+            before = self.sync[self.base + 2 * slot]
+            self.sync[self.base + 2 * slot] += 1
             if before == self.table[row, P.COL_CHUNKS] - 1:
                 block[0] = REDUCE
                 return "go"
@@ -237,10 +246,10 @@ class _Model:
             block[0] = PUBLISH
             return "go"
         if phase == PUBLISH:
-            self.sync[2 + 2 * slot] = 1
+            self.sync[self.base + 2 * slot + 1] = 1
             return "exit"
         if phase == WAIT:
-            if self.sync[2 + 2 * slot] == 0:
+            if self.sync[self.base + 2 * slot + 1] == 0:
                 return "wait"
             block[0] = UPDATE
             return "go"
@@ -348,7 +357,7 @@ def simulate(
             resident_now -= 1
             admit()
         if block[0] == PUBLISH or result == "exit":  # a flag may have been set: wake spinners
-            for slot in [s for s in waiting if model.sync[2 + 2 * s]]:
+            for slot in [s for s in waiting if model.sync[model.base + 2 * s + 1]]:
                 active.extend(waiting.pop(slot))
     if any(waiting.values()):
         out.deadlock = True
@@ -442,6 +451,7 @@ def _copy(model: _Model) -> _Model:
     twin = object.__new__(_Model)
     twin.table = model.table
     twin.claim = model.claim
+    twin.base = model.base
     twin.sync = model.sync.copy()
     twin.sums_total = model.sums_total
     twin.sums_done = model.sums_done.copy()

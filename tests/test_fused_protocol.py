@@ -85,6 +85,16 @@ def test_more_leaves_than_slots_make_launches_each_with_its_own_grid():
         np.testing.assert_array_equal(launch.table, planned.table)
 
 
+def test_a_spin_limit_moves_the_per_slot_words_after_the_error_word():
+    launch = _launch(W.RESNET50.shapes, spin_limit=64)
+    assert launch.slot_base == 2 and launch.sync_zeroed
+    assert F.simulate(launch, 528).ok
+    stale = F.completed_sync(launch)
+    stale[0] = 0
+    stale[2::2] = 0  # arrivals zeroed, ready flags left over
+    assert _early_updates(F.simulate(launch, 264, sync=stale, policy="latest_row").violations)
+
+
 # --------------------------------------------------------------------------
 # The real tables: no schedule deadlocks, updates wait for their sums.
 
