@@ -254,3 +254,9 @@ def test_resnet50_with_more_data_in_flight_than_the_cache_rereads_everything():
     plan = make_plan(RESNET50.shapes, lookahead=64)
     r = L.simulate(plan, l2_bytes=60 * L.MB, resident=132 * 16)
     assert r.bytes_per_param > 27.9
+
+
+def test_resnet50_recommended_geometry_meets_22_bytes_at_nine_programs_per_sm():
+    plan = make_plan(RESNET50.shapes, chunk=4096, lookahead=512)
+    r = L.simulate(plan, l2_bytes=60 * L.MB, resident=132 * 9, evict_first=True)
+    assert 20.0 <= r.bytes_per_param <= 22.0
