@@ -89,7 +89,8 @@ def _wheels(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
     rc, seconds = _run(cmd, log, timeout, env)
     names = [Path(w).name for w in wheels]
     if rc != 0:
-        return {"status": "fail", "reason": f"pip exited with {rc}", "seconds": seconds}
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with {rc}"
+        return {"status": "fail", "reason": f"pip {why}", "seconds": seconds}
     return {"status": "ok", "seconds": seconds, "wheels": names}
 
 
@@ -120,7 +121,8 @@ def _build(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
     info = ROOT / "kernels" / "native" / "lib" / "build-info.txt"
     built = info.read_text() if info.exists() else ""
     if rc != 0:
-        return {"status": "fail", "reason": f"cmake exited with {rc}", "seconds": seconds}
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with {rc}"
+        return {"status": "fail", "reason": f"cmake {why}", "seconds": seconds}
     return {"status": "ok", "seconds": seconds, "build_info": built}
 
 
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench/out/gpu-check"))
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
     parser.add_argument("--only", default="", help="comma-separated steps (default: all)")
+    parser.add_argument(
+        "--timeout-scale", type=float, default=1.0, help="multiplies every step's timeout"
+    )
     args = parser.parse_args(argv)
     budget = args.budget if args.budget is not None else (1800.0 if args.cpu else 420.0)
     wanted = {s for s in args.only.split(",") if s} or {s[0] for s in STEPS}
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "gpu_check.log", "w") as log:
         for name, gpu_timeout, cpu_timeout in STEPS:
             left = budget - (time.perf_counter() - start) - RESERVE_S
-            timeout = min(cpu_timeout if args.cpu else gpu_timeout, left)
+            timeout = min((cpu_timeout if args.cpu else gpu_timeout) * args.timeout_scale, left)
             if name not in wanted:
                 results[name] = {"status": "skipped", "reason": "not in --only"}
             elif args.cpu and name in ("wheels", "build"):

@@ -326,12 +326,12 @@ def ncu(cpu: bool, json_path: str, timeout: float) -> dict[str, Any]:
         "--metrics", NCU_METRICS, "--kernel-name", NCU_KERNELS,
         sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--json", json_path + ".t",
     ]  # fmt: skip
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=float(os.environ.get("LARS_NCU_TIMEOUT", "150")),
-    )
+    # No preallocated pool: ncu saves and restores the memory a replayed kernel may touch.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "fail", "reason": f"ncu did not finish in {timeout:.0f} s"}
     text = out.stdout + out.stderr
     totals = parse_ncu_csv(out.stdout)
     if out.returncode != 0 or not totals.get("kernels"):

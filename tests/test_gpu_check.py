@@ -167,3 +167,25 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert "## Timing" in md and "## Correctness" in md
     assert "step           status" in out.stdout  # the short table, printed last
     assert doc["environment"]["platform"] == "cpu"
+
+
+def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
+    # A stand-in for ncu: writes the target's JSON and prints a report.
+    fake = tmp_path / "ncu"
+    fake.write_text(
+        "#!" + sys.executable + "\n"
+        "import json, sys\n"
+        "path = sys.argv[sys.argv.index('--json') + 1]\n"
+        "json.dump({'form': 'triton', 'n_params': 1000000, 'steps': 2}, open(path, 'w'))\n"
+        f"print({NCU_CSV!r})\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check_phases, "find_ncu", lambda: str(fake))
+    result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
+    assert result["dram_bytes_per_step"] == pytest.approx(3_400_000 / 2)
+    assert result["dram_bytes_per_param"] == pytest.approx(1.7)
+    assert result["kernels_per_step"] == 1
+    # ncu that reads no counters: skipped, with its last words as the reason.
+    fake.write_text("#!/bin/sh\necho '==ERROR== Failed to initialize the profiler'\nexit 1\n")
+    result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
+    assert result["status"] == "skipped" and "Failed to initialize" in result["reason"]
