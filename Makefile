@@ -1,6 +1,6 @@
 # lars: make demo | make test | make test-fast | make test-jax-0.11 | make bench | make lint
 #       | make format | make wheel | make clean | make gpu-wheels | make gpu-check
-#       | make gpu-check-cpu
+#       | make gpu-check-cpu | make cuda-emulate
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
 # installs what it needs. Override the interpreter with `make PYTHON=...`.
 #
@@ -29,7 +29,7 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
 
 .PHONY: all venv test test-fast test-jax-0.11 lint format demo bench wheel clean \
-	gpu-wheels gpu-check gpu-check-cpu
+	gpu-wheels gpu-check gpu-check-cpu cuda-emulate
 
 all: test
 
@@ -116,6 +116,11 @@ gpu-check:
 
 gpu-check-cpu: $(STAMP)
 	$(VPY) -m bench.gpu_check --cpu
+
+# The CUDA handler's kernels run on the CPU against a scalar reference (needs a
+# C++20 compiler and the CUDA toolkit's headers; no GPU): bench/cuda_emulate.py.
+cuda-emulate:
+	$(or $(PYTHON),python3) -m bench.cuda_emulate
 
 # A wheel of jax-lars in dist/ (native library inside).
 wheel: $(STAMP)
