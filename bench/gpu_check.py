@@ -132,17 +132,16 @@ def _phase(name: str, cpu: bool, log: Any, timeout: float, env: dict[str, str]) 
         cmd = [sys.executable, "-m", "bench.gpu_check_phases", name, "--json", path]
         cmd += ["--timeout", f"{timeout:.0f}"]
         rc, seconds = _run([*cmd, *(["--cpu"] if cpu else [])], log, timeout, env)
-        if rc is None:
-            return {
-                "status": "fail",
-                "reason": f"timed out after {timeout:.0f} s",
-                "seconds": seconds,
-            }
         try:
             with open(path) as f:
                 result = json.load(f)
         except (OSError, ValueError):
-            return {"status": "fail", "reason": f"exited with {rc}, no result", "seconds": seconds}
+            result = {"status": "fail", "reason": f"exited with {rc}, no result"}
+    if rc is None:  # what it had done before the timeout is kept
+        done = len(result.get("checks", []))
+        result.update(status="fail", reason=f"timed out after {timeout:.0f} s ({done} checks done)")
+    elif result.get("status") == "running":
+        result.update(status="fail", reason=f"exited with {rc} before the end")
     result["seconds"] = seconds
     return result
 

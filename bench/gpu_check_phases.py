@@ -49,6 +49,34 @@ from bench import measure, workloads
 LR = 0.1
 
 
+class Partial:
+    """The phase's result so far, rewritten to its JSON file after every check
+    and row: a phase killed at its timeout keeps what it had done."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.result: dict[str, Any] = {"status": "running", "checks": [], "rows": []}
+
+    def check(self, case: str, ok: bool, detail: Any = "", **extra: Any) -> None:
+        """Records one check."""
+        self.result["checks"].append({"case": case, "ok": bool(ok), "detail": detail, **extra})
+        self.save()
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Records timing rows."""
+        self.result["rows"] += rows
+        self.save()
+
+    def save(self) -> None:
+        """Writes the result so far."""
+        if self.path is not None:
+            with open(self.path, "w") as f:
+                json.dump(self.result, f, indent=1, default=str)
+
+
+RESULT = Partial()
+
+
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
 
@@ -92,7 +120,6 @@ def _unavailable(form: C.Form) -> str | None:
 
 def smoke(cpu: bool) -> dict[str, Any]:
     """One step of every form and mode on a tiny tree."""
-    checks = []
     params, grads = C.make_tree(((), (37,), (4, 8)), "fp32", seed=0)
     for form in [None, *C.forms(cpu)]:
         for mode in C.MODES:
@@ -100,7 +127,7 @@ def smoke(cpu: bool) -> dict[str, Any]:
             start = time.perf_counter()
             why = None if form is None else _unavailable(form)
             if why is not None:
-                checks.append({"case": name, "ok": False, "detail": f"unavailable: {why}"})
+                RESULT.check(name, False, f"unavailable: {why}")
                 continue
             try:
                 new, _ = _compiled(form, {}, mode)(params, grads, poison=False)
@@ -110,9 +137,9 @@ def smoke(cpu: bool) -> dict[str, Any]:
             except Exception as e:
                 ok, detail = False, _error(e)
             seconds = time.perf_counter() - start
-            checks.append({"case": name, "ok": ok, "seconds": seconds, "detail": detail})
+            RESULT.check(name, ok, detail, seconds=seconds)
             print(f"  smoke {name:28s} {'ok' if ok else 'FAIL'} {seconds:6.1f} s {detail}")
-    return {"checks": checks}
+    return {}
 
 
 # --------------------------------------------------------------------------
@@ -144,20 +171,18 @@ def _correctness_cases(cpu: bool) -> list[tuple[C.Form, str, str, str]]:
     """
     out = []
     dtypes = list(C.DTYPES)
-    for form in C.forms(cpu):
-        for k, config in enumerate(C.CONFIGS):
-            if cpu:
-                out.append((form, C.MODES[k % 2], dtypes[k % len(dtypes)], config))
-                continue
-            out += [(form, mode, dtypes[0], config) for mode in C.MODES]
-            if config == "everything":
-                out += [(form, mode, d, config) for mode in C.MODES for d in dtypes[1:]]
+    # Option set first, form last: a phase cut short has checked every form.
+    for k, config in enumerate(C.CONFIGS):
+        if cpu:
+            out += [(f, C.MODES[k % 2], dtypes[k % len(dtypes)], config) for f in C.forms(cpu)]
+            continue
+        chosen = dtypes if config == "everything" else dtypes[:1]
+        out += [(f, m, d, config) for m in C.MODES for d in chosen for f in C.forms(cpu)]
     return out
 
 
 def correctness(cpu: bool) -> dict[str, Any]:
     """Every form and mode against the reference, poisoned; then determinism."""
-    checks = []
     shapes = C.odd_shapes(cpu)
     poison = not cpu
     bad = {f.name: _unavailable(f) for f in C.forms(cpu)}
@@ -167,7 +192,7 @@ def correctness(cpu: bool) -> dict[str, Any]:
     for form, mode, dtype, config in _correctness_cases(cpu):
         name = f"{form.name}/{mode}/{dtype}/{config}"
         if bad[form.name] is not None:
-            checks.append({"case": name, "ok": False, "detail": f"unavailable: {bad[form.name]}"})
+            RESULT.check(name, False, f"unavailable: {bad[form.name]}")
             continue
         seed = 100 + 10 * list(C.DTYPES).index(dtype) + list(C.CONFIGS).index(config)
         params, grads = C.make_tree(shapes, dtype, seed=seed + 1000 * C.MODES.index(mode))
@@ -187,7 +212,7 @@ def correctness(cpu: bool) -> dict[str, Any]:
                 detail = {k: f"{v:.2e}" for k, v in errs.items()}
             except Exception as e:
                 ok, detail = False, _error(e)
-            checks.append({"case": name + suffix, "ok": bool(ok), "detail": detail})
+            RESULT.check(name + suffix, ok, detail)
             print(f"  {name + suffix:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
     # Determinism: twice on the same inputs, bitwise (ResNet-50's set on a GPU).
     det_shapes = shapes if cpu else workloads.resnet50_shapes()
@@ -195,7 +220,7 @@ def correctness(cpu: bool) -> dict[str, Any]:
         for mode in C.MODES[1:] if cpu else C.MODES:
             name = f"{form.name}/{mode}/deterministic"
             if bad[form.name] is not None:
-                checks.append({"case": name, "ok": False, "detail": "unavailable"})
+                RESULT.check(name, False, "unavailable")
                 continue
             params, grads = C.make_tree(det_shapes, "bf16-grads", seed=7)
             try:
@@ -204,9 +229,9 @@ def correctness(cpu: bool) -> dict[str, Any]:
                 detail = "" if ok else "two runs differ"
             except Exception as e:
                 ok, detail = False, _error(e)
-            checks.append({"case": name, "ok": bool(ok), "detail": detail})
+            RESULT.check(name, ok, detail)
             print(f"  {name:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
-    return {"checks": checks}
+    return {}
 
 
 # --------------------------------------------------------------------------
@@ -241,17 +266,17 @@ def timing(cpu: bool, which: str) -> dict[str, Any]:
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
         for dtype in [list(measure.DTYPES)[which == "array"]] if cpu else measure.DTYPES:
             rows += measure.measure(w, dtype, names, settings)
+            RESULT.add_rows(rows[-len(names) - 2 :])
             for r in rows[-len(names) - 2 :]:
                 print(
                     f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
                     f"{r.get('median_ms', float('nan')):9.3f} ms {r['note']}",
                     flush=True,
                 )
-    failed = [f"{r['workload']}/{r['dtype']}/{r['backend']}" for r in rows if "median_ms" not in r]
-    return {
-        "rows": rows,
-        "checks": [{"case": c, "ok": False, "detail": "not timed"} for c in failed],
-    }
+    for r in rows:
+        if "median_ms" not in r:
+            RESULT.check(f"{r['workload']}/{r['dtype']}/{r['backend']}", False, "not timed")
+    return {}
 
 
 # --------------------------------------------------------------------------
@@ -390,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="the phase's own limit")
     args = parser.parse_args(argv)
     C.register(args.cpu)
+    RESULT.path = args.json
+    RESULT.save()
     try:
         if args.phase == "ncu":
             result = ncu(args.cpu, args.json, max(10.0, args.timeout - 15.0))
@@ -400,13 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         traceback.print_exc()
         result = {"status": "fail", "reason": _error(e)}
+    result = {**RESULT.result, **result}
     if args.phase == "smoke":
         result["environment"] = _environment()
-    if "status" not in result:
-        ok = all(c["ok"] for c in result.get("checks", []))
+    if result["status"] == "running":
+        ok = all(c["ok"] for c in result["checks"])
         result["status"] = "ok" if ok else "fail"
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    RESULT.result = result
+    RESULT.save()
     return 0 if result["status"] in ("ok", "skipped") else 1
 
 

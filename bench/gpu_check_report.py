@@ -94,7 +94,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ncu = doc["steps"].get("ncu", {})
     if ncu:
         lines += ["", "## Nsight Compute", ""]
-        lines += [f"- {k}: {v}" for k, v in ncu.items() if k not in ("checks",)]
+        lines += [f"- {k}: {v}" for k, v in ncu.items() if k not in ("checks", "rows")]
     return "\n".join(lines) + "\n"
 
 

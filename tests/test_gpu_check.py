@@ -189,3 +189,19 @@ def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho '==ERROR== Failed to initialize the profiler'\nexit 1\n")
     result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
     assert result["status"] == "skipped" and "Failed to initialize" in result["reason"]
+
+
+def test_a_phase_killed_at_its_timeout_keeps_its_checks(monkeypatch, tmp_path):
+    def timed_out(cmd, log, timeout, env):
+        path = cmd[cmd.index("--json") + 1]
+        partial = gpu_check_phases.Partial()
+        partial.path = path
+        partial.check("native/update/fp32/defaults", True)
+        return None, timeout
+
+    monkeypatch.setattr(gpu_check, "_run", timed_out)
+    with open(tmp_path / "log", "w") as log:
+        result = gpu_check._phase("correctness", False, log, 30.0, {})
+    assert result["status"] == "fail"
+    assert "timed out after 30 s (1 checks done)" in result["reason"]
+    assert result["checks"][0]["case"] == "native/update/fp32/defaults"
