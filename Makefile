@@ -1,5 +1,6 @@
 # lars: make demo | make test | make test-fast | make test-jax-0.11 | make bench | make lint
-#       | make format | make docs | make wheel | make clean
+#       | make format | make docs | make wheel | make clean | make gpu-wheels | make gpu-check
+#       | make gpu-check-cpu | make cuda-emulate
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
 # installs what it needs. Override the interpreter with `make PYTHON=...`.
 #
@@ -27,7 +28,8 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 
 NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
 
-.PHONY: all venv test test-fast test-jax-0.11 lint format demo bench docs wheel clean
+.PHONY: all venv test test-fast test-jax-0.11 lint format demo bench docs wheel clean \
+	gpu-wheels gpu-check gpu-check-cpu cuda-emulate
 
 all: test
 
@@ -100,6 +102,33 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(VPY) -m sphinx -W --keep-going -b html docs build/docs/html
 	@echo "API reference: build/docs/html/index.html"
+
+# The GPU validation (docs/gpu-check.md). `make gpu-wheels` (here, with a
+# network) downloads into .whl/ the pure-Python wheels the GPU image lacks;
+# `make gpu-check` (there, no venv: the image's python3) installs them, builds
+# the CUDA handler and checks and times every GPU backend;
+# `make gpu-check-cpu` runs the same harness with the interpreted kernels.
+GPU_WHEELS ?= jax-triton==0.3.1
+GPU_PYTHON ?= python3
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(VPY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@ls -l .whl
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m bench.gpu_check
+
+gpu-check-cpu: $(STAMP)
+	$(VPY) -m bench.gpu_check --cpu
+
+# The CUDA handler's kernels run on the CPU against a scalar reference (needs a
+# C++20 compiler and the CUDA toolkit's headers; no GPU): bench/cuda_emulate.py.
+cuda-emulate:
+	$(or $(PYTHON),python3) -m bench.cuda_emulate
 
 # A wheel of jax-lars in dist/ (native library inside).
 wheel: $(STAMP)

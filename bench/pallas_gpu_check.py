@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 import lars
+from bench import gpu_check_cases
 from bench.hlo import count_launches
 from bench.workloads import resnet50_shapes
 from lars import _reference
@@ -90,22 +91,11 @@ def make_leaves(shapes, param_dtype, grad_dtype, seed=0, zero=()):
 # --------------------------------------------------------------------------
 # 1. Correctness.
 
+# The option sets of bench.gpu_check (one source), as LarsConfigs.
 CONFIGS = {
     "defaults": LarsConfig(),
-    "decay_nesterov_clip": LarsConfig(
-        momentum=0.8, weight_decay=1e-4, trust_coefficient=0.02, nesterov=True, trust_clip=1.0
-    ),
-    "everything": LarsConfig(
-        momentum=0.9,
-        weight_decay=5e-4,
-        trust_coefficient=0.01,
-        eps=1e-6,
-        nesterov=True,
-        trust_clip=0.5,
-        grad_clip_norm=1.0,
-        grad_clip_value=0.02,
-        lr_inside_momentum=True,
-    ),
+    "decay_nesterov_clip": LarsConfig(**gpu_check_cases.CONFIGS["decay-nesterov-trustclip-masks"]),
+    "everything": LarsConfig(**gpu_check_cases.CONFIGS["everything"]),
 }
 
 

@@ -45,6 +45,10 @@ COPY = "copy"
 # of ``update`` followed by ``optax.apply_updates``.
 APPLY_SUFFIX = ":apply"
 
+# Row names that stand for a backend run with ``backend_options``:
+# name -> (backend, options), e.g. "triton-2pass" -> ("triton", {"fused": False}).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
+
 
 def in_place_rows(backends: Sequence[str]) -> list[str]:
     """The "<backend>:apply" rows for the backends with an in-place form."""
@@ -55,7 +59,7 @@ def in_place_rows(backends: Sequence[str]) -> list[str]:
     return [
         b + APPLY_SUFFIX
         for b in backends
-        if Feature.IN_PLACE in _dispatch.get(b).features(platform)
+        if Feature.IN_PLACE in _dispatch.get(VARIANTS.get(b, (b, {}))[0]).features(platform)
     ]
 
 
@@ -70,7 +74,9 @@ def optax_tx(lr: jax.Array) -> optax.GradientTransformation:
     )
 
 
-def lars_tx(lr: jax.Array, backend: str) -> optax.GradientTransformation:
+def lars_tx(
+    lr: jax.Array, backend: str, options: dict[str, Any] | None = None
+) -> optax.GradientTransformation:
     """``lars.lars`` on ``backend`` with optax.lars's semantics and hyperparameters."""
     return lars.lars(
         lr,
@@ -80,14 +86,16 @@ def lars_tx(lr: jax.Array, backend: str) -> optax.GradientTransformation:
         eps=0.0,
         lr_inside_momentum=True,
         backend=backend,
+        backend_options=options or None,
     )
 
 
 def make_tx_factory(name: str) -> Callable[[Any], optax.GradientTransformation]:
-    """The transformation for a row name: "optax" or a ``lars`` backend name."""
+    """The transformation for a row name: "optax", a ``lars`` backend or a ``VARIANTS`` name."""
     if name == OPTAX:
         return optax_tx
-    return lambda lr: lars_tx(lr, name)
+    backend, options = VARIANTS.get(name, (name, {}))
+    return lambda lr: lars_tx(lr, backend, options)
 
 
 def make_step(tx_factory: Callable[[Any], optax.GradientTransformation], apply: bool) -> Callable:

@@ -6,14 +6,26 @@
 //   [clip]  SqKernel      per-block partial sums of g^2
 //   [clip]  NormKernel    one block adds them in index order -> global norm
 //           SumsKernel    per-block partial sums of w^2 and g^2 (g after
-//                         clipping and decay)
-//           UpdateKernel  every block adds its leaf's partials in block order
-//                         (the ratio), then updates its chunk; the leaf's first
-//                         block writes the ratio out
+//                         clipping and decay); the leaf's last block to finish
+//                         adds the leaf's partials in block order and writes
+//                         the trust ratio (once per leaf)
+//           UpdateKernel  every block reads its leaf's ratio and updates its
+//                         chunk
 //
-// No atomics: every sum has a fixed order (fixed chunks, a fixed block size, a
-// fixed reduction tree), so results are bitwise identical from run to run. The
-// elementwise arithmetic is the reference's, compiled with -fmad=false.
+// Data movement: each thread takes groups of kVec(P) = 16 / sizeof(P)
+// consecutive elements, loaded and stored 16 bytes at a time (params and
+// momentum; narrower grads in one 8- or 4-byte access) when every buffer of
+// the leaf is 16-byte aligned, element by element otherwise and for the last,
+// partial group. The squares of one group are added in the compute dtype C,
+// left to right, then that group's sum is added in float64: a float64
+// conversion per group, not per element.
+//
+// Determinism: every sum has a fixed order (fixed chunks, fixed groups, a
+// fixed block size and reduction tree, blocks added in index order), whatever
+// the alignment path or the order in which blocks finish; the only atomic is
+// the per-leaf ticket that elects the block which adds the leaf's partials, so
+// results are bitwise identical from run to run. The elementwise arithmetic is
+// the reference's, compiled with -fmad=false.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,7 +45,7 @@ namespace lars_native {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kGpuChunk = 16384;  // elements per block
+constexpr int64_t kGpuChunk = 16384;  // elements per block (a multiple of every kVec)
 constexpr int kMaxLeaves = 384;       // leaves per launch (kernel arguments < 32 KiB)
 
 struct GpuLeaf {
@@ -54,7 +66,7 @@ struct GpuTable {
   int32_t num_leaves;
   int32_t num_blocks;
   int32_t slot_base;  // partial-sum slot of this launch's first block
-  int32_t pad;
+  int32_t leaf_base;  // global index of this launch's first leaf (ratio, ticket)
   GpuLeaf leaves[kMaxLeaves];
 };
 
@@ -109,6 +121,56 @@ template <>
 struct ComputeOf<double> {
   using type = double;
 };
+
+// Elements per group: 16 bytes of params.
+template <class P>
+constexpr int kVec = 16 / static_cast<int>(sizeof(P));
+
+// kV elements of T moved as one aligned access of kV * sizeof(T) bytes
+// (two 16-byte accesses for 8 float32 momenta).
+template <class T, int kV>
+struct alignas(kV * sizeof(T) < 16 ? kV * sizeof(T) : 16) Pack {
+  T x[kV];
+};
+
+// Loads group [i, i + kV) of p into x: one vector access when `vec` (the
+// group is whole and aligned), else element by element up to `end`.
+template <int kV, class T>
+__device__ __forceinline__ void LoadGroup(const T* p, int64_t i, int64_t end, bool vec, T* x) {
+  if (vec) {
+    const Pack<T, kV> pk = *reinterpret_cast<const Pack<T, kV>*>(p + i);
+#pragma unroll
+    for (int k = 0; k < kV; ++k) x[k] = pk.x[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < kV; ++k) x[k] = i + k < end ? p[i + k] : T(0.0f);
+  }
+}
+
+template <int kV, class T>
+__device__ __forceinline__ void StoreGroup(T* p, int64_t i, int64_t end, bool vec, const T* x) {
+  if (vec) {
+    Pack<T, kV> pk;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) pk.x[k] = x[k];
+    *reinterpret_cast<Pack<T, kV>*>(p + i) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kV; ++k) {
+      if (i + k < end) p[i + k] = x[k];
+    }
+  }
+}
+
+__device__ __forceinline__ bool Aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Whether the leaf's buffers allow 16-byte groups (a null `out` is aligned).
+__device__ __forceinline__ bool LeafAligned(const GpuLeaf& leaf) {
+  return Aligned16(leaf.w) && Aligned16(leaf.g) && Aligned16(leaf.v) && Aligned16(leaf.out) &&
+         Aligned16(leaf.v_out);
+}
 
 template <class C>
 struct Eff {
@@ -179,11 +241,23 @@ __device__ int FindLeaf(const GpuTable& t, int block) {
 template <class P, class G>
 __device__ double ChunkSumG2(const GpuLeaf& leaf, int64_t begin, int64_t end) {
   using C = typename ComputeOf<P>::type;
+  constexpr int kV = kVec<P>;
   const G* g = static_cast<const G*>(leaf.g);
+  const bool aligned = Aligned16(leaf.g);
   double acc = 0.0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const double x = static_cast<double>(Ld<C>(g[i]));
-    acc += x * x;
+  // Thread k takes groups k, k + kThreads, ... of the chunk; only the last
+  // group of a leaf can be partial.
+  for (int64_t i = begin + int64_t(threadIdx.x) * kV; i < end; i += kThreads * kV) {
+    const bool vec = aligned && i + kV <= end;
+    G gx[kV];
+    LoadGroup<kV>(g, i, end, vec, gx);
+    C part = C(0);
+#pragma unroll
+    for (int k = 0; k < kV; ++k) {
+      const C x = Ld<C>(gx[k]);
+      part = part + x * x;
+    }
+    acc += static_cast<double>(part);
   }
   return acc;
 }
@@ -217,22 +291,56 @@ template <class P, class G>
 __device__ void ChunkSums(const GpuLeaf& leaf, int64_t begin, int64_t end, const DeviceHyper& d,
                           double* sw, double* sg) {
   using C = typename ComputeOf<P>::type;
+  constexpr int kV = kVec<P>;
   const P* w = static_cast<const P*>(leaf.w);
   const G* g = static_cast<const G*>(leaf.g);
   const Eff<C> eff(d, leaf.decay != 0);
+  const bool aligned = Aligned16(leaf.w) && Aligned16(leaf.g);
   double aw = 0.0, ag = 0.0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const C wc = Ld<C>(w[i]);
-    const C gc = eff(Ld<C>(g[i]), wc);
-    aw += static_cast<double>(wc) * static_cast<double>(wc);
-    ag += static_cast<double>(gc) * static_cast<double>(gc);
+  // Thread k takes groups k, k + kThreads, ... of the chunk; only the last
+  // group of a leaf can be partial.
+  for (int64_t i = begin + int64_t(threadIdx.x) * kV; i < end; i += kThreads * kV) {
+    const bool vec = aligned && i + kV <= end;
+    P wx[kV];
+    G gx[kV];
+    LoadGroup<kV>(w, i, end, vec, wx);
+    LoadGroup<kV>(g, i, end, vec, gx);
+    C pw = C(0), pg = C(0);
+#pragma unroll
+    for (int k = 0; k < kV; ++k) {
+      const C wc = Ld<C>(wx[k]);
+      // A padded element (past the end) is 0 in w and g, and stays 0 after
+      // clipping and decay, so it adds nothing.
+      const C gc = eff(Ld<C>(gx[k]), wc);
+      pw = pw + wc * wc;
+      pg = pg + gc * gc;
+    }
+    aw += static_cast<double>(pw);
+    ag += static_cast<double>(pg);
   }
   *sw = aw;
   *sg = ag;
 }
 
-__global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, double* partial) {
+// The leaf's sums from its partials: thread k adds a contiguous run of them in
+// block order, then the fixed tree (the same bits whichever block does it).
+__device__ void LeafSums(const double* partial, int slot, int nb, double* shared, double* sw,
+                         double* sg) {
+  const int per = (nb + kThreads - 1) / kThreads;
+  double aw = 0.0, ag = 0.0;
+  for (int k = threadIdx.x * per; k < min(nb, (int)(threadIdx.x + 1) * per); ++k) {
+    // Written by other blocks of this launch: read through L2, not L1.
+    aw += __ldcg(partial + 2 * (slot + k));
+    ag += __ldcg(partial + 2 * (slot + k) + 1);
+  }
+  *sw = BlockSum(aw, shared);
+  *sg = BlockSum(ag, shared);
+}
+
+__global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, double* partial,
+                           double* ratios, unsigned int* tickets) {
   __shared__ double shared[kThreads];
+  __shared__ bool last;
   const int li = FindLeaf(t, blockIdx.x);
   const GpuLeaf& leaf = t.leaves[li];
   const int64_t chunk = blockIdx.x - leaf.first_block;
@@ -249,6 +357,25 @@ __global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, do
   if (threadIdx.x == 0) {
     partial[2 * (t.slot_base + blockIdx.x)] = tw;
     partial[2 * (t.slot_base + blockIdx.x) + 1] = tg;
+    __threadfence();  // the partials are visible before the ticket is taken
+    const unsigned int ticket = atomicAdd(tickets + t.leaf_base + li, 1u);
+    last = ticket == static_cast<unsigned int>(leaf.num_blocks - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  // The leaf's last block: every partial of the leaf is written.
+  __threadfence();
+  double lw, lg;
+  LeafSums(partial, leaf.slot, leaf.num_blocks, shared, &lw, &lg);
+  if (threadIdx.x == 0) {
+    double ratio;
+    if (leaf.p == kF64) {
+      ratio = trust_ratio<double>(lw, lg, leaf.trust != 0, d.h);
+    } else {
+      ratio = static_cast<double>(trust_ratio<float>(lw, lg, leaf.trust != 0, d.h));
+    }
+    ratios[t.leaf_base + li] = ratio;
+    *leaf.ratio_out = static_cast<float>(ratio);
   }
 }
 
@@ -256,6 +383,7 @@ template <class P, class G>
 __device__ void ChunkUpdate(const GpuLeaf& leaf, int64_t begin, int64_t end, const DeviceHyper& d,
                             double ratio) {
   using C = typename ComputeOf<P>::type;
+  constexpr int kV = kVec<P>;
   const Hyper& h = d.h;
   const P* w = static_cast<const P*>(leaf.w);
   const G* g = static_cast<const G*>(leaf.g);
@@ -268,47 +396,40 @@ __device__ void ChunkUpdate(const GpuLeaf& leaf, int64_t begin, int64_t end, con
   const C lr = static_cast<C>(*d.lr);
   const C lr_in = h.lr_inside ? lr : C(1);
   const C lr_out = h.lr_inside ? C(1) : lr;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const C wc = Ld<C>(w[i]);
-    const C gc = eff(Ld<C>(g[i]), wc);
-    const C u = lr_in * (gc * r);
-    const C vn = u + mu * v[i];
-    v_out[i] = vn;
-    if (h.mode == kMomentumOnly) continue;
-    const C dir = h.nesterov ? u + mu * vn : vn;
-    const C step = lr_out * dir;
-    if (h.mode == kWriteParams) {
-      out[i] = St<P>::Do(wc + Ld<C>(St<P>::Do(-step)));
-    } else {
-      out[i] = St<P>::Do(-step);
+  const bool aligned = LeafAligned(leaf);
+  // Thread k takes groups k, k + kThreads, ... of the chunk; only the last
+  // group of a leaf can be partial.
+  for (int64_t i = begin + int64_t(threadIdx.x) * kV; i < end; i += kThreads * kV) {
+    const bool vec = aligned && i + kV <= end;
+    P wx[kV];
+    G gx[kV];
+    C vx[kV];
+    LoadGroup<kV>(w, i, end, vec, wx);
+    LoadGroup<kV>(g, i, end, vec, gx);
+    LoadGroup<kV>(v, i, end, vec, vx);
+    C vn[kV];
+    P ox[kV];
+#pragma unroll
+    for (int k = 0; k < kV; ++k) {
+      const C wc = Ld<C>(wx[k]);
+      const C gc = eff(Ld<C>(gx[k]), wc);
+      const C u = lr_in * (gc * r);
+      vn[k] = u + mu * vx[k];
+      const C dir = h.nesterov ? u + mu * vn[k] : vn[k];
+      const C step = lr_out * dir;
+      ox[k] = h.mode == kWriteParams ? St<P>::Do(wc + Ld<C>(St<P>::Do(-step))) : St<P>::Do(-step);
     }
+    StoreGroup<kV>(v_out, i, end, vec, vn);
+    if (h.mode != kMomentumOnly) StoreGroup<kV>(out, i, end, vec, ox);
   }
 }
 
 __global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
-                             const double* partial) {
-  __shared__ double shared[kThreads];
+                             const double* ratios) {
   const int li = FindLeaf(t, blockIdx.x);
   const GpuLeaf& leaf = t.leaves[li];
   const int64_t chunk = blockIdx.x - leaf.first_block;
-  // The leaf's sums: thread k adds a contiguous run of the leaf's partials in
-  // order, then the fixed tree; every block of the leaf gets the same bits.
-  const int nb = leaf.num_blocks;
-  const int per = (nb + kThreads - 1) / kThreads;
-  double sw = 0.0, sg = 0.0;
-  for (int k = threadIdx.x * per; k < min(nb, (int)(threadIdx.x + 1) * per); ++k) {
-    sw += partial[2 * (leaf.slot + k)];
-    sg += partial[2 * (leaf.slot + k) + 1];
-  }
-  sw = BlockSum(sw, shared);
-  sg = BlockSum(sg, shared);
-  double ratio;
-  if (leaf.p == kF64) {
-    ratio = trust_ratio<double>(sw, sg, leaf.trust != 0, d.h);
-  } else {
-    ratio = static_cast<double>(trust_ratio<float>(sw, sg, leaf.trust != 0, d.h));
-  }
-  if (chunk == 0 && threadIdx.x == 0) *leaf.ratio_out = static_cast<float>(ratio);
+  const double ratio = ratios[t.leaf_base + li];
   const int64_t begin = chunk * kGpuChunk;
   const int64_t end = min(leaf.n, begin + kGpuChunk);
 #define LARS_CALL(P, G) ChunkUpdate<P, G>(leaf, begin, end, d, ratio)
@@ -371,6 +492,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
       t.num_leaves = 0;
       t.num_blocks = 0;
       t.slot_base = total_blocks;
+      t.leaf_base = static_cast<int32_t>(i);
     }
     GpuTable& t = tables.back();
     leaf.first_block = t.num_blocks;
@@ -382,24 +504,36 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   }
   if (num_leaves == 0) return ffi::Error::Success();
 
-  // Scratch: 2 partials per block, one more per block with clipping, the norm.
-  const size_t doubles = 3 * static_cast<size_t>(total_blocks) + 1;
-  auto mem = scratch.Allocate(doubles * sizeof(double), alignof(double));
+  // Scratch: 2 partials per block, one more per block with clipping, the norm,
+  // one ratio per leaf; then one ticket counter per leaf, zeroed here.
+  const size_t doubles = 3 * static_cast<size_t>(total_blocks) + 1 + num_leaves;
+  const size_t bytes = doubles * sizeof(double) + num_leaves * sizeof(unsigned int);
+  auto mem = scratch.Allocate(bytes, alignof(double));
   if (!mem.has_value()) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "lars native step: no scratch memory");
   }
   double* partial = static_cast<double*>(*mem);
   double* sq_partial = partial + 2 * static_cast<size_t>(total_blocks);
   double* norm = sq_partial + total_blocks;
+  double* ratios = norm + 1;
+  unsigned int* tickets = reinterpret_cast<unsigned int*>(ratios + num_leaves);
+  if (cudaError_t err = cudaMemsetAsync(tickets, 0, num_leaves * sizeof(unsigned int), stream);
+      err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("lars native step: cudaMemsetAsync failed: ") +
+                          cudaGetErrorString(err));
+  }
 
   if (d.h.has_clip_norm) {
     for (const GpuTable& t : tables) SqKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, sq_partial);
     NormKernel<<<1, kThreads, 0, stream>>>(sq_partial, total_blocks, norm);
     d.global_norm = norm;
   }
-  for (const GpuTable& t : tables) SumsKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, partial);
   for (const GpuTable& t : tables) {
-    UpdateKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, partial);
+    SumsKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, partial, ratios, tickets);
+  }
+  for (const GpuTable& t : tables) {
+    UpdateKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, ratios);
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {

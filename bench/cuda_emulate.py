@@ -1,0 +1,81 @@
+"""Runs the CUDA handler's kernels on the CPU and checks them: ``make cuda-emulate``.
+
+``python -m bench.cuda_emulate`` cuts the kernels out of
+``kernels/native/lars_cuda.cu`` (from ``constexpr int kThreads`` to the
+handler), with at most 3 leaves per launch, into
+``build/cuda-emulation/lars_cuda_kernels.inc``; compiles
+``bench/cuda_emulation/check.cc`` with it (g++ or clang++, C++20, the CUDA
+toolkit's headers for ``cuda_bf16.h``/``cuda_fp16.h``); runs it. It prints
+``OK ...`` and exits with 0 when every check passed (``check.cc`` says which).
+
+This checks the kernels' indexing, vector groups, reductions, tickets and
+arithmetic without a GPU; it cannot show what depends on blocks running
+concurrently or on the GPU's memory model (``bench.gpu_check`` on a GPU does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "kernels" / "native" / "lars_cuda.cu"
+OUT = ROOT / "build" / "cuda-emulation"
+MAX_LEAVES = 3
+
+
+def kernels_source(text: str) -> str:
+    """The kernels part of ``lars_cuda.cu``, with ``kMaxLeaves`` set to ``MAX_LEAVES``.
+
+    Raises:
+      ValueError: if the markers or the ``kMaxLeaves`` line are not found.
+    """
+    start, end = text.find("constexpr int kThreads"), text.find("// --- handler")
+    if start < 0 or end < start:
+        raise ValueError("lars_cuda.cu: no 'constexpr int kThreads' ... '// --- handler' section")
+    part, n = re.subn(
+        r"constexpr int kMaxLeaves = \d+;",
+        f"constexpr int kMaxLeaves = {MAX_LEAVES};",
+        text[start:end],
+    )
+    if n != 1:
+        raise ValueError("lars_cuda.cu: no 'constexpr int kMaxLeaves = N;' line")
+    return part
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (beside nvcc, or $CUDA_HOME), if any."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_bf16.h").exists()), None)
+
+
+def main() -> int:
+    """Builds and runs the check; its exit status."""
+    include = cuda_include()
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+    if include is None or compiler is None:
+        print("needs a C++20 compiler and the CUDA toolkit's headers (cuda_bf16.h)")
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "lars_cuda_kernels.inc").write_text(kernels_source(SOURCE.read_text()))
+    exe = OUT / "check"
+    here = ROOT / "bench" / "cuda_emulation"
+    cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{include}"]
+    cmd += [f"-I{OUT}", f"-I{here}", f"-I{SOURCE.parent}", str(here / "check.cc"), "-o", str(exe)]
+    if subprocess.run(cmd).returncode != 0:
+        return 1
+    return subprocess.run([str(exe)]).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+// Host stand-ins for the CUDA built-ins that kernels/native/lars_cuda.cu's
+// kernels use, so that check.cc can run them on the CPU: a launch runs its
+// blocks one after another, the threads of a block as std::threads meeting at
+// a barrier for __syncthreads; __shared__ variables are function statics
+// (shared by the threads of the block running); atomics and fences are the
+// host's. What this cannot show: behaviour that depends on blocks running
+// concurrently or on the GPU's memory model.
+#ifndef LARS_CUDA_EMULATION_SHIM_H_
+#define LARS_CUDA_EMULATION_SHIM_H_
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#undef __device__
+#undef __global__
+#undef __forceinline__
+#undef __grid_constant__
+#undef __shared__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __grid_constant__
+#define __shared__ static
+struct Dim { unsigned x = 0, y = 0, z = 0; };
+inline thread_local Dim threadIdx;
+inline Dim blockIdx;
+inline std::barrier<>* g_barrier = nullptr;
+inline void __syncthreads() { g_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline double __ldcg(const double* p) { double x; __atomic_load(p, &x, __ATOMIC_SEQ_CST); return x; }
+template <class A, class B> inline auto min(A a, B b) { using T = std::common_type_t<A, B>; return T(a) < T(b) ? T(a) : T(b); }
+using std::sqrt;
+
+#endif  // LARS_CUDA_EMULATION_SHIM_H_

@@ -1,0 +1,230 @@
+"""One command that validates the GPU backends on a bare GPU machine: ``make gpu-check``.
+
+Run from the repository root (``python -m bench.gpu_check``); docs/gpu-check.md
+says how to run it on a lent GPU machine. In order, each step in its own
+process under its own timeout (a hang or crash fails that step, the run goes
+on) and all of them within ``--budget`` seconds:
+
+1. ``wheels``: installs the wheels in ``.whl/`` (``make gpu-wheels`` downloads
+   them: what the GPU image lacks, e.g. jax-triton) into
+   ``build/gpu-check/site`` with pip, offline, and puts it on ``PYTHONPATH``;
+2. ``build``: builds the native library with the CUDA handler forced on
+   (CMake, ``LARS_NATIVE_CUDA=ON``) against the machine's jaxlib, into
+   ``kernels/native/lib/``, where the checkout loads it from;
+3. the phases of ``bench.gpu_check_phases``: ``smoke``, ``correctness``,
+   ``timing-model`` (ResNet-50), ``timing-array`` (64M elements), ``ncu``.
+
+It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
+``gpu_check.log`` (every step's output) to ``--out`` (default ``$OUT`` when
+set, else ``bench/out/gpu-check``), and prints a short table last. Exit status
+0 when every step passed or was skipped with a reason.
+
+``--cpu`` runs the same phases on the CPU with the interpreted kernels at tiny
+sizes (no wheels, no build): the harness itself, end to end, in a few minutes;
+its timings are not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import gpu_check_report as report
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = ROOT / "build" / "gpu-check" / "site"
+BUILD = ROOT / "build" / "gpu-check" / "native"
+
+# (step, timeout in seconds on a GPU, with --cpu). A step gets at most what is
+# left of the budget (less a reserve for the report).
+STEPS: tuple[tuple[str, float, float], ...] = (
+    ("wheels", 60, 0),
+    ("build", 180, 0),
+    ("smoke", 90, 300),
+    ("correctness", 150, 900),
+    ("timing-model", 150, 300),
+    ("timing-array", 90, 300),
+    ("ncu", 120, 300),
+)
+RESERVE_S = 10.0
+
+
+def _run(cmd: list[str], log: Any, timeout: float, env: dict[str, str]) -> tuple[int | None, float]:
+    """Runs ``cmd`` in its own process group, output to ``log``; kills the group at ``timeout``.
+
+    Returns:
+      (exit status, or None after a timeout; seconds).
+    """
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        rc: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = None
+    return rc, time.perf_counter() - start
+
+
+def _wheels(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    wheels = sorted(glob.glob(str(ROOT / ".whl" / "*.whl")))
+    if not wheels:
+        return {"status": "skipped", "reason": "no wheels in .whl/ (make gpu-wheels makes them)"}
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+    cmd += ["--no-compile", "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels]
+    rc, seconds = _run(cmd, log, timeout, env)
+    names = [Path(w).name for w in wheels]
+    if rc != 0:
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with {rc}"
+        return {"status": "fail", "reason": f"pip {why}", "seconds": seconds}
+    return {"status": "ok", "seconds": seconds, "wheels": names}
+
+
+def _tool(name: str) -> str | None:
+    """``name`` on PATH, else beside the Python (pip's cmake and ninja), else None."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.exists() else None)
+
+
+def _build(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    cmake, ninja = _tool("cmake"), _tool("ninja")
+    if cmake is None:
+        return {"status": "fail", "reason": "cmake not found"}
+    env = dict(env)
+    nvcc = Path("/usr/local/cuda/bin/nvcc")
+    if not shutil.which("nvcc") and "CUDACXX" not in env and nvcc.exists():
+        env["CUDACXX"] = str(nvcc)
+    configure = [cmake, "-S", str(ROOT), "-B", str(BUILD)]
+    configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    configure += [f"-DPython3_EXECUTABLE={sys.executable}", "-DLARS_NATIVE_CUDA=ON"]
+    start = time.perf_counter()
+    rc, _ = _run(configure, log, timeout, env)
+    if rc == 0:
+        left = timeout - (time.perf_counter() - start)
+        jobs = str(os.cpu_count() or 4)
+        rc, _ = _run([cmake, "--build", str(BUILD), "-j", jobs], log, left, env)
+    seconds = time.perf_counter() - start
+    info = ROOT / "kernels" / "native" / "lib" / "build-info.txt"
+    built = info.read_text() if info.exists() else ""
+    if rc != 0:
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with {rc}"
+        return {"status": "fail", "reason": f"cmake {why}", "seconds": seconds}
+    return {"status": "ok", "seconds": seconds, "build_info": built}
+
+
+def _phase(name: str, cpu: bool, log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "bench.gpu_check_phases", name, "--json", path]
+        cmd += ["--timeout", f"{timeout:.0f}"]
+        rc, seconds = _run([*cmd, *(["--cpu"] if cpu else [])], log, timeout, env)
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            result = {"status": "fail", "reason": f"exited with {rc}, no result"}
+    if rc is None:  # what it had done before the timeout is kept
+        done = len(result.get("checks", []))
+        result.update(status="fail", reason=f"timed out after {timeout:.0f} s ({done} checks done)")
+    elif result.get("status") == "running":
+        result.update(status="fail", reason=f"exited with {rc} before the end")
+    result["seconds"] = seconds
+    return result
+
+
+def environment(cpu: bool) -> dict[str, Any]:
+    """Where it ran: ``bench.environment`` plus the GPU tools' versions (in a subprocess)."""
+    env = {"mode": "cpu (interpreted kernels, tiny sizes)" if cpu else "gpu"}
+    tools = {
+        "nvidia-smi": ["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        "nvcc": ["--version"],
+        "ncu": ["--version"],
+    }
+    for tool, args in tools.items():
+        if cpu:
+            break
+        try:
+            out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=30)
+            env[tool] = (out.stdout.strip().splitlines() or [""])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            env[tool] = f"unavailable: {type(e).__name__}"
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs every step; writes the reports; 0 when everything passed or was skipped."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="interpreted kernels, tiny sizes")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench/out/gpu-check"))
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--only", default="", help="comma-separated steps (default: all)")
+    parser.add_argument(
+        "--timeout-scale", type=float, default=1.0, help="multiplies every step's timeout"
+    )
+    args = parser.parse_args(argv)
+    budget = args.budget if args.budget is not None else (1800.0 if args.cpu else 420.0)
+    wanted = {s for s in args.only.split(",") if s} or {s[0] for s in STEPS}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.cpu:
+        env.update(JAX_PLATFORMS="cpu", TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SITE), str(ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    with open(out / "gpu_check.log", "w") as log:
+        for name, gpu_timeout, cpu_timeout in STEPS:
+            left = budget - (time.perf_counter() - start) - RESERVE_S
+            timeout = min((cpu_timeout if args.cpu else gpu_timeout) * args.timeout_scale, left)
+            if name not in wanted:
+                results[name] = {"status": "skipped", "reason": "not in --only"}
+            elif args.cpu and name in ("wheels", "build"):
+                results[name] = {
+                    "status": "skipped",
+                    "reason": "--cpu: nothing to install or build",
+                }
+            elif timeout < 15:
+                results[name] = {"status": "fail", "reason": "out of time (--budget)"}
+            else:
+                log.write(f"\n===== {name} (timeout {timeout:.0f} s)\n")
+                log.flush()
+                if name == "wheels":
+                    results[name] = _wheels(log, timeout, env)
+                elif name == "build":
+                    results[name] = _build(log, timeout, env)
+                else:
+                    results[name] = _phase(name, args.cpu, log, timeout, env)
+            r = results[name]
+            seconds, reason = r.get("seconds", 0.0), r.get("reason", "")
+            print(f"{name:14s} {r['status']:8s} {seconds:6.1f} s  {reason}", flush=True)
+    total = time.perf_counter() - start
+    doc = {
+        "environment": {**results.get("smoke", {}).pop("environment", {}), **environment(args.cpu)},
+        "seconds": total,
+        "steps": results,
+    }
+    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "gpu_check.md").write_text(report.markdown(doc))
+    print(report.short_table(doc))
+    print(f"reports: {out}/gpu_check.{{json,md,log}} ({total:.0f} s)")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""The phases of ``bench.gpu_check``, one per process.
+
+``python -m bench.gpu_check_phases PHASE --json FILE [--cpu]`` runs one phase
+and writes its result to FILE: ``{"status": "ok" | "fail" | "skipped",
+"reason": ..., "checks": [...], "rows": [...]}``. ``bench.gpu_check`` starts
+each phase in its own process under a timeout, so a kernel that hangs fails
+its phase and the run goes on.
+
+Phases:
+
+* ``smoke``: one step of every backend and form (``bench.gpu_check_cases``)
+  in both modes on a tiny tree: it runs and its outputs are finite.
+* ``correctness``: every form and mode against the "reference" backend on
+  random trees of odd shapes, for each option set and gradient dtype, with
+  device memory poisoned with NaN before every kernel run; then each form
+  twice on the same inputs (bitwise equal).
+* ``timing-model``, ``timing-array``: ``bench.measure.measure`` (optax,
+  every form, a copy of the same bytes) on ResNet-50's parameter set and one
+  64M-element array, fp32 and bf16 gradients.
+* ``ncu``: Nsight Compute's DRAM bytes of the fused Triton step on ResNet-50
+  (``ncu-target`` is the program it profiles).
+
+``--cpu`` runs the same with the interpreted kernels at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import lars
+from bench import gpu_check_cases as C
+from bench import measure, workloads
+
+LR = 0.1
+
+
+class Partial:
+    """The phase's result so far, rewritten to its JSON file after every check
+    and row: a phase killed at its timeout keeps what it had done."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.result: dict[str, Any] = {"status": "running", "checks": [], "rows": []}
+
+    def check(self, case: str, ok: bool, detail: Any = "", **extra: Any) -> None:
+        """Records one check."""
+        self.result["checks"].append({"case": case, "ok": bool(ok), "detail": detail, **extra})
+        self.save()
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Records timing rows."""
+        self.result["rows"] += rows
+        self.save()
+
+    def save(self) -> None:
+        """Writes the result so far."""
+        if self.path is not None:
+            with open(self.path, "w") as f:
+                json.dump(self.result, f, indent=1, default=str)
+
+
+RESULT = Partial()
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+
+
+def _compiled(form: C.Form | None, kwargs: dict[str, Any], mode: str) -> Callable:
+    backend = "reference" if form is None else form.backend
+    options = None if form is None else (form.options_dict or None)
+
+    def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+        tx = lars.lars(LR, backend=backend, backend_options=options, **kwargs)
+        if mode == "apply":
+            return tx.apply_gradients(params, state, grads)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    init = jax.jit(lars.lars(LR, backend=backend, backend_options=options, **kwargs).init)
+    fn = jax.jit(step, donate_argnums=(0, 1))
+
+    def run(params: Any, grads: Any, poison: bool) -> tuple[Any, Any]:
+        state = init(params)
+        # Donated: the step gets its own copies.
+        p, s = jax.tree.map(jnp.copy, (params, state))
+        if poison:
+            C.poison_device_memory(2 * C.tree_bytes(params, grads, state))
+        out = fn(p, s, grads)
+        jax.block_until_ready(out)
+        return out
+
+    return run
+
+
+def _unavailable(form: C.Form) -> str | None:
+    from lars import _dispatch
+
+    return _dispatch.get(form.backend).unavailable(jax.default_backend())
+
+
+# --------------------------------------------------------------------------
+# smoke
+
+
+def smoke(cpu: bool) -> dict[str, Any]:
+    """One step of every form and mode on a tiny tree."""
+    params, grads = C.make_tree(((), (37,), (4, 8)), "fp32", seed=0)
+    for form in [None, *C.forms(cpu)]:
+        for mode in C.MODES:
+            name = f"{'reference' if form is None else form.name}/{mode}"
+            start = time.perf_counter()
+            why = None if form is None else _unavailable(form)
+            if why is not None:
+                RESULT.check(name, False, f"unavailable: {why}")
+                continue
+            try:
+                new, _ = _compiled(form, {}, mode)(params, grads, poison=False)
+                finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+                shapes = jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
+                ok, detail = finite and shapes, "" if finite else "non-finite output"
+            except Exception as e:
+                ok, detail = False, _error(e)
+            seconds = time.perf_counter() - start
+            RESULT.check(name, ok, detail, seconds=seconds)
+            print(f"  smoke {name:28s} {'ok' if ok else 'FAIL'} {seconds:6.1f} s {detail}")
+    return {}
+
+
+# --------------------------------------------------------------------------
+# correctness
+
+
+def _worst(got: Any, want: Any) -> float:
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    return max([C.scaled_error(a, b) for a, b in pairs], default=0.0)
+
+
+def _compare(got: tuple[Any, Any], want: tuple[Any, Any], tol: float) -> tuple[bool, dict]:
+    (gp, gs), (wp, ws) = got, want
+    errs = {
+        "params": _worst(gp, wp),
+        "momentum": _worst(gs.momentum, ws.momentum),
+        "trust_ratio": _worst(gs.trust_ratio, ws.trust_ratio),
+    }
+    same_counts = int(gs.count) == int(ws.count) and int(gs.skipped) == int(ws.skipped)
+    return all(e <= tol for e in errs.values()) and same_counts, errs
+
+
+def _correctness_cases(cpu: bool) -> list[tuple[C.Form, str, str, str]]:
+    """(form, mode, dtype, option set).
+
+    On a GPU: every option set in both modes with float32 gradients, and
+    "everything" in both modes with each other dtype. With ``cpu``: every
+    option set once, the modes and dtypes taking turns (interpreters are slow).
+    """
+    out = []
+    dtypes = list(C.DTYPES)
+    # Option set first, form last: a phase cut short has checked every form.
+    for k, config in enumerate(C.CONFIGS):
+        if cpu:
+            out += [(f, C.MODES[k % 2], dtypes[k % len(dtypes)], config) for f in C.forms(cpu)]
+            continue
+        chosen = dtypes if config == "everything" else dtypes[:1]
+        out += [(f, m, d, config) for m in C.MODES for d in chosen for f in C.forms(cpu)]
+    return out
+
+
+def correctness(cpu: bool) -> dict[str, Any]:
+    """Every form and mode against the reference, poisoned; then determinism."""
+    shapes = C.odd_shapes(cpu)
+    poison = not cpu
+    bad = {f.name: _unavailable(f) for f in C.forms(cpu)}
+    # The reference's results, by (mode, dtype, option set, variant): the forms
+    # share inputs (random, one draw per key) so the reference runs once.
+    reference: dict[tuple[str, ...], Any] = {}
+    for form, mode, dtype, config in _correctness_cases(cpu):
+        name = f"{form.name}/{mode}/{dtype}/{config}"
+        if bad[form.name] is not None:
+            RESULT.check(name, False, f"unavailable: {bad[form.name]}")
+            continue
+        seed = 100 + 10 * list(C.DTYPES).index(dtype) + list(C.CONFIGS).index(config)
+        params, grads = C.make_tree(shapes, dtype, seed=seed + 1000 * C.MODES.index(mode))
+        variants = [("", grads)]
+        if config == "skip_nonfinite":  # a NaN gradient: the step is skipped
+            bad_grads = dict(grads)
+            bad_grads["03"] = grads["03"].at[5].set(jnp.nan)
+            variants.append(("+nan", bad_grads))
+        for suffix, g in variants:
+            kwargs = C.config_kwargs(config, params)
+            key = (mode, dtype, config, suffix)
+            try:
+                if key not in reference:
+                    reference[key] = _compiled(None, kwargs, mode)(params, g, poison=False)
+                got = _compiled(form, kwargs, mode)(params, g, poison=poison)
+                ok, errs = _compare(got, reference[key], C.TOLERANCE[dtype])
+                detail = {k: f"{v:.2e}" for k, v in errs.items()}
+            except Exception as e:
+                ok, detail = False, _error(e)
+            RESULT.check(name + suffix, ok, detail)
+            print(f"  {name + suffix:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
+    # Determinism: twice on the same inputs, bitwise (ResNet-50's set on a GPU).
+    det_shapes = shapes if cpu else workloads.resnet50_shapes()
+    for form in C.forms(cpu):
+        for mode in C.MODES[1:] if cpu else C.MODES:
+            name = f"{form.name}/{mode}/deterministic"
+            if bad[form.name] is not None:
+                RESULT.check(name, False, "unavailable")
+                continue
+            params, grads = C.make_tree(det_shapes, "bf16-grads", seed=7)
+            try:
+                run = _compiled(form, C.config_kwargs("everything", params), mode)
+                ok = C.bitwise_equal(run(params, grads, poison), run(params, grads, poison))
+                detail = "" if ok else "two runs differ"
+            except Exception as e:
+                ok, detail = False, _error(e)
+            RESULT.check(name, ok, detail)
+            print(f"  {name:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
+    return {}
+
+
+# --------------------------------------------------------------------------
+# timing
+
+
+def _timing_workloads(cpu: bool, which: str) -> list[workloads.Workload]:
+    if which == "model":
+        if cpu:
+            shapes = ((3, 3, 4, 8), (8,), (8,), (100, 10), (10,))
+            return [workloads.Workload("tiny-model", "model", shapes, "5 arrays (--cpu)")]
+        return [w for w in workloads.full_workloads() if w.name == "resnet50"]
+    return [workloads.sweep_workload(4096 if cpu else 64 * 1024 * 1024)]
+
+
+def timing(cpu: bool, which: str) -> dict[str, Any]:
+    """optax, every form (both modes) and a copy, interleaved (``bench.measure``)."""
+    if cpu:
+        settings = measure.Settings(
+            warmup=1, rounds=3, min_sample_s=0.0, budget_s=1.0, slow_factor=0, max_compile_s=0
+        )
+    else:
+        settings = measure.Settings(
+            warmup=3, rounds=15, min_sample_s=0.01, budget_s=6.0, slow_factor=0, max_compile_s=0
+        )
+    names = ["reference"]
+    for form in C.forms(cpu):
+        if _unavailable(form) is None:
+            names += [form.name, form.name + ":apply"]
+    rows = []
+    for w in _timing_workloads(cpu, which):
+        # With ``cpu`` one gradient dtype per workload (interpreters are slow).
+        for dtype in [list(measure.DTYPES)[which == "array"]] if cpu else measure.DTYPES:
+            rows += measure.measure(w, dtype, names, settings)
+            RESULT.add_rows(rows[-len(names) - 2 :])
+            for r in rows[-len(names) - 2 :]:
+                print(
+                    f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
+                    f"{r.get('median_ms', float('nan')):9.3f} ms {r['note']}",
+                    flush=True,
+                )
+    for r in rows:
+        if "median_ms" not in r:
+            RESULT.check(f"{r['workload']}/{r['dtype']}/{r['backend']}", False, "not timed")
+    return {}
+
+
+# --------------------------------------------------------------------------
+# ncu
+
+NCU_STEPS = 3
+NCU_KERNELS = "regex:^lars_|SumsKernel|UpdateKernel|SqKernel|NormKernel"
+NCU_METRICS = "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum"
+
+
+def _ncu_form(cpu: bool) -> C.Form:
+    usable = [f for f in C.forms(cpu) if _unavailable(f) is None]
+    by_name = {f.name: f for f in usable}
+    return by_name.get("triton") or by_name.get("native") or usable[0]
+
+
+def ncu_target(cpu: bool) -> dict[str, Any]:
+    """What ncu profiles: the fused step (in place) on ResNet-50, fp32, NCU_STEPS times."""
+    form = _ncu_form(cpu)
+    shapes = C.odd_shapes(cpu) if cpu else workloads.resnet50_shapes()
+    params, grads = C.make_tree(shapes, "fp32", seed=11)
+    run = _compiled(form, {}, "apply")
+    run(params, grads, poison=False)  # compiles; its launches are in the profile too
+    for _ in range(NCU_STEPS - 1):
+        run(params, grads, poison=False)
+    n = sum(int(x.size) for x in jax.tree.leaves(params))
+    return {"form": form.name, "n_params": n, "steps": NCU_STEPS}
+
+
+def find_ncu() -> str | None:
+    """The ``ncu`` executable, if any."""
+    found = shutil.which("ncu")
+    if found:
+        return found
+    for root in ("/usr/local/cuda/bin", "/opt/nvidia/nsight-compute"):
+        for dirpath, _, files in os.walk(root):
+            if "ncu" in files:
+                return os.path.join(dirpath, "ncu")
+    return None
+
+
+def parse_ncu_csv(text: str) -> dict[str, float]:
+    """Sums each metric of an ``ncu --csv --print-units base`` report over its kernels."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        return {}
+    totals: dict[str, float] = {}
+    kernels = set()
+    for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
+        value = (row.get("Metric Value") or "").replace(",", "")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        totals[row["Metric Name"]] = totals.get(row["Metric Name"], 0.0) + v
+        kernels.add((row.get("ID"), row.get("Kernel Name")))
+    totals["kernels"] = float(len(kernels))
+    return totals
+
+
+def ncu(cpu: bool, json_path: str, timeout: float) -> dict[str, Any]:
+    """DRAM bytes per step and per parameter of the fused step, from ncu's counters."""
+    if cpu:
+        target = ncu_target(cpu)
+        return {"status": "skipped", "reason": "--cpu: no GPU counters (target ran)", **target}
+    exe = find_ncu()
+    if exe is None:
+        return {"status": "skipped", "reason": "ncu not found"}
+    cmd = [
+        exe, "--clock-control", "none", "--csv", "--print-units", "base",
+        "--metrics", NCU_METRICS, "--kernel-name", NCU_KERNELS,
+        sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--json", json_path + ".t",
+    ]  # fmt: skip
+    # No preallocated pool: ncu saves and restores the memory a replayed kernel may touch.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "fail", "reason": f"ncu did not finish in {timeout:.0f} s"}
+    text = out.stdout + out.stderr
+    totals = parse_ncu_csv(out.stdout)
+    if out.returncode != 0 or not totals.get("kernels"):
+        tail = " | ".join(text.strip().splitlines()[-6:])
+        return {
+            "status": "skipped",
+            "reason": f"ncu gave no counters (rc {out.returncode}): {tail[:600]}",
+        }
+    with open(json_path + ".t") as f:
+        target = json.load(f)
+    steps, n = target["steps"], target["n_params"]
+    moved = (
+        totals.get("dram__bytes_read.sum", 0.0) + totals.get("dram__bytes_write.sum", 0.0)
+    ) / steps
+    return {
+        **target,
+        "kernels_per_step": totals["kernels"] / steps,
+        "dram_bytes_per_step": moved,
+        "dram_bytes_per_param": moved / n,
+        "kernel_time_ms_per_step": totals.get("gpu__time_duration.sum", float("nan")) / steps / 1e6,
+        "note": "the first step's launches (compile, warm-up) are counted too",
+    }
+
+
+def _environment() -> dict[str, str]:
+    import importlib.metadata
+
+    from bench import environment
+
+    env = environment.collect()
+    env["command"] = "python -m bench.gpu_check" + (
+        " --cpu" if jax.default_backend() == "cpu" else ""
+    )
+    for dist in ("triton", "jax-triton", "jax-cuda13-plugin"):
+        try:
+            env[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist] = "not installed"
+    return env
+
+
+PHASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "smoke": smoke,
+    "correctness": correctness,
+    "timing-model": lambda cpu: timing(cpu, "model"),
+    "timing-array": lambda cpu: timing(cpu, "array"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one phase; writes its JSON; 0 when it passed or was skipped."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("phase", choices=[*PHASES, "ncu", "ncu-target"])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600.0, help="the phase's own limit")
+    args = parser.parse_args(argv)
+    C.register(args.cpu)
+    RESULT.path = args.json
+    RESULT.save()
+    try:
+        if args.phase == "ncu":
+            result = ncu(args.cpu, args.json, max(10.0, args.timeout - 15.0))
+        elif args.phase == "ncu-target":
+            result = ncu_target(args.cpu)
+        else:
+            result = PHASES[args.phase](args.cpu)
+    except Exception as e:
+        traceback.print_exc()
+        result = {"status": "fail", "reason": _error(e)}
+    result = {**RESULT.result, **result}
+    if args.phase == "smoke":
+        result["environment"] = _environment()
+    if result["status"] == "running":
+        ok = all(c["ok"] for c in result["checks"])
+        result["status"] = "ok" if ok else "fail"
+    RESULT.result = result
+    RESULT.save()
+    return 0 if result["status"] in ("ok", "skipped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

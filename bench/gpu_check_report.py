@@ -1,0 +1,129 @@
+"""The Markdown report and the short table of ``bench.gpu_check``, from its JSON document.
+
+The document: ``{"environment": {...}, "seconds": float, "steps": {step:
+{"status", "seconds", "reason", "checks": [{"case", "ok", "detail"}],
+"rows": [bench.measure rows], ...}}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _num(x: Any, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, fmt)
+
+
+def timing_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every timing row of the document, in step order."""
+    rows = []
+    for name, step in doc["steps"].items():
+        if name.startswith("timing"):
+            rows += step.get("rows", [])
+    return rows
+
+
+def failed_checks(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(step, case, detail) of every failed check."""
+    return [
+        (name, c["case"], str(c.get("detail", "")))
+        for name, step in doc["steps"].items()
+        for c in step.get("checks", [])
+        if not c.get("ok")
+    ]
+
+
+def _timing_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| workload | grads | row | ms | p25-p75 ms | GB/s | x floor | x optax | launches "
+        "| temp MB | diff vs optax | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        frac = r.get("frac_of_copy")
+        lines.append(
+            f"| {r['workload']} | {r['dtype']} | {r['backend']} "
+            f"| {_num(r.get('median_ms'), '.3f')} "
+            f"| {_num(r.get('p25_ms'), '.3f')}-{_num(r.get('p75_ms'), '.3f')} "
+            f"| {_num(r.get('gb_per_s'), '.0f')} "
+            f"| {_num(1 / frac if frac else None, '.2f')} "
+            f"| {_num(r.get('speedup_vs_optax'), '.2f')} | {_num(r.get('launches'), 'd')} "
+            f"| {_num((r.get('temp_bytes') or math.nan) / 1e6, '.1f')} "
+            f"| {_num(r.get('rel_diff_vs_optax'), '.1e')} | {r.get('note', '')} |"
+        )
+    return lines
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The report: environment, steps, failures, correctness, timing, ncu."""
+    env = doc["environment"]
+    lines = ["# GPU check", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env.items()]
+    lines += ["", f"Whole run: {doc['seconds']:.0f} s.", "", "## Steps", ""]
+    lines += ["| step | status | s | checks passed | reason |", "|---|---|---:|---:|---|"]
+    for name, step in doc["steps"].items():
+        checks = step.get("checks", [])
+        passed = f"{sum(c['ok'] for c in checks)}/{len(checks)}" if checks else ""
+        lines.append(
+            f"| {name} | {step['status']} | {step.get('seconds', 0.0):.1f} | {passed} "
+            f"| {step.get('reason', '')} |"
+        )
+    failed = failed_checks(doc)
+    lines += ["", "## Failed checks", ""]
+    lines += [f"- `{s}` {c}: {d}" for s, c, d in failed] or ["None."]
+    corr = doc["steps"].get("correctness", {}).get("checks", [])
+    if corr:
+        lines += ["", "## Correctness (scaled max error against the reference)", ""]
+        lines += ["| case | ok | detail |", "|---|---|---|"]
+        lines += [f"| {c['case']} | {'yes' if c['ok'] else 'NO'} | {c['detail']} |" for c in corr]
+    rows = timing_rows(doc)
+    if rows:
+        lines += ["", "## Timing", ""]
+        lines += [
+            "Median per-step time (params and state donated), `x floor`: time over the "
+            "copy's time for the same bytes (1.0 is the 20-byte floor for fp32 grads, "
+            "18 for bf16), `x optax`: speed-up over `jax.jit(optax.lars)`, launches: "
+            "per step, from the compiled HLO (a custom call counts once), temp: the "
+            "compiled step's temporary memory.",
+            "",
+            *_timing_table(rows),
+        ]
+    ncu = doc["steps"].get("ncu", {})
+    if ncu:
+        lines += ["", "## Nsight Compute", ""]
+        lines += [f"- {k}: {v}" for k, v in ncu.items() if k not in ("checks", "rows")]
+    return "\n".join(lines) + "\n"
+
+
+def short_table(doc: dict[str, Any]) -> str:
+    """A few lines for the end of the output: steps, failures, timing summary."""
+    lines = ["", "step           status    seconds  checks"]
+    for name, step in doc["steps"].items():
+        checks = step.get("checks", [])
+        passed = f"{sum(c['ok'] for c in checks)}/{len(checks)}" if checks else ""
+        lines.append(f"{name:14s} {step['status']:8s} {step.get('seconds', 0.0):8.1f}  {passed}")
+    for s, c, d in failed_checks(doc)[:10]:
+        lines.append(f"FAILED {s}: {c}: {d[:160]}")
+    rows = timing_rows(doc)
+    if rows:
+        lines.append("")
+        lines.append(f"{'workload':12s} {'grads':10s} {'row':20s} {'ms':>9s} {'xfloor':>7s} "
+                     f"{'xoptax':>7s} {'launch':>6s}")  # fmt: skip
+        for r in rows:
+            frac = r.get("frac_of_copy")
+            lines.append(
+                f"{r['workload'][:12]:12s} {r['dtype']:10s} {r['backend']:20s} "
+                f"{_num(r.get('median_ms'), '9.3f'):>9s} "
+                f"{_num(1 / frac if frac else None, '7.2f'):>7s} "
+                f"{_num(r.get('speedup_vs_optax'), '7.2f'):>7s} {_num(r.get('launches'), '6d'):>6s}"
+            )
+    ncu = doc["steps"].get("ncu", {})
+    if "dram_bytes_per_param" in ncu:
+        lines.append(
+            f"ncu {ncu['form']}: {ncu['dram_bytes_per_param']:.1f} DRAM B/param, "
+            f"{ncu['kernels_per_step']:.1f} kernels/step"
+        )
+    return "\n".join(lines)

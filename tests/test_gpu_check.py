@@ -1,0 +1,207 @@
+"""Tests of the one-command GPU validation, ``bench.gpu_check`` (``make gpu-check``).
+
+The GPU run itself needs a GPU; what is checked here is the harness: its
+comparisons catch what they must (NaN where a value was expected, a wrong
+value, different bits), a hanging step is killed at its timeout, ncu's CSV is
+summed, the report names failures, and the whole run in ``--cpu`` mode (the
+interpreted kernels at tiny sizes, in a subprocess) passes every phase and
+writes its JSON and Markdown reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import gpu_check, gpu_check_cases, gpu_check_phases, gpu_check_report  # noqa: E402
+
+
+def test_scaled_error_catches_unwritten_and_wrong_values():
+    want = np.array([1.0, -2.0, 0.5], np.float32)
+    assert gpu_check_cases.scaled_error(want, want) == 0.0
+    # An element left at the poison value.
+    assert gpu_check_cases.scaled_error(np.array([1.0, np.nan, 0.5]), want) == np.inf
+    # A wrong value: |0.5 - 0.25| / max|want| = 0.125.
+    assert gpu_check_cases.scaled_error(np.array([1.0, -2.0, 0.25]), want) == pytest.approx(0.125)
+    # NaN where the reference has NaN too is agreement; an empty leaf has no error.
+    nan = np.array([np.nan, 1.0], np.float32)
+    assert gpu_check_cases.scaled_error(nan, nan) == 0.0
+    assert gpu_check_cases.scaled_error(np.zeros((0,)), np.zeros((0,))) == 0.0
+
+
+def test_bitwise_equal_tells_apart_one_ulp_and_signed_zero():
+    a = {"x": jnp.array([1.0, 0.0], jnp.float32)}
+    assert gpu_check_cases.bitwise_equal(a, {"x": jnp.array([1.0, 0.0], jnp.float32)})
+    ulp = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert not gpu_check_cases.bitwise_equal(a, {"x": jnp.array([ulp, 0.0], jnp.float32)})
+    assert not gpu_check_cases.bitwise_equal(a, {"x": jnp.array([1.0, -0.0], jnp.float32)})
+
+
+def test_every_form_runs_every_option_set_dtype_and_mode_on_a_gpu():
+    cases = {(f.name, m, d, c) for f, m, d, c in gpu_check_phases._correctness_cases(cpu=False)}
+    forms = {f.name for f in gpu_check_cases.forms(cpu=False)}
+    assert forms == {"native", "pallas", "triton", "triton-2pass"}
+    for f in forms:
+        for m in gpu_check_cases.MODES:
+            assert {c for g, n, d, c in cases if (g, n, d) == (f, m, "fp32")} == set(
+                gpu_check_cases.CONFIGS
+            )
+            assert {d for g, n, d, c in cases if (g, n, c) == (f, m, "everything")} == set(
+                gpu_check_cases.DTYPES
+            )
+    # With --cpu every form meets every option set, and both modes.
+    cpu = gpu_check_phases._correctness_cases(cpu=True)
+    for f in gpu_check_cases.forms(cpu=True):
+        assert {c for g, _, _, c in cpu if g == f} == set(gpu_check_cases.CONFIGS)
+        assert {m for g, m, _, _ in cpu if g == f} == set(gpu_check_cases.MODES)
+
+
+def test_the_odd_shapes_are_there():
+    sizes = {int(np.prod(s)) for s in gpu_check_cases.odd_shapes(cpu=False)}
+    assert {1, 127, 4097, 65537, 0} <= sizes
+    assert () in gpu_check_cases.odd_shapes(cpu=False)
+
+
+def test_a_hanging_step_is_killed_at_its_timeout(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        start = time.perf_counter()
+        # A child of the step sleeps too: the whole process group goes.
+        cmd = [
+            sys.executable,
+            "-c",
+            "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)",
+        ]
+        rc, seconds = gpu_check._run(cmd, log, timeout=2.0, env=dict(os.environ))
+    assert rc is None
+    assert seconds < 20 and time.perf_counter() - start < 20
+
+
+NCU_CSV = """==PROF== Connected to process 1
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1","python","h","lars_fused_2","1","7","(128, 1, 1)","(264, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","1,000,000"
+"0","1","python","h","lars_fused_2","1","7","(128, 1, 1)","(264, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","400000"
+"1","1","python","h","lars_fused_2","1","7","(128, 1, 1)","(264, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","2000000"
+"""  # noqa: E501
+
+
+def test_ncu_csv_is_summed_per_metric_over_kernels():
+    totals = gpu_check_phases.parse_ncu_csv(NCU_CSV)
+    assert totals["dram__bytes_read.sum"] == 3_000_000
+    assert totals["dram__bytes_write.sum"] == 400_000
+    assert totals["kernels"] == 2
+    assert gpu_check_phases.parse_ncu_csv("==ERROR== LibraryNotLoaded\n") == {}
+
+
+def test_the_report_names_failures_and_timing_rows():
+    doc = {
+        "environment": {"device": "test"},
+        "seconds": 3.0,
+        "steps": {
+            "smoke": {"status": "ok", "seconds": 1.0, "checks": [{"case": "a", "ok": True}]},
+            "correctness": {
+                "status": "fail",
+                "seconds": 1.0,
+                "checks": [{"case": "native/apply/fp32/defaults", "ok": False, "detail": "x"}],
+            },
+            "timing-model": {
+                "status": "ok",
+                "rows": [
+                    {
+                        "workload": "w",
+                        "dtype": "fp32",
+                        "backend": "native",
+                        "median_ms": 2.0,
+                        "frac_of_copy": 0.5,
+                        "speedup_vs_optax": 3.0,
+                        "launches": 1,
+                        "note": "",
+                    }
+                ],
+            },
+            "ncu": {"status": "skipped", "reason": "ncu not found"},
+        },
+    }
+    md = gpu_check_report.markdown(doc)
+    assert "native/apply/fp32/defaults" in md and "ncu not found" in md
+    table = gpu_check_report.short_table(doc)
+    assert "FAILED correctness: native/apply/fp32/defaults" in table
+    assert "2.00" in table  # 1 / frac_of_copy: twice the floor
+
+
+@pytest.mark.slow
+def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--cpu", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr + (tmp_path / "gpu_check.log").read_text()
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = doc["steps"]
+    for name in ("smoke", "correctness", "timing-model", "timing-array"):
+        assert steps[name]["status"] == "ok", (name, steps[name])
+    assert steps["wheels"]["status"] == steps["build"]["status"] == "skipped"
+    assert steps["ncu"]["status"] == "skipped" and steps["ncu"]["n_params"] > 0
+    forms = [f.name for f in gpu_check_cases.forms(cpu=True)]
+    smoke = {c["case"] for c in steps["smoke"]["checks"]}
+    assert smoke == {f"{f}/{m}" for f in ["reference", *forms] for m in gpu_check_cases.MODES}
+    assert len(steps["correctness"]["checks"]) >= 4 * len(forms)
+    backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
+    assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
+    assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## Timing" in md and "## Correctness" in md
+    assert "step           status" in out.stdout  # the short table, printed last
+    assert doc["environment"]["platform"] == "cpu"
+
+
+def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
+    # A stand-in for ncu: writes the target's JSON and prints a report.
+    fake = tmp_path / "ncu"
+    fake.write_text(
+        "#!" + sys.executable + "\n"
+        "import json, sys\n"
+        "path = sys.argv[sys.argv.index('--json') + 1]\n"
+        "json.dump({'form': 'triton', 'n_params': 1000000, 'steps': 2}, open(path, 'w'))\n"
+        f"print({NCU_CSV!r})\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check_phases, "find_ncu", lambda: str(fake))
+    result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
+    assert result["dram_bytes_per_step"] == pytest.approx(3_400_000 / 2)
+    assert result["dram_bytes_per_param"] == pytest.approx(1.7)
+    assert result["kernels_per_step"] == 1
+    # ncu that reads no counters: skipped, with its last words as the reason.
+    fake.write_text("#!/bin/sh\necho '==ERROR== Failed to initialize the profiler'\nexit 1\n")
+    result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
+    assert result["status"] == "skipped" and "Failed to initialize" in result["reason"]
+
+
+def test_a_phase_killed_at_its_timeout_keeps_its_checks(monkeypatch, tmp_path):
+    def timed_out(cmd, log, timeout, env):
+        path = cmd[cmd.index("--json") + 1]
+        partial = gpu_check_phases.Partial()
+        partial.path = path
+        partial.check("native/update/fp32/defaults", True)
+        return None, timeout
+
+    monkeypatch.setattr(gpu_check, "_run", timed_out)
+    with open(tmp_path / "log", "w") as log:
+        result = gpu_check._phase("correctness", False, log, 30.0, {})
+    assert result["status"] == "fail"
+    assert "timed out after 30 s (1 checks done)" in result["reason"]
+    assert result["checks"][0]["case"] == "native/update/fp32/defaults"
