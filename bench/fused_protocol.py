@@ -27,9 +27,12 @@ runs only after all of that layer's sums items finished and its ratio was
 published in this launch. Memory is sequentially consistent in the model:
 the kernel's acq_rel arrival and release/acquire flag are what make the GPU
 behave so for these accesses. :func:`explore` checks every schedule of a
-small launch (a search over all interleavings). The ``sync``, ``grid``,
-``table`` and ``claim`` arguments exist for negative controls: stale
-counters, a wrong grid, a reordered table, claiming by program id.
+small launch (a search over all interleavings). A program that claims a
+row at or past the table's item count exits, as the kernel's guard makes it
+(``guard=False`` models a kernel without it). The ``sync``, ``grid``,
+``table``, ``claim`` and ``guard`` arguments exist for negative controls:
+stale counters, a wrong grid, a reordered table, claiming by program id, no
+guard.
 """
 
 from __future__ import annotations
@@ -180,11 +183,14 @@ class Outcome:
 class _Model:
     """The launch's shared state and its programs; :meth:`act` performs one operation."""
 
-    def __init__(self, launch: FusedLaunch, sync: np.ndarray | None, claim: str) -> None:
+    def __init__(
+        self, launch: FusedLaunch, sync: np.ndarray | None, claim: str, guard: bool = True
+    ) -> None:
         if claim not in ("atomic", "program_id"):
             raise ValueError(f"claim must be 'atomic' or 'program_id', got {claim!r}")
         self.table = launch.table
         self.claim = claim
+        self.guard = guard
         self.base = launch.slot_base
         words = launch.slot_base + 2 * launch.slots
         self.sync = np.zeros(words, np.int64) if sync is None else sync.copy()
@@ -208,6 +214,8 @@ class _Model:
             else:
                 row = block[2]
             block[1] = row
+            if self.guard and row >= self.table[0, P.COL_ITEMS]:
+                return "exit"  # the kernel's guard: a row past the item count does nothing
             if row >= len(self.table):
                 self.violations.append(
                     f"a program claimed row {row} of a {len(self.table)}-item table "
@@ -284,6 +292,7 @@ def simulate(
     table: np.ndarray | None = None,
     claim: str = "atomic",
     start_order: Sequence[int] | None = None,
+    guard: bool = True,
 ) -> Outcome:
     """Runs ``launch`` under one schedule with at most ``resident`` programs at once.
 
@@ -304,6 +313,9 @@ def simulate(
         (row = program id; a negative control).
       start_order: Program ids in the order they become resident (default
         0, 1, ...; only "program_id" claims depend on it).
+      guard: A program that claims a row at or past the table's item count
+        (``plan.COL_ITEMS`` of row 0) exits, as the kernel does; False (a
+        negative control) models a kernel without that check.
     """
     if resident < 1:
         raise ValueError(f"resident must be >= 1, got {resident}")
@@ -315,7 +327,7 @@ def simulate(
             table=launch.table if table is None else np.asarray(table, np.int32),
             grid=launch.grid if grid is None else grid,
         )
-    model = _Model(launch, sync, claim)
+    model = _Model(launch, sync, claim, guard)
     order = list(range(launch.grid)) if start_order is None else list(start_order)
     if sorted(order) != list(range(launch.grid)):
         raise ValueError("start_order must be a permutation of the program ids")
@@ -384,6 +396,7 @@ def explore(
     grid: int | None = None,
     table: np.ndarray | None = None,
     max_states: int = 200_000,
+    guard: bool = True,
 ) -> tuple[Outcome, int]:
     """Every schedule of a small launch: returns (the first bad outcome or a good one, states).
 
@@ -400,7 +413,7 @@ def explore(
         )
 
     def fresh() -> _Model:
-        return _Model(launch, sync, "atomic")
+        return _Model(launch, sync, "atomic", guard)
 
     def key(m: _Model, blocks: tuple, started: int) -> tuple:
         return (
@@ -451,6 +464,7 @@ def _copy(model: _Model) -> _Model:
     twin = object.__new__(_Model)
     twin.table = model.table
     twin.claim = model.claim
+    twin.guard = model.guard
     twin.base = model.base
     twin.sync = model.sync.copy()
     twin.sums_total = model.sums_total

@@ -194,8 +194,9 @@ def cubin_facts(cubin: Path) -> dict[str, dict[str, int]]:
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = chunk.split()[0]
         entry = facts.setdefault(name, {})
-        entry["ldg128"] = len(re.findall(r"\bLDG\.E\.128\b", chunk))
-        entry["stg128"] = len(re.findall(r"\bSTG\.E\.128\b", chunk))
+        # LDG.E.128, or with an eviction hint LDG.E.EF.128 (the same for STG).
+        entry["ldg128"] = len(re.findall(r"\bLDG\.E(?:\.[A-Z]+)*\.128\b", chunk))
+        entry["stg128"] = len(re.findall(r"\bSTG\.E(?:\.[A-Z]+)*\.128\b", chunk))
     return facts
 
 
@@ -262,7 +263,7 @@ def compile_triton(case: Case, tuning: P.Tuning | None = None) -> dict:
         **_row({**stats, "shared_bytes": compiled.metadata.shared}, facts),
         "param_bytes": ptx_params_bytes(ptx, case.spec.name),
         "ptx_version": ptx_version(ptx),
-        "vector_loads_ptx": bool(re.search(r"ld\.global(\.\w+)*\.v4\.", ptx)),
+        "vector_loads_ptx": bool(re.search(r"ld\.global(\.[\w:]+)*\.v4\.", ptx)),
         "compile_s": round(seconds, 2),
     }
 
@@ -276,6 +277,7 @@ def _row(stats: dict[str, int], facts: dict[str, int]) -> dict:
         "local_bytes": facts.get("local_bytes", 0),
         "shared_bytes": stats.get("shared_bytes", 0),
         "ldg128": facts.get("ldg128", 0),
+        "stg128": facts.get("stg128", 0),
         "vector_loads": facts.get("ldg128", 0) > 0,
     }
 

@@ -357,8 +357,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", choices=("step", "line"), default="step", help="cache unit")
     p.add_argument(
         "--evict-first",
-        action="store_true",
-        help="the update's loads and stores carry an evict-first hint",
+        action=argparse.BooleanOptionalAction,
+        default=P.EVICT_FIRST,
+        help="the update's loads and stores carry an evict-first hint (default: as the "
+        "backend's default tuning)",
     )
     p.add_argument("--chunk", type=int, default=P.CHUNK, help="elements per item")
     p.add_argument("--seed", type=int, default=0, help="start times (and jitter) of the programs")
@@ -425,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("An LRU model of the L2 (not a measurement): predicted DRAM bytes per parameter.")
+    hints = "on" if args.evict_first else "off"
+    print(f"CHUNK {args.chunk}, evict-first hints on the update {hints}.")
     head = (
         "workload",
         "grads",

@@ -190,7 +190,9 @@ def _early_updates(violations: list[str]) -> list[str]:
 
 def test_counters_not_zeroed_are_caught(resnet):
     stale = F.completed_sync(resnet)
-    out = F.simulate(resnet, 264, sync=stale)
+    out = F.simulate(resnet, 264, sync=stale)  # every claim is past the item count: all exit
+    assert any(f"{resnet.items} items never ran" in v for v in out.violations)
+    out = F.simulate(resnet, 264, sync=stale, guard=False)
     assert any("read past its table" in v for v in out.violations)
     flags_only = stale.copy()
     flags_only[0] = 0  # the item counter zeroed, the arrivals and ready flags left over
@@ -218,11 +220,19 @@ def test_counters_not_zeroed_caught_in_every_schedule_search():
     assert any("update of slot" in v for v in out.violations)  # before its ratio
 
 
-def test_wrong_grid_is_caught(resnet):
-    out = F.simulate(resnet, 264, grid=resnet.grid + 1)
+def test_a_larger_grid_is_harmless_with_the_guard_and_a_smaller_one_is_caught(resnet):
+    assert (resnet.table[:, P.COL_ITEMS] == resnet.items).all()
+    out = F.simulate(resnet, 264, grid=resnet.grid + 3)  # the extra programs exit
+    assert out.ok and not out.violations
+    out = F.simulate(resnet, 264, grid=resnet.grid + 1, guard=False)
     assert any("read past its table" in v for v in out.violations)
     out = F.simulate(resnet, 264, grid=resnet.grid - 1)
     assert any("never ran" in v for v in out.violations)
+    small = _launch([(3,), (1,), (2,)], chunk=1, block=1, lookahead=1)
+    out, _ = F.explore(small, 2, grid=small.grid + 2)
+    assert out.ok
+    out, _ = F.explore(small, 2, grid=small.grid + 1, guard=False)
+    assert not out.ok
 
 
 def test_reordered_table_is_caught(resnet):

@@ -120,6 +120,8 @@ def test_default_triton_kernels_fit_the_limits(tmp_path):
     assert_within_limits(rows)
     for row in rows:
         assert row["vector_loads"] and row["ldg128"] > 0, row["kernel"]
+        if row["pass"] in (P.FUSED, P.UPDATE):  # 16-byte stores, hinted or not
+            assert row["stg128"] > 0, row["kernel"]
         assert row["param_bytes"] >= 8 * P.SLOTS_PER_LAUNCH  # a pointer per leaf at least
         assert row["param_bytes"] <= 32764  # CUDA 12.1+'s kernel parameter space
 

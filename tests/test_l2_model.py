@@ -220,10 +220,12 @@ def test_step_units_agree_with_lines():
 
 
 def test_cli_prints_a_table(capsys):
-    code = L.main(["--workload", "array-64M", "--lookahead", "0", "--l2-mb", "60"])
+    argv = ["--workload", "array-64M", "--lookahead", "0", "--l2-mb", "60", "--no-evict-first"]
+    code = L.main(argv)
     out = capsys.readouterr().out
     assert code == 0
     assert "not a measurement" in out
+    assert f"CHUNK {P.CHUNK}, evict-first hints on the update off." in out
     (row,) = [line for line in out.splitlines() if line.startswith("| array-64M")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     # One 256 MB array: its norms end long before its update starts, so w and g are read twice.
@@ -243,7 +245,7 @@ def test_cli_names_a_bad_argument(capsys):
 
 
 def test_resnet50_lookahead_64_meets_22_bytes_at_four_programs_per_sm():
-    plan = make_plan(RESNET50.shapes, lookahead=64)
+    plan = make_plan(RESNET50.shapes, chunk=8192, lookahead=64)
     r = L.simulate(plan, l2_bytes=60 * L.MB, resident=132 * 4)
     assert 20.0 <= r.bytes_per_param <= 22.0
 
@@ -251,12 +253,15 @@ def test_resnet50_lookahead_64_meets_22_bytes_at_four_programs_per_sm():
 def test_resnet50_with_more_data_in_flight_than_the_cache_rereads_everything():
     # 2112 programs each streaming an 8192-element chunk (64-96 kB per item): over
     # 130 MB in flight, so no layer's w and g survive from its norms to its update.
-    plan = make_plan(RESNET50.shapes, lookahead=64)
+    plan = make_plan(RESNET50.shapes, chunk=8192, lookahead=64)
     r = L.simulate(plan, l2_bytes=60 * L.MB, resident=132 * 16)
     assert r.bytes_per_param > 27.9
 
 
-def test_resnet50_recommended_geometry_meets_22_bytes_at_nine_programs_per_sm():
-    plan = make_plan(RESNET50.shapes, chunk=4096, lookahead=512)
-    r = L.simulate(plan, l2_bytes=60 * L.MB, resident=132 * 9, evict_first=True)
+def test_resnet50_default_geometry_meets_22_bytes_at_nine_programs_per_sm():
+    """The backend's default tuning (CHUNK 4096, lookahead 512, evict-first) was
+    chosen from this figure."""
+    assert (P.CHUNK, P.LOOKAHEAD, P.EVICT_FIRST) == (4096, 512, True)
+    plan = make_plan(RESNET50.shapes)
+    r = L.simulate(plan, l2_bytes=60 * L.MB, resident=132 * 9, evict_first=P.EVICT_FIRST)
     assert 20.0 <= r.bytes_per_param <= 22.0

@@ -311,6 +311,11 @@ def test_backend_options_are_the_tuning_checked_by_name():
             BACKEND.options({name: value})
     with pytest.raises(ValueError, match="lookahead"):
         BACKEND.options({"lookahead": -1})
+    assert BACKEND.options({"evict_first": np.bool_(False)}) == {"evict_first": False}
+    with pytest.raises(TypeError, match="'evict_first' must be a bool"):
+        BACKEND.options({"evict_first": 0})
+    with pytest.raises(TypeError, match="evict_first must be a bool"):
+        P.Tuning(evict_first="no")
 
 
 @pytest.mark.parametrize(
@@ -378,9 +383,10 @@ def test_compiles_for_hopper(kernel, group):
     assert len(compiled.asm["cubin"]) > 1000
     # A pointer parameter per array (Triton appends its own scratch pointers).
     assert ptx.count(".param .u64") >= len(spec.arg_names())
-    assert re.search(r"ld\.global(\.\w+)*\.v4\.", ptx), "no vectorised loads"
+    # (.L1::evict_first.L2::cache_hint between: the fused update's hints)
+    assert re.search(r"ld\.global(\.[\w:]+)*\.v4\.", ptx), "no vectorised loads"
     if spec.kind in (P.UPDATE, P.FUSED):
-        assert re.search(r"st\.global(\.\w+)*\.v4\.", ptx), "no vectorised stores"
+        assert re.search(r"st\.global(\.[\w:]+)*\.v4\.", ptx), "no vectorised stores"
         if "bfloat16" in group[0]:
             assert "cvt.rn.bf16" in ptx  # round to nearest even, as XLA
     assert "fma." not in ptx  # contraction off: the reference's rounding
@@ -409,6 +415,32 @@ def test_only_a_spin_limit_compiles_the_bounded_wait():
     ]
     assert not re.search(exch, default)
     assert re.search(exch, bounded)
+
+
+def _hinted(ptx: str, op: str) -> list[str]:
+    """The global ``op`` ("ld" or "st") instructions of ``ptx`` with an L2 cache hint."""
+    return re.findall(rf"{op}\.global[\w.:]*\.L2::cache_hint[\w.]*", ptx)
+
+
+def test_the_fused_update_loads_and_stores_carry_the_evict_first_hint():
+    """With ``evict_first`` (the default) the fused update's loads and stores
+    take an ``L2::evict_first`` policy; the sums half's loads do not, and
+    nothing is hinted with the option off or in the two-pass update."""
+    spec = P.KernelSpec(P.FUSED, 5, True)
+    hinted = aot.compile_kernel(spec, "float32", "float32", ALL_ON).asm["ptx"]
+    plain = aot.compile_kernel(spec, "float32", "float32", ALL_ON, P.Tuning(evict_first=False)).asm[
+        "ptx"
+    ]
+    assert P.Tuning().evict_first
+    assert "createpolicy.fractional.L2::evict_first" in hinted
+    assert _hinted(hinted, "ld") and _hinted(hinted, "st")
+    assert any(".v4." in op for op in _hinted(hinted, "ld") + _hinted(hinted, "st"))
+    assert re.search(r"ld\.global\.v4\.", hinted)  # the sums half: no hint
+    assert not re.search(r"st\.global\.v4\.", hinted)  # every vector store is the update's
+    assert "createpolicy" not in plain and "cache_hint" not in plain
+    two_pass = P.KernelSpec(P.UPDATE, 5, True)
+    update = aot.compile_kernel(two_pass, "float32", "float32", ALL_ON).asm["ptx"]
+    assert "cache_hint" not in update and re.search(r"st\.global\.v4\.", update)
 
 
 @pytest.mark.slow

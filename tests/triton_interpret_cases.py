@@ -446,6 +446,44 @@ def test_fused_pass_items_run_in_table_order():
         assert (sync[1 + 2 * j], sync[2 + 2 * j]) == ((chunks, 1) if many else (0, 0))
 
 
+def test_a_grid_larger_than_the_table_is_harmless():
+    """A fused launch of one program more than its items: the extra program
+    claims a row past the table's item count (``COL_ITEMS``) and exits. The
+    table passed has one row more, a copy of an item that updates a chunk
+    (run, it would update the chunk twice); the results are bitwise those of
+    the exact grid."""
+    flags = FLAG_SETS["decay"]
+    params, grads, momentum, decay = make_leaves()
+    plan = plan_for(params, grads, decay, flags)
+    launch_ = plan.launches(P.FUSED)[-1]
+    assert (launch_.table[:, P.COL_ITEMS] == launch_.num_programs).all()
+    spec = P.kernel_spec(launch_, flags)
+
+    def run(table, grid):
+        inputs, outputs, aliases = S.update_inputs(
+            launch_, spec, params, grads, momentum, [table, SCALARS], False
+        )
+        outputs += S.fused_outputs(launch_)
+        return interpret.launch(
+            spec,
+            inputs,
+            outputs,
+            aliases,
+            grid,
+            spec.constexprs(flags, KERNEL_TUNING),
+            zeroed=(len(outputs) - 1,),
+        )
+
+    want = run(launch_.table, launch_.num_programs)
+    extra = launch_.table[launch_.table[:, P.COL_KIND] != P.KIND_SUMS][-1:]
+    longer = np.concatenate([launch_.table, extra])
+    got = run(longer, launch_.num_programs + 1)
+    assert got[-1][P.SYNC_COUNTER] == launch_.num_programs + 1
+    got[-1][P.SYNC_COUNTER] -= 1  # the sync buffer's other words: as with the exact grid
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(bits(a), bits(b))
+
+
 def without_sums_of_one_leaf(table: np.ndarray) -> tuple[np.ndarray, int]:
     """``table`` without the sums items of its first multi-chunk leaf (whose
     ratio then never arrives); and that leaf's slot."""
@@ -453,7 +491,9 @@ def without_sums_of_one_leaf(table: np.ndarray) -> tuple[np.ndarray, int]:
     if not sums.any():
         return table, -1
     slot = int(table[sums][0, P.COL_SLOT])
-    return table[~(sums & (table[:, P.COL_SLOT] == slot))], slot
+    kept = table[~(sums & (table[:, P.COL_SLOT] == slot))].copy()
+    kept[:, P.COL_ITEMS] = len(kept)
+    return kept, slot
 
 
 def test_with_a_spin_limit_a_ratio_that_never_arrives_sets_the_error_word():

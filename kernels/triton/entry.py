@@ -7,12 +7,15 @@ pointers (a chain of scalar selects on the table's slot column) and a call of
 the pass's program (``programs.py``). :func:`get_kernel` builds it once per
 process, in the mode the kernels were imported in (``kernels.INTERPRETED``).
 
-A fused entry point calls its program in two halves (sums, then update), each
-after its own load of the slot and selection of the pointers it takes. With
-one selection for both halves, LLVM sank the select chains of the pointers
-only the update uses into its branch, so the ``slots - 1`` comparisons of the
-slot stayed live across the sums loop: 244 registers per thread at 192 slots
-on sm_90, 56 with a selection per half (docs/triton.md).
+A fused entry point claims a table row with an atomic counter and returns at
+once when the row is at or past the table's item count (``plan.COL_ITEMS``:
+a grid larger than the table does no harm). It calls its program in two
+halves (sums, then update), each after its own load of the slot and
+selection of the pointers it takes. With one selection for both halves, LLVM
+sank the select chains of the pointers only the update uses into its branch,
+so the ``slots - 1`` comparisons of the slot stayed live across the sums
+loop: 244 registers per thread at 192 slots on sm_90, 56 with a selection per
+half (docs/triton.md).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def entry_source(spec: P.KernelSpec) -> str:
             ...
         ):
             row = tl.program_id(0)  # a FUSED entry claims its row: tl.atomic_add(sync_ptr, 1),
-            # then selects w and g, calls fused_sums, selects all five, calls fused_update
+            # returns if row >= the table's COL_ITEMS, then selects w and g, calls
+            # fused_sums, selects all five, calls fused_update
             slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)
             is_1 = slot == 1
             w_ptr = w_0
@@ -79,6 +83,10 @@ def entry_source(spec: P.KernelSpec) -> str:
     lines.append("):")
     if spec.kind == P.FUSED:  # items start in table order, whichever program runs first
         lines.append("    row = tl.atomic_add(sync_ptr, 1, sem='relaxed')")
+        lines.append(
+            "    if row >= tl.load(table_ptr + _COL_ITEMS):  # past the table: nothing to do"
+        )
+        lines.append("        return")
         _select(lines, spec, ("w", "g"))
         sums = (
             "CLIP_NORM",
@@ -153,6 +161,7 @@ def get_kernel(spec: P.KernelSpec):
         "fused_update": programs.fused_update,
         "_TABLE_COLUMNS": programs._TABLE_COLUMNS,
         "_COL_SLOT": programs._COL_SLOT,
+        "_COL_ITEMS": programs._COL_ITEMS,
     }
     exec(compile(source, filename, "exec"), namespace)
     return namespace[spec.name]

@@ -32,23 +32,40 @@ _FINITE = tl.constexpr(int(Scalar.FINITE))
 
 
 @triton.jit
-def _load_f32(ptr, offs, length, MASKED: tl.constexpr):
-    """Loads ``ptr[offs]`` as float32 (masked to ``offs < length`` if MASKED)."""
+def _load_f32(ptr, offs, length, MASKED: tl.constexpr, EVICT_FIRST: tl.constexpr = False):
+    """Loads ``ptr[offs]`` as float32 (masked to ``offs < length`` if MASKED).
+
+    EVICT_FIRST marks the lines as the first to leave L2 (their last use in
+    the step: ``L2::evict_first`` on sm_90).
+    """
     if MASKED:
-        x = tl.load(ptr + offs, mask=offs < length, other=0.0)
+        if EVICT_FIRST:
+            x = tl.load(ptr + offs, mask=offs < length, other=0.0, eviction_policy="evict_first")
+        else:
+            x = tl.load(ptr + offs, mask=offs < length, other=0.0)
     else:
-        x = tl.load(ptr + offs)
+        if EVICT_FIRST:
+            x = tl.load(ptr + offs, eviction_policy="evict_first")
+        else:
+            x = tl.load(ptr + offs)
     return x.to(tl.float32)
 
 
 @triton.jit
-def _store(ptr, offs, x, length, MASKED: tl.constexpr):
-    """Stores ``x`` (converted to ``ptr``'s element type) to ``ptr[offs]``."""
+def _store(ptr, offs, x, length, MASKED: tl.constexpr, EVICT_FIRST: tl.constexpr = False):
+    """Stores ``x`` (converted to ``ptr``'s element type) to ``ptr[offs]`` (EVICT_FIRST: as
+    :func:`_load_f32`)."""
     x = x.to(ptr.dtype.element_ty)
     if MASKED:
-        tl.store(ptr + offs, x, mask=offs < length)
+        if EVICT_FIRST:
+            tl.store(ptr + offs, x, mask=offs < length, eviction_policy="evict_first")
+        else:
+            tl.store(ptr + offs, x, mask=offs < length)
     else:
-        tl.store(ptr + offs, x)
+        if EVICT_FIRST:
+            tl.store(ptr + offs, x, eviction_policy="evict_first")
+        else:
+            tl.store(ptr + offs, x)
 
 
 @triton.jit
@@ -267,6 +284,7 @@ def _chunk_update(
     MASKED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,  # the chunk's last use: its lines leave L2 first
 ):
     """Updates one chunk. Every element is loaded before it is stored, so the
     outputs may alias the inputs (in place). With SKIP_NONFINITE and ``finite``
@@ -274,14 +292,14 @@ def _chunk_update(
     skipped step changes nothing, in place or not."""
     for start in tl.range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        g = _load_f32(g_ptr, offs, length, MASKED)
-        v = _load_f32(v_ptr, offs, length, MASKED)
+        g = _load_f32(g_ptr, offs, length, MASKED, EVICT_FIRST)
+        v = _load_f32(v_ptr, offs, length, MASKED, EVICT_FIRST)
         w = tl.zeros((BLOCK,), tl.float32)
         if WRITE_PARAMS:
-            w = _load_f32(w_ptr, offs, length, MASKED)
+            w = _load_f32(w_ptr, offs, length, MASKED, EVICT_FIRST)
         elif HAS_DECAY:
             if decay != 0:  # uniform over the program: no reads for undecayed leaves
-                w = _load_f32(w_ptr, offs, length, MASKED)
+                w = _load_f32(w_ptr, offs, length, MASKED, EVICT_FIRST)
         u = effective_grad(
             g,
             w,
@@ -312,8 +330,8 @@ def _chunk_update(
                 first = tl.where(finite != 0.0, first, minus_zero)
         if SKIP_NONFINITE:
             v_new = tl.where(finite != 0.0, v_new, v)
-        _store(out_ptr, offs, first, length, MASKED)
-        _store(v_out_ptr, offs, v_new, length, MASKED)
+        _store(out_ptr, offs, first, length, MASKED, EVICT_FIRST)
+        _store(v_out_ptr, offs, v_new, length, MASKED, EVICT_FIRST)
 
 
 @triton.jit
@@ -342,6 +360,7 @@ def chunk_update(
     SKIP_NONFINITE: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,  # see _chunk_update
 ):
     """:func:`_chunk_update` without masks for a full chunk, with them for a shorter one."""
     if length == CHUNK:
@@ -371,6 +390,7 @@ def chunk_update(
             False,
             CHUNK,
             BLOCK,
+            EVICT_FIRST,
         )
     else:
         _chunk_update(
@@ -399,6 +419,7 @@ def chunk_update(
             True,
             CHUNK,
             BLOCK,
+            EVICT_FIRST,
         )
 
 

@@ -20,15 +20,27 @@ from lars.contract import StepFlags as Flags
 # Leaves per launch: 192 slots of up to 5 pointers fit CUDA 12.1+'s 32 kB of
 # kernel parameters and cover ResNet-50's 161 leaves (chosen from these limits).
 SLOTS_PER_LAUNCH = 192
-# Elements per program: 64 per thread of 4 warps (chosen by arithmetic, not measured).
-CHUNK = 8192
+# Elements per program: 32 per thread of 4 warps. Chosen, with LOOKAHEAD and
+# EVICT_FIRST, from the LRU model of the L2 (bench/l2_model.py), not measured on
+# a GPU: at the fused kernel's 7 to 9 programs per SM, `python -m bench.l2_model
+# --blocks-per-sm 7,9 --l2-mb 50,60` predicts 20.00 DRAM bytes per parameter
+# for ResNet-50 fp32 in place (8192, lookahead 256, no hints: 26.02 to 26.92 at
+# 60 MiB); docs/triton.md has the table.
+CHUNK = 4096
 # Elements per vector step: two 16-byte fp32 loads per thread (not measured).
 BLOCK = 1024
 # Warps per program: the Triton default (not measured).
 NUM_WARPS = 4
 # Fused pass: items between a layer's last sums item and its first update
-# item; 16 MB of fp32 w and g, inside an H100's L2 (from sizes, not measured).
-LOOKAHEAD = 256
+# item (16 MB of fp32 w and g at CHUNK 4096). From the L2 model with CHUNK and
+# EVICT_FIRST (above), not measured: 512 keeps the time spent spinning on a
+# ratio at 1-2% of the programs' time; without the hints 512 predicts 23.6 to
+# 24.0 bytes per parameter and 256 predicts 20.7 to 21.8.
+LOOKAHEAD = 512
+# Fused pass: the update's loads and stores (each line's last use in the step)
+# carry an evict-first hint, so the norms' w and g stay in L2 until their
+# update reads them (from the L2 model, above; not measured).
+EVICT_FIRST = True
 # Fused pass: partial-sum rows added per vector step when a ratio is finalised.
 REDUCE_BLOCK = 256
 # Fused pass: polls of a ready flag before an update item gives up (a debug
@@ -51,7 +63,8 @@ COL_KIND = 4  # KIND_SUMS, KIND_UPDATE or KIND_WHOLE
 COL_TRUST = 5  # 1 if the trust ratio applies to the leaf (else the ratio is 1)
 COL_FIRST_ROW = 6  # the leaf's first row of partial sums (KIND_SUMS)
 COL_CHUNKS = 7  # chunks in the leaf
-TABLE_COLUMNS = 8
+COL_ITEMS = 8  # the table's rows (a program that claims a row past them exits)
+TABLE_COLUMNS = 9
 
 # Items of the fused pass (COL_KIND).
 KIND_SUMS = 0  # partial sums of one chunk of a multi-chunk leaf
@@ -85,6 +98,8 @@ class Tuning:
       fused: One fused launch per dtype group (norms, ratios and update);
         False: the two-pass form (a norm pass, then an update pass).
       lookahead: Fused pass: items between a layer's sums and its update.
+      evict_first: Fused pass: the update's loads and stores carry an
+        evict-first L2 hint (``eviction_policy="evict_first"``).
       spin_limit: Fused pass, a debug switch: 0 waits for a ratio without
         bound; N > 0 gives up after N polls, sets the launch's error word
         (``SYNC_ERROR``) and updates the chunk with a NaN ratio, so a
@@ -98,6 +113,7 @@ class Tuning:
     fused: bool = True
     lookahead: int = LOOKAHEAD
     spin_limit: int = SPIN_LIMIT
+    evict_first: bool = EVICT_FIRST
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -112,6 +128,8 @@ class Tuning:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
         if self.spin_limit < 0:
             raise ValueError(f"spin_limit must be >= 0, got {self.spin_limit}")
+        if not isinstance(self.evict_first, (bool, np.bool_)):
+            raise TypeError(f"evict_first must be a bool, got {self.evict_first!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +258,7 @@ class KernelSpec:
             return ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "CHUNK", "BLOCK")
         if self.kind == FUSED:
             options = ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "TRUST_CLIP")
-            return (*options, "CHUNK", "BLOCK", "REDUCE_BLOCK", "SPIN_LIMIT")
+            return (*options, "CHUNK", "BLOCK", "REDUCE_BLOCK", "SPIN_LIMIT", "EVICT_FIRST")
         return ("GLOBAL", "CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", "CHUNK", "BLOCK")
 
     def arg_names(self) -> list[str]:
@@ -267,7 +285,7 @@ class KernelSpec:
                 "TRUST_CLIP": flags.trust_clip,
             }
         values.update(CHUNK=tuning.chunk, BLOCK=tuning.block, REDUCE_BLOCK=REDUCE_BLOCK)
-        values.update(SPIN_LIMIT=tuning.spin_limit)
+        values.update(SPIN_LIMIT=tuning.spin_limit, EVICT_FIRST=bool(tuning.evict_first))
         return {name: values[name] for name in self.constexpr_names()}
 
 
@@ -330,7 +348,8 @@ def make_fused_table(
     leaves on (or at the end), a KIND_UPDATE item per chunk. A leaf without a
     trust ratio is KIND_UPDATE items at once (its ratio is 1: nothing to wait
     for). Every leaf's update items come after all of its sums items, the
-    order programs claim them in.
+    order programs claim them in. Every row's COL_ITEMS holds the number of
+    items (the kernel reads row 0's).
 
     Returns:
       (table, spans): the (items, TABLE_COLUMNS) int32 table, and per slot the
@@ -346,7 +365,7 @@ def make_fused_table(
         first, _ = spans[slot]
         length = min(chunk, n - c * chunk)
         chunks = -(-n // chunk)
-        return (slot, c, length, int(decay[slot]), kind, int(trust[slot]), first, chunks)
+        return (slot, c, length, int(decay[slot]), kind, int(trust[slot]), first, chunks, 0)
 
     def updates(slot: int) -> None:
         rows.extend(item(slot, c, KIND_UPDATE) for c in range(-(-sizes[slot] // chunk)))
@@ -382,7 +401,9 @@ def make_fused_table(
             flush()
     for slot, _ in pending:
         updates(slot)
-    return np.asarray(rows, np.int32).reshape(-1, TABLE_COLUMNS), spans
+    table = np.asarray(rows, np.int32).reshape(-1, TABLE_COLUMNS)
+    table[:, COL_ITEMS] = len(table)
+    return table, spans
 
 
 def reduce_index(spans: Sequence[tuple[int, int]], num_rows: int) -> np.ndarray:

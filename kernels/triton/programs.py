@@ -38,6 +38,7 @@ _COL_KIND = tl.constexpr(P.COL_KIND)
 _COL_TRUST = tl.constexpr(P.COL_TRUST)
 _COL_FIRST_ROW = tl.constexpr(P.COL_FIRST_ROW)
 _COL_CHUNKS = tl.constexpr(P.COL_CHUNKS)
+_COL_ITEMS = tl.constexpr(P.COL_ITEMS)
 _KIND_SUMS = tl.constexpr(P.KIND_SUMS)
 _KIND_UPDATE = tl.constexpr(P.KIND_UPDATE)
 _KIND_WHOLE = tl.constexpr(P.KIND_WHOLE)
@@ -154,6 +155,7 @@ def update_program(
         SKIP_NONFINITE,
         CHUNK,
         BLOCK,
+        False,  # the two-pass update: no eviction hints
     )
 
 
@@ -315,6 +317,7 @@ def fused_update(
     CHUNK: tl.constexpr,  # elements per item
     BLOCK: tl.constexpr,  # elements per vector step
     SPIN_LIMIT: tl.constexpr,  # polls of a ready flag before giving up (0: no bound)
+    EVICT_FIRST: tl.constexpr,  # the chunk's loads and stores (its last use) leave L2 first
 ):
     """Fused pass, second half: an UPDATE or WHOLE item's update (nothing for SUMS)."""
     entry = table_ptr + item * _TABLE_COLUMNS
@@ -380,4 +383,5 @@ def fused_update(
             SKIP_NONFINITE,
             CHUNK,
             BLOCK,
+            EVICT_FIRST,
         )
