@@ -14,8 +14,13 @@ other processes hits all of them alike:
 * ``update-only``: the native call with given trust ratios (no norm pass);
 * ``norms-only``: the native call with the update pass switched off
   (the library's ``phases`` tuning knob);
-* tuning variants of the library's knobs (``--knobs``), e.g. streaming stores
-  or the cache budget of the layer schedule.
+* variants of the library's settings (``--knobs``), e.g. ``cache_bytes=0``
+  (no layer counted on to stay cached) or ``schedule=0`` (the earlier order);
+* with ``--optax``, ``jax.jit(optax.lars)`` (the bench's baseline).
+
+The variants run in a new random order every round, each sample after a
+short sleep (``--settle``): without it a step right after ``optax.lars``
+(306 MB of temporaries allocated and freed) runs measurably slower.
 
 For each native variant it also prints the time the handler itself ran (the
 library's last-step clock) so that the cost outside the handler (XLA's part of
@@ -139,7 +144,13 @@ def _copies_around_call(compiled: Any) -> str:
     return f"{n_copy} copy ops, {len(ops)} instructions, temp {hlo.temp_bytes(compiled):.0f} B"
 
 
-def build(workload: workloads.Workload, dtype: str, thread_counts: list[int], knobs: list[str]):
+def build(
+    workload: workloads.Workload,
+    dtype: str,
+    thread_counts: list[int],
+    knobs: list[str],
+    with_optax: bool,
+):
     params0 = measure.host_arrays(workload.shapes, np.float32, 0.05, 0.0)
     grads = jax.device_put(measure.host_arrays(workload.shapes, GRAD_DTYPES[dtype], 1e-3, 0.5))
     moved = workload.n_params * measure.bytes_per_param(dtype)
@@ -153,6 +164,11 @@ def build(workload: workloads.Workload, dtype: str, thread_counts: list[int], kn
     variants.append(
         Variant("numpy copyto", lambda d, s: (np.copyto(d, s) or d, s), [dst, src], [], {})
     )
+    if with_optax:
+        r = steps.lars_runner(steps.OPTAX, jax.device_put(params0), grads)
+        variants.append(
+            Variant("jax.jit(optax.lars)", r.compiled, list(r.carry), list(r.fixed), {})
+        )
     # The cost of dispatching a jitted step on these buffers: a no-op on the
     # params and momentum (donated, returned as they are).
     noop = jax.jit(lambda p, v, g, lr: (p, v), donate_argnums=(0, 1))
@@ -198,17 +214,27 @@ def main() -> None:
         default=[],
         help="a tuning variant, e.g. stream=1 or cache_bytes=0,schedule=0 (repeatable)",
     )
+    p.add_argument("--optax", action="store_true", help="also time jax.jit(optax.lars)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.05,
+        help="seconds of sleep before each sample (what a step leaves behind, e.g. optax's "
+        "freed temporaries, slows the next one otherwise; default %(default)s)",
+    )
     args = p.parse_args()
     (workload,) = workloads.select(
         [*workloads.full_workloads(), *workloads.quick_workloads()], args.workload
     )[:1]
     threads = [int(t) for t in args.threads.split(",")]
-    variants, moved, notes = build(workload, args.dtype, threads, args.knobs)
+    variants, moved, notes = build(workload, args.dtype, threads, args.knobs, args.optax)
     for v in variants:
         v.run(2)  # warm up
-    for r in range(args.rounds):
-        order = variants[r % len(variants) :] + variants[: r % len(variants)]
-        for v in order:
+    rng = np.random.default_rng(0)
+    for _ in range(args.rounds):
+        for index in rng.permutation(len(variants)):
+            v = variants[index]
+            time.sleep(args.settle)
             v.times.append(v.run(args.steps))
             if v.name.startswith(("apply", "call", "update", "norms")):
                 v.handler.append(_last_ns() * 1e-9)

@@ -418,7 +418,6 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     lv.v_out = b.v_out;
     lv.decay = decay_mask[i] != 0;
     lv.trust = trust_mask[i] != 0;
-    lv.prefetch = tuning.prefetch;
     job->ratio_out[i] = b.ratio_out;
   }
 

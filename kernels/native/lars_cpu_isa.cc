@@ -7,7 +7,6 @@
 // range goes to lane (i - begin) % kLanes), then the lanes are added in a fixed
 // tree: the result depends only on the range, never on the instruction set or
 // the number of threads.
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -271,19 +270,10 @@ inline void ToLanes(VD8 lo, VD8 hi, double* lanes) {
 // float64; float64: every square is added in float64.
 constexpr int kInner = 16;
 
-// Prefetches the cache lines of elements [i, i + count) of `p`.
-template <class S>
-inline void PrefetchRange(const S* p, int64_t i, int64_t count) {
-  const char* first = reinterpret_cast<const char*>(p + i);
-  const char* last = reinterpret_cast<const char*>(p + i + count);
-  for (const char* q = first; q < last; q += 64) __builtin_prefetch(q, 0, 3);
-}
-
-template <class C, class F, class Pf>
-int64_t SquareBlocks(int64_t i, int64_t end, F&& x, Pf&& prefetch, VD8* lo, VD8* hi, int num) {
+template <class C, class F>
+int64_t SquareBlocks(int64_t i, int64_t end, F&& x, VD8* lo, VD8* hi, int num) {
   if constexpr (std::is_same_v<C, float>) {
     while (i + kLanes <= end) {
-      prefetch(i, kInner * kLanes);
       VF16 part[2] = {};
       for (int k = 0; k < kInner && i + kLanes <= end; ++k, i += kLanes) {
         VF16 v[2];
@@ -294,7 +284,6 @@ int64_t SquareBlocks(int64_t i, int64_t end, F&& x, Pf&& prefetch, VD8* lo, VD8*
     }
   } else {
     for (; i + kLanes <= end; i += kLanes) {
-      if ((i & (kInner * kLanes - 1)) == 0) prefetch(i, kInner * kLanes);
       VD16 v[2];
       x(i, v);
       for (int j = 0; j < num; ++j) AddSquaresWide(v[j], lo[j], hi[j]);
@@ -308,13 +297,9 @@ void SumG2(const LeafView& leaf, int64_t begin, int64_t end, double* out) {
   using C = typename ComputeOf<P>::type;
   const G* g = static_cast<const G*>(leaf.g);
   VD8 lo[1] = {}, hi[1] = {};
-  const int64_t pf = leaf.prefetch;
   int64_t i = SquareBlocks<C>(
-      begin, end, [&](int64_t k, typename Vec<C>::type* v) { v[0] = Block<C>(g + k); },
-      [&](int64_t k, int64_t count) {
-        if (pf > 0 && k + pf < end) PrefetchRange(g, k + pf, std::min(count, end - k - pf));
-      },
-      lo, hi, 1);
+      begin, end, [&](int64_t k, typename Vec<C>::type* v) { v[0] = Block<C>(g + k); }, lo, hi,
+      1);
   double acc[kLanes];
   ToLanes(lo[0], hi[0], acc);
   for (int l = 0; i < end; ++i, ++l) {
@@ -331,19 +316,12 @@ void Sums(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
   const P* w = static_cast<const P*>(leaf.w);
   const G* g = static_cast<const G*>(leaf.g);
   const Eff<C, CN, CV, WD> eff(h, s);
-  const int64_t pf = leaf.prefetch;
   VD8 lo[2] = {}, hi[2] = {};
   int64_t i = SquareBlocks<C>(
       begin, end,
       [&](int64_t k, typename Vec<C>::type* v) {
         v[0] = Block<C>(w + k);
         v[1] = eff(Block<C>(g + k), v[0]);
-      },
-      [&](int64_t k, int64_t count) {
-        if (pf > 0 && k + pf < end) {
-          PrefetchRange(w, k + pf, std::min(count, end - k - pf));
-          PrefetchRange(g, k + pf, std::min(count, end - k - pf));
-        }
       },
       lo, hi, 2);
   double aw[kLanes], ag[kLanes];
@@ -397,34 +375,10 @@ void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h
   }
 }
 
-// Elements per block of the update loop when it prefetches.
-constexpr int64_t kPrefetchBlock = 1024;
-
-template <class P, class G, bool CN, bool CV, bool WD, int MODE, bool NESTEROV>
-void UpdateRange(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
-                 const StepScalars& s, double ratio) {
-  const int64_t pf = leaf.prefetch;
-  if (pf <= 0) {
-    UpdateLoop<P, G, CN, CV, WD, MODE, NESTEROV>(leaf, begin, end, h, s, ratio);
-    return;
-  }
-  using C = typename ComputeOf<P>::type;
-  for (int64_t b = begin; b < end; b += kPrefetchBlock) {
-    const int64_t e = std::min(end, b + kPrefetchBlock);
-    if (b + pf < end) {
-      const int64_t count = std::min(kPrefetchBlock, end - b - pf);
-      PrefetchRange(static_cast<const P*>(leaf.w), b + pf, count);
-      PrefetchRange(static_cast<const G*>(leaf.g), b + pf, count);
-      PrefetchRange(static_cast<const C*>(leaf.v), b + pf, count);
-    }
-    UpdateLoop<P, G, CN, CV, WD, MODE, NESTEROV>(leaf, b, e, h, s, ratio);
-  }
-}
-
 template <class P, class G, bool CN, bool CV, bool WD>
 void Update(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
             const StepScalars& s, double ratio) {
-#define LARS_LOOP(MODE, NEST) UpdateRange<P, G, CN, CV, WD, MODE, NEST>(leaf, begin, end, h, s, ratio)
+#define LARS_LOOP(MODE, NEST) UpdateLoop<P, G, CN, CV, WD, MODE, NEST>(leaf, begin, end, h, s, ratio)
   switch (h.mode) {
     case kWriteParams:
       h.nesterov ? LARS_LOOP(kWriteParams, true) : LARS_LOOP(kWriteParams, false);

@@ -24,9 +24,6 @@ struct LeafView {
   Dtype gt = kF32;  // gradients
   bool decay = true;
   bool trust = true;
-  // Software prefetch distance of the loops, in elements (0: none). Results
-  // do not depend on it.
-  int64_t prefetch = 0;
 };
 
 // The loops of one instruction set. All of them work on elements [begin, end).

@@ -24,7 +24,6 @@ namespace {
 std::atomic<int64_t> g_phases{CpuTuning::kBothPasses};
 std::atomic<int64_t> g_cache_bytes{-1};  // -1: the detected size
 std::atomic<int64_t> g_schedule{1};
-std::atomic<int64_t> g_prefetch{0};
 
 int64_t DetectCacheBytes() {
   int64_t best = 0;
@@ -61,7 +60,6 @@ CpuTuning CurrentTuning() {
   t.phases = g_phases.load(std::memory_order_relaxed);
   t.cache_bytes = CacheBytes();
   t.schedule = g_schedule.load(std::memory_order_relaxed);
-  t.prefetch = g_prefetch.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -70,8 +68,7 @@ CpuTuning CurrentTuning() {
 // Sets a setting for the following steps; -1 restores its default. Returns 0,
 // or -1 for an unknown name or a bad value. Names: "cache_bytes" (the cache the
 // schedule counts on), "schedule" (1: cache-aware, the default; 0: the earlier
-// order, a large leaf's updates after the next large leaf's norms), "prefetch"
-// (software prefetch distance in elements; 0, the default: none), "phases"
+// order, a large leaf's updates after the next large leaf's norms), "phases"
 // (1: the norm pass alone, 2: the update pass alone with ratios of 1, 3: both,
 // the default; one alone is for timing). Only "phases" changes results.
 extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
@@ -83,8 +80,6 @@ extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
     target = &lars_native::g_cache_bytes, fallback = -1, low = 0, high = INT64_MAX;
   } else if (key == "schedule") {
     target = &lars_native::g_schedule, fallback = 1, low = 0, high = 1;
-  } else if (key == "prefetch") {
-    target = &lars_native::g_prefetch, fallback = 0, low = 0, high = int64_t{1} << 24;
   } else if (key == "phases") {
     target = &lars_native::g_phases, fallback = CpuTuning::kBothPasses, low = 1, high = 3;
   } else {

@@ -16,7 +16,6 @@ struct CpuTuning {
   int64_t phases = kBothPasses;  // which passes run
   int64_t cache_bytes = 0;       // the cache the schedule counts on (set or detected)
   int64_t schedule = 1;          // 1: cache-aware; 0: the earlier next-leaf order
-  int64_t prefetch = 0;          // software prefetch distance in elements (0: none)
 };
 
 // The settings for a step about to run.
