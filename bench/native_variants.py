@@ -31,7 +31,6 @@ the call) shows, and, once, the compiled step's temporary bytes and any
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -51,14 +50,8 @@ GRAD_DTYPES = {"fp32": jnp.float32, "bf16-grads": jnp.bfloat16}
 
 
 def _tune(name: str, value: int) -> None:
-    if library.cpu().LarsNativeCpuTune(name.encode(), ctypes.c_int64(value)) != 0:
+    if library.cpu().LarsNativeCpuTune(name.encode(), value) != 0:
         raise ValueError(f"unknown tuning knob {name!r} or bad value {value}")
-
-
-def _last_ns() -> int:
-    threads, helper = ctypes.c_int64(), ctypes.c_int64()
-    library.cpu().LarsNativeLastStepThreads(ctypes.byref(threads), ctypes.byref(helper))
-    return int(library.cpu().LarsNativeLastStepNanos())
 
 
 class Variant:
@@ -139,9 +132,11 @@ def _raw_call(params, grads, threads: int, given: bool) -> tuple[Callable, list,
 
 def _copies_around_call(compiled: Any) -> str:
     text = compiled.as_text()
-    ops = [line.split("=", 1)[1].split("(")[0].strip() for line in text.splitlines() if "=" in line]
     n_copy = sum(1 for line in text.splitlines() if " copy(" in line or "copy-start" in line)
-    return f"{n_copy} copy ops, {len(ops)} instructions, temp {hlo.temp_bytes(compiled):.0f} B"
+    return (
+        f"{n_copy} copy ops, {hlo.count_launches(text)} launches, "
+        f"temp {hlo.temp_bytes(compiled):.0f} B"
+    )
 
 
 def build(
@@ -237,7 +232,7 @@ def main() -> None:
             time.sleep(args.settle)
             v.times.append(v.run(args.steps))
             if v.name.startswith(("apply", "call", "update", "norms")):
-                v.handler.append(_last_ns() * 1e-9)
+                v.handler.append(native.last_step_seconds())
     copy_ms = 1e3 * float(np.median(variants[0].times))
     copy_min = 1e3 * float(np.min(variants[0].times))
     print(
