@@ -228,3 +228,44 @@ def test_quick_run_writes_every_row_and_column(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "sweep_gbps.png").stat().st_size > 0
         assert (out / "sweep_copy_fraction.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native CPU handler's variants")
+def test_native_variants_prints_every_variant(tmp_path):
+    from lars.kernels import native
+
+    if native.BACKEND.unavailable("cpu") is not None:
+        pytest.skip("the native CPU library is not built")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.native_variants",
+            "--workload",
+            "array-250k",
+            "--threads",
+            "2,1",
+            "--rounds",
+            "2",
+            "--settle",
+            "0",
+            "--knobs",
+            "cache_bytes=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("  ")[0].strip(): line for line in proc.stdout.splitlines()}
+    for t in (2, 1):
+        for name in ("apply", "call", "update-only", "norms-only", "call t={t} cache_bytes=0"):
+            key = name.format(t=t) if "{t}" in name else f"{name} t={t}"
+            assert key in rows, proc.stdout
+            # median, p25, p75, min, x copy, min x, GB/s, handler, h min, outside
+            figures = [float(x) for x in rows[key][len(key) :].split()]
+            assert len(figures) == 10 and figures[0] > 0 and figures[7] > 0
+    assert "copy (XLA x*c+d)" in rows and "dispatch (no-op step)" in rows
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("# apply t=")]
+    assert len(notes) == 2 and all(" 0 copy ops" in line for line in notes), proc.stdout

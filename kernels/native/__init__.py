@@ -16,6 +16,12 @@ Backend options (``backend_options=``):
 * ``num_threads``: a non-negative int, how many threads the CPU handler uses
   (0: XLA's intra-op pool size). Default: :func:`get_num_threads` when the
   step is traced. Part of the compiled call; results do not depend on it.
+
+Process-wide CPU settings (read when a step runs; results never depend on
+them): :func:`set_cpu_isa` (the instruction set of the loops) and
+:func:`set_cpu_cache_bytes` (the cache size the CPU schedule counts on keeping
+a layer in between its norm and update passes; by default the size of the
+largest data cache read from the operating system when the library loads).
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ from lars.kernels.native.ffi import get_num_threads, run, set_num_threads
 
 __all__ = [
     "BACKEND",
+    "cpu_cache_bytes",
     "cpu_isa",
     "get_num_threads",
+    "last_step_seconds",
     "last_step_threads",
     "run",
+    "set_cpu_cache_bytes",
     "set_cpu_isa",
     "set_num_threads",
 ]
@@ -59,6 +68,37 @@ def last_step_threads() -> tuple[int, int]:
     threads, helper_items = ctypes.c_int64(), ctypes.c_int64()
     library.cpu().LarsNativeLastStepThreads(ctypes.byref(threads), ctypes.byref(helper_items))
     return threads.value, helper_items.value
+
+
+def last_step_seconds() -> float:
+    """Seconds the CPU handler ran in the last CPU step (0.0 before any)."""
+    return library.cpu().LarsNativeLastStepNanos() * 1e-9
+
+
+def cpu_cache_bytes() -> int:
+    """The cache size, in bytes, the CPU schedule counts on (detected or set)."""
+    return int(library.cpu().LarsNativeCpuCacheBytes())
+
+
+def set_cpu_cache_bytes(n: int | None) -> None:
+    """Sets the cache size the CPU schedule counts on; None: the detected size.
+
+    A layer whose params, gradients and momentum fit in about three quarters
+    of it has its update pass queued right behind its norm pass, so that the
+    second read of its params and gradients comes from the cache. Results do
+    not depend on it.
+
+    Raises:
+      ValueError: if ``n`` is not None or a non-negative int.
+    """
+    if n is None:
+        value = -1
+    elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be None or a non-negative int of bytes, got {n!r}")
+    else:
+        value = n
+    if library.cpu().LarsNativeCpuTune(b"cache_bytes", value) != 0:
+        raise ValueError(f"the native library refused cache size {n!r}")
 
 
 def _unsupported(spec: contract.StepSpec, platform: str) -> str | None:

@@ -8,8 +8,11 @@
 //     trust ratio and the update, so the update pass reads the leaf from cache;
 //   * large leaves: one item per kChunk elements computes partial sums; the
 //     worker that finishes the last one adds the partials in chunk order and
-//     computes the ratio; the leaf's update items are queued one large leaf
-//     later, so they rarely wait and mostly hit the last-level cache;
+//     computes the ratio; the leaf's update items, last chunk first, are
+//     queued a little later (a few chunks of the work that follows, so that
+//     they rarely wait) when the leaf and that work fit in the cache together,
+//     else right away, so that the second read of w and g hits the cache
+//     where it can (the cache size: lars_cpu_settings.cc);
 //   * with grad_clip_norm, a first round of items sums g^2 for the global norm,
 //     and every item of the main round waits for it.
 // Every reduction has a fixed order (fixed chunks, fixed lanes, partials added
@@ -17,6 +20,7 @@
 // depend on the number of threads or on which worker ran which item.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -35,6 +39,7 @@
 
 #include "lars_common.h"
 #include "lars_cpu_kernels.h"
+#include "lars_cpu_settings.h"
 #include "lars_ffi_leaf.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -49,9 +54,11 @@ namespace {
 
 std::atomic<const CpuKernels*> g_kernels{nullptr};
 
-// Diagnostics of the last step: threads used and items run off the caller.
+// Diagnostics of the last step: threads used, items run off the caller, and
+// the nanoseconds the handler ran.
 std::atomic<int64_t> g_last_threads{0};
 std::atomic<int64_t> g_last_helper_items{0};
+std::atomic<int64_t> g_last_nanos{0};
 
 const CpuKernels* KernelsByName(const std::string& name) {
   if (name == "base") return &isa_base::Kernels();
@@ -118,6 +125,7 @@ struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::atomic<int64_t> helper_items{0};
+  int64_t phases = CpuTuning::kBothPasses;
 };
 
 inline void SpinUntil(const std::atomic<uint8_t>& flag) {
@@ -160,26 +168,30 @@ void Finalize(Job& job, int32_t group_index) {
 void Execute(Job& job, const Item& it) {
   const LeafView& leaf = job.leaves[it.leaf];
   const CpuKernels& k = *job.kernels;
+  const bool sums = (job.phases & CpuTuning::kNormPass) != 0;
+  const bool update = (job.phases & CpuTuning::kUpdatePass) != 0;
   switch (it.kind) {
     case kSq:
-      k.sum_g2(leaf, it.begin, it.end, &job.sq_slots[it.slot]);
+      if (sums) k.sum_g2(leaf, it.begin, it.end, &job.sq_slots[it.slot]);
       break;
     case kSmall: {
       double r = 1.0;
-      if (leaf.trust) {
+      if (leaf.trust && sums) {
         double s[2];
         k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, s);
         r = LeafRatio(job, it.leaf, s[0], s[1]);
       }
       SetRatio(job, it.leaf, r);
-      k.update(leaf, it.begin, it.end, job.hyper, job.scalars, r);
+      if (update) k.update(leaf, it.begin, it.end, job.hyper, job.scalars, r);
       break;
     }
     case kSum:
-      k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, &job.sum_slots[2 * it.slot]);
+      if (sums) {
+        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, &job.sum_slots[2 * it.slot]);
+      }
       break;
     case kUpd:
-      k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.ratio[it.leaf]);
+      if (update) k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.ratio[it.leaf]);
       break;
   }
 }
@@ -206,8 +218,19 @@ int64_t RunItems(Job& job) {
 
 int64_t NumChunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-// Builds the work list (see the top of this file).
-void BuildItems(Job& job) {
+int64_t ElementBytes(Dtype d) { return d == kF64 ? 8 : d == kF32 ? 4 : 2; }
+
+// Bytes the norm pass reads per element of a leaf (w and g), and the bytes
+// its update pass touches besides (v read; w and v written in place).
+int64_t NormBytes(const LeafView& lv) { return ElementBytes(lv.p) + ElementBytes(lv.gt); }
+int64_t MomentumBytes(const LeafView& lv) { return lv.p == kF64 ? 8 : 4; }
+
+// Builds the work list (see the top of this file). `cache_bytes` is the cache
+// the schedule counts on keeping a leaf in between its two passes; with
+// `next_leaf` (the earlier order, kept for timing comparisons) a large leaf's
+// update items follow the next large leaf's norm items instead, first chunk
+// first.
+void BuildItems(Job& job, int64_t cache_bytes, int64_t threads, bool next_leaf) {
   const int32_t num_leaves = static_cast<int32_t>(job.leaves.size());
   const bool clip = job.hyper.has_clip_norm;
   int32_t num_groups = clip ? 1 : 0;
@@ -235,15 +258,44 @@ void BuildItems(Job& job) {
     if (slots == 0) grp.ready.store(1, std::memory_order_relaxed);
   }
 
-  int32_t sum_slots = 0;
-  int32_t pending_leaf = -1, pending_group = -1;
-  auto emit_updates = [&](int32_t leaf, int32_t wait) {
+  // A large leaf's update items wait for its ratio, so they are queued after
+  // some of the work that follows its norm items (`lookahead` bytes of reads:
+  // enough that no worker waits for the last norm item), unless the leaf and
+  // that work would not fit in the cache together: then right after them. The
+  // updates run from the leaf's end back to its start, so they first meet the
+  // chunks the norm pass read last, which are the likeliest still cached.
+  struct Pending {
+    int32_t leaf;
+    int32_t group;
+    int64_t limit;  // bytes of work after the norm items before the updates
+    int64_t seen;
+  };
+  std::vector<Pending> pending;  // in leaf order
+  const int64_t budget = cache_bytes - cache_bytes / 4;  // room for other data
+  const int64_t lookahead = 2 * threads * kChunk * 8;  // two float32 w, g chunks a thread
+  auto emit_updates = [&](int32_t leaf, int32_t wait, bool backwards) {
     const int64_t n = job.leaves[leaf].n;
-    for (int64_t c = 0; c < NumChunks(n); ++c) {
+    const int64_t chunks = NumChunks(n);
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t c = backwards ? chunks - 1 - k : k;
       job.items.push_back(
           Item{kUpd, leaf, c * kChunk, std::min(n, (c + 1) * kChunk), -1, wait, -1});
     }
   };
+  auto flush = [&](bool all) {
+    size_t done = 0;
+    while (done < pending.size() && (all || pending[done].seen >= pending[done].limit)) {
+      emit_updates(pending[done].leaf, pending[done].group, !next_leaf);
+      ++done;
+    }
+    pending.erase(pending.begin(), pending.begin() + done);
+  };
+  auto count = [&](int64_t bytes) {
+    for (Pending& p : pending) p.seen += bytes;
+    flush(false);
+  };
+
+  int32_t sum_slots = 0;
   for (int32_t i = 0; i < num_leaves; ++i) {
     const LeafView& lv = job.leaves[i];
     if (lv.n == 0) {
@@ -252,11 +304,13 @@ void BuildItems(Job& job) {
     }
     if (lv.n <= kSmallLeaf) {
       job.items.push_back(Item{kSmall, i, 0, lv.n, -1, global, -1});
+      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
       continue;
     }
     if (!lv.trust) {
       SetRatio(job, i, 1.0);
-      emit_updates(i, global);
+      emit_updates(i, global, false);
+      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
       continue;
     }
     const int32_t g = next_group++;
@@ -266,14 +320,20 @@ void BuildItems(Job& job) {
     grp.num_slots = static_cast<int32_t>(NumChunks(lv.n));
     grp.remaining.store(grp.num_slots, std::memory_order_relaxed);
     for (int64_t c = 0; c < NumChunks(lv.n); ++c) {
-      job.items.push_back(Item{kSum, i, c * kChunk, std::min(lv.n, (c + 1) * kChunk),
-                               sum_slots++, global, g});
+      const int64_t end = std::min(lv.n, (c + 1) * kChunk);
+      job.items.push_back(Item{kSum, i, c * kChunk, end, sum_slots++, global, g});
+      count((end - c * kChunk) * NormBytes(lv));
     }
-    if (pending_leaf >= 0) emit_updates(pending_leaf, pending_group);
-    pending_leaf = i;
-    pending_group = g;
+    if (next_leaf) {
+      flush(true);
+      pending.push_back(Pending{i, g, INT64_MAX, 0});
+      continue;
+    }
+    const int64_t room = budget - lv.n * (NormBytes(lv) + MomentumBytes(lv));
+    pending.push_back(Pending{i, g, std::max<int64_t>(0, std::min(lookahead, room)), 0});
+    flush(false);
   }
-  if (pending_leaf >= 0) emit_updates(pending_leaf, pending_group);
+  flush(true);
   job.sum_slots.assign(2 * static_cast<size_t>(sum_slots), 0.0);
 }
 
@@ -321,9 +381,12 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
                    double grad_clip_norm, double grad_clip_value, bool nesterov,
                    bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
                    ffi::Span<const uint8_t> trust_mask, int64_t num_threads) {
+  const auto start = std::chrono::steady_clock::now();
   const size_t num_leaves = decay_mask.size();
   auto job = std::make_shared<Job>();
   job->kernels = &ActiveKernels();
+  const CpuTuning tuning = CurrentTuning();
+  job->phases = tuning.phases;
   size_t outs = 0;
   StepExtras extras;
   if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,
@@ -358,6 +421,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     job->ratio_out[i] = b.ratio_out;
   }
 
+  int64_t threads = num_threads > 0 ? num_threads : pool.num_threads();
   size_t next_extra = extras.first;
   if (extras.finite_flag) {
     bool finite = true;
@@ -376,10 +440,9 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     }
     BuildUpdateItems(*job, given);
   } else {
-    BuildItems(*job);
+    BuildItems(*job, tuning.cache_bytes, std::max<int64_t>(threads, 1), tuning.schedule == 0);
   }
   const int64_t num_items = static_cast<int64_t>(job->items.size());
-  int64_t threads = num_threads > 0 ? num_threads : pool.num_threads();
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, num_items));
   // Helpers that start late find no items left and return; the job stays alive
   // through their shared_ptr. The caller never waits for a helper to start, so
@@ -397,6 +460,10 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   }
   g_last_threads.store(threads, std::memory_order_relaxed);
   g_last_helper_items.store(job->helper_items.load(), std::memory_order_relaxed);
+  g_last_nanos.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         std::chrono::steady_clock::now() - start)
+                         .count(),
+                     std::memory_order_relaxed);
   return ffi::Error::Success();
 }
 
@@ -443,4 +510,9 @@ extern "C" int LarsNativeSetCpuIsa(const char* name) {
 extern "C" void LarsNativeLastStepThreads(int64_t* threads, int64_t* helper_items) {
   *threads = lars_native::g_last_threads.load(std::memory_order_relaxed);
   *helper_items = lars_native::g_last_helper_items.load(std::memory_order_relaxed);
+}
+
+// The nanoseconds the last CPU step spent in the handler (0 before any step).
+extern "C" int64_t LarsNativeLastStepNanos() {
+  return lars_native::g_last_nanos.load(std::memory_order_relaxed);
 }

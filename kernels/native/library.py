@@ -67,6 +67,10 @@ def load() -> dict[str, Any]:
             cpu.LarsNativeSetCpuIsa.argtypes = [ctypes.c_char_p]
             cpu.LarsNativeSetCpuIsa.restype = ctypes.c_int
             cpu.LarsNativeLastStepThreads.restype = None
+            cpu.LarsNativeLastStepNanos.restype = ctypes.c_int64
+            cpu.LarsNativeCpuTune.argtypes = [ctypes.c_char_p, ctypes.c_int64]
+            cpu.LarsNativeCpuTune.restype = ctypes.c_int
+            cpu.LarsNativeCpuCacheBytes.restype = ctypes.c_int64
         cuda, cuda_error = _open(
             LIB_DIR / CUDA_LIBRARY,
             "LarsNativeStepCuda",

@@ -1,0 +1,95 @@
+// Process-wide settings of the CPU handler, read at the start of every step
+// (see lars_cpu_settings.h), and their C entry points for Python (ctypes).
+//
+// The cache size is the largest data or unified cache of the first core as
+// Linux's sysfs describes it (/sys/devices/system/cpu/cpu0/cache), else
+// sysconf's level 3 or level 2 size, else 8 MiB. sysfs comes first because on
+// some virtual machines sysconf reports the whole host's last-level cache
+// (e.g. 384 MiB where the guest shares a 32 MiB one).
+#include "lars_cpu_settings.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
+namespace lars_native {
+namespace {
+
+std::atomic<int64_t> g_phases{CpuTuning::kBothPasses};
+std::atomic<int64_t> g_cache_bytes{-1};  // -1: the detected size
+std::atomic<int64_t> g_schedule{1};
+
+int64_t DetectCacheBytes() {
+  int64_t best = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream type_file(dir + "/type"), size_file(dir + "/size");
+    std::string type, size;
+    if (!(type_file >> type) || !(size_file >> size)) continue;
+    if (type == "Instruction") continue;
+    char* rest = nullptr;
+    int64_t bytes = std::strtoll(size.c_str(), &rest, 10);
+    if (rest != nullptr && (*rest == 'K' || *rest == 'k')) bytes <<= 10;
+    if (rest != nullptr && (*rest == 'M' || *rest == 'm')) bytes <<= 20;
+    if (rest != nullptr && (*rest == 'G' || *rest == 'g')) bytes <<= 30;
+    best = std::max(best, bytes);
+  }
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  if (best <= 0) best = std::max<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE), 0);
+  if (best <= 0) best = std::max<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE), 0);
+#endif
+  return best > 0 ? best : int64_t{8} << 20;
+}
+
+int64_t CacheBytes() {
+  static const int64_t detected = DetectCacheBytes();
+  const int64_t forced = g_cache_bytes.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced : detected;
+}
+
+}  // namespace
+
+CpuTuning CurrentTuning() {
+  CpuTuning t;
+  t.phases = g_phases.load(std::memory_order_relaxed);
+  t.cache_bytes = CacheBytes();
+  t.schedule = g_schedule.load(std::memory_order_relaxed);
+  return t;
+}
+
+}  // namespace lars_native
+
+// Sets a setting for the following steps; -1 restores its default. Returns 0,
+// or -1 for an unknown name or a bad value. Names: "cache_bytes" (the cache the
+// schedule counts on), "schedule" (1: cache-aware, the default; 0: the earlier
+// order, a large leaf's updates after the next large leaf's norms), "phases"
+// (1: the norm pass alone, 2: the update pass alone with ratios of 1, 3: both,
+// the default; one alone is for timing). Only "phases" changes results.
+extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
+  using lars_native::CpuTuning;
+  const std::string key(name);
+  std::atomic<int64_t>* target = nullptr;
+  int64_t fallback = 0, low = 0, high = 0;
+  if (key == "cache_bytes") {
+    target = &lars_native::g_cache_bytes, fallback = -1, low = 0, high = INT64_MAX;
+  } else if (key == "schedule") {
+    target = &lars_native::g_schedule, fallback = 1, low = 0, high = 1;
+  } else if (key == "phases") {
+    target = &lars_native::g_phases, fallback = CpuTuning::kBothPasses, low = 1, high = 3;
+  } else {
+    return -1;
+  }
+  if (value == -1) value = fallback;
+  if (value != fallback && (value < low || value > high)) return -1;
+  target->store(value, std::memory_order_relaxed);
+  return 0;
+}
+
+// The cache size, in bytes, the schedule counts on (detected, or set).
+extern "C" int64_t LarsNativeCpuCacheBytes() { return lars_native::CacheBytes(); }

@@ -1,0 +1,166 @@
+"""The native CPU step's schedule and tuning settings change no bit of the result.
+
+The CPU handler orders its work by the cache size it counts on (detected from
+the operating system or set with ``set_cpu_cache_bytes``) and has tuning knobs
+for timing (``LarsNativeCpuTune``: the schedule, one pass alone); every
+setting must give the bits of the default step, with every thread count and
+on the float32, bfloat16-gradient and float64 paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lars.contract import LarsConfig, StepInputs
+from tests.native_cases import assert_bitwise, big_problem, config_of, spec_of
+
+native = pytest.importorskip("lars.kernels.native")
+if native.BACKEND.unavailable("cpu") is not None:
+    pytest.skip("the native CPU library is not built", allow_module_level=True)
+if jax.default_backend() != "cpu":
+    pytest.skip("the CPU handler's settings", allow_module_level=True)
+
+from lars.kernels.native import library  # noqa: E402
+
+
+@contextlib.contextmanager
+def tuned(name: str, value: int):
+    assert library.cpu().LarsNativeCpuTune(name.encode(), value) == 0
+    try:
+        yield
+    finally:
+        assert library.cpu().LarsNativeCpuTune(name.encode(), -1) == 0
+
+
+@contextlib.contextmanager
+def cache_bytes(n: int | None):
+    native.set_cpu_cache_bytes(n)
+    try:
+        yield
+    finally:
+        native.set_cpu_cache_bytes(None)
+
+
+def _step(cfg: LarsConfig, problem, threads: int):
+    params, grads, momentum = problem
+    spec = spec_of(cfg, params, grads, write_params=True, options=(("num_threads", threads),))
+    return native.run(spec, StepInputs(params, grads, momentum, jnp.float32(0.1)))
+
+
+def _problems():
+    params, grads, momentum = big_problem()
+    yield "fp32", (params, grads, momentum)
+    yield "bf16-grads", (params, [g.astype(jnp.bfloat16) for g in grads], momentum)
+
+
+@pytest.mark.parametrize("name", ["weight_decay", "everything"])
+def test_cache_size_and_knobs_change_no_bit(name: str):
+    cfg = config_of(name)
+    for _, problem in _problems():
+        want = _step(cfg, problem, 1)
+        settings = [
+            cache_bytes(0),  # nothing fits: updates right behind each layer's norms
+            cache_bytes(3 << 20),  # some layers fit
+            cache_bytes(1 << 40),  # everything fits
+            tuned("schedule", 0),  # the earlier order: one large leaf later, first chunk first
+        ]
+        for setting in settings:
+            with setting:
+                for threads in (1, 2, 3):
+                    assert_bitwise(want, _step(cfg, problem, threads))
+
+
+def test_float64_schedule_changes_no_bit():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        shapes = [(200_003,), (64,), (70_000,)]
+        params = [jnp.asarray(rng.standard_normal(s)) for s in shapes]
+        grads = [jnp.asarray(rng.standard_normal(s) * 0.1) for s in shapes]
+        momentum = [jnp.zeros(s, jnp.float64) for s in shapes]
+        cfg = config_of("everything")
+        want = _step(cfg, (params, grads, momentum), 1)
+        for setting in (cache_bytes(0), cache_bytes(1 << 40), tuned("schedule", 0)):
+            with setting:
+                assert_bitwise(want, _step(cfg, (params, grads, momentum), 2))
+
+
+def _sysfs_largest_data_cache() -> int | None:
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    best = 0
+    for index in sorted(root.glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1].upper(), 1)
+        digits = size[:-1] if size[-1].isalpha() else size
+        best = max(best, int(digits) * scale)
+    return best or None
+
+
+def test_cache_size_is_read_from_the_system_and_can_be_set():
+    detected = native.cpu_cache_bytes()
+    assert detected > 0
+    expected = _sysfs_largest_data_cache()
+    if expected is not None:
+        assert detected == expected
+    elif hasattr(os, "sysconf") and "SC_LEVEL3_CACHE_SIZE" in os.sysconf_names:
+        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+        if l3 > 0:
+            assert detected == l3
+    with cache_bytes(12345):
+        assert native.cpu_cache_bytes() == 12345
+    assert native.cpu_cache_bytes() == detected
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1M", True])
+def test_set_cpu_cache_bytes_rejects_bad_values(bad):
+    before = native.cpu_cache_bytes()
+    with pytest.raises(ValueError, match="n must be"):
+        native.set_cpu_cache_bytes(bad)
+    assert native.cpu_cache_bytes() == before
+
+
+def test_tuning_knobs_refuse_unknown_names_and_bad_values():
+    tune = library.cpu().LarsNativeCpuTune
+    assert tune(b"no_such_knob", 1) == -1
+    assert tune(b"phases", 0) == -1
+    assert tune(b"phases", 4) == -1
+    assert tune(b"schedule", 2) == -1
+    assert tune(b"cache_bytes", -2) == -1
+    assert tune(b"prefetch", 64) == -1  # measured, no gain, not kept
+
+
+def test_one_pass_alone_and_the_handler_clock():
+    """phases=2 with the norms off gives ratios of 1 (the update with r = 1);
+    phases=1 leaves params and momentum as they were. The handler's clock runs."""
+    cfg = config_of("weight_decay")
+    params, grads, momentum = big_problem()
+    keep = [np.asarray(p).copy() for p in params]
+    keep_v = [np.asarray(v).copy() for v in momentum]
+    with tuned("phases", 1):
+        result = _step(cfg, (params, grads, momentum), 2)
+    for got, want in zip(result.updates, keep, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    for got, want in zip(result.momentum, keep_v, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert native.last_step_seconds() > 0.0
+    with tuned("phases", 2):
+        result = _step(cfg, (params, grads, momentum), 2)
+    assert [float(r) for r in result.trust_ratio] == [1.0] * len(params)
+    # The momentum with r = 1 (lr outside it), in float64 from the float32 inputs.
+    assert not cfg.lr_inside_momentum
+    for p, g, v, new in zip(keep, grads, keep_v, result.momentum, strict=True):
+        p64, g64, v64 = (np.asarray(x, np.float64) for x in (p, g, v))
+        expect = (g64 + cfg.weight_decay * p64) + cfg.momentum * v64
+        np.testing.assert_allclose(np.asarray(new, np.float64), expect, rtol=1e-5, atol=1e-6)
