@@ -12,7 +12,8 @@ on) and all of them within ``--budget`` seconds:
    (CMake, ``LARS_NATIVE_CUDA=ON``) against the machine's jaxlib, into
    ``kernels/native/lib/``, where the checkout loads it from;
 3. the phases of ``bench.gpu_check_phases``: ``smoke``, ``correctness``,
-   ``timing-model`` (ResNet-50), ``timing-array`` (64M elements), ``ncu``.
+   ``timing-model`` (ResNet-50), ``timing-array`` (64M elements), ``ncu``,
+   ``timing-tuning`` (the fused Triton launch at other geometries, last).
 
 It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
 ``gpu_check.log`` (every step's output) to ``--out`` (default ``$OUT`` when
@@ -55,6 +56,7 @@ STEPS: tuple[tuple[str, float, float], ...] = (
     ("timing-model", 150, 300),
     ("timing-array", 90, 300),
     ("ncu", 120, 300),
+    ("timing-tuning", 90, 300),
 )
 RESERVE_S = 10.0
 

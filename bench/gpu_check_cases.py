@@ -70,13 +70,37 @@ def forms(cpu: bool) -> list[Form]:
     ]
 
 
+def tuning_forms(cpu: bool) -> list[Form]:
+    """The fused Triton launch at other geometries, timed (in place) against the default.
+
+    The defaults (chunk 4096, lookahead 512, evict-first hints on the update's
+    loads and stores) come from the L2 model (docs/triton.md), not from a GPU:
+    these rows are the geometries the model ranks below them, so that one run
+    says whether the hardware agrees.
+    """
+    if cpu:
+        return [
+            Form("triton-nohint", "triton_interpret", (*_INTERPRET_TRITON, ("evict_first", False)))
+        ]
+    return [
+        Form("triton-nohint", "triton", (("evict_first", False),)),
+        Form("triton-4096-256-nohint", "triton", (("lookahead", 256), ("evict_first", False))),
+        Form("triton-8192-256", "triton", (("chunk", 8192), ("lookahead", 256))),
+        Form(
+            "triton-8192-256-nohint",
+            "triton",
+            (("chunk", 8192), ("lookahead", 256), ("evict_first", False)),
+        ),
+    ]
+
+
 def register(cpu: bool) -> None:
     """Registers what the forms need: "triton_interpret" (``cpu``) and the timing rows."""
     if cpu:
         from lars import _dispatch
 
         _dispatch.register("triton_interpret", "lars.kernels.triton.interpret")
-    for f in forms(cpu):
+    for f in [*forms(cpu), *tuning_forms(cpu)]:
         steps.VARIANTS[f.name] = (f.backend, f.options_dict)
 
 

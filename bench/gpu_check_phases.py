@@ -261,10 +261,16 @@ def timing(cpu: bool, which: str) -> dict[str, Any]:
     for form in C.forms(cpu):
         if _unavailable(form) is None:
             names += [form.name, form.name + ":apply"]
+    dtypes = list(measure.DTYPES)
+    if which == "tuning":  # the fused launch's geometries, in place, fp32 only
+        tuned = [f for f in C.tuning_forms(cpu) if _unavailable(f) is None]
+        fused = [f for f in C.forms(cpu) if f.name == "triton" and _unavailable(f) is None]
+        names = [f"{f.name}:apply" for f in fused + tuned]
+        dtypes, which = dtypes[:1], "model"
     rows = []
     for w in _timing_workloads(cpu, which):
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
-        for dtype in [list(measure.DTYPES)[which == "array"]] if cpu else measure.DTYPES:
+        for dtype in [dtypes[which == "array"]] if cpu else dtypes:
             rows += measure.measure(w, dtype, names, settings)
             RESULT.add_rows(rows[-len(names) - 2 :])
             for r in rows[-len(names) - 2 :]:
@@ -403,6 +409,7 @@ PHASES: dict[str, Callable[..., dict[str, Any]]] = {
     "correctness": correctness,
     "timing-model": lambda cpu: timing(cpu, "model"),
     "timing-array": lambda cpu: timing(cpu, "array"),
+    "timing-tuning": lambda cpu: timing(cpu, "tuning"),
 }
 
 

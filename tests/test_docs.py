@@ -29,9 +29,12 @@ MODULES = [lars, lars.schedules, lars.contract]
 # What users of the native backend call (its other names, BACKEND and run,
 # are the contract's, which the dispatcher calls).
 NATIVE_SETTINGS = [
+    "cpu_cache_bytes",
     "cpu_isa",
     "get_num_threads",
+    "last_step_seconds",
     "last_step_threads",
+    "set_cpu_cache_bytes",
     "set_cpu_isa",
     "set_num_threads",
 ]

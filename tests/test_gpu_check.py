@@ -152,7 +152,7 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr + (tmp_path / "gpu_check.log").read_text()
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = doc["steps"]
-    for name in ("smoke", "correctness", "timing-model", "timing-array"):
+    for name in ("smoke", "correctness", "timing-model", "timing-array", "timing-tuning"):
         assert steps[name]["status"] == "ok", (name, steps[name])
     assert steps["wheels"]["status"] == steps["build"]["status"] == "skipped"
     assert steps["ncu"]["status"] == "skipped" and steps["ncu"]["n_params"] > 0
@@ -163,6 +163,10 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
     assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])
+    tuning = {r["backend"]: r for r in steps["timing-tuning"]["rows"]}
+    tuned = [f.name + ":apply" for f in gpu_check_cases.tuning_forms(cpu=True)]
+    assert {"optax", "copy", "triton:apply", *tuned} <= set(tuning)
+    assert all("median_ms" in tuning[name] for name in ["triton:apply", *tuned])
     md = (tmp_path / "gpu_check.md").read_text()
     assert "## Timing" in md and "## Correctness" in md
     assert "step           status" in out.stdout  # the short table, printed last
