@@ -414,6 +414,28 @@ def test_fused_results_do_not_depend_on_the_schedule():
             np.testing.assert_array_equal(bits(a), bits(b))
 
 
+def launch_fused(launch_, flags, tuning, leaves, table=None, grid=None) -> list:
+    """One fused launch through the interpreter, its sync buffer zeroed: the
+    given ``table`` (default the launch's own) over ``grid`` programs (default
+    one per item); returns every output, the sync buffer last."""
+    params, grads, momentum = leaves
+    table = launch_.table if table is None else table
+    spec = P.kernel_spec(launch_, flags)
+    inputs, outputs, aliases = S.update_inputs(
+        launch_, spec, params, grads, momentum, [table, SCALARS], False
+    )
+    outputs += S.fused_outputs(launch_, tuning)
+    return interpret.launch(
+        spec,
+        inputs,
+        outputs,
+        aliases,
+        launch_.num_programs if grid is None else grid,
+        spec.constexprs(flags, tuning),
+        zeroed=(len(outputs) - 1,),
+    )
+
+
 def test_fused_pass_items_run_in_table_order():
     """Every program claims the next row of the item table (the atomic counter),
     whatever its program id: after the launch the counter equals the number of
@@ -423,22 +445,8 @@ def test_fused_pass_items_run_in_table_order():
     plan = plan_for(params, grads, decay, flags)
     plan = P.StepPlan(plan.leaves, flags, KERNEL_TUNING)
     launch_ = plan.launches(P.FUSED)[-1]
-    spec = P.kernel_spec(launch_, flags)
     ids = launch_.leaves
-    inputs, outputs, aliases = S.update_inputs(
-        launch_, spec, params, grads, momentum, [launch_.table, SCALARS], False
-    )
-    outputs += S.fused_outputs(launch_)
-    results = interpret.launch(
-        spec,
-        inputs,
-        outputs,
-        aliases,
-        launch_.num_programs,
-        spec.constexprs(flags, KERNEL_TUNING),
-        zeroed=(len(outputs) - 1,),
-    )
-    sync = results[-1]
+    sync = launch_fused(launch_, flags, KERNEL_TUNING, (params, grads, momentum))[-1]
     assert sync[0] == launch_.num_programs
     for j, i in enumerate(ids):
         chunks = -(-plan.leaves[i].size // KERNEL_TUNING.chunk)
@@ -457,27 +465,13 @@ def test_a_grid_larger_than_the_table_is_harmless():
     plan = plan_for(params, grads, decay, flags)
     launch_ = plan.launches(P.FUSED)[-1]
     assert (launch_.table[:, P.COL_ITEMS] == launch_.num_programs).all()
-    spec = P.kernel_spec(launch_, flags)
-
-    def run(table, grid):
-        inputs, outputs, aliases = S.update_inputs(
-            launch_, spec, params, grads, momentum, [table, SCALARS], False
-        )
-        outputs += S.fused_outputs(launch_)
-        return interpret.launch(
-            spec,
-            inputs,
-            outputs,
-            aliases,
-            grid,
-            spec.constexprs(flags, KERNEL_TUNING),
-            zeroed=(len(outputs) - 1,),
-        )
-
-    want = run(launch_.table, launch_.num_programs)
+    leaves = (params, grads, momentum)
+    want = launch_fused(launch_, flags, KERNEL_TUNING, leaves)
     extra = launch_.table[launch_.table[:, P.COL_KIND] != P.KIND_SUMS][-1:]
     longer = np.concatenate([launch_.table, extra])
-    got = run(longer, launch_.num_programs + 1)
+    got = launch_fused(
+        launch_, flags, KERNEL_TUNING, leaves, table=longer, grid=launch_.num_programs + 1
+    )
     assert got[-1][P.SYNC_COUNTER] == launch_.num_programs + 1
     got[-1][P.SYNC_COUNTER] -= 1  # the sync buffer's other words: as with the exact grid
     for a, b in zip(got, want, strict=True):
@@ -507,20 +501,7 @@ def test_with_a_spin_limit_a_ratio_that_never_arrives_sets_the_error_word():
     launch_ = next(x for x in plan.launches(P.FUSED) if (x.table[:, P.COL_KIND] == 0).any())
     table, stuck = without_sums_of_one_leaf(launch_.table)
     launch_ = dataclasses.replace(launch_, table=table)
-    spec = P.kernel_spec(launch_, flags)
-    inputs, outputs, aliases = S.update_inputs(
-        launch_, spec, params, grads, momentum, [launch_.table, SCALARS], False
-    )
-    outputs += S.fused_outputs(launch_, tuning)
-    results = interpret.launch(
-        spec,
-        inputs,
-        outputs,
-        aliases,
-        launch_.num_programs,
-        spec.constexprs(flags, tuning),
-        zeroed=(len(outputs) - 1,),
-    )
+    results = launch_fused(launch_, flags, tuning, (params, grads, momentum))
     sync = results[-1]
     assert sync[P.SYNC_COUNTER] == launch_.num_programs
     assert sync[P.SYNC_ERROR] == P.ERROR_SPIN
