@@ -343,7 +343,7 @@ class Lars:
     def trust_ratios(self) -> Any:
         """Per-leaf trust ratios of the last step (1 before the first), for logging."""
         self._registered()
-        return merged([h.value.trust_ratio for h in self._holders()])
+        return merged([h.value.trust_ratio_tree() for h in self._holders()])
 
     # -- the step ----------------------------------------------------------------
     def _transformations(self) -> list[Any]:

@@ -123,7 +123,7 @@ def state_dict(opt: Any) -> dict[str, Any]:
         "opt_state": _chain(options[0], states[0]) if states else None,
         "scheduler": None if sched is None else jax.tree.map(_number, sched.state_dict()),
         "lars": {
-            "trust_ratio": {str(i): _host(s.trust_ratio) for i, s in enumerate(states)},
+            "trust_ratio": {str(i): _host(s.trust_ratio_tree()) for i, s in enumerate(states)},
             "skipped": {str(i): int(s.skipped) for i, s in enumerate(states)},
         },
     }
@@ -176,7 +176,15 @@ def _new_state(current: LarsState, parts: Mapping[str, Any], whats: Mapping[str,
     momentum = restore_like(current.momentum, parts["momentum"], whats["momentum"], array_like)
     trust = current.trust_ratio
     if "trust_ratio" in parts:
-        trust = restore_like(trust, parts["trust_ratio"], whats["trust_ratio"], array_like)
+        saved = parts["trust_ratio"]
+        if isinstance(saved, (np.ndarray, jax.Array)) and np.ndim(saved) == 1:
+            # A LarsState saved whole: the ratios as the state's vector.
+            trust = array_like(trust, saved, whats["trust_ratio"])
+        else:  # the state dict's per-leaf tree
+            tree = restore_like(current.trust_ratio_tree(), saved, whats["trust_ratio"], array_like)
+            leaves = [np.asarray(x, np.float32) for x in jax.tree.leaves(tree)]
+            vector = np.stack(leaves) if leaves else np.ones((0,), np.float32)
+            trust = array_like(trust, vector, whats["trust_ratio"])  # on trust's sharding
     skipped = current.skipped
     if "skipped" in parts:
         skipped = jnp.asarray(as_int(parts["skipped"], whats["skipped"]), jnp.int32)

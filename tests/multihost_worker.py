@@ -240,7 +240,7 @@ def check_oracle(
         for idx, got in shards(s.momentum[k]):
             err = float(np.max(np.abs(got.astype(np.float64) - vp[idx])))
             assert err <= v_allowed, (what, k, "momentum", idx, err, v_allowed)
-        r = float(np.asarray(s.trust_ratio[k]))  # replicated: every process holds it
+        r = float(np.asarray(s.trust_ratio)[n])  # replicated: every process holds it
         assert abs(r - want.trust_ratio[n]) <= tol.ratio * want.trust_ratio[n], (what, k, r)
 
 
@@ -360,7 +360,7 @@ def phase_save(backend: str) -> None:
     whole = lars.LarsState(
         count=K,
         momentum=sd["opt_state"][-2].trace,
-        trust_ratio=sd["lars"]["trust_ratio"]["0"],
+        trust_ratio=np.stack(jax.tree.leaves(sd["lars"]["trust_ratio"]["0"])),
         skipped=0,
     )
     params = sd["param_groups"]["0"]["params"]

@@ -266,9 +266,14 @@ def test_lars_checkpoint_resumes_bitwise(tmp_path, via: str):
     assert resumed.lr.state_dict() == whole.lr.state_dict()
 
 
-def _state_dict_010(opt) -> dict:
-    """The body of lars 0.1.0's ``Lars.state_dict`` (the layout it wrote)."""
-    opt_state = jax.tree.map(np.asarray, opt.opt_state.value._asdict())
+def _state_dict_010(opt, ratios: str = "tree") -> dict:
+    """The body of lars 0.1.0's ``Lars.state_dict`` (the layout it wrote: the
+    state as a dict, its trust ratios a tree of per-leaf scalars); with
+    ``ratios="vector"`` the state as the current LarsState holds it."""
+    state = opt.opt_state.value
+    if ratios == "tree":
+        state = state._replace(trust_ratio=state.trust_ratio_tree())
+    opt_state = jax.tree.map(np.asarray, state._asdict())
     return {
         "step_count": int(opt.step_count.value),
         "lr": float(np.asarray(opt.current_lr)),
@@ -282,8 +287,9 @@ def _state_dict_010(opt) -> dict:
     }
 
 
+@pytest.mark.parametrize("ratios", ["tree", "vector"])
 @pytest.mark.parametrize("via", ["memory", "msgpack", "npz"])
-def test_lars_010_checkpoint_still_loads(tmp_path, via: str):
+def test_lars_010_checkpoint_still_loads(tmp_path, via: str, ratios: str):
     values = initial_values()
     grads = gradients(values)
     kw = dict(skip_nonfinite=True, nesterov=True, **KW)
@@ -293,7 +299,7 @@ def test_lars_010_checkpoint_still_loads(tmp_path, via: str):
     sched = lars.schedules.ExponentialLR(0.5, gamma=0.9)
     first = lars.Lars(sched, **kw).register_trainable_weights(values)
     _train(first, sched, grads, range(K))
-    saved = {"opt": _state_dict_010(first), "params": first.params}
+    saved = {"opt": _state_dict_010(first, ratios), "params": first.params}
     saved = transport(saved, via, tmp_path, template=saved)
     sched = lars.schedules.ExponentialLR(0.5, gamma=0.9)
     resumed = lars.Lars(sched, **kw)

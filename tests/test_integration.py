@@ -272,17 +272,22 @@ def test_trust_ratios_are_recorded_per_leaf():
         np.testing.assert_allclose(
             [float(r) for r in jax.tree.leaves(ratios)], state.trust_ratio, rtol=1e-5
         )
-    # The transform records the same ratios in its state.
+    # The transform records the same ratios in its state: one float32 vector in
+    # the order of the params' leaves, and as a tree through trust_ratio_tree().
     _, t_state = run(lars.lars(0.5, weight_decay=1e-2, trust_coefficient=0.02), p, grads)
-    assert_trees_close(t_state.trust_ratio, opt.trust_ratios)
+    n = len(jax.tree.leaves(p))
+    assert t_state.trust_ratio.shape == (n,) and t_state.trust_ratio.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(t_state.trust_ratio), state.trust_ratio, rtol=1e-5)
+    assert_trees_close(t_state.trust_ratio_tree(), opt.trust_ratios)
 
 
 def test_masked_leaves_record_ratio_one():
     p = params_tree()
     _, state = run(lars.lars(0.5, trust_ratio_mask=lars.exclude_bias_and_norm), p, grads_list(2))
-    assert float(state.trust_ratio["dense"]["b"]) == 1.0
-    assert float(state.trust_ratio["scale"]) == 1.0
-    assert float(state.trust_ratio["dense"]["w"]) != 1.0
+    ratios = state.trust_ratio_tree()
+    assert float(ratios["dense"]["b"]) == 1.0
+    assert float(ratios["scale"]) == 1.0
+    assert float(ratios["dense"]["w"]) != 1.0
 
 
 # -- registering weights ------------------------------------------------------------------

@@ -259,7 +259,7 @@ def test_differentiable_like_the_reference(nesterov: bool, write_params: bool):
         else:
             updates, state = opt.update(grads, state, params)
             new = optax.apply_updates(params, updates)
-        ratio = sum(jax.tree.leaves(state.trust_ratio))
+        ratio = jnp.sum(state.trust_ratio)
         return jnp.sum(new["w"] ** 2) + jnp.sum(state.momentum["b"]) + ratio
 
     want = jax.grad(meta)(0.5, "reference")

@@ -294,6 +294,33 @@ def test_lars_lars_needs_params_and_its_state():
         opt.update(grads_tree(), bad, p)
 
 
+def test_trust_ratio_state_must_be_one_float32_vector():
+    """The ratios are a vector of one float32 per leaf; other forms raise, naming it."""
+    opt = lars.lars(0.1)
+    p = params_tree()
+    state = opt.init(p)
+    n = len(jax.tree.leaves(p))
+    assert state.trust_ratio.shape == (n,) and state.trust_ratio.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(state.trust_ratio), np.ones(n, np.float32))
+    # A tree of per-leaf scalars (the earlier layout) says how to convert it.
+    old = jax.tree.map(lambda x: jnp.ones((), jnp.float32), p)
+    with pytest.raises(TypeError, match=rf"state\.trust_ratio.*shape \({n},\).*jnp\.stack"):
+        opt.update(grads_tree(), state._replace(trust_ratio=old), p)
+    with pytest.raises(ValueError, match=rf"state\.trust_ratio must have shape \({n},\)"):
+        opt.update(grads_tree(), state._replace(trust_ratio=jnp.ones(n + 1)), p)
+    with pytest.raises(TypeError, match=r"state\.trust_ratio must be float32, got float16"):
+        opt.update(grads_tree(), state._replace(trust_ratio=jnp.ones(n, jnp.float16)), p)
+    with pytest.raises(TypeError, match=r"state\.trust_ratio.*list"):
+        state._replace(trust_ratio=[1.0] * n).trust_ratio_tree()
+    # trust_ratio_tree() is the vector in the params' structure, leaf for leaf.
+    vector = jnp.arange(1, n + 1, dtype=jnp.float32)
+    tree = state._replace(trust_ratio=vector).trust_ratio_tree()
+    assert jax.tree.structure(tree) == jax.tree.structure(p)
+    assert [float(x) for x in jax.tree.leaves(tree)] == list(range(1, n + 1))
+    empty = opt.init({})
+    assert empty.trust_ratio.shape == (0,) and empty.trust_ratio_tree() == {}
+
+
 @pytest.mark.parametrize("value", [-0.1, math.nan, math.inf, "fast"])
 def test_bad_current_lr_raises_and_changes_nothing(trained, value):
     before = snapshot(trained)
