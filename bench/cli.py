@@ -11,8 +11,10 @@ from typing import Any
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
-QUICK = dict(warmup=2, rounds=5, min_sample_s=0.005, budget_s=2.0, max_compile_s=10.0)
-FULL = dict(warmup=5, rounds=30, min_sample_s=0.02, budget_s=30.0, max_compile_s=300.0)
+QUICK = dict(warmup=2, rounds=5, min_sample_s=0.005, budget_s=2.0, max_compile_s=10.0, settle_s=0.0)
+FULL = dict(
+    warmup=5, rounds=30, min_sample_s=0.02, budget_s=30.0, max_compile_s=300.0, settle_s=0.05
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps per step (default 5, --quick 2)")
     p.add_argument(
         "--budget", type=float, help="seconds of sampling per workload (default 30, --quick 2)"
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        help="seconds of sleep before each sample, so that no step's leftovers (e.g. XLA "
+        "freeing optax's temporaries) land in the next one's (default 0.05, --quick 0)",
     )
     p.add_argument(
         "--slow-factor",
@@ -139,9 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget_s=base["budget_s"] if args.budget is None else args.budget,
         slow_factor=args.slow_factor,
         max_compile_s=base["max_compile_s"] if args.max_compile is None else args.max_compile,
+        settle_s=base["settle_s"] if args.settle is None else args.settle,
     )
-    if settings.rounds < 1 or settings.warmup < 0:
-        print("error: --rounds must be >= 1 and --warmup >= 0", file=sys.stderr)
+    if settings.rounds < 1 or settings.warmup < 0 or settings.settle_s < 0:
+        print("error: --rounds must be >= 1, --warmup and --settle >= 0", file=sys.stderr)
         return 2
 
     env = environment.collect(sys.argv[1:] if argv is None else argv)

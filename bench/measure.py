@@ -28,6 +28,7 @@ class Settings:
       rounds: Samples per runner.
       min_sample_s: Shortest sample (see ``bench.timing``).
       budget_s: Stop sampling a workload after this many seconds (>= 3 rounds).
+      settle_s: Sleep before each sample (see ``bench.timing``).
       slow_factor: A backend whose step takes more than this many times
         optax's is timed on one step and skipped on the workloads that follow
         (0: never).
@@ -40,6 +41,7 @@ class Settings:
     rounds: int = 30
     min_sample_s: float = 0.02
     budget_s: float = 30.0
+    settle_s: float = 0.05
     slow_factor: float = 25.0
     max_compile_s: float = 300.0
 
@@ -183,6 +185,7 @@ def measure(
             rounds=settings.rounds,
             min_sample_s=settings.min_sample_s,
             budget_s=settings.budget_s,
+            settle_s=settings.settle_s,
         )
     )
     copy_s = timings[steps.COPY].median

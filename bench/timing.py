@@ -6,6 +6,13 @@ sample's time over ``k`` is one per-step time. ``k`` is chosen per step so a
 sample lasts at least ``min_sample_s`` (1 for any step slower than that).
 The runners take turns, one sample each per round, in an order that rotates
 from round to round, so a change in the machine's load touches them alike.
+Each sample starts after ``settle_s`` seconds of sleep, so that what one
+runner leaves behind does not land in the next one's sample: on a CPU, XLA's
+threads go on freeing ``jax.jit(optax.lars)``'s temporaries (306 MB on
+ResNet-50) in the kernel for about 10 ms after its step has returned, and a
+step timed in that window shares the cores with it. The rotation alone does
+not even that out (with four runners, one follows optax in a quarter of the
+rounds and another never does).
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ def time_runners(
     min_sample_s: float,
     max_steps_per_sample: int = 200,
     budget_s: float | None = None,
+    settle_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Times the runners' steps, interleaved (see the module doc).
 
@@ -78,6 +86,7 @@ def time_runners(
       min_sample_s: The shortest a sample should last.
       max_steps_per_sample: Upper bound on ``k``.
       budget_s: Stop taking rounds after this many seconds (after 3 rounds).
+      settle_s: Seconds of sleep before each sample (not timed).
 
     Returns:
       {runner name: Timing}.
@@ -95,6 +104,8 @@ def time_runners(
         shift = i % len(runners)
         for r in [*runners[shift:], *runners[:shift]]:
             k = steps_per_sample[r.name]
+            if settle_s > 0:
+                time.sleep(settle_s)
             per_step[r.name].append(clock(r, k) / k)
         if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
             break

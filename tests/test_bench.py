@@ -269,3 +269,30 @@ def test_native_variants_prints_every_variant(tmp_path):
     assert "copy (XLA x*c+d)" in rows and "dispatch (no-op step)" in rows
     notes = [line for line in proc.stdout.splitlines() if line.startswith("# apply t=")]
     assert len(notes) == 2 and all(" 0 copy ops" in line for line in notes), proc.stdout
+
+
+def test_settle_sleeps_before_each_sample_outside_the_timed_interval(monkeypatch):
+    """``settle_s`` sleeps once before every sample, outside the clocked run."""
+    from bench import timing
+
+    events: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, k: int) -> None:
+            events.append(f"run {self.name} {k}")
+
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    out = timing.time_runners(
+        [Fake("a"), Fake("b")], warmup=0, rounds=3, min_sample_s=0.0, settle_s=0.25
+    )
+    sampled = events[4:]  # after the two single steps per runner that choose k
+    assert sampled == ["sleep 0.25", "run a 1", "sleep 0.25", "run b 1",
+                       "sleep 0.25", "run b 1", "sleep 0.25", "run a 1",
+                       "sleep 0.25", "run a 1", "sleep 0.25", "run b 1"]  # fmt: skip
+    assert all(t.samples == 3 for t in out.values())
+    events.clear()
+    timing.time_runners([Fake("a")], warmup=0, rounds=2, min_sample_s=0.0)
+    assert not any(e.startswith("sleep") for e in events)  # the default: no sleep
