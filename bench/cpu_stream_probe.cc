@@ -10,7 +10,12 @@
 //     pass (read w, g, v; write w, v: 20 B/param) with a precomputed ratio;
 //   * norm pass: sums of w^2 and g^2 (read w, g: 8 B/param);
 //   * memcpy, and in-place x * c with regular or streaming stores, each over
-//     10 B/param (20 B/param moved): the copy floors.
+//     10 B/param (20 B/param moved): the copy floors;
+//   * per layer, over ResNet-50's 161 arrays (the same parameter count, each
+//     array allocated on its own): the update alone, the norm pass alone, and
+//     both as the native step orders them for a large leaf (the whole leaf's
+//     norms in 65,536-element chunks, then its update, last chunk first, so
+//     that the second read of w and g can hit the cache).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -31,6 +36,80 @@ float* Alloc(long n, float value) {
   float* p = static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
   for (long i = 0; i < n; ++i) p[i] = value;
   return p;
+}
+
+// ResNet-50's parameter arrays in the order of bench.workloads.resnet50_shapes:
+// the stem, then per bottleneck block three convolutions with their batch-norm
+// scale and bias (and a projection shortcut in each stage's first block), the
+// classifier last.
+std::vector<long> ResNet50Sizes() {
+  std::vector<long> sizes = {7 * 7 * 3 * 64, 64, 64};
+  long cin = 64;
+  const long widths[4] = {64, 128, 256, 512}, blocks[4] = {3, 4, 6, 3};
+  for (int stage = 0; stage < 4; ++stage) {
+    const long w = widths[stage];
+    for (long b = 0; b < blocks[stage]; ++b) {
+      sizes.insert(sizes.end(), {cin * w, w, w, 9 * w * w, w, w, w * 4 * w, 4 * w, 4 * w});
+      if (b == 0) sizes.insert(sizes.end(), {cin * 4 * w, 4 * w, 4 * w});
+      cin = 4 * w;
+    }
+  }
+  sizes.insert(sizes.end(), {2048 * 1000, 1000});
+  return sizes;
+}
+
+struct Layer {
+  float* w;
+  float* g;
+  float* v;
+  long n;
+};
+
+void UpdateRange(const Layer& l, long begin, long end) {
+  const __m512 r = _mm512_set1_ps(0.5f), mu = _mm512_set1_ps(0.9f);
+  const __m512 lr = _mm512_set1_ps(0.1f), wd = _mm512_set1_ps(1e-4f);
+  long i = begin;
+  for (; i + 16 <= end; i += 16) {
+    __m512 wi = _mm512_loadu_ps(l.w + i), gi = _mm512_loadu_ps(l.g + i);
+    __m512 vi = _mm512_loadu_ps(l.v + i);
+    gi = _mm512_add_ps(gi, _mm512_mul_ps(wd, wi));
+    vi = _mm512_add_ps(_mm512_mul_ps(lr, _mm512_mul_ps(gi, r)), _mm512_mul_ps(mu, vi));
+    _mm512_storeu_ps(l.v + i, vi);
+    _mm512_storeu_ps(l.w + i, _mm512_sub_ps(wi, vi));
+  }
+  for (; i < end; ++i) {
+    l.v[i] = 0.9f * l.v[i] + 0.05f * (l.g[i] + 1e-4f * l.w[i]);
+    l.w[i] -= l.v[i];
+  }
+}
+
+float NormRange(const Layer& l, long begin, long end) {
+  __m512 a = _mm512_setzero_ps(), b = a;
+  long i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m512 wi = _mm512_loadu_ps(l.w + i), gi = _mm512_loadu_ps(l.g + i);
+    a = _mm512_add_ps(a, _mm512_mul_ps(wi, wi));
+    b = _mm512_add_ps(b, _mm512_mul_ps(gi, gi));
+  }
+  float s = _mm512_reduce_add_ps(a) + _mm512_reduce_add_ps(b);
+  for (; i < end; ++i) s += l.w[i] * l.w[i] + l.g[i] * l.g[i];
+  return s;
+}
+
+// One pass over every layer: kind 0 update, 1 norms, 2 both (see the top).
+float PerLayer(const std::vector<Layer>& layers, int kind) {
+  constexpr long kChunk = 65536;
+  float sink = 0.0f;
+  for (const Layer& l : layers) {
+    const long chunks = (l.n + kChunk - 1) / kChunk;
+    if (kind != 0) {
+      for (long c = 0; c < chunks; ++c) sink += NormRange(l, c * kChunk, std::min(l.n, (c + 1) * kChunk));
+    }
+    if (kind != 1) {
+      for (long c = chunks - 1; c >= 0; --c) UpdateRange(l, c * kChunk, std::min(l.n, (c + 1) * kChunk));
+    }
+  }
+  return sink;
 }
 
 }  // namespace
@@ -85,12 +164,26 @@ int main(int argc, char** argv) {
     }
     _mm_sfence();
   };
+  std::vector<Layer> layers;
+  long total = 0;
+  for (long size : ResNet50Sizes()) {
+    layers.push_back(Layer{Alloc(size, 0.01f), Alloc(size, 0.001f), Alloc(size, 0.0f), size});
+    total += size;
+  }
+  if (total != n || layers.size() != 161) {
+    std::fprintf(stderr, "ResNet-50 sizes: %ld params in %zu arrays\n", total, layers.size());
+    return 1;
+  }
+  volatile float layer_sink = 0.0f;
   const char* names[] = {"update, regular stores",    "update, streaming stores",
                          "norm pass (read w, g)",     "memcpy 10 B/param",
-                         "in-place x*c 10 B/param",   "in-place x*c, streaming"};
-  std::vector<double> t[6];
+                         "in-place x*c 10 B/param",   "in-place x*c, streaming",
+                         "per layer: update",         "per layer: norms",
+                         "per layer: norms, update"};
+  constexpr int kVariants = 9;
+  std::vector<double> t[kVariants];
   for (int round = 0; round < rounds; ++round) {
-    for (int k = 0; k < 6; ++k) {
+    for (int k = 0; k < kVariants; ++k) {
       const double start = Now();
       switch (k) {
         case 0: update(false); break;
@@ -98,12 +191,13 @@ int main(int argc, char** argv) {
         case 2: norms(); break;
         case 3: std::memcpy(dst, src, nc * 4); break;
         case 4: scale(false); break;
-        default: scale(true); break;
+        case 5: scale(true); break;
+        default: layer_sink = layer_sink + PerLayer(layers, k - 6); break;
       }
       t[k].push_back(Now() - start);
     }
   }
-  for (int k = 0; k < 6; ++k) {
+  for (int k = 0; k < kVariants; ++k) {
     std::sort(t[k].begin(), t[k].end());
     std::printf("%-26s median %7.2f ms  min %7.2f ms\n", names[k], 1e3 * t[k][t[k].size() / 2],
                 1e3 * t[k][0]);
