@@ -306,6 +306,9 @@ def test_trust_ratio_state_must_be_one_float32_vector():
     old = jax.tree.map(lambda x: jnp.ones((), jnp.float32), p)
     with pytest.raises(TypeError, match=rf"state\.trust_ratio.*shape \({n},\).*jnp\.stack"):
         opt.update(grads_tree(), state._replace(trust_ratio=old), p)
+    converted = state._replace(trust_ratio=jnp.stack(jax.tree.leaves(old)).astype(jnp.float32))
+    _, after = opt.update(grads_tree(), converted, p)  # the conversion the message gives
+    assert after.trust_ratio.shape == (n,)
     with pytest.raises(ValueError, match=rf"state\.trust_ratio must have shape \({n},\)"):
         opt.update(grads_tree(), state._replace(trust_ratio=jnp.ones(n + 1)), p)
     with pytest.raises(TypeError, match=r"state\.trust_ratio must be float32, got float16"):
