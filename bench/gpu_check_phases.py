@@ -251,26 +251,15 @@ def timing(cpu: bool, which: str) -> dict[str, Any]:
     """optax, every form (both modes) and a copy, interleaved (``bench.measure``)."""
     # No settle sleep: on a GPU, XLA's allocator keeps freed temporaries (no
     # kernel work after optax's step), and the phase's time is counted.
-    if cpu:
-        settings = measure.Settings(
-            warmup=1,
-            rounds=3,
-            min_sample_s=0.0,
-            budget_s=1.0,
-            slow_factor=0,
-            max_compile_s=0,
-            settle_s=0.0,
-        )
-    else:
-        settings = measure.Settings(
-            warmup=3,
-            rounds=15,
-            min_sample_s=0.01,
-            budget_s=6.0,
-            slow_factor=0,
-            max_compile_s=0,
-            settle_s=0.0,
-        )
+    settings = measure.Settings(
+        warmup=1 if cpu else 3,
+        rounds=3 if cpu else 15,
+        min_sample_s=0.0 if cpu else 0.01,
+        budget_s=1.0 if cpu else 6.0,
+        slow_factor=0,
+        max_compile_s=0,
+        settle_s=0.0,
+    )
     names = ["reference"]
     for form in C.forms(cpu):
         if _unavailable(form) is None:
