@@ -18,6 +18,13 @@ other processes hits all of them alike:
   (no layer counted on to stay cached) or ``schedule=0`` (the earlier order);
 * with ``--optax``, ``jax.jit(optax.lars)`` (the bench's baseline).
 
+With ``--after`` it then times the first ``apply`` step on its own right
+after each of: another such step, the copy, an optax step, and an optax step
+followed by a 2 ms or a 20 ms sleep; and reads from ``/proc`` (Linux) how
+much CPU time the process's other threads (XLA's) spend in the 20 ms after
+each. This is what showed that ``jax.jit(optax.lars)`` leaves work behind
+that slows the next step (the bench's ``--settle``).
+
 The variants run in a new random order every round, each sample after a
 short sleep (``--settle``): without it a step right after ``optax.lars``
 (306 MB of temporaries allocated and freed) runs measurably slower.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -191,6 +199,66 @@ def build(
     return variants, moved, notes
 
 
+def _thread_ticks() -> dict[str, int]:
+    """CPU time (user + system, in clock ticks) of each of this process's threads."""
+    ticks = {}
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        try:
+            with open(f"/proc/{os.getpid()}/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        ticks[task] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def after_table(variants: list[Variant], rounds: int) -> None:
+    """Times the first ``apply`` step right after each kind of predecessor."""
+    by_name = {v.name: v for v in variants}
+    apply = next(v for v in variants if v.name.startswith("apply"))
+    optax_step = by_name["jax.jit(optax.lars)"]
+    copy = variants[0]
+
+    def then_sleep(seconds: float) -> Callable[[], None]:
+        return lambda: (optax_step.run(1), time.sleep(seconds))
+
+    before = {
+        f"another {apply.name} step": lambda: apply.run(1),
+        "the copy": lambda: copy.run(1),
+        "an optax step": lambda: optax_step.run(1),
+        "an optax step, then 2 ms": then_sleep(0.002),
+        "an optax step, then 20 ms": then_sleep(0.02),
+    }
+    has_proc = os.path.isdir(f"/proc/{os.getpid()}/task")
+    main_thread = str(threading.get_native_id())
+    tick_ms = 1e3 / os.sysconf("SC_CLK_TCK") if has_proc else 0.0
+    steps = {name: [] for name in before}
+    handler = {name: [] for name in before}
+    others = {name: 0 for name in before}
+    for _ in range(rounds):
+        for name, run in before.items():
+            run()
+            steps[name].append(apply.run(1))
+            handler[name].append(native.last_step_seconds())
+        if has_proc:  # the other threads' CPU time in the 20 ms after each predecessor
+            for name, run in before.items():
+                run()
+                a = _thread_ticks()
+                time.sleep(0.02)
+                b = _thread_ticks()
+                others[name] += sum(b[t] - a.get(t, 0) for t in b if t != main_thread)
+    print(f"\n# after: the {apply.name} step right after ... (medians of {rounds})")
+    print(
+        f"{'after':32s} {'step ms':>8s} {'handler':>8s} {'other threads ms CPU in next 20 ms':>36s}"
+    )
+    for name in before:
+        cpu = f"{others[name] * tick_ms / rounds:36.1f}" if has_proc else f"{'-':>36s}"
+        print(
+            f"{name:32s} {1e3 * np.median(steps[name]):8.2f} "
+            f"{1e3 * np.median(handler[name]):8.2f} {cpu}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="resnet50")
@@ -211,6 +279,11 @@ def main() -> None:
     )
     p.add_argument("--optax", action="store_true", help="also time jax.jit(optax.lars)")
     p.add_argument(
+        "--after",
+        action="store_true",
+        help="then time the apply step right after each kind of step (implies --optax)",
+    )
+    p.add_argument(
         "--settle",
         type=float,
         default=0.05,
@@ -222,7 +295,9 @@ def main() -> None:
         [*workloads.full_workloads(), *workloads.quick_workloads()], args.workload
     )[:1]
     threads = [int(t) for t in args.threads.split(",")]
-    variants, moved, notes = build(workload, args.dtype, threads, args.knobs, args.optax)
+    variants, moved, notes = build(
+        workload, args.dtype, threads, args.knobs, args.optax or args.after
+    )
     for v in variants:
         v.run(2)  # warm up
     rng = np.random.default_rng(0)
@@ -261,6 +336,8 @@ def main() -> None:
         print(line)
     for k, v in notes.items():
         print(f"# {k}: {v}")
+    if args.after:
+        after_table(variants, args.rounds)
 
 
 if __name__ == "__main__":

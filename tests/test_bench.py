@@ -251,6 +251,7 @@ def test_native_variants_prints_every_variant(tmp_path):
             "0",
             "--knobs",
             "cache_bytes=0",
+            "--after",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -269,6 +270,19 @@ def test_native_variants_prints_every_variant(tmp_path):
     assert "copy (XLA x*c+d)" in rows and "dispatch (no-op step)" in rows
     notes = [line for line in proc.stdout.splitlines() if line.startswith("# apply t=")]
     assert len(notes) == 2 and all(" 0 copy ops" in line for line in notes), proc.stdout
+    assert "jax.jit(optax.lars)" in rows  # --after times optax too
+    after = proc.stdout.split("# after: the apply t=2 step right after")[1].splitlines()[2:]
+    names = [line.split("  ")[0].strip() for line in after]
+    assert names == [
+        "another apply t=2 step",
+        "the copy",
+        "an optax step",
+        "an optax step, then 2 ms",
+        "an optax step, then 20 ms",
+    ], proc.stdout
+    for line, name in zip(after, names, strict=True):
+        figures = [float(x) for x in line[len(name) :].split()]  # step, handler, other threads
+        assert len(figures) == 3 and figures[0] >= figures[1] > 0 and figures[2] >= 0
 
 
 def test_settle_sleeps_before_each_sample_outside_the_timed_interval(monkeypatch):
