@@ -15,7 +15,12 @@
 //     array allocated on its own): the update alone, the norm pass alone, and
 //     both as the native step orders them for a large leaf (the whole leaf's
 //     norms in 65,536-element chunks, then its update, last chunk first, so
-//     that the second read of w and g can hit the cache).
+//     that the second read of w and g can hit the cache);
+// then, per array size from 1 to 64 MiB, the read bandwidth of a sum over the
+// array right after a 255 MB stream has pushed it out of every cache (first
+// read) and of the same sum run again at once (second read): where the second
+// read is no faster, the cache level that would hold the array does not help a
+// re-read on this core (e.g. a large shared L3 on some virtual machines).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -112,6 +117,47 @@ float PerLayer(const std::vector<Layer>& layers, int kind) {
   return sink;
 }
 
+float SumRange(const float* p, long n) {
+  __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
+  long i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a = _mm512_add_ps(a, _mm512_load_ps(p + i));
+    b = _mm512_add_ps(b, _mm512_load_ps(p + i + 16));
+    c = _mm512_add_ps(c, _mm512_load_ps(p + i + 32));
+    d = _mm512_add_ps(d, _mm512_load_ps(p + i + 48));
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// The re-read table (see the top): `flush` is read in between to evict.
+void Reread(const float* flush, long flush_n, int rounds) {
+  volatile float sink = 0.0f;
+  std::printf("%-10s %18s %18s\n", "array", "first read GB/s", "second read GB/s");
+  for (long mib : {1L, 2L, 3L, 4L, 8L, 16L, 32L, 64L}) {
+    const long n = mib << 18;  // float32 values in mib MiB
+    float* p = Alloc(n, 1.0f);
+    std::vector<double> first, second;
+    for (int round = 0; round < rounds; ++round) {
+      sink = sink + SumRange(flush, flush_n);
+      const double t0 = Now();
+      sink = sink + SumRange(p, n);
+      const double t1 = Now();
+      sink = sink + SumRange(p, n);
+      const double t2 = Now();
+      first.push_back(t1 - t0);
+      second.push_back(t2 - t1);
+    }
+    std::sort(first.begin(), first.end());
+    std::sort(second.begin(), second.end());
+    const double bytes = 4.0 * n;
+    std::printf("%4ld MiB %18.1f %18.1f\n", mib, bytes / first[first.size() / 2] * 1e-9,
+                bytes / second[second.size() / 2] * 1e-9);
+    std::free(p);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -202,5 +248,6 @@ int main(int argc, char** argv) {
     std::printf("%-26s median %7.2f ms  min %7.2f ms\n", names[k], 1e3 * t[k][t[k].size() / 2],
                 1e3 * t[k][0]);
   }
+  Reread(src, nc, rounds);
   return 0;
 }

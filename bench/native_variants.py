@@ -30,8 +30,11 @@ short sleep (``--settle``): without it a step right after ``optax.lars``
 (306 MB of temporaries allocated and freed) runs measurably slower.
 
 For each native variant it also prints the time the handler itself ran (the
-library's last-step clock) so that the cost outside the handler (XLA's part of
-the call) shows, and, once, the compiled step's temporary bytes and any
+library's last-step clock) so that the cost outside the handler (JAX's and
+XLA's part of the call) shows, split with the handler's start time (Linux:
+the clock of ``time.perf_counter_ns``) into before the handler (dispatch and
+arguments) and after it (results, until ``block_until_ready`` returns); and,
+once, the compiled step's temporary bytes and any
 ``copy`` instruction XLA put around the custom call.
 """
 
@@ -69,15 +72,19 @@ class Variant:
         self.name, self.fn, self.carry, self.fixed, self.knobs = name, fn, carry, fixed, knobs
         self.times: list[float] = []
         self.handler: list[float] = []
+        self.before: list[float] = []  # seconds from the call to the handler's start
+        self.after: list[float] = []  # seconds from the handler's end to the results
+        self.span_ns = (0, 0)  # perf_counter_ns at the start and the end of the last run
 
     def run(self, k: int) -> float:
         for name, value in self.knobs.items():
             _tune(name, value)
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         for _ in range(k):
             self.carry = list(self.fn(*self.carry, *self.fixed))
         jax.block_until_ready(self.carry)
-        seconds = (time.perf_counter() - start) / k
+        self.span_ns = (start, time.perf_counter_ns())
+        seconds = (self.span_ns[1] - start) * 1e-9 / k
         for name in self.knobs:
             _tune(name, -1)  # back to the default
         return seconds
@@ -308,6 +315,9 @@ def main() -> None:
             v.times.append(v.run(args.steps))
             if v.name.startswith(("apply", "call", "update", "norms")):
                 v.handler.append(native.last_step_seconds())
+                start = native.last_step_start_ns()
+                v.before.append((start - v.span_ns[0]) * 1e-9)
+                v.after.append((v.span_ns[1] - start) * 1e-9 - v.handler[-1])
     copy_ms = 1e3 * float(np.median(variants[0].times))
     copy_min = 1e3 * float(np.min(variants[0].times))
     print(
@@ -317,7 +327,8 @@ def main() -> None:
     )
     print(
         f"{'variant':32s} {'median':>7s} {'p25':>7s} {'p75':>7s} {'min':>7s} {'x copy':>6s} "
-        f"{'min x':>6s} {'GB/s':>5s} {'handler':>7s} {'h min':>7s} {'outside':>7s}"
+        f"{'min x':>6s} {'GB/s':>5s} {'handler':>7s} {'h min':>7s} {'outside':>7s} "
+        f"{'before':>7s} {'after':>7s}"
     )
     for v in variants:
         t = 1e3 * np.asarray(v.times)
@@ -329,7 +340,10 @@ def main() -> None:
         if v.handler:
             h = 1e3 * np.asarray(v.handler)
             if args.steps == 1:
-                outside = f"{np.median(t - h):7.2f}"
+                outside = (
+                    f"{np.median(t - h):7.2f} {1e3 * np.median(v.before):7.2f} "
+                    f"{1e3 * np.median(v.after):7.2f}"
+                )
             else:
                 outside = ""
             line += f" {np.median(h):7.2f} {np.min(h):7.2f} {outside}"

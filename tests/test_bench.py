@@ -264,9 +264,12 @@ def test_native_variants_prints_every_variant(tmp_path):
         for name in ("apply", "call", "update-only", "norms-only", "call t={t} cache_bytes=0"):
             key = name.format(t=t) if "{t}" in name else f"{name} t={t}"
             assert key in rows, proc.stdout
-            # median, p25, p75, min, x copy, min x, GB/s, handler, h min, outside
+            # median, p25, p75, min, x copy, min x, GB/s, handler, h min, outside,
+            # before, after (the last three add up to the outside time)
             figures = [float(x) for x in rows[key][len(key) :].split()]
-            assert len(figures) == 10 and figures[0] > 0 and figures[7] > 0
+            assert len(figures) == 12 and figures[0] > 0 and figures[7] > 0
+            assert figures[10] > 0 and figures[11] > 0
+            assert abs(figures[10] + figures[11] - figures[9]) < 0.3 * figures[9] + 0.02
     assert "copy (XLA x*c+d)" in rows and "dispatch (no-op step)" in rows
     notes = [line for line in proc.stdout.splitlines() if line.startswith("# apply t=")]
     assert len(notes) == 2 and all(" 0 copy ops" in line for line in notes), proc.stdout

@@ -33,6 +33,7 @@ NATIVE_SETTINGS = [
     "cpu_isa",
     "get_num_threads",
     "last_step_seconds",
+    "last_step_start_ns",
     "last_step_threads",
     "set_cpu_cache_bytes",
     "set_cpu_isa",

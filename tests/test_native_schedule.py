@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -148,13 +150,19 @@ def test_one_pass_alone_and_the_handler_clock():
     params, grads, momentum = big_problem()
     keep = [np.asarray(p).copy() for p in params]
     keep_v = [np.asarray(v).copy() for v in momentum]
+    called = time.perf_counter_ns()
     with tuned("phases", 1):
-        result = _step(cfg, (params, grads, momentum), 2)
+        result = jax.block_until_ready(_step(cfg, (params, grads, momentum), 2))
+    returned = time.perf_counter_ns()
     for got, want in zip(result.updates, keep, strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)
     for got, want in zip(result.momentum, keep_v, strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)
     assert native.last_step_seconds() > 0.0
+    # The handler's start is on time.perf_counter_ns's clock (Linux).
+    if sys.platform.startswith("linux"):
+        start = native.last_step_start_ns()
+        assert called < start < start + native.last_step_seconds() * 1e9 < returned
     with tuned("phases", 2):
         result = _step(cfg, (params, grads, momentum), 2)
     assert [float(r) for r in result.trust_ratio] == [1.0] * len(params)

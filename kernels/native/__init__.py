@@ -40,6 +40,7 @@ __all__ = [
     "cpu_isa",
     "get_num_threads",
     "last_step_seconds",
+    "last_step_start_ns",
     "last_step_threads",
     "run",
     "set_cpu_cache_bytes",
@@ -73,6 +74,14 @@ def last_step_threads() -> tuple[int, int]:
 def last_step_seconds() -> float:
     """Seconds the CPU handler ran in the last CPU step (0.0 before any)."""
     return library.cpu().LarsNativeLastStepNanos() * 1e-9
+
+
+def last_step_start_ns() -> int:
+    """When the CPU handler of the last CPU step started (0 before any), in
+    nanoseconds of the monotonic clock: on Linux the clock of
+    ``time.perf_counter_ns()``, so that a caller can split a step's time into
+    before the handler, the handler and after it."""
+    return int(library.cpu().LarsNativeLastStepStartNanos())
 
 
 def cpu_cache_bytes() -> int:

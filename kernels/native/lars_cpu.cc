@@ -59,6 +59,7 @@ std::atomic<const CpuKernels*> g_kernels{nullptr};
 std::atomic<int64_t> g_last_threads{0};
 std::atomic<int64_t> g_last_helper_items{0};
 std::atomic<int64_t> g_last_nanos{0};
+std::atomic<int64_t> g_last_start{0};  // steady_clock nanoseconds at the start
 
 const CpuKernels* KernelsByName(const std::string& name) {
   if (name == "base") return &isa_base::Kernels();
@@ -464,6 +465,10 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
                          std::chrono::steady_clock::now() - start)
                          .count(),
                      std::memory_order_relaxed);
+  g_last_start.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         start.time_since_epoch())
+                         .count(),
+                     std::memory_order_relaxed);
   return ffi::Error::Success();
 }
 
@@ -515,4 +520,11 @@ extern "C" void LarsNativeLastStepThreads(int64_t* threads, int64_t* helper_item
 // The nanoseconds the last CPU step spent in the handler (0 before any step).
 extern "C" int64_t LarsNativeLastStepNanos() {
   return lars_native::g_last_nanos.load(std::memory_order_relaxed);
+}
+
+// When the last CPU step's handler started, in nanoseconds of the monotonic
+// clock (std::chrono::steady_clock; on Linux the clock of Python's
+// time.perf_counter_ns and time.monotonic_ns), 0 before any step.
+extern "C" int64_t LarsNativeLastStepStartNanos() {
+  return lars_native::g_last_start.load(std::memory_order_relaxed);
 }

@@ -68,6 +68,7 @@ def load() -> dict[str, Any]:
             cpu.LarsNativeSetCpuIsa.restype = ctypes.c_int
             cpu.LarsNativeLastStepThreads.restype = None
             cpu.LarsNativeLastStepNanos.restype = ctypes.c_int64
+            cpu.LarsNativeLastStepStartNanos.restype = ctypes.c_int64
             cpu.LarsNativeCpuTune.argtypes = [ctypes.c_char_p, ctypes.c_int64]
             cpu.LarsNativeCpuTune.restype = ctypes.c_int
             cpu.LarsNativeCpuCacheBytes.restype = ctypes.c_int64
