@@ -41,7 +41,7 @@ from native_cases import (
 from lars import _reference
 from lars.contract import LarsConfig, StepInputs, compute_dtype
 from lars.kernels import native
-from lars.kernels.native import ffi
+from lars.kernels.native import ffi, library
 
 
 @pytest.fixture(autouse=True)
@@ -328,12 +328,16 @@ def test_bitwise_deterministic_across_runs_and_threads(name: str):
             assert native.last_step_threads()[0] == threads
 
 
-def test_bitwise_identical_across_instruction_sets():
-    """The base, AVX2 and AVX-512 loops give the same bits (fixed lanes, no FMA)."""
+@pytest.mark.parametrize("sum_streams", [1, 2, 4])
+def test_bitwise_identical_across_instruction_sets(sum_streams: int):
+    """The base, AVX2 and AVX-512 loops give the same bits (fixed lanes, no FMA),
+    with the norms' items read as 1, 2 (the default) or 4 parts."""
     cfg = config_of("everything")
     params, grads, momentum = big_problem()
     active = native.cpu_isa()
     results = {}
+    tune = library.cpu().LarsNativeCpuTune
+    assert tune(b"sum_streams", sum_streams) == 0
     try:
         for isa in ("base", "avx2", "avx512"):
             try:
@@ -343,6 +347,7 @@ def test_bitwise_identical_across_instruction_sets():
             results[isa] = _native_threads(2, params, grads, momentum, cfg)
     finally:
         native.set_cpu_isa(active)
+        assert tune(b"sum_streams", -1) == 0
     assert "base" in results
     for isa, result in results.items():
         if isa != "base":

@@ -2,9 +2,13 @@
 
 The CPU handler orders its work by the cache size it counts on (detected from
 the operating system or set with ``set_cpu_cache_bytes``) and has tuning knobs
-for timing (``LarsNativeCpuTune``: the schedule, one pass alone); every
-setting must give the bits of the default step, with every thread count and
-on the float32, bfloat16-gradient and float64 paths.
+for timing (``LarsNativeCpuTune``: the schedule, one pass alone, how many
+parts of a work item its loops read side by side); every setting but one pass
+alone and the norms' number of parts must give the bits of the default step,
+with every thread count and on the float32, bfloat16-gradient and float64
+paths. The norms' number of parts decides which elements each partial sum
+adds: another number gives other bits, still deterministic and as close to a
+float64 NumPy oracle.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ def test_cache_size_and_knobs_change_no_bit(name: str):
             cache_bytes(3 << 20),  # some layers fit
             cache_bytes(1 << 40),  # everything fits
             tuned("schedule", 0),  # the earlier order: one large leaf later, first chunk first
+            tuned("update_streams", 1),  # the update loop over each item in one stream
+            tuned("update_streams", 2),
+            tuned("update_streams", 8),
         ]
         for setting in settings:
             with setting:
@@ -88,7 +95,14 @@ def test_float64_schedule_changes_no_bit():
         momentum = [jnp.zeros(s, jnp.float64) for s in shapes]
         cfg = config_of("everything")
         want = _step(cfg, (params, grads, momentum), 1)
-        for setting in (cache_bytes(0), cache_bytes(1 << 40), tuned("schedule", 0)):
+        settings = (
+            cache_bytes(0),
+            cache_bytes(1 << 40),
+            tuned("schedule", 0),
+            tuned("update_streams", 1),
+            tuned("update_streams", 8),
+        )
+        for setting in settings:
             with setting:
                 assert_bitwise(want, _step(cfg, (params, grads, momentum), 2))
 
@@ -141,6 +155,30 @@ def test_tuning_knobs_refuse_unknown_names_and_bad_values():
     assert tune(b"schedule", 2) == -1
     assert tune(b"cache_bytes", -2) == -1
     assert tune(b"prefetch", 64) == -1  # measured, no gain, not kept
+    for bad in (0, 3, 8, -2):
+        assert tune(b"sum_streams", bad) == -1
+    for bad in (0, 3, 16, -2):
+        assert tune(b"update_streams", bad) == -1
+
+
+@pytest.mark.parametrize("sum_streams", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 17, 31, 32, 33, 127, 4097, 65_536, 65_537, 200_003])
+def test_sum_streams_give_the_norms_and_the_same_bits_on_every_thread_count(sum_streams, n):
+    """Every number of parts: the trust ratio from exact norms (float64 oracle,
+    float32 tolerance), and the same bits with 1, 2 and 3 threads."""
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 0.01).astype(np.float32)
+    cfg = LarsConfig(weight_decay=0.0, trust_coefficient=0.001, eps=0.0)
+    problem = ([jnp.asarray(w)], [jnp.asarray(g)], [jnp.zeros((n,), jnp.float32)])
+    with tuned("sum_streams", sum_streams):
+        got = [_step(cfg, problem, threads) for threads in (1, 2, 3)]
+    for other in got[1:]:
+        assert_bitwise(got[0], other)
+    w_norm = np.sqrt(np.sum(w.astype(np.float64) ** 2))
+    g_norm = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+    want = 0.001 * w_norm / g_norm
+    np.testing.assert_allclose(float(got[0].trust_ratio[0]), want, rtol=2e-6)
 
 
 def test_one_pass_alone_and_the_handler_clock():

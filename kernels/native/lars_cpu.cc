@@ -127,6 +127,8 @@ struct Job {
   std::atomic<int64_t> done{0};
   std::atomic<int64_t> helper_items{0};
   int64_t phases = CpuTuning::kBothPasses;
+  int sum_streams = 2;
+  int update_streams = 4;
 };
 
 inline void SpinUntil(const std::atomic<uint8_t>& flag) {
@@ -179,20 +181,26 @@ void Execute(Job& job, const Item& it) {
       double r = 1.0;
       if (leaf.trust && sums) {
         double s[2];
-        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, s);
+        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, job.sum_streams, s);
         r = LeafRatio(job, it.leaf, s[0], s[1]);
       }
       SetRatio(job, it.leaf, r);
-      if (update) k.update(leaf, it.begin, it.end, job.hyper, job.scalars, r);
+      if (update) {
+        k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.update_streams, r);
+      }
       break;
     }
     case kSum:
       if (sums) {
-        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, &job.sum_slots[2 * it.slot]);
+        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, job.sum_streams,
+               &job.sum_slots[2 * it.slot]);
       }
       break;
     case kUpd:
-      if (update) k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.ratio[it.leaf]);
+      if (update) {
+        k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.update_streams,
+                 job.ratio[it.leaf]);
+      }
       break;
   }
 }
@@ -388,6 +396,8 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   job->kernels = &ActiveKernels();
   const CpuTuning tuning = CurrentTuning();
   job->phases = tuning.phases;
+  job->sum_streams = static_cast<int>(tuning.sum_streams);
+  job->update_streams = static_cast<int>(tuning.update_streams);
   size_t outs = 0;
   StepExtras extras;
   if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,

@@ -274,9 +274,9 @@ template <class C, class F>
 int64_t SquareBlocks(int64_t i, int64_t end, F&& x, VD8* lo, VD8* hi, int num) {
   if constexpr (std::is_same_v<C, float>) {
     while (i + kLanes <= end) {
-      VF16 part[2] = {};
+      VF16 part[8] = {};
       for (int k = 0; k < kInner && i + kLanes <= end; ++k, i += kLanes) {
-        VF16 v[2];
+        VF16 v[8];
         x(i, v);
         for (int j = 0; j < num; ++j) part[j] += v[j] * v[j];
       }
@@ -284,7 +284,7 @@ int64_t SquareBlocks(int64_t i, int64_t end, F&& x, VD8* lo, VD8* hi, int num) {
     }
   } else {
     for (; i + kLanes <= end; i += kLanes) {
-      VD16 v[2];
+      VD16 v[8];
       x(i, v);
       for (int j = 0; j < num; ++j) AddSquaresWide(v[j], lo[j], hi[j]);
     }
@@ -309,37 +309,73 @@ void SumG2(const LeafView& leaf, int64_t begin, int64_t end, double* out) {
   out[0] = TreeSum(acc);
 }
 
-template <class P, class G, bool CN, bool CV, bool WD>
-void Sums(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
-          const StepScalars& s, double* out) {
+// Sums of w^2 and g^2 over [begin, end) as K parts read side by side (2K
+// streams, which a core reads faster than 2 when its own outstanding misses,
+// not the memory, are the limit): parts 0..K-2 hold `part` elements each (a
+// multiple of kLanes), the last the rest; each part has its own lanes, and the
+// parts' totals are added in order. K is part of the numerics (it decides
+// which elements a lane adds), so every instruction set uses the same K.
+template <int K, class P, class G, bool CN, bool CV, bool WD>
+void SumsK(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
+           const StepScalars& s, double* out) {
   using C = typename ComputeOf<P>::type;
   const P* w = static_cast<const P*>(leaf.w);
   const G* g = static_cast<const G*>(leaf.g);
   const Eff<C, CN, CV, WD> eff(h, s);
-  VD8 lo[2] = {}, hi[2] = {};
+  const int64_t part = (end - begin) / (K * kLanes) * kLanes;
+  VD8 lo[2 * K] = {}, hi[2 * K] = {};
   int64_t i = SquareBlocks<C>(
-      begin, end,
+      begin, begin + part,
+      [&](int64_t k, typename Vec<C>::type* v) {
+        for (int j = 0; j < K; ++j) {
+          v[2 * j] = Block<C>(w + k + j * part);
+          v[2 * j + 1] = eff(Block<C>(g + k + j * part), v[2 * j]);
+        }
+      },
+      lo, hi, 2 * K);
+  i = SquareBlocks<C>(
+      i + (K - 1) * part, end,
       [&](int64_t k, typename Vec<C>::type* v) {
         v[0] = Block<C>(w + k);
         v[1] = eff(Block<C>(g + k), v[0]);
       },
-      lo, hi, 2);
-  double aw[kLanes], ag[kLanes];
-  ToLanes(lo[0], hi[0], aw);
-  ToLanes(lo[1], hi[1], ag);
+      lo + 2 * (K - 1), hi + 2 * (K - 1), 2);
+  double aw[K][kLanes], ag[K][kLanes];
+  for (int j = 0; j < K; ++j) {
+    ToLanes(lo[2 * j], hi[2 * j], aw[j]);
+    ToLanes(lo[2 * j + 1], hi[2 * j + 1], ag[j]);
+  }
   for (int l = 0; i < end; ++i, ++l) {
     const C wc = Ld<C>(w[i]);
     const C gc = eff(Ld<C>(g[i]), wc);
-    aw[l] += static_cast<double>(wc) * static_cast<double>(wc);
-    ag[l] += static_cast<double>(gc) * static_cast<double>(gc);
+    aw[K - 1][l] += static_cast<double>(wc) * static_cast<double>(wc);
+    ag[K - 1][l] += static_cast<double>(gc) * static_cast<double>(gc);
   }
-  out[0] = TreeSum(aw);
-  out[1] = TreeSum(ag);
+  double sw = 0.0, sg = 0.0;
+  for (int j = 0; j < K; ++j) {
+    sw += TreeSum(aw[j]);
+    sg += TreeSum(ag[j]);
+  }
+  out[0] = sw;
+  out[1] = sg;
+}
+
+template <class P, class G, bool CN, bool CV, bool WD>
+void Sums(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
+          const StepScalars& s, int streams, double* out) {
+  switch (streams) {
+    case 1:
+      return SumsK<1, P, G, CN, CV, WD>(leaf, begin, end, h, s, out);
+    case 4:
+      return SumsK<4, P, G, CN, CV, WD>(leaf, begin, end, h, s, out);
+    default:
+      return SumsK<2, P, G, CN, CV, WD>(leaf, begin, end, h, s, out);
+  }
 }
 
 template <class P, class G, bool CN, bool CV, bool WD, int MODE, bool NESTEROV>
 void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
-                const StepScalars& s, double ratio) {
+                const StepScalars& s, int streams, double ratio) {
   using C = typename ComputeOf<P>::type;
   const P* w = static_cast<const P*>(leaf.w);
   const G* g = static_cast<const G*>(leaf.g);
@@ -354,8 +390,7 @@ void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h
   // is 1, and x * 1 == x exactly, so this matches both forms bit for bit.
   const C lr_in = h.lr_inside ? lr : C(1);
   const C lr_out = h.lr_inside ? C(1) : lr;
-  LARS_IVDEP
-  for (int64_t i = begin; i < end; ++i) {
+  auto one = [&](int64_t i) __attribute__((always_inline)) {
     const P wp = w[i];
     const C wc = Ld<C>(wp);
     const C gc = eff(Ld<C>(g[i]), wc);
@@ -372,13 +407,35 @@ void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h
         out[i] = St<P>::Do(-step);
       }
     }
+  };
+  // `streams` (1, 2, 4 or 8) parts of the range side by side, so that more
+  // streams are in flight; each element's result is the same in any order.
+  const int64_t ways = streams == 2 || streams == 4 || streams == 8 ? streams : 1;
+  const int64_t q = (end - begin) / ways;
+  if (ways == 8) {
+    LARS_IVDEP
+    for (int64_t i = begin; i < begin + q; ++i) {
+      one(i), one(i + q), one(i + 2 * q), one(i + 3 * q);
+      one(i + 4 * q), one(i + 5 * q), one(i + 6 * q), one(i + 7 * q);
+    }
+  } else if (ways == 4) {
+    LARS_IVDEP
+    for (int64_t i = begin; i < begin + q; ++i) {
+      one(i), one(i + q), one(i + 2 * q), one(i + 3 * q);
+    }
+  } else if (ways == 2) {
+    LARS_IVDEP
+    for (int64_t i = begin; i < begin + q; ++i) one(i), one(i + q);
   }
+  LARS_IVDEP
+  for (int64_t i = ways == 1 ? begin : begin + ways * q; i < end; ++i) one(i);
 }
 
 template <class P, class G, bool CN, bool CV, bool WD>
 void Update(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
-            const StepScalars& s, double ratio) {
-#define LARS_LOOP(MODE, NEST) UpdateLoop<P, G, CN, CV, WD, MODE, NEST>(leaf, begin, end, h, s, ratio)
+            const StepScalars& s, int streams, double ratio) {
+#define LARS_LOOP(MODE, NEST) \
+  UpdateLoop<P, G, CN, CV, WD, MODE, NEST>(leaf, begin, end, h, s, streams, ratio)
   switch (h.mode) {
     case kWriteParams:
       h.nesterov ? LARS_LOOP(kWriteParams, true) : LARS_LOOP(kWriteParams, false);
@@ -394,9 +451,9 @@ void Update(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
 }
 
 // Selects the template for the run-time flags of one leaf.
-using SumsFn = void (*)(const LeafView&, int64_t, int64_t, const Hyper&, const StepScalars&,
+using SumsFn = void (*)(const LeafView&, int64_t, int64_t, const Hyper&, const StepScalars&, int,
                         double*);
-using UpdateFn = void (*)(const LeafView&, int64_t, int64_t, const Hyper&, const StepScalars&,
+using UpdateFn = void (*)(const LeafView&, int64_t, int64_t, const Hyper&, const StepScalars&, int,
                           double);
 
 template <class P, class G>
@@ -415,20 +472,20 @@ struct Table {
     return (cn ? 4 : 0) | (cv ? 2 : 0) | (wd ? 1 : 0);
   }
   static void RunSums(const LeafView& leaf, int64_t b, int64_t e, const Hyper& h,
-                      const StepScalars& s, double* out) {
+                      const StepScalars& s, int streams, double* out) {
     static constexpr SumsFn fns[8] = {
         kSums<false, false, false>, kSums<false, false, true>, kSums<false, true, false>,
         kSums<false, true, true>,   kSums<true, false, false>, kSums<true, false, true>,
         kSums<true, true, false>,   kSums<true, true, true>};
-    fns[Index(leaf, h, s)](leaf, b, e, h, s, out);
+    fns[Index(leaf, h, s)](leaf, b, e, h, s, streams, out);
   }
   static void RunUpdate(const LeafView& leaf, int64_t b, int64_t e, const Hyper& h,
-                        const StepScalars& s, double ratio) {
+                        const StepScalars& s, int streams, double ratio) {
     static constexpr UpdateFn fns[8] = {
         kUpdate<false, false, false>, kUpdate<false, false, true>, kUpdate<false, true, false>,
         kUpdate<false, true, true>,   kUpdate<true, false, false>, kUpdate<true, false, true>,
         kUpdate<true, true, false>,   kUpdate<true, true, true>};
-    fns[Index(leaf, h, s)](leaf, b, e, h, s, ratio);
+    fns[Index(leaf, h, s)](leaf, b, e, h, s, streams, ratio);
   }
 };
 
@@ -453,15 +510,15 @@ void SumG2Any(const LeafView& leaf, int64_t b, int64_t e, double* out) {
 }
 
 void SumsAny(const LeafView& leaf, int64_t b, int64_t e, const Hyper& h, const StepScalars& s,
-             double* out) {
-#define LARS_CALL(P, G) Table<P, G>::RunSums(leaf, b, e, h, s, out)
+             int streams, double* out) {
+#define LARS_CALL(P, G) Table<P, G>::RunSums(leaf, b, e, h, s, streams, out)
   LARS_DISPATCH_PAIR(leaf, LARS_CALL)
 #undef LARS_CALL
 }
 
 void UpdateAny(const LeafView& leaf, int64_t b, int64_t e, const Hyper& h, const StepScalars& s,
-               double ratio) {
-#define LARS_CALL(P, G) Table<P, G>::RunUpdate(leaf, b, e, h, s, ratio)
+               int streams, double ratio) {
+#define LARS_CALL(P, G) Table<P, G>::RunUpdate(leaf, b, e, h, s, streams, ratio)
   LARS_DISPATCH_PAIR(leaf, LARS_CALL)
 #undef LARS_CALL
 }

@@ -27,17 +27,21 @@ struct LeafView {
 };
 
 // The loops of one instruction set. All of them work on elements [begin, end).
+// `streams` is how many parts of the range a loop reads side by side (see
+// lars_cpu_settings.h): for `sums` it is part of the numerics (1, 2 or 4; the
+// same on every instruction set gives the same bits), for `update` it is not
+// (1, 2, 4 or 8).
 struct CpuKernels {
   const char* isa;
   // out[0] = sum of g^2 (raw gradients, for the global norm).
   void (*sum_g2)(const LeafView&, int64_t begin, int64_t end, double* out);
   // out[0] = sum of w^2, out[1] = sum of g^2 with g after clipping and decay.
   void (*sums)(const LeafView&, int64_t begin, int64_t end, const Hyper&, const StepScalars&,
-               double* out);
+               int streams, double* out);
   // The momentum and parameter update with trust ratio `ratio` (a value of the
   // compute dtype, stored in a double).
   void (*update)(const LeafView&, int64_t begin, int64_t end, const Hyper&, const StepScalars&,
-                 double ratio);
+                 int streams, double ratio);
 };
 
 namespace isa_base {

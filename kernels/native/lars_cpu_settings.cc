@@ -24,6 +24,8 @@ namespace {
 std::atomic<int64_t> g_phases{CpuTuning::kBothPasses};
 std::atomic<int64_t> g_cache_bytes{-1};  // -1: the detected size
 std::atomic<int64_t> g_schedule{1};
+std::atomic<int64_t> g_sum_streams{CpuTuning().sum_streams};
+std::atomic<int64_t> g_update_streams{CpuTuning().update_streams};
 
 int64_t DetectCacheBytes() {
   int64_t best = 0;
@@ -60,6 +62,8 @@ CpuTuning CurrentTuning() {
   t.phases = g_phases.load(std::memory_order_relaxed);
   t.cache_bytes = CacheBytes();
   t.schedule = g_schedule.load(std::memory_order_relaxed);
+  t.sum_streams = g_sum_streams.load(std::memory_order_relaxed);
+  t.update_streams = g_update_streams.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -70,23 +74,35 @@ CpuTuning CurrentTuning() {
 // schedule counts on), "schedule" (1: cache-aware, the default; 0: the earlier
 // order, a large leaf's updates after the next large leaf's norms), "phases"
 // (1: the norm pass alone, 2: the update pass alone with ratios of 1, 3: both,
-// the default; one alone is for timing). Only "phases" changes results.
+// the default; one alone is for timing), "sum_streams" (1, 2 or 4; default 2)
+// and "update_streams" (1, 2, 4 or 8; default 4): how many parts of a work item
+// the norm and update loops read side by side. Only "phases" and
+// "sum_streams" change results.
 extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
   using lars_native::CpuTuning;
   const std::string key(name);
+  const CpuTuning defaults;
   std::atomic<int64_t>* target = nullptr;
-  int64_t fallback = 0, low = 0, high = 0;
+  int64_t fallback = 0;
+  bool ok = false;
   if (key == "cache_bytes") {
-    target = &lars_native::g_cache_bytes, fallback = -1, low = 0, high = INT64_MAX;
+    target = &lars_native::g_cache_bytes, fallback = -1, ok = value >= 0;
   } else if (key == "schedule") {
-    target = &lars_native::g_schedule, fallback = 1, low = 0, high = 1;
+    target = &lars_native::g_schedule, fallback = 1, ok = value == 0 || value == 1;
   } else if (key == "phases") {
-    target = &lars_native::g_phases, fallback = CpuTuning::kBothPasses, low = 1, high = 3;
+    target = &lars_native::g_phases, fallback = CpuTuning::kBothPasses;
+    ok = value >= 1 && value <= 3;
+  } else if (key == "sum_streams") {
+    target = &lars_native::g_sum_streams, fallback = defaults.sum_streams;
+    ok = value == 1 || value == 2 || value == 4;
+  } else if (key == "update_streams") {
+    target = &lars_native::g_update_streams, fallback = defaults.update_streams;
+    ok = value == 1 || value == 2 || value == 4 || value == 8;
   } else {
     return -1;
   }
-  if (value == -1) value = fallback;
-  if (value != fallback && (value < low || value > high)) return -1;
+  if (value == -1) value = fallback, ok = true;
+  if (!ok) return -1;
   target->store(value, std::memory_order_relaxed);
   return 0;
 }

@@ -1,7 +1,7 @@
 // Process-wide settings of the CPU handler (lars_cpu_settings.cc): the cache
 // size its schedule counts on and the tuning knobs used to time variants of the
 // step. None of them changes a bit of the results, except "phases" (one pass
-// alone, for timing only).
+// alone) and "sum_streams" (the order of the norms' sums), for timing only.
 #ifndef LARS_NATIVE_CPU_SETTINGS_H_
 #define LARS_NATIVE_CPU_SETTINGS_H_
 
@@ -16,6 +16,12 @@ struct CpuTuning {
   int64_t phases = kBothPasses;  // which passes run
   int64_t cache_bytes = 0;       // the cache the schedule counts on (set or detected)
   int64_t schedule = 1;          // 1: cache-aware; 0: the earlier next-leaf order
+  // How many parts of a work item the loops read side by side (more streams
+  // in flight: on a core whose outstanding misses, not the memory, are the
+  // limit, 4 streams read faster than 2). The norms' number is part of the
+  // numerics; the update's is not.
+  int64_t sum_streams = 2;     // 1, 2 or 4
+  int64_t update_streams = 4;  // 1, 2, 4 or 8
 };
 
 // The settings for a step about to run.
