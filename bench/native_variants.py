@@ -15,7 +15,9 @@ other processes hits all of them alike:
 * ``norms-only``: the native call with the update pass switched off
   (the library's ``phases`` tuning knob);
 * variants of the library's settings (``--knobs``), e.g. ``cache_bytes=0``
-  (no layer counted on to stay cached) or ``schedule=0`` (the earlier order);
+  (no layer counted on to stay cached), ``schedule=0`` (the earlier order)
+  or ``sum_streams=1,update_streams=1`` (each item's loops in one part, as
+  before the parts side by side);
 * with ``--optax``, ``jax.jit(optax.lars)`` (the bench's baseline).
 
 With ``--after`` it then times the first ``apply`` step on its own right
@@ -282,7 +284,7 @@ def main() -> None:
         "--knobs",
         action="append",
         default=[],
-        help="a tuning variant, e.g. stream=1 or cache_bytes=0,schedule=0 (repeatable)",
+        help="a tuning variant, e.g. update_streams=1 or cache_bytes=0,schedule=0 (repeatable)",
     )
     p.add_argument("--optax", action="store_true", help="also time jax.jit(optax.lars)")
     p.add_argument(
