@@ -2,8 +2,9 @@
 // (25,557,032 float32 values per array): the raw loops behind the native CPU
 // step's two passes, beside the copy floors, without XLA or the handler.
 //
-//   g++ -O2 -mavx512f -o /tmp/cpu_stream_probe bench/cpu_stream_probe.cc
-//   taskset -c 1 /tmp/cpu_stream_probe [rounds]
+//   g++ -O2 -mavx512f -pthread -o /tmp/cpu_stream_probe bench/cpu_stream_probe.cc
+//   taskset -c 1 /tmp/cpu_stream_probe [rounds]    (the tables up to the last)
+//   /tmp/cpu_stream_probe [rounds]                 (the last table's 2 threads)
 //
 // Variants, one thread, interleaved round after round (median and min in ms):
 //   * update, regular or streaming (non-temporal) stores: the in-place update
@@ -20,7 +21,12 @@
 // array right after a 255 MB stream has pushed it out of every cache (first
 // read) and of the same sum run again at once (second read): where the second
 // read is no faster, the cache level that would hold the array does not help a
-// re-read on this core (e.g. a large shared L3 on some virtual machines).
+// re-read on this core (e.g. a large shared L3 on some virtual machines);
+// last, the norm pass and the update over the whole arrays in 65,536-element
+// chunks taken in turn by 1 or 2 threads (as the native handler's workers take
+// its items), each chunk read as 1, 2 or 4 parts side by side: where more
+// parts (more streams in flight) read faster, a core's own outstanding misses,
+// not the memory, are its limit.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,6 +34,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -158,6 +165,77 @@ void Reread(const float* flush, long flush_n, int rounds) {
   }
 }
 
+// Norms (update = false) or update of [begin, end) as `parts` parts side by
+// side: part j is [begin + j * q, begin + (j + 1) * q), the rest one at a time.
+float PartsRange(const Layer& l, long begin, long end, int parts, bool update) {
+  const long q = (end - begin) / parts / 16 * 16;
+  const __m512 r = _mm512_set1_ps(0.05f), mu = _mm512_set1_ps(0.9f);
+  const __m512 wd = _mm512_set1_ps(1e-4f);
+  __m512 acc[8];
+  for (__m512& a : acc) a = _mm512_setzero_ps();
+  for (long i = begin; i < begin + q; i += 16) {
+    for (int j = 0; j < parts; ++j) {
+      const long k = i + j * q;
+      const __m512 wi = _mm512_loadu_ps(l.w + k), gi = _mm512_loadu_ps(l.g + k);
+      if (update) {
+        __m512 vi = _mm512_loadu_ps(l.v + k);
+        vi = _mm512_add_ps(_mm512_mul_ps(r, _mm512_add_ps(gi, _mm512_mul_ps(wd, wi))),
+                           _mm512_mul_ps(mu, vi));
+        _mm512_storeu_ps(l.v + k, vi);
+        _mm512_storeu_ps(l.w + k, _mm512_sub_ps(wi, vi));
+      } else {
+        acc[2 * j] = _mm512_add_ps(acc[2 * j], _mm512_mul_ps(wi, wi));
+        acc[2 * j + 1] = _mm512_add_ps(acc[2 * j + 1], _mm512_mul_ps(gi, gi));
+      }
+    }
+  }
+  float s = 0.0f;
+  for (const __m512& a : acc) s += _mm512_reduce_add_ps(a);
+  const long rest = begin + parts * q;
+  if (update) {
+    UpdateRange(l, rest, end);
+  } else {
+    s += NormRange(l, rest, end);
+  }
+  return s;
+}
+
+// The parts table (see the top): `threads` threads take the chunks in turn.
+void PartsTable(const Layer& whole, int rounds) {
+  constexpr long kChunk = 65536;
+  std::printf("%-8s %-6s %14s %14s\n", "threads", "parts", "norms GB/s", "update GB/s");
+  for (int threads : {1, 2}) {
+    std::vector<double> t[3][2];
+    for (int round = 0; round < rounds; ++round) {
+      for (int parts : {1, 2, 4}) {
+        for (int update = 0; update < 2; ++update) {
+          const double start = Now();
+          std::vector<std::thread> pool;
+          for (int k = 0; k < threads; ++k) {
+            pool.emplace_back([&, k] {
+              volatile float sink = 0.0f;
+              for (long c = k * kChunk; c < whole.n; c += threads * kChunk) {
+                sink = sink + PartsRange(whole, c, std::min(whole.n, c + kChunk), parts, update);
+              }
+            });
+          }
+          for (std::thread& th : pool) th.join();
+          t[parts / 2][update].push_back(Now() - start);
+        }
+      }
+    }
+    for (int parts : {1, 2, 4}) {
+      double gbs[2];
+      for (int update = 0; update < 2; ++update) {
+        std::vector<double>& v = t[parts / 2][update];
+        std::sort(v.begin(), v.end());
+        gbs[update] = (update ? 12.0 : 8.0) * whole.n / v[v.size() / 2] * 1e-9;  // reads
+      }
+      std::printf("%-8d %-6d %14.1f %14.1f\n", threads, parts, gbs[0], gbs[1]);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -249,5 +327,6 @@ int main(int argc, char** argv) {
                 1e3 * t[k][0]);
   }
   Reread(src, nc, rounds);
+  PartsTable(Layer{w, g, v, n}, rounds);
   return 0;
 }
