@@ -313,3 +313,35 @@ def test_settle_sleeps_before_each_sample_outside_the_timed_interval(monkeypatch
     events.clear()
     timing.time_runners([Fake("a")], warmup=0, rounds=2, min_sample_s=0.0)
     assert not any(e.startswith("sleep") for e in events)  # the default: no sleep
+
+
+def test_cpu_stream_probe_builds_and_prints_every_table(tmp_path):
+    """bench/cpu_stream_probe.cc builds with the command at its top; where the
+    processor has AVX-512 it runs one round and prints every table."""
+    import shutil
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ to build the probe")
+    exe = tmp_path / "cpu_stream_probe"
+    build = subprocess.run(
+        [compiler, "-O2", "-mavx512f", "-pthread", "-o", str(exe), "bench/cpu_stream_probe.cc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512f" not in flags:
+        return  # built; it cannot run here
+    run = subprocess.run([str(exe), "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert sum("median" in line for line in lines) == 9, run.stdout
+    rereads = [line for line in lines if "MiB" in line and "array" not in line]
+    assert len(rereads) == 8, run.stdout
+    parts = lines[lines.index(next(x for x in lines if x.startswith("threads"))) + 1 :]
+    rows = [line.split() for line in parts]
+    assert [(r[0], r[1]) for r in rows] == [(t, p) for t in "12" for p in "124"], run.stdout
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), run.stdout
