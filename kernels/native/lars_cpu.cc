@@ -126,9 +126,7 @@ struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::atomic<int64_t> helper_items{0};
-  int64_t phases = CpuTuning::kBothPasses;
-  int sum_streams = 2;
-  int update_streams = 4;
+  CpuTuning tuning;  // the settings read when the step started
 };
 
 inline void SpinUntil(const std::atomic<uint8_t>& flag) {
@@ -171,8 +169,10 @@ void Finalize(Job& job, int32_t group_index) {
 void Execute(Job& job, const Item& it) {
   const LeafView& leaf = job.leaves[it.leaf];
   const CpuKernels& k = *job.kernels;
-  const bool sums = (job.phases & CpuTuning::kNormPass) != 0;
-  const bool update = (job.phases & CpuTuning::kUpdatePass) != 0;
+  const bool sums = (job.tuning.phases & CpuTuning::kNormPass) != 0;
+  const bool update = (job.tuning.phases & CpuTuning::kUpdatePass) != 0;
+  const int sum_streams = static_cast<int>(job.tuning.sum_streams);
+  const int update_streams = static_cast<int>(job.tuning.update_streams);
   switch (it.kind) {
     case kSq:
       if (sums) k.sum_g2(leaf, it.begin, it.end, &job.sq_slots[it.slot]);
@@ -181,24 +181,24 @@ void Execute(Job& job, const Item& it) {
       double r = 1.0;
       if (leaf.trust && sums) {
         double s[2];
-        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, job.sum_streams, s);
+        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, sum_streams, s);
         r = LeafRatio(job, it.leaf, s[0], s[1]);
       }
       SetRatio(job, it.leaf, r);
       if (update) {
-        k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.update_streams, r);
+        k.update(leaf, it.begin, it.end, job.hyper, job.scalars, update_streams, r);
       }
       break;
     }
     case kSum:
       if (sums) {
-        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, job.sum_streams,
+        k.sums(leaf, it.begin, it.end, job.hyper, job.scalars, sum_streams,
                &job.sum_slots[2 * it.slot]);
       }
       break;
     case kUpd:
       if (update) {
-        k.update(leaf, it.begin, it.end, job.hyper, job.scalars, job.update_streams,
+        k.update(leaf, it.begin, it.end, job.hyper, job.scalars, update_streams,
                  job.ratio[it.leaf]);
       }
       break;
@@ -394,10 +394,8 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
   const size_t num_leaves = decay_mask.size();
   auto job = std::make_shared<Job>();
   job->kernels = &ActiveKernels();
-  const CpuTuning tuning = CurrentTuning();
-  job->phases = tuning.phases;
-  job->sum_streams = static_cast<int>(tuning.sum_streams);
-  job->update_streams = static_cast<int>(tuning.update_streams);
+  job->tuning = CurrentTuning();
+  const CpuTuning& tuning = job->tuning;
   size_t outs = 0;
   StepExtras extras;
   if (ffi::Error err = ReadStepHeader(lr, args, rets, num_leaves, trust_mask.size(), momentum,

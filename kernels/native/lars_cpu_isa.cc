@@ -4,8 +4,9 @@
 // with -ffp-contract=off so that every variant rounds like the reference.
 //
 // Sums are accumulated in float64 in kLanes independent lanes (element i of a
-// range goes to lane (i - begin) % kLanes), then the lanes are added in a fixed
-// tree: the result depends only on the range, never on the instruction set or
+// part of a range goes to lane (i - part begin) % kLanes), then the lanes are
+// added in a fixed tree and the parts in order (SumsK): the result depends
+// only on the range and the number of parts, never on the instruction set or
 // the number of threads.
 #include <cstdint>
 #include <cstring>
