@@ -310,12 +310,21 @@ void SumG2(const LeafView& leaf, int64_t begin, int64_t end, double* out) {
   out[0] = TreeSum(acc);
 }
 
-// Sums of w^2 and g^2 over [begin, end) as K parts read side by side (2K
-// streams, which a core reads faster than 2 when its own outstanding misses,
-// not the memory, are the limit): parts 0..K-2 hold `part` elements each (a
-// multiple of kLanes), the last the rest; each part has its own lanes, and the
-// parts' totals are added in order. K is part of the numerics (it decides
-// which elements a lane adds), so every instruction set uses the same K.
+// Sums of w^2 and g^2 over [begin, end) as K parts: parts 0..K-2 hold `part`
+// elements each (a multiple of kLanes), the last the rest; each part has its
+// own lanes, and the parts' totals are added in order. K is part of the
+// numerics (it decides which elements a lane adds), so every instruction set
+// uses the same K. With AVX-512 the parts are read side by side (2K streams,
+// which a core reads faster than 2 when its own outstanding misses, not the
+// memory, are the limit); with fewer registers (AVX2: sixteen of 32 bytes) that
+// loop spills and runs slower than reading the parts one after the other,
+// which gives the same bits.
+#if defined(__AVX512F__)
+constexpr bool kInterleaveParts = true;
+#else
+constexpr bool kInterleaveParts = false;
+#endif
+
 template <int K, class P, class G, bool CN, bool CV, bool WD>
 void SumsK(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
            const StepScalars& s, double* out) {
@@ -325,22 +334,26 @@ void SumsK(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
   const Eff<C, CN, CV, WD> eff(h, s);
   const int64_t part = (end - begin) / (K * kLanes) * kLanes;
   VD8 lo[2 * K] = {}, hi[2 * K] = {};
-  int64_t i = SquareBlocks<C>(
-      begin, begin + part,
-      [&](int64_t k, typename Vec<C>::type* v) {
-        for (int j = 0; j < K; ++j) {
-          v[2 * j] = Block<C>(w + k + j * part);
-          v[2 * j + 1] = eff(Block<C>(g + k + j * part), v[2 * j]);
-        }
-      },
-      lo, hi, 2 * K);
-  i = SquareBlocks<C>(
-      i + (K - 1) * part, end,
-      [&](int64_t k, typename Vec<C>::type* v) {
-        v[0] = Block<C>(w + k);
-        v[1] = eff(Block<C>(g + k), v[0]);
-      },
-      lo + 2 * (K - 1), hi + 2 * (K - 1), 2);
+  auto one = [&](int64_t k, typename Vec<C>::type* v) {
+    v[0] = Block<C>(w + k);
+    v[1] = eff(Block<C>(g + k), v[0]);
+  };
+  int64_t i = begin + K * part;
+  if constexpr (kInterleaveParts) {
+    SquareBlocks<C>(
+        begin, begin + part,
+        [&](int64_t k, typename Vec<C>::type* v) {
+          for (int j = 0; j < K; ++j) one(k + j * part, v + 2 * j);
+        },
+        lo, hi, 2 * K);
+  } else {
+    // The same sums part after part: the same blocks in the same order per
+    // lane, so the same bits.
+    for (int j = 0; j < K; ++j) {
+      SquareBlocks<C>(begin + j * part, begin + (j + 1) * part, one, lo + 2 * j, hi + 2 * j, 2);
+    }
+  }
+  i = SquareBlocks<C>(i, end, one, lo + 2 * (K - 1), hi + 2 * (K - 1), 2);
   double aw[K][kLanes], ag[K][kLanes];
   for (int j = 0; j < K; ++j) {
     ToLanes(lo[2 * j], hi[2 * j], aw[j]);
