@@ -328,12 +328,15 @@ def test_bitwise_deterministic_across_runs_and_threads(name: str):
             assert native.last_step_threads()[0] == threads
 
 
+@pytest.mark.parametrize("grads_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("sum_streams", [1, 2, 4])
-def test_bitwise_identical_across_instruction_sets(sum_streams: int):
+def test_bitwise_identical_across_instruction_sets(sum_streams: int, grads_dtype):
     """The base, AVX2 and AVX-512 loops give the same bits (fixed lanes, no FMA),
-    with the norms' items read as 1, 2 (the default) or 4 parts."""
+    with the norms' items read as 1, 2 (the default) or 4 parts (side by side
+    with AVX-512, one after the other otherwise), float32 or bfloat16 grads."""
     cfg = config_of("everything")
     params, grads, momentum = big_problem()
+    grads = [g.astype(grads_dtype) for g in grads]
     active = native.cpu_isa()
     results = {}
     tune = library.cpu().LarsNativeCpuTune
