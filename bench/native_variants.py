@@ -14,10 +14,11 @@ other processes hits all of them alike:
 * ``update-only``: the native call with given trust ratios (no norm pass);
 * ``norms-only``: the native call with the update pass switched off
   (the library's ``phases`` tuning knob);
-* variants of the library's settings (``--knobs``), e.g. ``cache_bytes=0``
-  (no layer counted on to stay cached), ``schedule=0`` (the earlier order)
-  or ``sum_streams=1,update_streams=1`` (each item's loops in one part, as
-  before the parts side by side);
+* variants of the library's settings (``--knobs``), e.g. ``schedule=1``
+  (the earlier lookahead order; with ``cache_bytes=0`` no layer counted on
+  to stay cached), ``schedule=0`` (the earliest order), ``share_chunks=2``
+  (larger shares) or ``sum_streams=1,update_streams=1`` (each item's loops
+  in one part, as before the parts side by side);
 * with ``--optax``, ``jax.jit(optax.lars)`` (the bench's baseline).
 
 With ``--after`` it then times the first ``apply`` step on its own right
@@ -284,7 +285,7 @@ def main() -> None:
         "--knobs",
         action="append",
         default=[],
-        help="a tuning variant, e.g. update_streams=1 or cache_bytes=0,schedule=0 (repeatable)",
+        help="a tuning variant, e.g. update_streams=1 or schedule=1,cache_bytes=0 (repeatable)",
     )
     p.add_argument("--optax", action="store_true", help="also time jax.jit(optax.lars)")
     p.add_argument(

@@ -250,7 +250,7 @@ def test_native_variants_prints_every_variant(tmp_path):
             "--settle",
             "0",
             "--knobs",
-            "cache_bytes=0",
+            "schedule=1,cache_bytes=0",
             "--after",
         ],
         cwd=ROOT,
@@ -261,7 +261,13 @@ def test_native_variants_prints_every_variant(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("  ")[0].strip(): line for line in proc.stdout.splitlines()}
     for t in (2, 1):
-        for name in ("apply", "call", "update-only", "norms-only", "call t={t} cache_bytes=0"):
+        for name in (
+            "apply",
+            "call",
+            "update-only",
+            "norms-only",
+            "call t={t} schedule=1,cache_bytes=0",
+        ):
             key = name.format(t=t) if "{t}" in name else f"{name} t={t}"
             assert key in rows, proc.stdout
             # median, p25, p75, min, x copy, min x, GB/s, handler, h min, outside,

@@ -1,9 +1,10 @@
 """The native CPU step's schedule and tuning settings change no bit of the result.
 
-The CPU handler orders its work by the cache size it counts on (detected from
-the operating system or set with ``set_cpu_cache_bytes``) and has tuning knobs
-for timing (``LarsNativeCpuTune``: the schedule, one pass alone, how many
-parts of a work item its loops read side by side); every setting but one pass
+The CPU handler's workers claim a large leaf's chunks in shares and update
+the chunks they summed; it has tuning knobs for timing (``LarsNativeCpuTune``:
+the share size, the earlier schedules and the cache size the lookahead one
+counts on (``set_cpu_cache_bytes``), one pass alone, how many parts of a work
+item its loops read side by side); every setting but one pass
 alone and the norms' number of parts must give the bits of the default step,
 with every thread count and on the float32, bfloat16-gradient and float64
 paths. The norms' number of parts decides which elements each partial sum
@@ -54,6 +55,13 @@ def cache_bytes(n: int | None):
         native.set_cpu_cache_bytes(None)
 
 
+@contextlib.contextmanager
+def lookahead(n: int):
+    """The earlier schedule (updates queued behind a lookahead), counting on n bytes of cache."""
+    with tuned("schedule", 1), cache_bytes(n):
+        yield
+
+
 def _step(cfg: LarsConfig, problem, threads: int):
     params, grads, momentum = problem
     spec = spec_of(cfg, params, grads, write_params=True, options=(("num_threads", threads),))
@@ -72,10 +80,13 @@ def test_cache_size_and_knobs_change_no_bit(name: str):
     for _, problem in _problems():
         want = _step(cfg, problem, 1)
         settings = [
-            cache_bytes(0),  # nothing fits: updates right behind each layer's norms
-            cache_bytes(3 << 20),  # some layers fit
-            cache_bytes(1 << 40),  # everything fits
-            tuned("schedule", 0),  # the earlier order: one large leaf later, first chunk first
+            tuned("share_chunks", 2),  # the default schedule, larger shares
+            tuned("share_chunks", 3),
+            tuned("share_chunks", 1000),  # a leaf in one share: one worker sums and updates it
+            lookahead(0),  # the earlier order, nothing fits: updates right behind the norms
+            lookahead(3 << 20),  # some layers fit
+            lookahead(1 << 40),  # everything fits
+            tuned("schedule", 0),  # the earliest order: one large leaf later, first chunk first
             tuned("update_streams", 1),  # the update loop over each item in one stream
             tuned("update_streams", 2),
             tuned("update_streams", 8),
@@ -96,8 +107,9 @@ def test_float64_schedule_changes_no_bit():
         cfg = config_of("everything")
         want = _step(cfg, (params, grads, momentum), 1)
         settings = (
-            cache_bytes(0),
-            cache_bytes(1 << 40),
+            tuned("share_chunks", 3),
+            lookahead(0),
+            lookahead(1 << 40),
             tuned("schedule", 0),
             tuned("update_streams", 1),
             tuned("update_streams", 8),
@@ -152,7 +164,10 @@ def test_tuning_knobs_refuse_unknown_names_and_bad_values():
     assert tune(b"no_such_knob", 1) == -1
     assert tune(b"phases", 0) == -1
     assert tune(b"phases", 4) == -1
-    assert tune(b"schedule", 2) == -1
+    assert tune(b"schedule", 3) == -1
+    assert tune(b"schedule", -2) == -1
+    for bad in (0, -2):
+        assert tune(b"share_chunks", bad) == -1
     assert tune(b"cache_bytes", -2) == -1
     assert tune(b"prefetch", 64) == -1  # measured, no gain, not kept
     for bad in (0, 3, 8, -2):

@@ -19,9 +19,9 @@ Backend options (``backend_options=``):
 
 Process-wide CPU settings (read when a step runs; results never depend on
 them): :func:`set_cpu_isa` (the instruction set of the loops) and
-:func:`set_cpu_cache_bytes` (the cache size the CPU schedule counts on keeping
-a layer in between its norm and update passes; by default the size of the
-largest data cache read from the operating system when the library loads).
+:func:`set_cpu_cache_bytes` (the cache size the earlier, lookahead schedule
+counts on; the default schedule, where each worker updates the chunks of a
+layer it summed, needs none).
 """
 
 from __future__ import annotations
@@ -85,17 +85,23 @@ def last_step_start_ns() -> int:
 
 
 def cpu_cache_bytes() -> int:
-    """The cache size, in bytes, the CPU schedule counts on (detected or set)."""
+    """The cache size, in bytes, the lookahead CPU schedule counts on (detected or set).
+
+    The largest data cache of the first core read from the operating system
+    when the library loads, unless set. The default schedule does not use it.
+    """
     return int(library.cpu().LarsNativeCpuCacheBytes())
 
 
 def set_cpu_cache_bytes(n: int | None) -> None:
-    """Sets the cache size the CPU schedule counts on; None: the detected size.
+    """Sets the cache size the lookahead CPU schedule counts on; None: detected.
 
-    A layer whose params, gradients and momentum fit in about three quarters
-    of it has its update pass queued right behind its norm pass, so that the
-    second read of its params and gradients comes from the cache. Results do
-    not depend on it.
+    That schedule (the default before the shares one, kept for timing
+    comparisons) queues a layer's update pass a little after its norm pass
+    when its params, gradients and momentum fit in about three quarters of
+    this size, else right behind it. The default schedule needs no cache size:
+    each worker updates the chunks it summed, the last first, right after the
+    layer's norms. Results depend on neither.
 
     Raises:
       ValueError: if ``n`` is not None or a non-negative int.

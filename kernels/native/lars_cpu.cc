@@ -6,13 +6,18 @@
 // thread pool):
 //   * small leaves (<= kSmallLeaf elements): one item computes the sums, the
 //     trust ratio and the update, so the update pass reads the leaf from cache;
-//   * large leaves: one item per kChunk elements computes partial sums; the
-//     worker that finishes the last one adds the partials in chunk order and
-//     computes the ratio; the leaf's update items, last chunk first, are
-//     queued a little later (a few chunks of the work that follows, so that
-//     they rarely wait) when the leaf and that work fit in the cache together,
-//     else right away, so that the second read of w and g hits the cache
-//     where it can (the cache size: lars_cpu_settings.cc);
+//   * large leaves (several kChunk-element chunks): one item a thread; a worker
+//     that takes one claims chunks of the leaf one share at a time (an atomic
+//     counter) and sums them, until the leaf's ratio is ready (the worker that
+//     sums the last chunk adds the partials in chunk order and computes it);
+//     then it updates the chunks it summed, the last first, while they are in
+//     its own cache. A worker waits only when every share is claimed, that is
+//     for chunks that running workers are summing, so no wait lasts for ever
+//     (a pool thread that starts late finds the shares claimed and goes on).
+//     The earlier orders, where a large leaf's update items come later in the
+//     list than its norm items (after a short lookahead when the leaf fits in
+//     the cache, or after the next large leaf's norm items), stay for timing
+//     comparisons (CpuTuning::schedule);
 //   * with grad_clip_norm, a first round of items sums g^2 for the global norm,
 //     and every item of the main round waits for it.
 // Every reduction has a fixed order (fixed chunks, fixed lanes, partials added
@@ -92,14 +97,14 @@ const CpuKernels& ActiveKernels() {
 // ---------------------------------------------------------------------------
 // The work list.
 
-enum Kind : uint8_t { kSq, kSmall, kSum, kUpd };
+enum Kind : uint8_t { kSq, kSmall, kSum, kUpd, kShare };
 
 struct Item {
   Kind kind;
   int32_t leaf;
   int64_t begin;
   int64_t end;
-  int32_t slot;    // partial-sum slot (kSq, kSum)
+  int32_t slot;    // partial-sum slot (kSq, kSum); the leaf's group (kShare)
   int32_t wait;    // group that must be ready first, or -1
   int32_t signal;  // group this item counts towards, or -1
 };
@@ -110,6 +115,10 @@ struct Group {
   int32_t leaf = -1;  // -1: the global gradient norm
   int32_t first_slot = 0;
   int32_t num_slots = 0;
+  // A leaf run in shares (kShare): the shares, and the next one to claim.
+  int32_t share_chunks = 0;
+  int32_t num_shares = 0;
+  std::atomic<int32_t> next_share{0};
 };
 
 struct Job {
@@ -196,12 +205,67 @@ void Execute(Job& job, const Item& it) {
                &job.sum_slots[2 * it.slot]);
       }
       break;
+    case kShare:  // run by RunShare
+      break;
     case kUpd:
       if (update) {
         k.update(leaf, it.begin, it.end, job.hyper, job.scalars, update_streams,
                  job.ratio[it.leaf]);
       }
       break;
+  }
+}
+
+// The chunks of a share of a leaf run in shares.
+inline int32_t ShareBegin(const Group& grp, int32_t share) {
+  return std::min(share * grp.share_chunks, grp.num_slots);
+}
+
+// Sums a share's chunks into their slots and counts them towards the group.
+void SumShare(Job& job, int32_t g, int32_t share) {
+  Group& grp = job.groups[g];
+  const LeafView& leaf = job.leaves[grp.leaf];
+  const int32_t c0 = ShareBegin(grp, share), c1 = ShareBegin(grp, share + 1);
+  if ((job.tuning.phases & CpuTuning::kNormPass) != 0) {
+    for (int32_t c = c0; c < c1; ++c) {
+      job.kernels->sums(leaf, c * kChunk, std::min(leaf.n, (c + 1) * kChunk), job.hyper,
+                        job.scalars, static_cast<int>(job.tuning.sum_streams),
+                        &job.sum_slots[2 * (grp.first_slot + c)]);
+    }
+  }
+  if (grp.remaining.fetch_sub(c1 - c0, std::memory_order_acq_rel) == c1 - c0) {
+    Finalize(job, g);
+    grp.ready.store(1, std::memory_order_release);
+  }
+}
+
+// A kShare item: claims shares of the leaf and sums them until the leaf's
+// ratio is ready (a worker that finds every share claimed waits for the
+// ratio: every share is then being summed by a running worker, so no wait
+// lasts for ever); then updates the shares it summed, the last one first and
+// each from its end, while they are in its own cache.
+void RunShare(Job& job, int32_t g) {
+  Group& grp = job.groups[g];
+  std::vector<int32_t> mine;
+  for (;;) {
+    if (!mine.empty() && grp.ready.load(std::memory_order_acquire) != 0) break;
+    const int32_t share = grp.next_share.fetch_add(1, std::memory_order_relaxed);
+    if (share >= grp.num_shares) {
+      if (mine.empty()) return;  // every share is another worker's
+      SpinUntil(grp.ready);
+      break;
+    }
+    SumShare(job, g, share);
+    mine.push_back(share);
+  }
+  if ((job.tuning.phases & CpuTuning::kUpdatePass) == 0) return;
+  const LeafView& leaf = job.leaves[grp.leaf];
+  for (auto share = mine.rbegin(); share != mine.rend(); ++share) {
+    for (int32_t c = ShareBegin(grp, *share + 1) - 1; c >= ShareBegin(grp, *share); --c) {
+      job.kernels->update(leaf, c * kChunk, std::min(leaf.n, (c + 1) * kChunk), job.hyper,
+                          job.scalars, static_cast<int>(job.tuning.update_streams),
+                          job.ratio[grp.leaf]);
+    }
   }
 }
 
@@ -213,6 +277,11 @@ int64_t RunItems(Job& job) {
     if (index >= n) return ran;
     const Item& it = job.items[index];
     if (it.wait >= 0) SpinUntil(job.groups[it.wait].ready);
+    if (it.kind == kShare) {
+      RunShare(job, it.slot);
+      job.done.fetch_add(1, std::memory_order_acq_rel);
+      continue;
+    }
     Execute(job, it);
     if (it.signal >= 0) {
       Group& grp = job.groups[it.signal];
@@ -234,12 +303,16 @@ int64_t ElementBytes(Dtype d) { return d == kF64 ? 8 : d == kF32 ? 4 : 2; }
 int64_t NormBytes(const LeafView& lv) { return ElementBytes(lv.p) + ElementBytes(lv.gt); }
 int64_t MomentumBytes(const LeafView& lv) { return lv.p == kF64 ? 8 : 4; }
 
-// Builds the work list (see the top of this file). `cache_bytes` is the cache
-// the schedule counts on keeping a leaf in between its two passes; with
-// `next_leaf` (the earlier order, kept for timing comparisons) a large leaf's
-// update items follow the next large leaf's norm items instead, first chunk
-// first.
-void BuildItems(Job& job, int64_t cache_bytes, int64_t threads, bool next_leaf) {
+// Builds the work list (see the top of this file) for `tuning.schedule`:
+// kShares (the default), or one of the earlier orders kept for timing
+// comparisons: kLookahead (a large leaf's update items queued after some of
+// the following work when the leaf and that work fit in `tuning.cache_bytes`)
+// or kNextLeaf (a large leaf's update items after the next large leaf's norm
+// items, first chunk first).
+void BuildItems(Job& job, const CpuTuning& tuning, int64_t threads) {
+  const bool next_leaf = tuning.schedule == CpuTuning::kNextLeaf;
+  const bool shares = tuning.schedule == CpuTuning::kShares;
+  const int64_t cache_bytes = tuning.cache_bytes;
   const int32_t num_leaves = static_cast<int32_t>(job.leaves.size());
   const bool clip = job.hyper.has_clip_norm;
   int32_t num_groups = clip ? 1 : 0;
@@ -328,6 +401,17 @@ void BuildItems(Job& job, int64_t cache_bytes, int64_t threads, bool next_leaf) 
     grp.first_slot = sum_slots;
     grp.num_slots = static_cast<int32_t>(NumChunks(lv.n));
     grp.remaining.store(grp.num_slots, std::memory_order_relaxed);
+    if (shares) {
+      grp.share_chunks =
+          static_cast<int32_t>(std::min<int64_t>(tuning.share_chunks, grp.num_slots));
+      grp.num_shares = (grp.num_slots + grp.share_chunks - 1) / grp.share_chunks;
+      for (int64_t t = 0; t < std::min<int64_t>(threads, grp.num_shares); ++t) {
+        job.items.push_back(Item{kShare, i, 0, lv.n, g, global, -1});
+      }
+      sum_slots += grp.num_slots;
+      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
+      continue;
+    }
     for (int64_t c = 0; c < NumChunks(lv.n); ++c) {
       const int64_t end = std::min(lv.n, (c + 1) * kChunk);
       job.items.push_back(Item{kSum, i, c * kChunk, end, sum_slots++, global, g});
@@ -449,7 +533,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
     }
     BuildUpdateItems(*job, given);
   } else {
-    BuildItems(*job, tuning.cache_bytes, std::max<int64_t>(threads, 1), tuning.schedule == 0);
+    BuildItems(*job, tuning, std::max<int64_t>(threads, 1));
   }
   const int64_t num_items = static_cast<int64_t>(job->items.size());
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, num_items));

@@ -1,7 +1,8 @@
 // Process-wide settings of the CPU handler, read at the start of every step
 // (see lars_cpu_settings.h), and their C entry points for Python (ctypes).
 //
-// The cache size is the largest data or unified cache of the first core as
+// The cache size (what the earlier lookahead schedule counts on; the default
+// schedule needs none) is the largest data or unified cache of the first core as
 // Linux's sysfs describes it (/sys/devices/system/cpu/cpu0/cache), else
 // sysconf's level 3 or level 2 size, else 8 MiB. sysfs comes first because on
 // some virtual machines sysconf reports the whole host's last-level cache
@@ -23,9 +24,10 @@ namespace {
 
 std::atomic<int64_t> g_phases{CpuTuning::kBothPasses};
 std::atomic<int64_t> g_cache_bytes{-1};  // -1: the detected size
-std::atomic<int64_t> g_schedule{1};
+std::atomic<int64_t> g_schedule{CpuTuning().schedule};
 std::atomic<int64_t> g_sum_streams{CpuTuning().sum_streams};
 std::atomic<int64_t> g_update_streams{CpuTuning().update_streams};
+std::atomic<int64_t> g_share_chunks{CpuTuning().share_chunks};
 
 int64_t DetectCacheBytes() {
   int64_t best = 0;
@@ -64,19 +66,21 @@ CpuTuning CurrentTuning() {
   t.schedule = g_schedule.load(std::memory_order_relaxed);
   t.sum_streams = g_sum_streams.load(std::memory_order_relaxed);
   t.update_streams = g_update_streams.load(std::memory_order_relaxed);
+  t.share_chunks = g_share_chunks.load(std::memory_order_relaxed);
   return t;
 }
 
 }  // namespace lars_native
 
 // Sets a setting for the following steps; -1 restores its default. Returns 0,
-// or -1 for an unknown name or a bad value. Names: "cache_bytes" (the cache the
-// schedule counts on), "schedule" (1: cache-aware, the default; 0: the earlier
-// order, a large leaf's updates after the next large leaf's norms), "phases"
-// (1: the norm pass alone, 2: the update pass alone with ratios of 1, 3: both,
-// the default; one alone is for timing), "sum_streams" (1, 2 or 4; default 2)
-// and "update_streams" (1, 2, 4 or 8; default 4): how many parts of a work item
-// the norm and update loops read side by side. Only "phases" and
+// or -1 for an unknown name or a bad value. Names: "schedule" (2: shares, the
+// default; 1: the earlier cache-aware lookahead; 0: the earliest order, a large
+// leaf's updates after the next large leaf's norms), "share_chunks" (chunks a
+// share, >= 1; default 1), "cache_bytes" (the cache schedule 1 counts on),
+// "phases" (1: the norm pass alone, 2: the update pass alone with ratios of 1,
+// 3: both, the default; one alone is for timing), "sum_streams" (1, 2 or 4;
+// default 2) and "update_streams" (1, 2, 4 or 8; default 4): how many parts of
+// a work item the norm and update loops read side by side. Only "phases" and
 // "sum_streams" change results.
 extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
   using lars_native::CpuTuning;
@@ -88,7 +92,8 @@ extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
   if (key == "cache_bytes") {
     target = &lars_native::g_cache_bytes, fallback = -1, ok = value >= 0;
   } else if (key == "schedule") {
-    target = &lars_native::g_schedule, fallback = 1, ok = value == 0 || value == 1;
+    target = &lars_native::g_schedule, fallback = defaults.schedule;
+    ok = value >= CpuTuning::kNextLeaf && value <= CpuTuning::kShares;
   } else if (key == "phases") {
     target = &lars_native::g_phases, fallback = CpuTuning::kBothPasses;
     ok = value >= 1 && value <= 3;
@@ -98,6 +103,8 @@ extern "C" int LarsNativeCpuTune(const char* name, int64_t value) {
   } else if (key == "update_streams") {
     target = &lars_native::g_update_streams, fallback = defaults.update_streams;
     ok = value == 1 || value == 2 || value == 4 || value == 8;
+  } else if (key == "share_chunks") {
+    target = &lars_native::g_share_chunks, fallback = defaults.share_chunks, ok = value >= 1;
   } else {
     return -1;
   }
