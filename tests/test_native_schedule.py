@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -225,3 +226,45 @@ def test_one_pass_alone_and_the_handler_clock():
         p64, g64, v64 = (np.asarray(x, np.float64) for x in (p, g, v))
         expect = (g64 + cfg.weight_decay * p64) + cfg.momentum * v64
         np.testing.assert_allclose(np.asarray(new, np.float64), expect, rtol=1e-5, atol=1e-6)
+
+
+_CONCURRENT = """
+import threading
+import jax, numpy as np
+from lars.contract import StepInputs
+from lars.kernels import native
+from tests.native_cases import big_problem, config_of, spec_of
+params, grads, momentum = big_problem()
+cfg = config_of("everything")
+def step(threads):
+    spec = spec_of(cfg, params, grads, write_params=True, options=(("num_threads", threads),))
+    return jax.block_until_ready(
+        native.run(spec, StepInputs(params, grads, momentum, np.float32(0.1))))
+want = [np.asarray(x) for x in jax.tree.leaves(step(1))]
+bad = []
+def worker():
+    for _ in range(4):
+        got = [np.asarray(x) for x in jax.tree.leaves(step(8))]
+        if any(not np.array_equal(a, b) for a, b in zip(want, got)):
+            bad.append(1)
+threads = [threading.Thread(target=worker) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("mismatches", len(bad))
+"""
+
+
+def test_steps_at_once_on_a_busy_pool_finish_with_the_same_bits():
+    """Four steps at once, each asking for 8 threads (more than XLA's pool has
+    on a small machine): helpers start late or after their step is done, and
+    workers find a layer's chunks claimed by others; no step waits for ever (a
+    subprocess, so that a hang fails the test instead of stalling the run) and
+    all give the bits of a one-thread step."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mismatches 0" in proc.stdout, proc.stdout
