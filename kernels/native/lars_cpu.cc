@@ -1,25 +1,17 @@
 // XLA FFI handler for the CPU: one custom call performs the LARS step on all
 // leaves (the "multi-tensor" step).
 //
-// Work is cut into items that any worker may take, in list order, from a shared
-// counter (the calling thread and `num_threads - 1` tasks on XLA's intra-op
-// thread pool):
-//   * small leaves (<= kSmallLeaf elements): one item computes the sums, the
-//     trust ratio and the update, so the update pass reads the leaf from cache;
-//   * large leaves (several kChunk-element chunks): one item a thread; a worker
-//     that takes one claims chunks of the leaf one share at a time (an atomic
-//     counter) and sums them, until the leaf's ratio is ready (the worker that
-//     sums the last chunk adds the partials in chunk order and computes it);
-//     then it updates the chunks it summed, the last first, while they are in
-//     its own cache. A worker waits only when every share is claimed, that is
-//     for chunks that running workers are summing, so no wait lasts for ever
-//     (a pool thread that starts late finds the shares claimed and goes on).
-//     The earlier orders, where a large leaf's update items come later in the
-//     list than its norm items (after a short lookahead when the leaf fits in
-//     the cache, or after the next large leaf's norm items), stay for timing
-//     comparisons (CpuTuning::schedule);
-//   * with grad_clip_norm, a first round of items sums g^2 for the global norm,
-//     and every item of the main round waits for it.
+// The step's work is a list of items (lars_cpu_schedule.cc says which, and in
+// which order) that the calling thread and `num_threads - 1` tasks on XLA's
+// intra-op thread pool take from a shared counter. A large leaf's kShare items
+// run here: a worker claims chunks of the leaf one share at a time (an atomic
+// counter) and sums them until the leaf's ratio is ready (the worker that sums
+// the last chunk adds the partials in chunk order and computes it), then
+// updates the chunks it summed, the last first, while they are in its own
+// cache. A worker waits only when every share is claimed, that is for chunks
+// that running workers are summing, so no wait lasts for ever (a pool thread
+// that starts late finds the shares claimed and goes on); the caller never
+// waits for a helper to start.
 // Every reduction has a fixed order (fixed chunks, fixed lanes, partials added
 // in index order), so results are bitwise identical from run to run and do not
 // depend on the number of threads or on which worker ran which item.
@@ -45,6 +37,7 @@
 #include "lars_common.h"
 #include "lars_cpu_kernels.h"
 #include "lars_cpu_settings.h"
+#include "lars_cpu_work.h"
 #include "lars_ffi_leaf.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -94,50 +87,6 @@ const CpuKernels& ActiveKernels() {
   return *k;
 }
 
-// ---------------------------------------------------------------------------
-// The work list.
-
-enum Kind : uint8_t { kSq, kSmall, kSum, kUpd, kShare };
-
-struct Item {
-  Kind kind;
-  int32_t leaf;
-  int64_t begin;
-  int64_t end;
-  int32_t slot;    // partial-sum slot (kSq, kSum); the leaf's group (kShare)
-  int32_t wait;    // group that must be ready first, or -1
-  int32_t signal;  // group this item counts towards, or -1
-};
-
-struct Group {
-  std::atomic<int32_t> remaining{0};
-  std::atomic<uint8_t> ready{0};
-  int32_t leaf = -1;  // -1: the global gradient norm
-  int32_t first_slot = 0;
-  int32_t num_slots = 0;
-  // A leaf run in shares (kShare): the shares, and the next one to claim.
-  int32_t share_chunks = 0;
-  int32_t num_shares = 0;
-  std::atomic<int32_t> next_share{0};
-};
-
-struct Job {
-  const CpuKernels* kernels = nullptr;
-  Hyper hyper;
-  StepScalars scalars;
-  std::vector<LeafView> leaves;
-  std::vector<float*> ratio_out;
-  std::vector<double> ratio;  // per leaf, a value of the leaf's compute dtype
-  std::vector<Item> items;
-  std::unique_ptr<Group[]> groups;
-  std::vector<double> sq_slots;
-  std::vector<double> sum_slots;  // two per slot: sum w^2, sum g^2
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<int64_t> helper_items{0};
-  CpuTuning tuning;  // the settings read when the step started
-};
-
 inline void SpinUntil(const std::atomic<uint8_t>& flag) {
   for (int spins = 0; flag.load(std::memory_order_acquire) == 0; ++spins) {
     if (spins < 2048) {
@@ -146,17 +95,6 @@ inline void SpinUntil(const std::atomic<uint8_t>& flag) {
       std::this_thread::yield();
     }
   }
-}
-
-double LeafRatio(const Job& job, int32_t leaf, double sum_w2, double sum_g2) {
-  const LeafView& lv = job.leaves[leaf];
-  if (lv.p == kF64) return trust_ratio<double>(sum_w2, sum_g2, lv.trust, job.hyper);
-  return static_cast<double>(trust_ratio<float>(sum_w2, sum_g2, lv.trust, job.hyper));
-}
-
-void SetRatio(Job& job, int32_t leaf, double r) {
-  job.ratio[leaf] = r;
-  *job.ratio_out[leaf] = static_cast<float>(r);
 }
 
 void Finalize(Job& job, int32_t group_index) {
@@ -294,142 +232,6 @@ int64_t RunItems(Job& job) {
   }
 }
 
-int64_t NumChunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
-
-int64_t ElementBytes(Dtype d) { return d == kF64 ? 8 : d == kF32 ? 4 : 2; }
-
-// Bytes the norm pass reads per element of a leaf (w and g), and the bytes
-// its update pass touches besides (v read; w and v written in place).
-int64_t NormBytes(const LeafView& lv) { return ElementBytes(lv.p) + ElementBytes(lv.gt); }
-int64_t MomentumBytes(const LeafView& lv) { return lv.p == kF64 ? 8 : 4; }
-
-// Builds the work list (see the top of this file) for `tuning.schedule`:
-// kShares (the default), or one of the earlier orders kept for timing
-// comparisons: kLookahead (a large leaf's update items queued after some of
-// the following work when the leaf and that work fit in `tuning.cache_bytes`)
-// or kNextLeaf (a large leaf's update items after the next large leaf's norm
-// items, first chunk first).
-void BuildItems(Job& job, const CpuTuning& tuning, int64_t threads) {
-  const bool next_leaf = tuning.schedule == CpuTuning::kNextLeaf;
-  const bool shares = tuning.schedule == CpuTuning::kShares;
-  const int64_t cache_bytes = tuning.cache_bytes;
-  const int32_t num_leaves = static_cast<int32_t>(job.leaves.size());
-  const bool clip = job.hyper.has_clip_norm;
-  int32_t num_groups = clip ? 1 : 0;
-  for (const LeafView& lv : job.leaves) {
-    if (lv.trust && lv.n > kSmallLeaf) ++num_groups;
-  }
-  job.groups.reset(new Group[num_groups]);
-  int32_t next_group = 0;
-  const int32_t global = clip ? next_group++ : -1;
-
-  if (clip) {
-    Group& grp = job.groups[global];
-    grp.leaf = -1;
-    int32_t slots = 0;
-    for (int32_t i = 0; i < num_leaves; ++i) {
-      const int64_t n = job.leaves[i].n;
-      for (int64_t c = 0; c < NumChunks(n); ++c) {
-        job.items.push_back(Item{kSq, i, c * kChunk, std::min(n, (c + 1) * kChunk), slots++,
-                                 -1, global});
-      }
-    }
-    grp.num_slots = slots;
-    grp.remaining.store(slots, std::memory_order_relaxed);
-    job.sq_slots.assign(slots, 0.0);
-    if (slots == 0) grp.ready.store(1, std::memory_order_relaxed);
-  }
-
-  // A large leaf's update items wait for its ratio, so they are queued after
-  // some of the work that follows its norm items (`lookahead` bytes of reads:
-  // enough that no worker waits for the last norm item), unless the leaf and
-  // that work would not fit in the cache together: then right after them. The
-  // updates run from the leaf's end back to its start, so they first meet the
-  // chunks the norm pass read last, which are the likeliest still cached.
-  struct Pending {
-    int32_t leaf;
-    int32_t group;
-    int64_t limit;  // bytes of work after the norm items before the updates
-    int64_t seen;
-  };
-  std::vector<Pending> pending;  // in leaf order
-  const int64_t budget = cache_bytes - cache_bytes / 4;  // room for other data
-  const int64_t lookahead = 2 * threads * kChunk * 8;  // two float32 w, g chunks a thread
-  auto emit_updates = [&](int32_t leaf, int32_t wait, bool backwards) {
-    const int64_t n = job.leaves[leaf].n;
-    const int64_t chunks = NumChunks(n);
-    for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t c = backwards ? chunks - 1 - k : k;
-      job.items.push_back(
-          Item{kUpd, leaf, c * kChunk, std::min(n, (c + 1) * kChunk), -1, wait, -1});
-    }
-  };
-  auto flush = [&](bool all) {
-    size_t done = 0;
-    while (done < pending.size() && (all || pending[done].seen >= pending[done].limit)) {
-      emit_updates(pending[done].leaf, pending[done].group, !next_leaf);
-      ++done;
-    }
-    pending.erase(pending.begin(), pending.begin() + done);
-  };
-  auto count = [&](int64_t bytes) {
-    for (Pending& p : pending) p.seen += bytes;
-    flush(false);
-  };
-
-  int32_t sum_slots = 0;
-  for (int32_t i = 0; i < num_leaves; ++i) {
-    const LeafView& lv = job.leaves[i];
-    if (lv.n == 0) {
-      SetRatio(job, i, LeafRatio(job, i, 0.0, 0.0));  // 1, or trust_clip when below 1
-      continue;
-    }
-    if (lv.n <= kSmallLeaf) {
-      job.items.push_back(Item{kSmall, i, 0, lv.n, -1, global, -1});
-      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
-      continue;
-    }
-    if (!lv.trust) {
-      SetRatio(job, i, 1.0);
-      emit_updates(i, global, false);
-      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
-      continue;
-    }
-    const int32_t g = next_group++;
-    Group& grp = job.groups[g];
-    grp.leaf = i;
-    grp.first_slot = sum_slots;
-    grp.num_slots = static_cast<int32_t>(NumChunks(lv.n));
-    grp.remaining.store(grp.num_slots, std::memory_order_relaxed);
-    if (shares) {
-      grp.share_chunks =
-          static_cast<int32_t>(std::min<int64_t>(tuning.share_chunks, grp.num_slots));
-      grp.num_shares = (grp.num_slots + grp.share_chunks - 1) / grp.share_chunks;
-      for (int64_t t = 0; t < std::min<int64_t>(threads, grp.num_shares); ++t) {
-        job.items.push_back(Item{kShare, i, 0, lv.n, g, global, -1});
-      }
-      sum_slots += grp.num_slots;
-      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
-      continue;
-    }
-    for (int64_t c = 0; c < NumChunks(lv.n); ++c) {
-      const int64_t end = std::min(lv.n, (c + 1) * kChunk);
-      job.items.push_back(Item{kSum, i, c * kChunk, end, sum_slots++, global, g});
-      count((end - c * kChunk) * NormBytes(lv));
-    }
-    if (next_leaf) {
-      flush(true);
-      pending.push_back(Pending{i, g, INT64_MAX, 0});
-      continue;
-    }
-    const int64_t room = budget - lv.n * (NormBytes(lv) + MomentumBytes(lv));
-    pending.push_back(Pending{i, g, std::max<int64_t>(0, std::min(lookahead, room)), 0});
-    flush(false);
-  }
-  flush(true);
-  job.sum_slots.assign(2 * static_cast<size_t>(sum_slots), 0.0);
-}
-
 // A skipped step (skip_nonfinite, a gradient is not finite): params and
 // momentum stay as they are (their results alias the operands), updates are
 // -0.0 (x + -0.0 == x for every x), ratios 1 (the caller keeps the old ones).
@@ -448,22 +250,6 @@ void SkipStep(Job& job) {
       default:  // bfloat16, float16: the sign bit alone
         std::fill_n(static_cast<uint16_t*>(lv.out), lv.n, static_cast<uint16_t>(0x8000));
         break;
-    }
-  }
-}
-
-// Builds the work list when the caller gives the trust ratios and the global
-// gradient norm (sharded params: the sums are taken over every shard): update
-// items only, no sums.
-void BuildUpdateItems(Job& job, const std::vector<double>& given) {
-  const int32_t num_leaves = static_cast<int32_t>(job.leaves.size());
-  for (int32_t i = 0; i < num_leaves; ++i) {
-    const LeafView& lv = job.leaves[i];
-    // The ratio as a value of the leaf's compute dtype, as LeafRatio gives it.
-    SetRatio(job, i, lv.p == kF64 ? given[i] : static_cast<double>(static_cast<float>(given[i])));
-    const int64_t n = lv.n;
-    for (int64_t c = 0; c < NumChunks(n); ++c) {
-      job.items.push_back(Item{kUpd, i, c * kChunk, std::min(n, (c + 1) * kChunk), -1, -1, -1});
     }
   }
 }

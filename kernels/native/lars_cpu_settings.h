@@ -14,7 +14,7 @@ struct CpuTuning {
   static constexpr int64_t kUpdatePass = 2;
   static constexpr int64_t kBothPasses = 3;
   int64_t phases = kBothPasses;  // which passes run
-  // The order of the work (lars_cpu.cc): shares (the default), or one of the
+  // The order of the work (lars_cpu_schedule.cc): shares (the default), or one of the
   // earlier orders kept for timing comparisons.
   static constexpr int64_t kNextLeaf = 0;
   static constexpr int64_t kLookahead = 1;
