@@ -154,36 +154,26 @@ void Execute(Job& job, const Item& it) {
   }
 }
 
-// The chunks of a share of a leaf run in shares.
+// The first chunk of a share of a leaf run in shares.
 inline int32_t ShareBegin(const Group& grp, int32_t share) {
   return std::min(share * grp.share_chunks, grp.num_slots);
 }
 
-// Sums a share's chunks into their slots and counts them towards the group.
-void SumShare(Job& job, int32_t g, int32_t share) {
-  Group& grp = job.groups[g];
-  const LeafView& leaf = job.leaves[grp.leaf];
-  const int32_t c0 = ShareBegin(grp, share), c1 = ShareBegin(grp, share + 1);
-  if ((job.tuning.phases & CpuTuning::kNormPass) != 0) {
-    for (int32_t c = c0; c < c1; ++c) {
-      job.kernels->sums(leaf, c * kChunk, std::min(leaf.n, (c + 1) * kChunk), job.hyper,
-                        job.scalars, static_cast<int>(job.tuning.sum_streams),
-                        &job.sum_slots[2 * (grp.first_slot + c)]);
-    }
-  }
-  if (grp.remaining.fetch_sub(c1 - c0, std::memory_order_acq_rel) == c1 - c0) {
-    Finalize(job, g);
-    grp.ready.store(1, std::memory_order_release);
-  }
+// A chunk of a leaf run in shares as a kSum or kUpd item.
+Item ChunkItem(Kind kind, const Group& grp, const LeafView& leaf, int32_t c) {
+  return Item{kind, grp.leaf, c * kChunk, std::min(leaf.n, (c + 1) * kChunk), grp.first_slot + c,
+              -1, -1};
 }
 
-// A kShare item: claims shares of the leaf and sums them until the leaf's
-// ratio is ready (a worker that finds every share claimed waits for the
+// A kShare item: claims shares of the leaf and sums their chunks until the
+// leaf's ratio is ready (a worker that finds every share claimed waits for the
 // ratio: every share is then being summed by a running worker, so no wait
-// lasts for ever); then updates the shares it summed, the last one first and
-// each from its end, while they are in its own cache.
+// lasts for ever; the worker whose sums complete the leaf computes the ratio);
+// then updates the shares it summed, the last one first and each from its end,
+// while they are in its own cache.
 void RunShare(Job& job, int32_t g) {
   Group& grp = job.groups[g];
+  const LeafView& leaf = job.leaves[grp.leaf];
   std::vector<int32_t> mine;
   for (;;) {
     if (!mine.empty() && grp.ready.load(std::memory_order_acquire) != 0) break;
@@ -193,16 +183,17 @@ void RunShare(Job& job, int32_t g) {
       SpinUntil(grp.ready);
       break;
     }
-    SumShare(job, g, share);
+    const int32_t c0 = ShareBegin(grp, share), c1 = ShareBegin(grp, share + 1);
+    for (int32_t c = c0; c < c1; ++c) Execute(job, ChunkItem(kSum, grp, leaf, c));
+    if (grp.remaining.fetch_sub(c1 - c0, std::memory_order_acq_rel) == c1 - c0) {
+      Finalize(job, g);
+      grp.ready.store(1, std::memory_order_release);
+    }
     mine.push_back(share);
   }
-  if ((job.tuning.phases & CpuTuning::kUpdatePass) == 0) return;
-  const LeafView& leaf = job.leaves[grp.leaf];
   for (auto share = mine.rbegin(); share != mine.rend(); ++share) {
     for (int32_t c = ShareBegin(grp, *share + 1) - 1; c >= ShareBegin(grp, *share); --c) {
-      job.kernels->update(leaf, c * kChunk, std::min(leaf.n, (c + 1) * kChunk), job.hyper,
-                          job.scalars, static_cast<int>(job.tuning.update_streams),
-                          job.ratio[grp.leaf]);
+      Execute(job, ChunkItem(kUpd, grp, leaf, c));
     }
   }
 }

@@ -157,7 +157,6 @@ void BuildItems(Job& job, const CpuTuning& tuning, int64_t threads) {
         job.items.push_back(Item{kShare, i, 0, lv.n, g, global, -1});
       }
       sum_slots += grp.num_slots;
-      count(lv.n * (NormBytes(lv) + MomentumBytes(lv)));
       continue;
     }
     for (int64_t c = 0; c < NumChunks(lv.n); ++c) {
