@@ -1,7 +1,8 @@
-// Process-wide settings of the CPU handler (lars_cpu_settings.cc): the cache
-// size its schedule counts on and the tuning knobs used to time variants of the
-// step. None of them changes a bit of the results, except "phases" (one pass
-// alone) and "sum_streams" (the order of the norms' sums), for timing only.
+// Process-wide settings of the CPU handler (lars_cpu_settings.cc): the tuning
+// knobs used to time variants of the step (the schedule among them) and the
+// cache size the earlier lookahead schedule counts on. None of them changes a
+// bit of the results, except "phases" (one pass alone) and "sum_streams" (the
+// order of the norms' sums), for timing only.
 #ifndef LARS_NATIVE_CPU_SETTINGS_H_
 #define LARS_NATIVE_CPU_SETTINGS_H_
 
