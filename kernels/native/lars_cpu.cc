@@ -113,6 +113,16 @@ void Finalize(Job& job, int32_t group_index) {
   SetRatio(job, grp.leaf, LeafRatio(job, grp.leaf, sw, sg));
 }
 
+// Counts `n` finished sums towards a group; the worker that counts the last
+// ones computes the group's result and marks it ready.
+void CountSums(Job& job, int32_t group_index, int32_t n) {
+  Group& grp = job.groups[group_index];
+  if (grp.remaining.fetch_sub(n, std::memory_order_acq_rel) == n) {
+    Finalize(job, group_index);
+    grp.ready.store(1, std::memory_order_release);
+  }
+}
+
 void Execute(Job& job, const Item& it) {
   const LeafView& leaf = job.leaves[it.leaf];
   const CpuKernels& k = *job.kernels;
@@ -185,10 +195,7 @@ void RunShare(Job& job, int32_t g) {
     }
     const int32_t c0 = ShareBegin(grp, share), c1 = ShareBegin(grp, share + 1);
     for (int32_t c = c0; c < c1; ++c) Execute(job, ChunkItem(kSum, grp, leaf, c));
-    if (grp.remaining.fetch_sub(c1 - c0, std::memory_order_acq_rel) == c1 - c0) {
-      Finalize(job, g);
-      grp.ready.store(1, std::memory_order_release);
-    }
+    CountSums(job, g, c1 - c0);
     mine.push_back(share);
   }
   for (auto share = mine.rbegin(); share != mine.rend(); ++share) {
@@ -212,13 +219,7 @@ int64_t RunItems(Job& job) {
       continue;
     }
     Execute(job, it);
-    if (it.signal >= 0) {
-      Group& grp = job.groups[it.signal];
-      if (grp.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        Finalize(job, it.signal);
-        grp.ready.store(1, std::memory_order_release);
-      }
-    }
+    if (it.signal >= 0) CountSums(job, it.signal, 1);
     job.done.fetch_add(1, std::memory_order_acq_rel);
   }
 }
