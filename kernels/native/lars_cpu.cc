@@ -169,12 +169,6 @@ inline int32_t ShareBegin(const Group& grp, int32_t share) {
   return std::min(share * grp.share_chunks, grp.num_slots);
 }
 
-// A chunk of a leaf run in shares as a kSum or kUpd item.
-Item ChunkItem(Kind kind, const Group& grp, const LeafView& leaf, int32_t c) {
-  return Item{kind, grp.leaf, c * kChunk, std::min(leaf.n, (c + 1) * kChunk), grp.first_slot + c,
-              -1, -1};
-}
-
 // A kShare item: claims shares of the leaf and sums their chunks until the
 // leaf's ratio is ready (a worker that finds every share claimed waits for the
 // ratio: every share is then being summed by a running worker, so no wait
@@ -194,13 +188,15 @@ void RunShare(Job& job, int32_t g) {
       break;
     }
     const int32_t c0 = ShareBegin(grp, share), c1 = ShareBegin(grp, share + 1);
-    for (int32_t c = c0; c < c1; ++c) Execute(job, ChunkItem(kSum, grp, leaf, c));
+    for (int32_t c = c0; c < c1; ++c) {
+      Execute(job, ChunkItem(kSum, grp.leaf, leaf.n, c, grp.first_slot + c, -1, -1));
+    }
     CountSums(job, g, c1 - c0);
     mine.push_back(share);
   }
   for (auto share = mine.rbegin(); share != mine.rend(); ++share) {
     for (int32_t c = ShareBegin(grp, *share + 1) - 1; c >= ShareBegin(grp, *share); --c) {
-      Execute(job, ChunkItem(kUpd, grp, leaf, c));
+      Execute(job, ChunkItem(kUpd, grp.leaf, leaf.n, c, -1, -1, -1));
     }
   }
 }

@@ -78,8 +78,7 @@ void BuildItems(Job& job, const CpuTuning& tuning, int64_t threads) {
     for (int32_t i = 0; i < num_leaves; ++i) {
       const int64_t n = job.leaves[i].n;
       for (int64_t c = 0; c < NumChunks(n); ++c) {
-        job.items.push_back(Item{kSq, i, c * kChunk, std::min(n, (c + 1) * kChunk), slots++,
-                                 -1, global});
+        job.items.push_back(ChunkItem(kSq, i, n, c, slots++, -1, global));
       }
     }
     grp.num_slots = slots;
@@ -108,8 +107,7 @@ void BuildItems(Job& job, const CpuTuning& tuning, int64_t threads) {
     const int64_t chunks = NumChunks(n);
     for (int64_t k = 0; k < chunks; ++k) {
       const int64_t c = backwards ? chunks - 1 - k : k;
-      job.items.push_back(
-          Item{kUpd, leaf, c * kChunk, std::min(n, (c + 1) * kChunk), -1, wait, -1});
+      job.items.push_back(ChunkItem(kUpd, leaf, n, c, -1, wait, -1));
     }
   };
   auto flush = [&](bool all) {
@@ -160,9 +158,9 @@ void BuildItems(Job& job, const CpuTuning& tuning, int64_t threads) {
       continue;
     }
     for (int64_t c = 0; c < NumChunks(lv.n); ++c) {
-      const int64_t end = std::min(lv.n, (c + 1) * kChunk);
-      job.items.push_back(Item{kSum, i, c * kChunk, end, sum_slots++, global, g});
-      count((end - c * kChunk) * NormBytes(lv));
+      const Item& item =
+          job.items.emplace_back(ChunkItem(kSum, i, lv.n, c, sum_slots++, global, g));
+      count((item.end - item.begin) * NormBytes(lv));
     }
     if (next_leaf) {
       flush(true);
@@ -188,7 +186,7 @@ void BuildUpdateItems(Job& job, const std::vector<double>& given) {
     SetRatio(job, i, lv.p == kF64 ? given[i] : static_cast<double>(static_cast<float>(given[i])));
     const int64_t n = lv.n;
     for (int64_t c = 0; c < NumChunks(n); ++c) {
-      job.items.push_back(Item{kUpd, i, c * kChunk, std::min(n, (c + 1) * kChunk), -1, -1, -1});
+      job.items.push_back(ChunkItem(kUpd, i, n, c, -1, -1, -1));
     }
   }
 }

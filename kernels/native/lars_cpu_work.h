@@ -4,6 +4,7 @@
 #ifndef LARS_NATIVE_CPU_WORK_H_
 #define LARS_NATIVE_CPU_WORK_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -55,6 +56,13 @@ struct Job {
   std::atomic<int64_t> helper_items{0};
   CpuTuning tuning;  // the settings read when the step started
 };
+
+// Chunk c (kChunk elements, the last one shorter) of a leaf of n elements as
+// an item.
+inline Item ChunkItem(Kind kind, int32_t leaf, int64_t n, int64_t c, int32_t slot, int32_t wait,
+                      int32_t signal) {
+  return Item{kind, leaf, c * kChunk, std::min(n, (c + 1) * kChunk), slot, wait, signal};
+}
 
 // The trust ratio of a leaf from its sums, as a value of its compute dtype.
 double LeafRatio(const Job& job, int32_t leaf, double sum_w2, double sum_g2);
