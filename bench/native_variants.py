@@ -11,6 +11,10 @@ other processes hits all of them alike:
 * ``apply`` (per thread count): the bench's ``native:apply`` step,
   ``lars.lars(..., backend="native").apply_gradients`` jitted with params
   and state donated;
+* ``loop`` (per thread count): ``--loop`` such steps in one jitted
+  ``lax.fori_loop``, the time a step: what the step costs inside a larger
+  jitted program (a training step), where the arrays cross the jit boundary
+  once for all of them;
 * ``update-only``: the native call with given trust ratios (no norm pass);
 * ``norms-only``: the native call with the update pass switched off
   (the library's ``phases`` tuning knob);
@@ -71,8 +75,17 @@ def _tune(name: str, value: int) -> None:
 class Variant:
     """A step to time: a function of its carried state, run ``k`` times."""
 
-    def __init__(self, name: str, fn: Callable, carry: list, fixed: list, knobs: dict) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable,
+        carry: list,
+        fixed: list,
+        knobs: dict,
+        steps_per_call: int = 1,
+    ) -> None:
         self.name, self.fn, self.carry, self.fixed, self.knobs = name, fn, carry, fixed, knobs
+        self.steps_per_call = steps_per_call
         self.times: list[float] = []
         self.handler: list[float] = []
         self.before: list[float] = []  # seconds from the call to the handler's start
@@ -87,14 +100,17 @@ class Variant:
             self.carry = list(self.fn(*self.carry, *self.fixed))
         jax.block_until_ready(self.carry)
         self.span_ns = (start, time.perf_counter_ns())
-        seconds = (self.span_ns[1] - start) * 1e-9 / k
+        seconds = (self.span_ns[1] - start) * 1e-9 / (k * self.steps_per_call)
         for name in self.knobs:
             _tune(name, -1)  # back to the default
         return seconds
 
 
-def _lars_apply(params, grads, threads: int) -> tuple[Callable, list, list]:
-    """The bench's ``native:apply`` step with ``threads`` threads."""
+def _lars_apply(params, grads, threads: int, loop: int = 0) -> tuple[Callable, list, list]:
+    """The bench's ``native:apply`` step with ``threads`` threads.
+
+    With ``loop`` > 0, that many steps in one jitted ``lax.fori_loop``.
+    """
 
     def factory(lr):
         return lars.lars(
@@ -110,7 +126,16 @@ def _lars_apply(params, grads, threads: int) -> tuple[Callable, list, list]:
 
     state = jax.jit(factory(steps.LEARNING_RATE).init)(params)
     lr = jnp.asarray(steps.LEARNING_RATE, jnp.float32)
-    fn = jax.jit(steps.make_step(factory, apply=True), donate_argnums=(0, 1))
+    step = steps.make_step(factory, apply=True)
+    if loop:
+
+        def run(params, state, grads, lr):
+            body = lambda _, carry: step(*carry, grads, lr)
+            return jax.lax.fori_loop(0, loop, body, (params, state))
+
+    else:
+        run = step
+    fn = jax.jit(run, donate_argnums=(0, 1))
     compiled = fn.lower(params, state, grads, lr).compile()
     return compiled, [params, state], [grads, lr]
 
@@ -163,6 +188,7 @@ def build(
     thread_counts: list[int],
     knobs: list[str],
     with_optax: bool,
+    loop: int = 0,
 ):
     params0 = measure.host_arrays(workload.shapes, np.float32, 0.05, 0.0)
     grads = jax.device_put(measure.host_arrays(workload.shapes, GRAD_DTYPES[dtype], 1e-3, 0.5))
@@ -193,6 +219,11 @@ def build(
         c, carry, fixed = _lars_apply(jax.device_put(params0), grads, t)
         notes[f"apply t={t}"] = _copies_around_call(c)
         variants.append(Variant(f"apply t={t}", c, carry, fixed, {}))
+        if loop:
+            c, carry, fixed = _lars_apply(jax.device_put(params0), grads, t, loop)
+            notes[f"loop t={t}"] = _copies_around_call(c)
+            name = f"loop t={t} ({loop} in one jit)"
+            variants.append(Variant(name, c, carry, fixed, {}, steps_per_call=loop))
         c, carry, fixed = _raw_call(jax.device_put(params0), grads, t, given=False)
         notes[f"call t={t}"] = _copies_around_call(c)
         variants.append(Variant(f"call t={t}", c, carry, fixed, {}))
@@ -287,6 +318,12 @@ def main() -> None:
         default=[],
         help="a tuning variant, e.g. update_streams=1 or schedule=1,cache_bytes=0 (repeatable)",
     )
+    p.add_argument(
+        "--loop",
+        type=int,
+        default=8,
+        help="steps in one jitted loop for the loop variants (0: none; default %(default)s)",
+    )
     p.add_argument("--optax", action="store_true", help="also time jax.jit(optax.lars)")
     p.add_argument(
         "--after",
@@ -306,7 +343,7 @@ def main() -> None:
     )[:1]
     threads = [int(t) for t in args.threads.split(",")]
     variants, moved, notes = build(
-        workload, args.dtype, threads, args.knobs, args.optax or args.after
+        workload, args.dtype, threads, args.knobs, args.optax or args.after, args.loop
     )
     for v in variants:
         v.run(2)  # warm up
