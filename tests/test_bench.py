@@ -252,6 +252,8 @@ def test_native_variants_prints_every_variant(tmp_path):
             "--knobs",
             "schedule=1,cache_bytes=0",
             "--after",
+            "--loop",
+            "3",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -276,6 +278,18 @@ def test_native_variants_prints_every_variant(tmp_path):
             assert len(figures) == 12 and figures[0] > 0 and figures[7] > 0
             assert figures[10] > 0 and figures[11] > 0
             assert abs(figures[10] + figures[11] - figures[9]) < 0.3 * figures[9] + 0.02
+        # --loop 3: three steps in one jitted loop, the time a step (no handler columns)
+        key = f"loop t={t} (3 in one jit)"
+        assert key in rows, proc.stdout
+        figures = [float(x) for x in rows[key][len(key) :].split()]
+        assert len(figures) == 7 and all(x > 0 for x in figures[:4]), rows[key]
+    # The loop carries params and momentum in place: no temporary of their size
+    # (array-250k: 1 MB of params), at most the loop counter's copy.
+    loops = [line for line in proc.stdout.splitlines() if line.startswith("# loop t=")]
+    assert len(loops) == 2, proc.stdout
+    for line in loops:
+        assert float(line.split("temp ")[1].split()[0]) < 250_000, line
+        assert int(line.split(": ")[1].split()[0]) <= 1, line
     assert "copy (XLA x*c+d)" in rows and "dispatch (no-op step)" in rows
     notes = [line for line in proc.stdout.splitlines() if line.startswith("# apply t=")]
     assert len(notes) == 2 and all(" 0 copy ops" in line for line in notes), proc.stdout
