@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         "freeing optax's temporaries) land in the next one's (default 0.05, --quick 0)",
     )
     p.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=1,
+        help="time every LARS row, optax included, as this many steps in one jitted "
+        "lax.fori_loop (a step's share of a jitted training loop, whose arrays cross the "
+        "jit boundary once); times are per step; the copy floor stays one copy per call "
+        "(default %(default)s: each step its own call)",
+    )
+    p.add_argument(
         "--slow-factor",
         type=float,
         default=25.0,
@@ -148,9 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         slow_factor=args.slow_factor,
         max_compile_s=base["max_compile_s"] if args.max_compile is None else args.max_compile,
         settle_s=base["settle_s"] if args.settle is None else args.settle,
+        steps_per_call=args.steps_per_call,
     )
-    if settings.rounds < 1 or settings.warmup < 0 or settings.settle_s < 0:
-        print("error: --rounds must be >= 1, --warmup and --settle >= 0", file=sys.stderr)
+    if (
+        settings.rounds < 1
+        or settings.warmup < 0
+        or settings.settle_s < 0
+        or settings.steps_per_call < 1
+    ):
+        print(
+            "error: --rounds and --steps-per-call must be >= 1, --warmup and --settle >= 0",
+            file=sys.stderr,
+        )
         return 2
 
     env = environment.collect(sys.argv[1:] if argv is None else argv)

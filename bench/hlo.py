@@ -7,12 +7,14 @@ call, a copy, an unfused op), except the bookkeeping ops that run no code
 (parameter, constant, tuple, get-tuple-element, bitcast, ...). A ``call``
 (e.g. the command-buffer wrapper of the GPU backend) is replaced by the count
 of the computation it calls; a ``while`` or ``conditional`` counts once (its
-body is not unrolled; none of the steps timed here has one).
+body is not unrolled). ``count_loop_launches`` counts one step of a step
+compiled as a loop (``bench.steps.looped``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 # Opcodes that launch nothing: they name, pack or reinterpret buffers.
@@ -33,6 +35,7 @@ NO_LAUNCH = frozenset(
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _TO_APPLY = re.compile(r"to_apply=%?([\w.\-]+)")
+_BODY = re.compile(r"body=%?([\w.\-]+)")
 
 
 def _split_type(rhs: str) -> str:
@@ -79,16 +82,7 @@ def parse_computations(hlo_text: str) -> tuple[str | None, dict[str, list[tuple[
     return entry, comps
 
 
-def count_launches(hlo_text: str) -> int:
-    """Kernel launches per execution of a compiled program (see the module doc).
-
-    Raises:
-      ValueError: if the text has no ENTRY computation.
-    """
-    entry, comps = parse_computations(hlo_text)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-
+def _counter(comps: dict[str, list[tuple[str, str]]]) -> Callable[[str, int], int]:
     def count(name: str, depth: int) -> int:
         total = 0
         for opcode, line in comps.get(name, []):
@@ -101,7 +95,53 @@ def count_launches(hlo_text: str) -> int:
                 total += 1
         return total
 
-    return count(entry, 0)
+    return count
+
+
+def count_launches(hlo_text: str) -> int:
+    """Kernel launches per execution of a compiled program (see the module doc).
+
+    Raises:
+      ValueError: if the text has no ENTRY computation.
+    """
+    entry, comps = parse_computations(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return _counter(comps)(entry, 0)
+
+
+def count_loop_launches(hlo_text: str, steps: int) -> int:
+    """Launches per step of a program that runs ``steps`` steps in one loop.
+
+    The launches of the body of the outermost ``while`` (the first one met
+    from the ENTRY computation through ``call``s; the loop counter's increment
+    is included, what runs once around the loop is left out), or, where XLA
+    unrolled the loop, the ENTRY's launches over ``steps`` (rounded up).
+
+    Raises:
+      ValueError: if the text has no ENTRY computation.
+    """
+    entry, comps = parse_computations(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    count = _counter(comps)
+
+    def find_body(name: str, depth: int) -> str | None:
+        for opcode, line in comps.get(name, []):
+            body = _BODY.search(line) if opcode == "while" else None
+            callee = _TO_APPLY.search(line) if opcode == "call" else None
+            if body:
+                return body.group(1)
+            if callee and depth < 8:
+                found = find_body(callee.group(1), depth + 1)
+                if found:
+                    return found
+        return None
+
+    body = find_body(entry, 0)
+    if body is not None:
+        return count(body, 0)
+    return -(-count(entry, 0) // steps)
 
 
 def cost_bytes_accessed(compiled: Any) -> float:

@@ -35,6 +35,10 @@ class Settings:
       max_compile_s: A backend is skipped on a workload where its compile
         time, estimated from optax's there and the largest ratio of the two
         seen so far, would exceed this (0: never).
+      steps_per_call: Steps per jitted call of every LARS row, optax's
+        included (``bench.steps``): 1 times each step as its own call; K > 1
+        times K steps in one jitted loop, a step's share of a jitted training
+        loop. The copy floor is always one copy per call.
     """
 
     warmup: int = 5
@@ -44,6 +48,7 @@ class Settings:
     settle_s: float = 0.05
     slow_factor: float = 25.0
     max_compile_s: float = 300.0
+    steps_per_call: int = 1
 
 
 @dataclasses.dataclass
@@ -125,7 +130,8 @@ def measure(
     runners: dict[str, steps.Runner] = {}
     notes: dict[str, str] = {}
     diffs: dict[str, float] = {}
-    runners[steps.OPTAX] = steps.lars_runner(steps.OPTAX, jax.device_put(params0), grads)
+    spc = settings.steps_per_call
+    runners[steps.OPTAX] = steps.lars_runner(steps.OPTAX, jax.device_put(params0), grads, spc)
     optax_compile = max(runners[steps.OPTAX].compile_s, 1e-3)
     for name in backends:
         ratio = history.compile_ratio.get(name)
@@ -139,14 +145,14 @@ def measure(
             )
             continue
         try:
-            runners[name] = steps.lars_runner(name, jax.device_put(params0), grads)
+            runners[name] = steps.lars_runner(name, jax.device_put(params0), grads, spc)
         except Exception as e:
             notes[name] = "compile failed: " + _error(e)
             continue
         history.compile_ratio[name] = max(ratio or 0.0, runners[name].compile_s / optax_compile)
     runners[steps.COPY] = steps.copy_runner(moved)
 
-    # First step of each, from the same params: the updates must agree with optax.
+    # First call of each, from the same params: the updates must agree with optax.
     runners[steps.OPTAX].run(1)
     reference = steps.first_update(runners[steps.OPTAX], params0)
     diffs[steps.OPTAX] = 0.0
@@ -165,8 +171,8 @@ def measure(
     if not np.isnan(copy.bytes_xla) and copy.bytes_xla < 0.99 * 2 * (moved // 8) * 4:
         notes[steps.COPY] = f"XLA reports only {copy.bytes_xla:.0f} bytes accessed"
 
-    # A second step of each: a backend far slower than optax is timed on it alone.
-    second = {name: timing.clock(r, 1) for name, r in runners.items()}
+    # A second call of each: a backend far slower than optax is timed on it alone.
+    second = {name: timing.clock(r, 1) / r.steps_per_call for name, r in runners.items()}
     slow: set[str] = set()
     timings: dict[str, timing.Timing] = {}
     if settings.slow_factor > 0:
@@ -176,8 +182,8 @@ def measure(
                 ratio = second[name] / second[steps.OPTAX]
                 slow.add(name)
                 history.skip[name] = f"{ratio:.0f}x slower than optax on {workload.name} {dtype}"
-                notes[name] = f"slow: one step timed ({ratio:.0f}x optax's)"
-                timings[name] = timing.Timing.of([second[name]], 1)
+                notes[name] = f"slow: one call timed ({ratio:.0f}x optax's)"
+                timings[name] = timing.Timing.of([second[name]], spc)
     timings.update(
         timing.time_runners(
             [r for name, r in runners.items() if name not in slow],
@@ -216,6 +222,7 @@ def measure(
             max_ms=1e3 * t.max,
             samples=t.samples,
             steps_per_sample=t.steps_per_sample,
+            steps_per_call=r.steps_per_call,
             gb_per_s=moved / t.median / 1e9,
             copy_gb_per_s=moved / copy_s / 1e9,
             frac_of_copy=copy_s / t.median,

@@ -27,6 +27,7 @@ COLUMNS = (
     "max_ms",
     "samples",
     "steps_per_sample",
+    "steps_per_call",
     "gb_per_s",
     "copy_gb_per_s",
     "frac_of_copy",
@@ -152,6 +153,21 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _mode_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    per_call = sorted(
+        {int(_num(r, "steps_per_call")) for r in rows if _num(r, "steps_per_call") > 1}
+    )
+    if not per_call:
+        return []
+    k = ", ".join(map(str, per_call))
+    return [
+        f"- steps per call: {k}. Every LARS row, optax included, ran {k} steps in one "
+        "jitted `lax.fori_loop` per call (its arrays crossed the jit boundary once per call, "
+        "as in a jitted training loop); times are per step, `launches` those of one step. "
+        "The copy floor ran one copy per call."
+    ]
+
+
 def format_markdown(rows: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
     """A Markdown page: how the run was taken, then the table."""
     head = [
@@ -162,6 +178,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], env: dict[str, str]) -> str:
         f"- versions: jax {env['jax']}, jaxlib {env['jaxlib']}, optax {env['optax']}, "
         f"lars {env['lars']}, Python {env['python']}, {env['os']}",
         f"- command: `{env['command']}`",
+        *_mode_lines(rows),
         "",
         "Step times are medians over interleaved samples; `% copy` is the copy floor's "
         "time over the step's (the fraction of the measured copy bandwidth), `x optax` the "

@@ -1,9 +1,10 @@
 """Timing compiled steps side by side.
 
-Each sample runs ``k`` steps back to back (each step's outputs feed the next,
+Each sample runs ``k`` calls back to back (each call's outputs feed the next,
 as in training) and waits for the last one with ``block_until_ready``; the
-sample's time over ``k`` is one per-step time. ``k`` is chosen per step so a
-sample lasts at least ``min_sample_s`` (1 for any step slower than that).
+sample's time over the ``k * steps_per_call`` steps it ran is one per-step
+time. ``k`` is chosen per runner so a sample lasts at least ``min_sample_s``
+(1 for any call slower than that).
 The runners take turns, one sample each per round, in an order that rotates
 from round to round, so a change in the machine's load touches them alike.
 Each sample starts after ``settle_s`` seconds of sleep, so that what one
@@ -34,7 +35,7 @@ class Timing:
     Attributes:
       median, p25, p75, min, max: Statistics of the samples' per-step times.
       samples: The number of samples.
-      steps_per_sample: ``k``.
+      steps_per_sample: Steps per sample (``k`` calls of ``steps_per_call``).
     """
 
     median: float
@@ -60,10 +61,10 @@ class Timing:
         )
 
 
-def clock(runner: Runner, steps: int) -> float:
-    """Seconds to run ``steps`` steps and wait for the last."""
+def clock(runner: Runner, calls: int) -> float:
+    """Seconds to run ``calls`` calls and wait for the last."""
     start = time.perf_counter()
-    runner.run(steps)
+    runner.run(calls)
     return time.perf_counter() - start
 
 
@@ -73,7 +74,7 @@ def time_runners(
     warmup: int,
     rounds: int,
     min_sample_s: float,
-    max_steps_per_sample: int = 200,
+    max_calls_per_sample: int = 200,
     budget_s: float | None = None,
     settle_s: float = 0.0,
 ) -> dict[str, Timing]:
@@ -81,32 +82,36 @@ def time_runners(
 
     Args:
       runners: Compiled steps, already run once.
-      warmup: Untimed steps per runner first.
+      warmup: Untimed calls per runner first.
       rounds: Samples per runner (fewer if ``budget_s`` runs out, at least 3).
       min_sample_s: The shortest a sample should last.
-      max_steps_per_sample: Upper bound on ``k``.
+      max_calls_per_sample: Upper bound on ``k``.
       budget_s: Stop taking rounds after this many seconds (after 3 rounds).
       settle_s: Seconds of sleep before each sample (not timed).
 
     Returns:
       {runner name: Timing}.
     """
-    steps_per_sample = {}
+    calls_per_sample = {}
     for r in runners:
         if warmup:
             r.run(warmup)
         one = min(clock(r, 1) for _ in range(2))
         k = 1 if one >= min_sample_s else math.ceil(min_sample_s / max(one, 1e-7))
-        steps_per_sample[r.name] = max(1, min(k, max_steps_per_sample))
+        calls_per_sample[r.name] = max(1, min(k, max_calls_per_sample))
     per_step: dict[str, list[float]] = {r.name: [] for r in runners}
     start = time.perf_counter()
     for i in range(rounds):
         shift = i % len(runners)
         for r in [*runners[shift:], *runners[:shift]]:
-            k = steps_per_sample[r.name]
+            k = calls_per_sample[r.name]
             if settle_s > 0:
                 time.sleep(settle_s)
-            per_step[r.name].append(clock(r, k) / k)
+            per_step[r.name].append(clock(r, k) / (k * r.steps_per_call))
         if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
             break
-    return {name: Timing.of(ts, steps_per_sample[name]) for name, ts in per_step.items()}
+    per_call = {r.name: r.steps_per_call for r in runners}
+    return {
+        name: Timing.of(ts, calls_per_sample[name] * per_call[name])
+        for name, ts in per_step.items()
+    }

@@ -161,6 +161,92 @@ def test_agreement_check_measures_the_update():
     assert steps.rel_diff(runner, params0, scaled) == pytest.approx(1 / 3, rel=1e-2)
 
 
+def test_looped_runs_the_step_k_times_in_one_call():
+    def step(x, v, c):
+        return x * c + v, v + 1.0
+
+    x, v = jax.jit(steps.looped(step, 2, 3))(jnp.float32(2.0), jnp.float32(0.5), jnp.float32(3.0))
+    want_x, want_v = 2.0, 0.5
+    for _ in range(3):
+        want_x, want_v = want_x * 3.0 + want_v, want_v + 1.0
+    assert (float(x), float(v)) == (want_x, want_v) == (65.5, 3.5)
+
+
+LOOP_HLO = """\
+HloModule m
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[8]{0} get-tuple-element(%t), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %k = f32[8]{0} custom-call(%x), custom_call_target="kernel"
+  %y = f32[8]{0} fusion(%k), kind=kLoop, calls=%fused_a
+  ROOT %r = (s32[], f32[8]{0}) tuple(%next, %y)
+}
+
+%loop (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  ROOT %w = (s32[], f32[8]{0}) while(%t), condition=%cond, body=%body
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %c = f32[8]{0} copy(%a)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[8]{0}) tuple(%z, %c)
+  %l = (s32[], f32[8]{0}) call(%t), to_apply=%loop
+  ROOT %o = f32[8]{0} get-tuple-element(%l), index=1
+}
+"""
+
+
+def test_count_loop_launches_counts_one_step():
+    # The body's counter add, custom call and fusion; not the copy before the loop.
+    assert hlo.count_loop_launches(LOOP_HLO, 4) == 3
+    assert hlo.count_launches(LOOP_HLO) == 2  # the copy and the call's while
+    # Unrolled (no while): the ENTRY's launches over the steps, rounded up.
+    assert hlo.count_loop_launches(SYNTHETIC_HLO, 2) == 3
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo.count_loop_launches("HloModule m\n", 2)
+    # On a compiled loop of the copy step: its fusion and the counter.
+    x, c, d = jnp.ones(1000), jnp.float32(1.0), jnp.float32(0.0)
+    text = jax.jit(steps.looped(steps.copy_step, 1, 4)).lower(x, c, d).compile().as_text()
+    assert hlo.count_loop_launches(text, 4) == 2
+
+
+def test_measure_with_steps_per_call_times_each_step_of_the_loop():
+    work = workloads.small_arrays_workload(3, 257)
+    settings = measure.Settings(
+        warmup=0, rounds=3, min_sample_s=0.0, budget_s=5.0, settle_s=0.0, steps_per_call=3
+    )
+    rows = {r["backend"]: r for r in measure.measure(work, "fp32", ["native:apply"], settings)}
+    assert rows["optax"]["steps_per_call"] == rows["native:apply"]["steps_per_call"] == 3
+    assert rows["copy"]["steps_per_call"] == 1
+    assert rows["native:apply"]["steps_per_sample"] % 3 == 0
+    # Three steps' updates in the first call, against optax's three.
+    assert rows["native:apply"]["rel_diff_vs_optax"] < 1e-4
+    assert math.isnan(rows["native:apply"]["bytes_xla"])
+    assert rows["native:apply"]["launches"] >= 1
+    assert rows["native:apply"]["temp_bytes"] < 4096
+
+
+def test_time_runners_divides_by_the_steps_of_a_call(monkeypatch):
+    from bench import timing
+
+    class Fake:
+        name = "loop"
+        steps_per_call = 4
+
+        def run(self, k: int) -> None: ...
+
+    monkeypatch.setattr(timing, "clock", lambda runner, k: 0.4 * k)
+    out = timing.time_runners([Fake()], warmup=0, rounds=3, min_sample_s=0.0)
+    assert out["loop"].median == pytest.approx(0.1)
+    assert out["loop"].steps_per_sample == 4
+
+
 def test_table_and_markdown_show_skipped_rows():
     rows = [
         {"workload": "w", "group": "model", "dtype": "fp32", "backend": "optax", "median_ms": 2.0},
@@ -171,6 +257,11 @@ def test_table_and_markdown_show_skipped_rows():
     assert "skipped" in text and text.count("\n") == 4
     env = {k: "v" for k in [*report.ENV_COLUMNS, "os", "command"]}
     assert "| w | fp32 | x |" in report.format_markdown(rows, env)
+
+
+def test_cli_rejects_a_loop_of_no_steps(tmp_path, capsys):
+    assert cli.main(["--steps-per-call", "0", "--out", str(tmp_path), "--quick"]) == 2
+    assert "--steps-per-call" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_names(tmp_path, capsys):
@@ -315,6 +406,8 @@ def test_settle_sleeps_before_each_sample_outside_the_timed_interval(monkeypatch
     events: list[str] = []
 
     class Fake:
+        steps_per_call = 1
+
         def __init__(self, name: str) -> None:
             self.name = name
 
