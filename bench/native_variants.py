@@ -127,14 +127,7 @@ def _lars_apply(params, grads, threads: int, loop: int = 0) -> tuple[Callable, l
     state = jax.jit(factory(steps.LEARNING_RATE).init)(params)
     lr = jnp.asarray(steps.LEARNING_RATE, jnp.float32)
     step = steps.make_step(factory, apply=True)
-    if loop:
-
-        def run(params, state, grads, lr):
-            body = lambda _, carry: step(*carry, grads, lr)
-            return jax.lax.fori_loop(0, loop, body, (params, state))
-
-    else:
-        run = step
+    run = steps.looped(step, 2, loop) if loop else step
     fn = jax.jit(run, donate_argnums=(0, 1))
     compiled = fn.lower(params, state, grads, lr).compile()
     return compiled, [params, state], [grads, lr]
