@@ -142,7 +142,8 @@ class Runner:
         call replaces them with the step's outputs.
       fixed: The arguments that are not donated (grads and lr, or c and d).
       compile_s: Seconds to trace, lower and compile.
-      launches: Kernel launches per step (``hlo.count_launches``).
+      launches: Kernel launches per step (``hlo.count_launches``, or
+        ``hlo.count_loop_launches`` for a loop).
       temp_bytes: Temporary memory of the compiled step.
       bytes_xla: XLA's estimate of the bytes accessed per step (NaN with
         ``steps_per_call`` > 1: XLA's cost analysis of a loop does not give
