@@ -31,6 +31,9 @@ namespace LARS_ISA_NS {
 namespace {
 
 constexpr int kLanes = 16;
+// The blockwise update loop's block: 64 float32 are 4 cache lines of each
+// of w, g and v (chosen, not tuned: the loop serves the timing variants).
+constexpr int64_t kUpdateBlock = 64;
 
 // bfloat16 and float16 storage. bfloat16 converts by bit manipulation (round to
 // nearest even, NaN kept quiet); float16 uses the compiler's _Float16 when it
@@ -318,7 +321,8 @@ void SumG2(const LeafView& leaf, int64_t begin, int64_t end, double* out) {
 // which a core reads faster than 2 when its own outstanding misses, not the
 // memory, are the limit); with fewer registers (AVX2: sixteen of 32 bytes) that
 // loop spills and runs slower than reading the parts one after the other,
-// which gives the same bits.
+// which gives the same bits. Only the default, K = 2, reads side by side: the
+// other K are timing variants, and a loop per K made the file slow to compile.
 #if defined(__AVX512F__)
 constexpr bool kInterleaveParts = true;
 #else
@@ -339,7 +343,7 @@ void SumsK(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h,
     v[1] = eff(Block<C>(g + k), v[0]);
   };
   int64_t i = begin + K * part;
-  if constexpr (kInterleaveParts) {
+  if constexpr (kInterleaveParts && K == 2) {
     SquareBlocks<C>(
         begin, begin + part,
         [&](int64_t k, typename Vec<C>::type* v) {
@@ -424,25 +428,30 @@ void UpdateLoop(const LeafView& leaf, int64_t begin, int64_t end, const Hyper& h
   };
   // `streams` (1, 2, 4 or 8) parts of the range side by side, so that more
   // streams are in flight; each element's result is the same in any order.
-  const int64_t ways = streams == 2 || streams == 4 || streams == 8 ? streams : 1;
-  const int64_t q = (end - begin) / ways;
-  if (ways == 8) {
-    LARS_IVDEP
-    for (int64_t i = begin; i < begin + q; ++i) {
-      one(i), one(i + q), one(i + 2 * q), one(i + 3 * q);
-      one(i + 4 * q), one(i + 5 * q), one(i + 6 * q), one(i + 7 * q);
-    }
-  } else if (ways == 4) {
+  // The default, 4, has its own loop (one body per part, element by element);
+  // 2 and 8, timing variants, share one loop that reads kUpdateBlock elements
+  // of each part in turn: a loop per number of parts made this file take about
+  // four minutes to compile per instruction set. The blockwise loop was no
+  // faster for the default (docs/native.md, "Work split").
+  if (streams == 4) {
+    const int64_t q = (end - begin) / 4;
     LARS_IVDEP
     for (int64_t i = begin; i < begin + q; ++i) {
       one(i), one(i + q), one(i + 2 * q), one(i + 3 * q);
     }
-  } else if (ways == 2) {
-    LARS_IVDEP
-    for (int64_t i = begin; i < begin + q; ++i) one(i), one(i + q);
+    begin += 4 * q;
+  } else if (streams == 2 || streams == 8) {
+    const int64_t q = (end - begin) / (streams * kUpdateBlock) * kUpdateBlock;
+    for (int64_t i = begin; i < begin + q; i += kUpdateBlock) {
+      for (int64_t j = 0; j < streams; ++j) {
+        LARS_IVDEP
+        for (int64_t k = i + j * q; k < i + j * q + kUpdateBlock; ++k) one(k);
+      }
+    }
+    begin += streams * q;
   }
   LARS_IVDEP
-  for (int64_t i = ways == 1 ? begin : begin + ways * q; i < end; ++i) one(i);
+  for (int64_t i = begin; i < end; ++i) one(i);
 }
 
 template <class P, class G, bool CN, bool CV, bool WD>
