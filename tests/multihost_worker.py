@@ -14,7 +14,7 @@ Phases:
 * ``first``: 5 steps through ``lars.lars`` (then ``optax.apply_updates``)
   and through ``lars.Lars``; each process checks its shards of params and
   momentum, and the trust ratios, against the float64 NumPy oracle
-  (tests/oracle.py, backend_base's float32 tolerances) and against the same
+  (tests/oracle.py, backend_cases' float32 tolerances) and against the same
   backend run unsharded on one local device (float32 rounding). Then K
   steps, a checkpoint saved by both processes with orbax (params and
   ``LarsState``; ``lars.Lars``'s params and state; ``lars.Lars.state_dict()``),
@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import oracle  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-from backend_base import TOLERANCES, _spacing  # noqa: E402
+from backend_cases import TOLERANCES, _spacing  # noqa: E402
 from backends import require  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -222,7 +222,7 @@ def shards(x: Any) -> list[tuple[Any, np.ndarray]]:
 def check_oracle(
     p: dict, s: lars.LarsState, want: oracle.OracleState, what: str, w0: dict | None = None
 ) -> None:
-    """Every shard this process holds against the oracle (backend_base's float32 tolerances).
+    """Every shard this process holds against the oracle (backend_cases' float32 tolerances).
 
     ``w0``: the params the run started from (default :func:`host_params`).
     """

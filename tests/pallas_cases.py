@@ -7,7 +7,7 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from backend_base import ALL_OPTIONS
+from backend_cases import ALL_OPTIONS
 
 from lars.contract import NUM_SCALARS, LeafSpec, Scalar
 from lars.kernels.pallas import elementwise as ew

@@ -12,10 +12,11 @@ one-pass kernel for every leaf here (they all fit its VMEM ring), and every
 test here is marked slow.
 """
 
-import backend_base
+import backend_cases
 import jax
 import pytest
-from backend_base import CASES_BY_NAME, INTERPRETED_CASES, BackendTests
+from backend_base import BackendTests
+from backend_cases import CASES_BY_NAME, INTERPRETED_CASES
 
 from lars.kernels import pallas
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.slow] if INTERPRET else []
 
 # Every option and mask form of CASES, in 6 cases (all 18 off the CPU).
 CPU_CASES = INTERPRETED_CASES
-CASES = backend_base.CASES if not INTERPRET else [CASES_BY_NAME[n] for n in CPU_CASES]
+CASES = backend_cases.CASES if not INTERPRET else [CASES_BY_NAME[n] for n in CPU_CASES]
 LOW_PRECISION = ["defaults", "both_masks", "everything"] if not INTERPRET else ["everything"]
 
 

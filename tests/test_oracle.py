@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import oracle
 import pytest
-from backend_base import (
+from backend_cases import (
     CASES,
     CASES_BY_NAME,
     CLIP,

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import oracle
 import strategies
-from backend_base import TOLERANCES, assert_matches_oracle
+from backend_cases import TOLERANCES, assert_matches_oracle
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
