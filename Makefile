@@ -26,7 +26,7 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 	tests/test_native_api.py tests/test_native_ffi.py tests/test_optax_parity.py \
 	tests/test_braintools_parity.py
 
-NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu)
+NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu kernels/native/*.cuh)
 
 .PHONY: all venv test test-fast test-jax-0.11 lint format demo bench docs wheel clean \
 	gpu-wheels gpu-check gpu-check-cpu cuda-emulate

@@ -111,7 +111,7 @@ def test_pip_wheel_builds_the_native_library_into_the_package(tmp_path: Path):
     assert {"lars/py.typed", f"{lib}liblars_native_cpu.so", f"{lib}build-info.txt"} <= names
     assert f"{lib}liblars_native_cuda.so" not in names
     assert not [n for n in names if n.startswith(("kernels/", "tests/", "bench/", "examples/"))]
-    assert not [n for n in names if n.endswith((".cc", ".h", ".cu"))]
+    assert not [n for n in names if n.endswith((".cc", ".h", ".cu", ".cuh"))]
     assert HEADERS in info and "cuda: not built (LARS_NATIVE_CUDA=OFF)" in info, info
 
     assert (meta["Name"], meta["Version"]) == ("jax-lars", version)

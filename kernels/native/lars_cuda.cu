@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "lars_common.h"
+#include "lars_cuda_access.cuh"
 #include "lars_ffi_leaf.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -75,96 +76,6 @@ struct DeviceHyper {
   const float* lr;
   const double* global_norm;  // written by NormKernel (nullptr without clipping)
 };
-
-// --- storage types ----------------------------------------------------------
-template <class C>
-__device__ __forceinline__ C Ld(float x) {
-  return static_cast<C>(x);
-}
-template <class C>
-__device__ __forceinline__ C Ld(double x) {
-  return static_cast<C>(x);
-}
-template <class C>
-__device__ __forceinline__ C Ld(__nv_bfloat16 x) {
-  return static_cast<C>(__bfloat162float(x));
-}
-template <class C>
-__device__ __forceinline__ C Ld(__half x) {
-  return static_cast<C>(__half2float(x));
-}
-
-template <class S>
-struct St;
-template <>
-struct St<float> {
-  __device__ __forceinline__ static float Do(float c) { return c; }
-};
-template <>
-struct St<double> {
-  __device__ __forceinline__ static double Do(double c) { return c; }
-};
-template <>
-struct St<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 Do(float c) { return __float2bfloat16_rn(c); }
-};
-template <>
-struct St<__half> {
-  __device__ __forceinline__ static __half Do(float c) { return __float2half_rn(c); }
-};
-
-template <class P>
-struct ComputeOf {
-  using type = float;
-};
-template <>
-struct ComputeOf<double> {
-  using type = double;
-};
-
-// Elements per group: 16 bytes of params.
-template <class P>
-constexpr int kVec = 16 / static_cast<int>(sizeof(P));
-
-// kV elements of T moved as one aligned access of kV * sizeof(T) bytes
-// (two 16-byte accesses for 8 float32 momenta).
-template <class T, int kV>
-struct alignas(kV * sizeof(T) < 16 ? kV * sizeof(T) : 16) Pack {
-  T x[kV];
-};
-
-// Loads group [i, i + kV) of p into x: one vector access when `vec` (the
-// group is whole and aligned), else element by element up to `end`.
-template <int kV, class T>
-__device__ __forceinline__ void LoadGroup(const T* p, int64_t i, int64_t end, bool vec, T* x) {
-  if (vec) {
-    const Pack<T, kV> pk = *reinterpret_cast<const Pack<T, kV>*>(p + i);
-#pragma unroll
-    for (int k = 0; k < kV; ++k) x[k] = pk.x[k];
-  } else {
-#pragma unroll
-    for (int k = 0; k < kV; ++k) x[k] = i + k < end ? p[i + k] : T(0.0f);
-  }
-}
-
-template <int kV, class T>
-__device__ __forceinline__ void StoreGroup(T* p, int64_t i, int64_t end, bool vec, const T* x) {
-  if (vec) {
-    Pack<T, kV> pk;
-#pragma unroll
-    for (int k = 0; k < kV; ++k) pk.x[k] = x[k];
-    *reinterpret_cast<Pack<T, kV>*>(p + i) = pk;
-  } else {
-#pragma unroll
-    for (int k = 0; k < kV; ++k) {
-      if (i + k < end) p[i + k] = x[k];
-    }
-  }
-}
-
-__device__ __forceinline__ bool Aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
 
 // Whether the leaf's buffers allow 16-byte groups (a null `out` is aligned).
 __device__ __forceinline__ bool LeafAligned(const GpuLeaf& leaf) {

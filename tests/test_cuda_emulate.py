@@ -1,0 +1,57 @@
+"""The CUDA handler's kernels run on the CPU (bench/cuda_emulate.py, ``make cuda-emulate``).
+
+``bench.cuda_emulate`` cuts the kernels out of ``kernels/native/lars_cuda.cu``
+(the element access they use is in ``lars_cuda_access.cuh``), compiles them
+for the CPU with stand-ins for the CUDA built-ins and checks every dtype pair,
+output mode and three option sets against float64 sums and a scalar reference
+of the update (``bench/cuda_emulation/check.cc``). It needs a C++20 compiler
+and the CUDA toolkit's headers, not a GPU; without the headers it cannot
+compile and the test says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree
+    sys.path.insert(0, str(ROOT))
+
+from bench import cuda_emulate  # noqa: E402
+
+
+def test_the_kernels_are_cut_out_with_a_small_launch():
+    part = cuda_emulate.kernels_source(cuda_emulate.SOURCE.read_text())
+    assert part.startswith("constexpr int kThreads")
+    assert f"constexpr int kMaxLeaves = {cuda_emulate.MAX_LEAVES};" in part
+    assert "__global__ void UpdateKernel" in part and "XLA_FFI" not in part
+    with pytest.raises(ValueError, match="kMaxLeaves"):
+        cuda_emulate.kernels_source("constexpr int kThreads = 1;\n// --- handler")
+    with pytest.raises(ValueError, match="handler"):
+        cuda_emulate.kernels_source("no markers")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    cuda_emulate.cuda_include() is None or shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="needs the CUDA toolkit's headers (cuda_bf16.h) and a C++20 compiler",
+)
+def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cuda_emulate"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-8000:]
+    found = re.search(r"^OK (\d+) configurations x 2 alignments$", done.stdout, re.M)
+    assert found and int(found.group(1)) >= 72, output[-8000:]
