@@ -10,10 +10,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_FILES = sorted([*(ROOT / "lars").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
 KERNEL_FILES = sorted((ROOT / "kernels").rglob("*.py"))
-# Every Python module of the source tree: the package, the benchmarks, the
-# examples and the tests (their cases and helpers too) are held to one size.
+# Every module of the source tree is held to one size: the package, the
+# benchmarks, the examples and the tests (their cases and helpers too) in
+# Python, and the C++ and CUDA sources of the native library and the benchmarks.
+NATIVE_SUFFIXES = (".cc", ".h", ".cu", ".cuh")
 SOURCE_FILES = sorted(
-    {*PACKAGE_FILES, *(p for d in ("bench", "examples", "tests") for p in (ROOT / d).rglob("*.py"))}
+    {
+        *PACKAGE_FILES,
+        *(p for d in ("bench", "examples", "tests") for p in (ROOT / d).rglob("*.py")),
+        *(
+            p
+            for d in ("kernels", "bench")
+            for p in (ROOT / d).rglob("*")
+            if p.suffix in NATIVE_SUFFIXES
+        ),
+    }
 )
 MAX_LINES = 520
 
