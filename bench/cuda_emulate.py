@@ -59,10 +59,15 @@ def cuda_include() -> Path | None:
     return next((c for c in candidates if (c / "cuda_bf16.h").exists()), None)
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler: $CXX (else g++), or clang++; None if there is none."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+
+
 def main() -> int:
     """Builds and runs the check; its exit status."""
     include = cuda_include()
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+    compiler = cxx_compiler()
     if include is None or compiler is None:
         print("needs a C++20 compiler and the CUDA toolkit's headers (cuda_bf16.h)")
         return 2

@@ -11,9 +11,7 @@ compile and the test says so.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +38,7 @@ def test_the_kernels_are_cut_out_with_a_small_launch():
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    cuda_emulate.cuda_include() is None or shutil.which(os.environ.get("CXX", "g++")) is None,
+    cuda_emulate.cuda_include() is None or cuda_emulate.cxx_compiler() is None,
     reason="needs the CUDA toolkit's headers (cuda_bf16.h) and a C++20 compiler",
 )
 def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
