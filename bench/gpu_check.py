@@ -17,8 +17,10 @@ on) and all of them within ``--budget`` seconds:
 
 It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
 ``gpu_check.log`` (every step's output) to ``--out`` (default ``$OUT`` when
-set, else ``bench/out/gpu-check``), and prints a short table last. Exit status
-0 when every step passed or was skipped with a reason.
+set, else ``bench/out/gpu-check``), the two reports anew after every step (a
+run cut short keeps what it finished, marked ``unfinished``), and prints a
+short table last. Exit status 0 when every step passed or was skipped with a
+reason.
 
 ``--cpu`` runs the same phases on the CPU with the interpreted kernels at tiny
 sizes (no wheels, no build): the harness itself, end to end, in a few minutes;
@@ -59,6 +61,9 @@ STEPS: tuple[tuple[str, float, float], ...] = (
     ("timing-tuning", 90, 300),
 )
 RESERVE_S = 10.0
+# How long a killed step's process group may take to go: a process stuck in the
+# GPU driver can outlive SIGKILL for a while; after this the run goes on without it.
+KILL_WAIT_S = 30.0
 
 
 def _run(cmd: list[str], log: Any, timeout: float, env: dict[str, str]) -> tuple[int | None, float]:
@@ -77,7 +82,11 @@ def _run(cmd: list[str], log: Any, timeout: float, env: dict[str, str]) -> tuple
         rc: int | None = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            proc.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.write(f"(still running {KILL_WAIT_S:.0f} s after SIGKILL: left behind)\n")
+            log.flush()
         rc = None
     return rc, time.perf_counter() - start
 
@@ -167,6 +176,26 @@ def environment(cpu: bool) -> dict[str, Any]:
     return env
 
 
+def _write_reports(
+    out: Path, results: dict[str, Any], where: dict[str, Any], seconds: float, done: bool
+) -> dict[str, Any]:
+    """Writes gpu_check.json and gpu_check.md for the steps so far; returns the document.
+
+    The smoke step's ``environment`` (what the phases' process saw) joins ``where``.
+    """
+    steps = {n: {k: v for k, v in r.items() if k != "environment"} for n, r in results.items()}
+    doc = {
+        "environment": {**results.get("smoke", {}).get("environment", {}), **where},
+        "seconds": seconds,
+        "steps": steps,
+    }
+    if not done:
+        doc["unfinished"] = f"the run had done {len(steps)} of {len(STEPS)} steps"
+    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "gpu_check.md").write_text(report.markdown(doc))
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs every step; writes the reports; 0 when everything passed or was skipped."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -190,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     results: dict[str, Any] = {}
+    where = environment(args.cpu)
     with open(out / "gpu_check.log", "w") as log:
         for name, gpu_timeout, cpu_timeout in STEPS:
             left = budget - (time.perf_counter() - start) - RESERVE_S
@@ -215,14 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             r = results[name]
             seconds, reason = r.get("seconds", 0.0), r.get("reason", "")
             print(f"{name:14s} {r['status']:8s} {seconds:6.1f} s  {reason}", flush=True)
+            # The reports so far: a run cut short (the machine's call limit) keeps them.
+            _write_reports(out, results, where, time.perf_counter() - start, done=False)
     total = time.perf_counter() - start
-    doc = {
-        "environment": {**results.get("smoke", {}).pop("environment", {}), **environment(args.cpu)},
-        "seconds": total,
-        "steps": results,
-    }
-    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
-    (out / "gpu_check.md").write_text(report.markdown(doc))
+    doc = _write_reports(out, results, where, total, done=True)
     print(report.short_table(doc))
     print(f"reports: {out}/gpu_check.{{json,md,log}} ({total:.0f} s)")
     return 0 if all(r["status"] in ("ok", "skipped") for r in results.values()) else 1

@@ -62,7 +62,10 @@ def markdown(doc: dict[str, Any]) -> str:
     env = doc["environment"]
     lines = ["# GPU check", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
-    lines += ["", f"Whole run: {doc['seconds']:.0f} s.", "", "## Steps", ""]
+    lines += ["", f"Whole run: {doc['seconds']:.0f} s.", ""]
+    if doc.get("unfinished"):
+        lines += [f"Unfinished: {doc['unfinished']} when this report was written.", ""]
+    lines += ["## Steps", ""]
     lines += ["| step | status | s | checks passed | reason |", "|---|---|---:|---:|---|"]
     for name, step in doc["steps"].items():
         checks = step.get("checks", [])

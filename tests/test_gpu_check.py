@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +87,41 @@ def test_a_hanging_step_is_killed_at_its_timeout(tmp_path):
         rc, seconds = gpu_check._run(cmd, log, timeout=2.0, env=dict(os.environ))
     assert rc is None
     assert seconds < 20 and time.perf_counter() - start < 20
+
+
+def test_a_step_that_outlives_its_kill_is_left_behind(tmp_path, monkeypatch):
+    """A process stuck in the GPU driver can outlive SIGKILL: the run goes on."""
+    killed = []
+    monkeypatch.setattr(gpu_check.os, "killpg", lambda pid, sig: killed.append(pid))
+    monkeypatch.setattr(gpu_check, "KILL_WAIT_S", 1.0)
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with open(tmp_path / "log", "w") as log:
+        start = time.perf_counter()
+        rc, seconds = gpu_check._run(cmd, log, timeout=1.0, env=dict(os.environ))
+    try:
+        assert rc is None and len(killed) == 1
+        assert seconds < 15 and time.perf_counter() - start < 15
+        assert "left behind" in (tmp_path / "log").read_text()
+    finally:
+        os.killpg(killed[0], signal.SIGKILL)
+
+
+def test_the_reports_are_written_after_every_step(tmp_path, monkeypatch):
+    """A run cut short (the machine's call limit) leaves the steps it finished."""
+
+    def phase(name, cpu, log, timeout, env):
+        if name == "correctness":
+            raise KeyboardInterrupt  # the run is stopped during its second phase
+        return {"status": "ok", "seconds": 1.0, "checks": [{"case": name, "ok": True}]}
+
+    monkeypatch.setattr(gpu_check, "_phase", phase)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--cpu", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(doc["steps"]) == ["wheels", "build", "smoke"]
+    assert doc["steps"]["smoke"]["status"] == "ok"
+    assert doc["unfinished"] == f"the run had done 3 of {len(gpu_check.STEPS)} steps"
+    assert "Unfinished: the run had done 3" in (tmp_path / "gpu_check.md").read_text()
 
 
 NCU_CSV = """==PROF== Connected to process 1
