@@ -8,9 +8,9 @@ on) and all of them within ``--budget`` seconds:
 1. ``wheels``: installs the wheels in ``.whl/`` (``make gpu-wheels`` downloads
    them: what the GPU image lacks, e.g. jax-triton) into
    ``build/gpu-check/site`` with pip, offline, and puts it on ``PYTHONPATH``;
-2. ``build``: builds the native library with the CUDA handler forced on
-   (CMake, ``LARS_NATIVE_CUDA=ON``) against the machine's jaxlib, into
-   ``kernels/native/lib/``, where the checkout loads it from;
+2. ``build``: builds the native CUDA handler, forced on, alone (CMake,
+   ``LARS_NATIVE_CUDA=ON``, ``LARS_NATIVE_CPU=OFF``) against the machine's
+   jaxlib, into ``kernels/native/lib/``, where the checkout loads it from;
 3. the phases of ``bench.gpu_check_phases``: ``smoke``, ``correctness``,
    ``timing-model`` (ResNet-50), ``timing-array`` (64M elements), ``ncu``,
    ``timing-tuning`` (the fused Triton launch at other geometries, last).
@@ -47,6 +47,7 @@ from bench import gpu_check_report as report
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "build" / "gpu-check" / "site"
 BUILD = ROOT / "build" / "gpu-check" / "native"
+LIB = ROOT / "kernels" / "native" / "lib"  # where the checkout loads the libraries from
 
 # (step, timeout in seconds on a GPU, with --cpu). A step gets at most what is
 # left of the budget (less a reserve for the report).
@@ -66,8 +67,47 @@ RESERVE_S = 10.0
 KILL_WAIT_S = 30.0
 
 
+def _session_members(sid: int) -> list[int]:
+    """The processes of session ``sid``, read from ``/proc`` (none where it cannot be read)."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # pid (comm) state ppid pgrp session ...: comm may hold spaces and ')'.
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILLs session ``sid``: its leader's process group, then every other member.
+
+    A process group is not enough: ninja starts each compiler in a process
+    group of its own, so killing ``cmake --build``'s group left the compilers
+    running (seen here: a 2-minute compile went on after its step had failed).
+    """
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for _ in range(3):  # a member may have forked while the list was read
+        members = _session_members(sid)
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _run(cmd: list[str], log: Any, timeout: float, env: dict[str, str]) -> tuple[int | None, float]:
-    """Runs ``cmd`` in its own process group, output to ``log``; kills the group at ``timeout``.
+    """Runs ``cmd`` in a session of its own, output to ``log``; kills the session at ``timeout``.
 
     Returns:
       (exit status, or None after a timeout; seconds).
@@ -81,7 +121,7 @@ def _run(cmd: list[str], log: Any, timeout: float, env: dict[str, str]) -> tuple
     try:
         rc: int | None = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid)
         try:
             proc.wait(timeout=KILL_WAIT_S)
         except subprocess.TimeoutExpired:
@@ -111,7 +151,15 @@ def _tool(name: str) -> str | None:
     return shutil.which(name) or (str(beside) if beside.exists() else None)
 
 
-def _build(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+def _build(
+    log: Any, timeout: float, env: dict[str, str], build: Path = BUILD, lib: Path = LIB
+) -> dict[str, Any]:
+    """Builds the CUDA handler alone (``LARS_NATIVE_CPU=OFF``) into ``lib``.
+
+    The CPU library is not needed on the GPU and its three instruction-set
+    variants took 6 minutes of one core here (each variant 1.5 to 2 minutes,
+    more than the step's timeout when cores are few); the CUDA handler 13 s.
+    """
     cmake, ninja = _tool("cmake"), _tool("ninja")
     if cmake is None:
         return {"status": "fail", "reason": "cmake not found"}
@@ -119,17 +167,18 @@ def _build(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
     nvcc = Path("/usr/local/cuda/bin/nvcc")
     if not shutil.which("nvcc") and "CUDACXX" not in env and nvcc.exists():
         env["CUDACXX"] = str(nvcc)
-    configure = [cmake, "-S", str(ROOT), "-B", str(BUILD)]
+    configure = [cmake, "-S", str(ROOT), "-B", str(build)]
     configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-    configure += [f"-DPython3_EXECUTABLE={sys.executable}", "-DLARS_NATIVE_CUDA=ON"]
+    configure += [f"-DPython3_EXECUTABLE={sys.executable}", f"-DLARS_NATIVE_OUTPUT_DIR={lib}"]
+    configure += ["-DLARS_NATIVE_CUDA=ON", "-DLARS_NATIVE_CPU=OFF"]
     start = time.perf_counter()
     rc, _ = _run(configure, log, timeout, env)
     if rc == 0:
         left = timeout - (time.perf_counter() - start)
         jobs = str(os.cpu_count() or 4)
-        rc, _ = _run([cmake, "--build", str(BUILD), "-j", jobs], log, left, env)
+        rc, _ = _run([cmake, "--build", str(build), "-j", jobs], log, left, env)
     seconds = time.perf_counter() - start
-    info = ROOT / "kernels" / "native" / "lib" / "build-info.txt"
+    info = lib / "build-info.txt"
     built = info.read_text() if info.exists() else ""
     if rc != 0:
         why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with {rc}"

@@ -399,6 +399,15 @@ def _environment() -> dict[str, str]:
     env["command"] = "python -m bench.gpu_check" + (
         " --cpu" if jax.default_backend() == "cpu" else ""
     )
+    # Where jax looks for CUDA's tools (ptxas, libdevice): jax 0.11.2 gives the
+    # string "None" when an nvidia.cu13 package without bin/ptxas is installed.
+    try:
+        from jax._src import lib as jax_lib
+
+        env["jax cuda_path"] = repr(jax_lib.cuda_path)
+    except (ImportError, AttributeError) as e:
+        env["jax cuda_path"] = f"unknown ({type(e).__name__})"
+    env["CUDA_ROOT"] = os.environ.get("CUDA_ROOT", "unset")
     for dist in ("triton", "jax-triton", "jax-cuda13-plugin"):
         try:
             env[dist] = importlib.metadata.version(dist)

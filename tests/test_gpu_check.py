@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,24 +76,65 @@ def test_the_odd_shapes_are_there():
     assert () in gpu_check_cases.odd_shapes(cpu=False)
 
 
-def test_a_hanging_step_is_killed_at_its_timeout(tmp_path):
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the processes")
+def test_a_hanging_step_is_killed_at_its_timeout_with_all_it_started(tmp_path):
+    """The step's children go too, also one in a process group of its own (as ninja
+    starts its compilers) and one whose own child lives in a third group."""
+    pids = tmp_path / "pids"
+    grandchild = (
+        "import subprocess, time; "
+        "s = subprocess.Popen(['sleep', '60'], process_group=0); "
+        f"open({str(pids)!r}, 'a').write(f' {{s.pid}}'); time.sleep(60)"
+    )
+    script = f"""
+import subprocess, sys, time
+a = subprocess.Popen(['sleep', '60'])
+b = subprocess.Popen(['sleep', '60'], process_group=0)
+c = subprocess.Popen([sys.executable, '-c', {grandchild!r}], process_group=0)
+open({str(pids)!r}, 'a').write(f' {{a.pid}} {{b.pid}} {{c.pid}}')
+time.sleep(60)
+"""
     with open(tmp_path / "log", "w") as log:
         start = time.perf_counter()
-        # A child of the step sleeps too: the whole process group goes.
-        cmd = [
-            sys.executable,
-            "-c",
-            "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)",
-        ]
-        rc, seconds = gpu_check._run(cmd, log, timeout=2.0, env=dict(os.environ))
+        rc, seconds = gpu_check._run([sys.executable, "-c", script], log, 4.0, dict(os.environ))
     assert rc is None
     assert seconds < 20 and time.perf_counter() - start < 20
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 4, started  # the three children and the grandchild's sleep
+    deadline = time.perf_counter() + 10
+    while any(_alive(p) for p in started) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in started if _alive(p)]
+
+
+def test_session_members_are_read_from_proc():
+    if not os.path.isdir("/proc"):
+        assert gpu_check._session_members(os.getsid(0)) == []
+        return
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert gpu_check._session_members(proc.pid) == [proc.pid]
+        assert proc.pid not in gpu_check._session_members(os.getsid(0))
+        assert os.getpid() in gpu_check._session_members(os.getsid(0))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert gpu_check._session_members(proc.pid) == []
 
 
 def test_a_step_that_outlives_its_kill_is_left_behind(tmp_path, monkeypatch):
     """A process stuck in the GPU driver can outlive SIGKILL: the run goes on."""
     killed = []
-    monkeypatch.setattr(gpu_check.os, "killpg", lambda pid, sig: killed.append(pid))
+    monkeypatch.setattr(gpu_check, "_kill_session", killed.append)
     monkeypatch.setattr(gpu_check, "KILL_WAIT_S", 1.0)
     cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
     with open(tmp_path / "log", "w") as log:
@@ -104,6 +146,27 @@ def test_a_step_that_outlives_its_kill_is_left_behind(tmp_path, monkeypatch):
         assert "left behind" in (tmp_path / "log").read_text()
     finally:
         os.killpg(killed[0], signal.SIGKILL)
+
+
+def _nvcc() -> str | None:
+    return shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None
+    )
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the CUDA toolkit) to build the handler")
+def test_the_build_step_builds_the_cuda_handler_alone(tmp_path):
+    """What the GPU machine's second step runs, into a folder of the test's own."""
+    lib = tmp_path / "lib"
+    with open(tmp_path / "log", "w") as log:
+        result = gpu_check._build(log, 600.0, dict(os.environ), tmp_path / "build", lib)
+    assert result["status"] == "ok", (tmp_path / "log").read_text()[-4000:]
+    assert sorted(os.listdir(lib)) == ["build-info.txt", "liblars_native_cuda.so"]
+    assert "cpu: not built (LARS_NATIVE_CPU=OFF)" in result["build_info"]
+    assert "cuda: built, architectures 90" in result["build_info"]
+    # It exports the handler the native backend registers (loaded in a process of its own).
+    probe = "import ctypes, sys; ctypes.CDLL(sys.argv[1]).LarsNativeStepCuda"
+    subprocess.run([sys.executable, "-c", probe, str(lib / "liblars_native_cuda.so")], check=True)
 
 
 def test_the_reports_are_written_after_every_step(tmp_path, monkeypatch):
