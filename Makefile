@@ -1,4 +1,5 @@
-# lars: make demo | make test | make test-fast | make test-jax-0.11 | make bench | make lint
+# lars: make demo | make test | make test-fast | make test-jax-0.11 | make test-py3.13
+#       | make bench | make lint
 #       | make format | make docs | make wheel | make clean | make gpu-wheels | make gpu-check
 #       | make gpu-check-cpu | make cuda-emulate
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
@@ -20,6 +21,18 @@ JAX_OLD        := 0.11.2
 VENV_OLD       := build/venv-jax-$(JAX_OLD)
 VPY_OLD        := $(VENV_OLD)/bin/python
 STAMP_OLD      := $(VENV_OLD)/.installed
+# The newest Python this machine has beside 3.12 (3.13), in a third venv with
+# the newest jax: the tests of TESTS_NEW_PY (`make test-py3.13 TESTS_NEW_PY=tests`
+# runs them all).
+PY_NEW         := 3.13
+VENV_NEW       := build/venv-py$(PY_NEW)
+VPY_NEW        := $(VENV_NEW)/bin/python
+STAMP_NEW      := $(VENV_NEW)/.installed
+TESTS_NEW_PY ?= tests/test_backend_reference.py tests/test_backend_native.py tests/test_native_api.py \
+	tests/test_optax_parity.py tests/test_braintools_parity.py tests/test_optax_dropin.py \
+	tests/test_braintools_dropin.py tests/test_schedules.py tests/test_validation.py \
+	tests/test_checkpoint.py tests/test_nonfinite.py tests/test_triton.py tests/test_pallas.py
+
 # What `make test-jax-0.11` runs there: the reference, native, optax and
 # braintools parity tests (`make test-jax-0.11 TESTS_OLD=tests` runs them all).
 TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/test_native.py \
@@ -28,7 +41,7 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 
 NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu kernels/native/*.cuh)
 
-.PHONY: all venv test test-fast test-jax-0.11 lint format demo bench docs wheel clean \
+.PHONY: all venv test test-fast test-jax-0.11 test-py3.13 lint format demo bench docs wheel clean \
 	gpu-wheels gpu-check gpu-check-cpu cuda-emulate
 
 all: test
@@ -66,6 +79,15 @@ $(STAMP_OLD): pyproject.toml $(NATIVE_SRC) | $(VPY_OLD)
 	$(call install,$(VPY_OLD),"jax==$(JAX_OLD)" "jaxlib==$(JAX_OLD)")
 	@touch $(STAMP_OLD)
 
+$(VPY_NEW):
+	@py="$$(PYTHON_MINOR=$(subst 3.,,$(PY_NEW)) sh scripts/find_python.sh)" || exit 1; \
+	echo "creating $(VENV_NEW) with $$py"; \
+	"$$py" -m venv $(VENV_NEW)
+
+$(STAMP_NEW): pyproject.toml $(NATIVE_SRC) | $(VPY_NEW)
+	$(call install,$(VPY_NEW))
+	@touch $(STAMP_NEW)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -87,6 +109,11 @@ test-fast: lint
 test-jax-0.11: $(STAMP_OLD)
 	@$(VPY_OLD) -c "import jax; print('jax', jax.__version__)"
 	$(VPY_OLD) -m pytest $(PYTEST_FLAGS) $(TESTS_OLD)
+
+# A newer Python, in its own venv (CI runs it last, where the machine has one).
+test-py$(PY_NEW): $(STAMP_NEW)
+	@$(VPY_NEW) -c "import sys, jax; print('python', sys.version.split()[0], 'jax', jax.__version__)"
+	$(VPY_NEW) -m pytest $(PYTEST_FLAGS) $(TESTS_NEW_PY)
 
 demo: $(STAMP)
 	$(VPY) -m examples.digits --quick

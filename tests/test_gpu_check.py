@@ -154,6 +154,7 @@ def _nvcc() -> str | None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the CUDA toolkit) to build the handler")
 def test_the_build_step_builds_the_cuda_handler_alone(tmp_path):
     """What the GPU machine's second step runs, into a folder of the test's own."""
