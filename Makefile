@@ -21,6 +21,16 @@ JAX_OLD        := 0.11.2
 VENV_OLD       := build/venv-jax-$(JAX_OLD)
 VPY_OLD        := $(VENV_OLD)/bin/python
 STAMP_OLD      := $(VENV_OLD)/.installed
+# What `make test-jax-0.11` runs there: the reference, native, optax and
+# braintools parity tests, and the GPU kernels' tests (interpreted, lowered and
+# compiled for CUDA on the CPU) with the GPU check's harness, since 0.11.2 is
+# the jax of the GPU images (`make test-jax-0.11 TESTS_OLD=tests` runs them all).
+TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/test_native.py \
+	tests/test_native_api.py tests/test_native_ffi.py tests/test_optax_parity.py \
+	tests/test_braintools_parity.py tests/test_pallas.py tests/test_pallas_backend_run.py \
+	tests/test_pallas_fused.py tests/test_backend_pallas.py tests/test_triton.py \
+	tests/test_triton_compiled.py tests/test_triton_versions.py tests/test_gpu_check.py
+
 # The newest Python this machine has beside 3.12 (3.13), in a third venv with
 # the newest jax: the tests of TESTS_NEW_PY (`make test-py3.13 TESTS_NEW_PY=tests`
 # runs them all).
@@ -32,12 +42,6 @@ TESTS_NEW_PY ?= tests/test_backend_reference.py tests/test_backend_native.py tes
 	tests/test_optax_parity.py tests/test_braintools_parity.py tests/test_optax_dropin.py \
 	tests/test_braintools_dropin.py tests/test_schedules.py tests/test_validation.py \
 	tests/test_checkpoint.py tests/test_nonfinite.py tests/test_triton.py tests/test_pallas.py
-
-# What `make test-jax-0.11` runs there: the reference, native, optax and
-# braintools parity tests (`make test-jax-0.11 TESTS_OLD=tests` runs them all).
-TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/test_native.py \
-	tests/test_native_api.py tests/test_native_ffi.py tests/test_optax_parity.py \
-	tests/test_braintools_parity.py
 
 NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu kernels/native/*.cuh)
 
