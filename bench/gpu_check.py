@@ -67,19 +67,24 @@ RESERVE_S = 10.0
 KILL_WAIT_S = 30.0
 
 
+def stat(pid: int | str) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name: state, ppid, pgrp, session, ...
+
+    None where the process is gone or ``/proc`` cannot be read.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
+    except (OSError, IndexError):
+        return None
+
+
 def _session_members(sid: int) -> list[int]:
-    """The processes of session ``sid``, read from ``/proc`` (none where it cannot be read)."""
+    """The running processes of session ``sid``, read from ``/proc`` (none without it)."""
     pids = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                # pid (comm) state ppid pgrp session ...: comm may hold spaces and ')'.
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
+        fields = stat(entry) if entry.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
             pids.append(int(entry))
     return pids
 
@@ -145,6 +150,12 @@ def _wheels(log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
     return {"status": "ok", "seconds": seconds, "wheels": names}
 
 
+def nvcc() -> str | None:
+    """CUDA's compiler: on PATH, else the toolkit's default place, else None."""
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.exists() else None)
+
+
 def _tool(name: str) -> str | None:
     """``name`` on PATH, else beside the Python (pip's cmake and ninja), else None."""
     beside = Path(sys.executable).parent / name
@@ -164,9 +175,9 @@ def _build(
     if cmake is None:
         return {"status": "fail", "reason": "cmake not found"}
     env = dict(env)
-    nvcc = Path("/usr/local/cuda/bin/nvcc")
-    if not shutil.which("nvcc") and "CUDACXX" not in env and nvcc.exists():
-        env["CUDACXX"] = str(nvcc)
+    compiler = nvcc()
+    if "CUDACXX" not in env and compiler and not shutil.which("nvcc"):
+        env["CUDACXX"] = compiler
     configure = [cmake, "-S", str(ROOT), "-B", str(build)]
     configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     configure += [f"-DPython3_EXECUTABLE={sys.executable}", f"-DLARS_NATIVE_OUTPUT_DIR={lib}"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -78,11 +77,8 @@ def test_the_odd_shapes_are_there():
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = gpu_check.stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the processes")
@@ -116,10 +112,8 @@ time.sleep(60)
     assert not [p for p in started if _alive(p)]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_session_members_are_read_from_proc():
-    if not os.path.isdir("/proc"):
-        assert gpu_check._session_members(os.getsid(0)) == []
-        return
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         assert gpu_check._session_members(proc.pid) == [proc.pid]
@@ -148,14 +142,8 @@ def test_a_step_that_outlives_its_kill_is_left_behind(tmp_path, monkeypatch):
         os.killpg(killed[0], signal.SIGKILL)
 
 
-def _nvcc() -> str | None:
-    return shutil.which("nvcc") or next(
-        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None
-    )
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the CUDA toolkit) to build the handler")
+@pytest.mark.skipif(gpu_check.nvcc() is None, reason="needs nvcc to build the CUDA handler")
 def test_the_build_step_builds_the_cuda_handler_alone(tmp_path):
     """What the GPU machine's second step runs, into a folder of the test's own."""
     lib = tmp_path / "lib"
