@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -140,3 +141,28 @@ def test_pip_wheel_builds_the_native_library_into_the_package(tmp_path: Path):
     assert dry.returncode == 0, dry.stderr[-3000:]
     installs = [item["metadata"]["name"] for item in json.loads(dry.stdout)["install"]]
     assert set(installs) <= {"jax-lars"}, installs
+
+
+@pytest.mark.parametrize(
+    "defines, message",
+    [
+        (["-DLARS_NATIVE_CUDA=maybe"], "LARS_NATIVE_CUDA must be AUTO, ON or OFF, not 'MAYBE'"),
+        (
+            ["-DLARS_NATIVE_CPU=OFF", "-DLARS_NATIVE_CUDA=OFF"],
+            "nothing to build: LARS_NATIVE_CPU=OFF and cuda: not built (LARS_NATIVE_CUDA=OFF)",
+        ),
+    ],
+)
+def test_cmake_refuses_bad_settings_by_name_and_writes_nothing(
+    tmp_path: Path, defines: list[str], message: str
+):
+    cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
+    if cmake is None:
+        pytest.skip("no cmake on PATH or beside the Python")
+    lib = tmp_path / "lib"
+    configure = [cmake, "-S", str(ROOT), "-B", str(tmp_path / "build")]
+    configure += [f"-DPython3_EXECUTABLE={sys.executable}", f"-DLARS_NATIVE_OUTPUT_DIR={lib}"]
+    done = subprocess.run([*configure, *defines], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert message in " ".join((done.stdout + done.stderr).split())  # CMake wraps its messages
+    assert not lib.exists()
