@@ -31,6 +31,12 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 	tests/test_pallas_fused.py tests/test_backend_pallas.py tests/test_triton.py \
 	tests/test_triton_compiled.py tests/test_triton_versions.py tests/test_gpu_check.py
 
+# jaxlib's CUDA Triton extension comes with its CUDA plugin (8 MB; without
+# its dependencies or the PJRT plugin it loads on a machine without a GPU, and
+# jax keeps to the CPU): there test_triton_compiled.py lowers the Triton step
+# for CUDA through the extension the GPU uses, not a stand-in.
+CUDA_PLUGIN_OLD := jax-cuda13-plugin==$(JAX_OLD)
+
 # The newest Python this machine has beside 3.12 (3.13), in a third venv with
 # the newest jax: the tests of TESTS_NEW_PY (`make test-py3.13 TESTS_NEW_PY=tests`
 # runs them all).
@@ -81,6 +87,7 @@ $(VPY_OLD):
 
 $(STAMP_OLD): pyproject.toml $(NATIVE_SRC) | $(VPY_OLD)
 	$(call install,$(VPY_OLD),"jax==$(JAX_OLD)" "jaxlib==$(JAX_OLD)")
+	$(VPY_OLD) -m pip install --no-deps $(CUDA_PLUGIN_OLD)
 	@touch $(STAMP_OLD)
 
 $(VPY_NEW):
@@ -112,7 +119,7 @@ test-fast: lint
 # The oldest supported jax, in its own venv (CI runs it after `make test`).
 test-jax-0.11: $(STAMP_OLD)
 	@$(VPY_OLD) -c "import jax; print('jax', jax.__version__)"
-	$(VPY_OLD) -m pytest $(PYTEST_FLAGS) $(TESTS_OLD)
+	LARS_REQUIRE_CUDA_TRITON_EXTENSION=1 $(VPY_OLD) -m pytest $(PYTEST_FLAGS) $(TESTS_OLD)
 
 # A newer Python, in its own venv (CI runs it last, where the machine has one).
 test-py$(PY_NEW): $(STAMP_NEW)

@@ -5,9 +5,11 @@
   multiply-add, the evict-first hints of the fused update, the bounded wait
   compiled only under its debug switch, and the kernel-parameter limit.
 * The GPU launcher: the backend's step lowered for CUDA through jax-triton's
-  own ``triton_call`` (jax-triton imports only with a GPU jaxlib, so its module
-  is loaded with a stand-in for jaxlib's CUDA-only Triton extension: the
-  lowering, the kernel specialisation and compilation are jax-triton's).
+  own ``triton_call`` (the lowering, the kernel specialisation and compilation
+  are jax-triton's). jax-triton imports only with a GPU jaxlib, so its module
+  is loaded directly, with jaxlib's CUDA Triton extension where the CUDA
+  plugin is installed (``make test-jax-0.11`` installs it; no GPU needed) and a
+  stand-in for it elsewhere.
 
 The launch plan and the interpreter runs are in test_triton.py.
 """
@@ -19,6 +21,7 @@ import os
 import re
 import sys
 import types
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -141,13 +144,39 @@ def test_the_default_launch_fits_the_kernel_parameter_limit():
 # The GPU launcher, lowered for CUDA through jax-triton on the CPU.
 
 
+# Set to 1 to fail, not fall back to the stand-in, where jaxlib's CUDA Triton
+# extension is missing (`make test-jax-0.11` sets it).
+REQUIRE_EXTENSION = "LARS_REQUIRE_CUDA_TRITON_EXTENSION"
+
+
+def cuda_triton_extension():
+    """jaxlib's CUDA Triton extension where a CUDA plugin provides it, else None.
+
+    ``jax-cuda13-plugin`` provides it (and jax-triton imports) on a machine
+    without a GPU too: only the compute capability needs a device.
+    """
+    from jax._src.lib import gpu_triton
+
+    return gpu_triton if hasattr(gpu_triton, "TritonKernel") else None
+
+
 def load_jax_triton_lib():
-    """jax_triton.triton_lib, with a stand-in for jaxlib's CUDA-only Triton extension.
+    """jax_triton.triton_lib with jaxlib's CUDA Triton extension wrapped to record its inputs.
 
     Returns (module, compiled) where ``compiled`` collects the kernels
-    jax-triton compiled (name, PTX, ...) during lowering. The stand-in only
-    records what jax-triton would hand to the CUDA runtime.
+    jax-triton compiled (name, PTX, ...) during lowering, and
+    ``module.recorded_zeroed_bytes`` the bytes zeroed before the launch per
+    array parameter. Where jaxlib has its CUDA plugin the kernels, parameters
+    and kernel calls are the extension's own (it checks their types and
+    serialises the call into the custom call's backend config); elsewhere a
+    stand-in records them. The compute capability is 90 either way.
     """
+    extension = cuda_triton_extension()
+    if extension is None and os.environ.get(REQUIRE_EXTENSION) == "1":
+        raise AssertionError(
+            f"{REQUIRE_EXTENSION}=1 but jaxlib has no CUDA Triton extension: install its plugin, "
+            f"pip install --no-deps jax-cuda13-plugin=={jax.lib.__version__}"
+        )
     spec = importlib.util.find_spec("jax_triton")
     assert spec is not None, "jax-triton is not installed (it is in the test extra)"
     path = os.path.join(spec.submodule_search_locations[0], "triton_lib.py")
@@ -164,6 +193,7 @@ def load_jax_triton_lib():
             os.environ["TRITON_CACHE_DIR"] = cache_dir
     compiled = []
     module.recorded_zeroed_bytes = []  # per array parameter, bytes zeroed before the launch
+    module.uses_extension = extension is not None
 
     class KernelCall:
         def __init__(self, kernel, grid_x, grid_y, grid_z, params):
@@ -172,20 +202,40 @@ def load_jax_triton_lib():
         def to_proto(self, name, metadata):
             return repr((self.kernel[0], self.grid, len(self.params))).encode()
 
+    stand_in = types.SimpleNamespace(
+        TritonKernel=lambda name, *rest: (name,),
+        TritonKernelCall=KernelCall,
+        create_array_parameter=lambda zeroed_bytes, alignment: ("array", alignment),
+        create_scalar_parameter=lambda value, dtype: ("scalar", value, dtype),
+    )
+    target = extension or stand_in
+
     def triton_kernel(name, num_warps, num_ctas, shared_mem, binary, ttir, capability):
         compiled.append(dict(name=name, num_warps=num_warps, ptx=binary, capability=capability))
-        return (name,)
+        return target.TritonKernel(name, num_warps, num_ctas, shared_mem, binary, ttir, capability)
+
+    def array_parameter(zeroed_bytes, alignment):
+        module.recorded_zeroed_bytes.append(zeroed_bytes)
+        return target.create_array_parameter(zeroed_bytes, alignment)
 
     module.triton_kernel_call_lib = types.SimpleNamespace(
         TritonKernel=triton_kernel,
-        TritonKernelCall=KernelCall,
-        create_array_parameter=lambda zeroed_bytes, alignment: (
-            module.recorded_zeroed_bytes.append(zeroed_bytes) or ("array", alignment)
-        ),
-        create_scalar_parameter=lambda value, dtype: ("scalar", value, dtype),
+        TritonKernelCall=target.TritonKernelCall,
+        create_array_parameter=array_parameter,
+        create_scalar_parameter=target.create_scalar_parameter,
         get_compute_capability=lambda device: 90,
     )
     return module, compiled
+
+
+def mlir_bytes(string: str) -> bytes:
+    """The bytes of an MLIR string attribute as printed: a backslash doubled,
+    an unprintable byte or a quote as a backslash and two hex digits."""
+    return re.sub(
+        rb"\\(\\|[0-9A-Fa-f]{2})",
+        lambda m: m[1] if m[1] == b"\\" else bytes.fromhex(m[1].decode()),
+        string.encode(),
+    )
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
@@ -239,5 +289,14 @@ def test_step_lowers_for_cuda_through_jax_triton(monkeypatch, write_params, fuse
     # In place: every momentum (and with write_params every param) aliases an output.
     aliased = len(re.findall(r"#stablehlo\.output_operand_alias<", text))
     assert aliased == (2 if write_params else 1) * 6  # the 6 non-empty leaves
+    # Each call's backend config is the serialised kernel call, zlib-compressed:
+    # the extension's carries the kernel's PTX.
+    configs = re.findall(r'backend_config = "([^"]*)"', text)
+    configs = [zlib.decompress(mlir_bytes(config)) for config in configs]
+    assert len(configs) == len(calls)
+    names = {c["name"].encode() for c in compiled}
+    assert all(any(name in config for name in names) for config in configs)
+    if jt.uses_extension:
+        assert all(b".entry lars_" in config for config in configs)
     # The learning rate is an operand, not a constant: a new one compiles nothing new.
     assert lower(jnp.float32(0.7)) == text
