@@ -344,24 +344,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
 }  // namespace lars_native
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LarsNativeStepCpu, lars_native::StepCpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // learning rate
-                                  .RemainingArgs()        // params, grads, momentum
-                                  .RemainingRets()        // out, momentum, trust ratios
-                                  .Attr<double>("momentum")
-                                  .Attr<double>("weight_decay")
-                                  .Attr<double>("trust_coefficient")
-                                  .Attr<double>("eps")
-                                  .Attr<double>("trust_clip")
-                                  .Attr<double>("grad_clip_norm")
-                                  .Attr<double>("grad_clip_value")
-                                  .Attr<bool>("nesterov")
-                                  .Attr<bool>("lr_inside_momentum")
-                                  .Attr<int32_t>("mode")
-                                  .Attr<ffi::Span<const uint8_t>>("decay_mask")
-                                  .Attr<ffi::Span<const uint8_t>>("trust_mask")
-                                  .Attr<int64_t>("num_threads"));
+                              lars_native::BindStep(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 // The instruction set the CPU loops use ("avx512", "avx2" or "base").
 extern "C" const char* LarsNativeCpuIsa() { return lars_native::ActiveKernels().isa; }

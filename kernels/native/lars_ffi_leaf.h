@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lars_common.h"
@@ -31,6 +32,30 @@ inline Dtype ToDtype(xla::ffi::DataType t) {
 
 inline xla::ffi::Error Invalid(const std::string& message) {
   return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument, "lars native step: " + message);
+}
+
+// Binds, after a handler's contexts, what every step handler takes in this
+// order: the learning rate, the leaves' operands and results, and the step's
+// attributes (ffi.py passes them by name).
+template <typename Binding>
+auto BindStep(Binding&& binding) {
+  return std::forward<Binding>(binding)
+      .template Arg<xla::ffi::AnyBuffer>()  // learning rate
+      .RemainingArgs()                      // params, grads, momentum
+      .RemainingRets()                      // out, momentum, trust ratios
+      .template Attr<double>("momentum")
+      .template Attr<double>("weight_decay")
+      .template Attr<double>("trust_coefficient")
+      .template Attr<double>("eps")
+      .template Attr<double>("trust_clip")
+      .template Attr<double>("grad_clip_norm")
+      .template Attr<double>("grad_clip_value")
+      .template Attr<bool>("nesterov")
+      .template Attr<bool>("lr_inside_momentum")
+      .template Attr<int32_t>("mode")
+      .template Attr<xla::ffi::Span<const uint8_t>>("decay_mask")
+      .template Attr<xla::ffi::Span<const uint8_t>>("trust_mask")
+      .template Attr<int64_t>("num_threads");
 }
 
 // The optional operands after the leaves' buffers.
