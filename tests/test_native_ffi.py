@@ -59,13 +59,29 @@ def test_hyper_struct_fields_are_the_contracts_hyperparameters():
     assert tuple(fields) == contract.HYPERPARAMETERS
 
 
+# An attribute the binding declares: .Attr<T>("name"), in a template .template Attr<T>("name").
+_ATTR = r'\.(?:template\s+)?Attr<(.*?)>\("(\w+)"\)'
+
+
+def _bound_attributes() -> list[tuple[str, str]]:
+    """(type, name) of every attribute the step handlers' shared binding declares, in order."""
+    return re.findall(_ATTR, _source("lars_ffi_leaf.h"))
+
+
 @pytest.mark.parametrize(
     "file, handler", [("lars_cpu.cc", "StepCpu"), ("lars_cuda.cu", "StepCuda")]
 )
 def test_handlers_bind_the_contracts_hyperparameters(file: str, handler: str):
-    """Each handler binds the hyperparameters by name (.Attr) and takes them in that order."""
+    """Each handler is bound by the shared binding, which binds the hyperparameters
+    by name (.Attr), and takes them in that order."""
     text = _source(file)
-    assert tuple(re.findall(r'\.Attr<double>\("(\w+)"\)', text)) == contract.HYPERPARAMETERS
+    assert re.search(
+        rf"XLA_FFI_DEFINE_HANDLER_SYMBOL\(\w+,\s*lars_native::{handler},\s*lars_native::BindStep\(",
+        text,
+    ), f"{handler} is not bound by BindStep"
+    assert not re.findall(_ATTR, text), f"{file} binds attributes of its own"
+    doubles = tuple(name for kind, name in _bound_attributes() if kind == "double")
+    assert doubles == contract.HYPERPARAMETERS
     assert tuple(_params_of(text, handler)) == contract.HYPERPARAMETERS
 
 
@@ -79,8 +95,8 @@ def test_step_header_reads_the_contracts_hyperparameters():
 
 
 def _handler_attributes() -> list[str]:
-    """Every attribute name the CPU handler binds, in order."""
-    return re.findall(r'\.Attr<[^>]*>+\("(\w+)"\)', _source("lars_cpu.cc"))
+    """Every attribute name the handlers bind, in order."""
+    return [name for _, name in _bound_attributes()]
 
 
 def test_call_passes_exactly_the_handlers_attributes():
@@ -91,7 +107,6 @@ def test_call_passes_exactly_the_handlers_attributes():
     doubles = [k for k, v in attrs.items() if isinstance(v, np.float64)]
     assert tuple(doubles) == contract.HYPERPARAMETERS
     assert list(attrs) == _handler_attributes()
-    assert re.findall(r'\.Attr<[^>]*>+\("(\w+)"\)', _source("lars_cuda.cu")) == list(attrs)
 
     p, g, v = small()
     text = (
