@@ -62,6 +62,11 @@ STEPS: tuple[tuple[str, float, float], ...] = (
     ("timing-tuning", 90, 300),
 )
 RESERVE_S = 10.0
+# Steps per jitted call in the timing steps on a GPU (``bench.steps.looped``):
+# one step per call measured the host's dispatch of ResNet-50's 161 leaves
+# (about 2 ms a call for every row, optax's too, on an H200 machine,
+# 2026-12-04), not the GPU; 20 steps a call put the GPU's time above it.
+GPU_STEPS_PER_CALL = 20
 # How long a killed step's process group may take to go: a process stuck in the
 # GPU driver can outlive SIGKILL for a while; after this the run goes on without it.
 KILL_WAIT_S = 30.0
@@ -197,11 +202,15 @@ def _build(
     return {"status": "ok", "seconds": seconds, "build_info": built}
 
 
-def _phase(name: str, cpu: bool, log: Any, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+def _phase(
+    name: str, cpu: bool, log: Any, timeout: float, env: dict[str, str], steps_per_call: int = 1
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "bench.gpu_check_phases", name, "--json", path]
         cmd += ["--timeout", f"{timeout:.0f}"]
+        if name.startswith("timing"):
+            cmd += ["--steps-per-call", str(steps_per_call)]
         rc, seconds = _run([*cmd, *(["--cpu"] if cpu else [])], log, timeout, env)
         try:
             with open(path) as f:
@@ -266,7 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout-scale", type=float, default=1.0, help="multiplies every step's timeout"
     )
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=None,
+        help=f"steps per jitted call when timing (default {GPU_STEPS_PER_CALL}; 1 with --cpu)",
+    )
     args = parser.parse_args(argv)
+    spc = args.steps_per_call or (1 if args.cpu else GPU_STEPS_PER_CALL)
     budget = args.budget if args.budget is not None else (1800.0 if args.cpu else 420.0)
     wanted = {s for s in args.only.split(",") if s} or {s[0] for s in STEPS}
     out = Path(args.out)
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     results: dict[str, Any] = {}
-    where = environment(args.cpu)
+    where = {**environment(args.cpu), "steps per call (timing)": spc}
     with open(out / "gpu_check.log", "w") as log:
         for name, gpu_timeout, cpu_timeout in STEPS:
             left = budget - (time.perf_counter() - start) - RESERVE_S
@@ -301,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "build":
                     results[name] = _build(log, timeout, env)
                 else:
-                    results[name] = _phase(name, args.cpu, log, timeout, env)
+                    results[name] = _phase(name, args.cpu, log, timeout, env, spc)
             r = results[name]
             seconds, reason = r.get("seconds", 0.0), r.get("reason", "")
             print(f"{name:14s} {r['status']:8s} {seconds:6.1f} s  {reason}", flush=True)

@@ -97,8 +97,42 @@ def markdown(doc: dict[str, Any]) -> str:
     ncu = doc["steps"].get("ncu", {})
     if ncu:
         lines += ["", "## Nsight Compute", ""]
-        lines += [f"- {k}: {v}" for k, v in ncu.items() if k not in ("checks", "rows")]
+        skip = ("checks", "rows", "forms", "details", "by_kernel", "ncu_forms")
+        lines += [f"- {k}: {v}" for k, v in ncu.items() if k not in skip]
+        lines += _ncu_forms_table(ncu.get("forms") or ncu.get("ncu_forms") or {})
+        if ncu.get("details"):
+            lines += ["", "The fused kernel, one launch:", "", "```", ncu["details"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _ncu_forms_table(forms: dict[str, Any]) -> list[str]:
+    """Per form: DRAM bytes and kernel time per step; then its kernels, by name."""
+    if not forms:
+        return []
+    lines = ["", "| form | kernels/step | DRAM B/param | kernel ms/step | note |"]
+    lines.append("|---|---:|---:|---:|---|")
+    for name, f in forms.items():
+        lines.append(
+            f"| {name} | {_num(f.get('kernels_per_step'), '.1f')} "
+            f"| {_num(f.get('dram_bytes_per_param'), '.1f')} "
+            f"| {_num(f.get('kernel_time_ms_per_step'), '.3f')} | {f.get('reason', '')[:200]} |"
+        )
+    lines += [
+        "",
+        "| form | kernel | launches | ms (all launches) | DRAM MB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, f in forms.items():
+        for kernel, m in sorted(
+            (f.get("by_kernel") or {}).items(),
+            key=lambda kv: -kv[1].get("gpu__time_duration.sum", 0),
+        )[:12]:
+            dram = m.get("dram__bytes_read.sum", 0.0) + m.get("dram__bytes_write.sum", 0.0)
+            lines.append(
+                f"| {name} | `{kernel}` | {m.get('launches', 0):.0f} "
+                f"| {m.get('gpu__time_duration.sum', 0.0) / 1e6:.3f} | {dram / 1e6:.1f} |"
+            )
+    return lines
 
 
 def short_table(doc: dict[str, Any]) -> str:
@@ -124,9 +158,11 @@ def short_table(doc: dict[str, Any]) -> str:
                 f"{_num(r.get('speedup_vs_optax'), '7.2f'):>7s} {_num(r.get('launches'), '6d'):>6s}"
             )
     ncu = doc["steps"].get("ncu", {})
-    if "dram_bytes_per_param" in ncu:
-        lines.append(
-            f"ncu {ncu['form']}: {ncu['dram_bytes_per_param']:.1f} DRAM B/param, "
-            f"{ncu['kernels_per_step']:.1f} kernels/step"
-        )
+    for f in (ncu.get("forms") or {"": ncu}).values():
+        if "dram_bytes_per_param" in f:
+            lines.append(
+                f"ncu {f['form']}: {f['dram_bytes_per_param']:.1f} DRAM B/param, "
+                f"{f['kernels_per_step']:.1f} kernels/step, "
+                f"{f.get('kernel_time_ms_per_step', math.nan):.3f} kernel ms/step"
+            )
     return "\n".join(lines)
