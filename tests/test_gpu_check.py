@@ -161,7 +161,7 @@ def test_the_build_step_builds_the_cuda_handler_alone(tmp_path):
 def test_the_reports_are_written_after_every_step(tmp_path, monkeypatch):
     """A run cut short (the machine's call limit) leaves the steps it finished."""
 
-    def phase(name, cpu, log, timeout, env):
+    def phase(name, cpu, log, timeout, env, steps_per_call=1):
         if name == "correctness":
             raise KeyboardInterrupt  # the run is stopped during its second phase
         return {"status": "ok", "seconds": 1.0, "checks": [{"case": name, "ok": True}]}
@@ -189,6 +189,12 @@ def test_ncu_csv_is_summed_per_metric_over_kernels():
     assert totals["dram__bytes_read.sum"] == 3_000_000
     assert totals["dram__bytes_write.sum"] == 400_000
     assert totals["kernels"] == 2
+    fused = totals["by_kernel"]["lars_fused_2"]
+    assert fused == {
+        "launches": 2,
+        "dram__bytes_read.sum": 3_000_000,
+        "dram__bytes_write.sum": 400_000,
+    }
     assert gpu_check_phases.parse_ncu_csv("==ERROR== LibraryNotLoaded\n") == {}
 
 
@@ -273,14 +279,49 @@ def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
     )
     fake.chmod(0o755)
     monkeypatch.setattr(gpu_check_phases, "find_ncu", lambda: str(fake))
+    forms = [gpu_check_cases.Form("triton", "triton"), gpu_check_cases.Form("native", "native")]
+    monkeypatch.setattr(gpu_check_phases, "_ncu_forms", lambda cpu: forms)
     result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
     assert result["dram_bytes_per_step"] == pytest.approx(3_400_000 / 2)
     assert result["dram_bytes_per_param"] == pytest.approx(1.7)
     assert result["kernels_per_step"] == 1
+    # Every form profiled; the fused kernel's sections run (here: the stand-in's report).
+    assert set(result["forms"]) == {"triton", "native"}
+    assert result["forms"]["native"]["status"] == "ok"
+    assert "lars_fused_2" in result["details"]
+    step = {"status": "ok", **result}
+    md = gpu_check_report.markdown({"environment": {}, "seconds": 1.0, "steps": {"ncu": step}})
+    assert "| native | 1.0 | 1.7 |" in md and "`lars_fused_2` | 2 |" in md
     # ncu that reads no counters: skipped, with its last words as the reason.
     fake.write_text("#!/bin/sh\necho '==ERROR== Failed to initialize the profiler'\nexit 1\n")
     result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
     assert result["status"] == "skipped" and "Failed to initialize" in result["reason"]
+
+
+def test_timing_phases_get_the_steps_per_call(monkeypatch, tmp_path):
+    seen = []
+
+    def run(cmd, log, timeout, env):
+        seen.append(cmd)
+        return 1, 0.0
+
+    monkeypatch.setattr(gpu_check, "_run", run)
+    with open(tmp_path / "log", "w") as log:
+        gpu_check._phase("timing-model", False, log, 30.0, {}, 20)
+        gpu_check._phase("correctness", False, log, 30.0, {}, 20)
+    assert seen[0][-2:] == ["--steps-per-call", "20"]
+    assert "--steps-per-call" not in seen[1]
+
+
+def test_the_report_takes_the_environment_of_the_first_phase_that_ran():
+    results = {
+        "wheels": {"status": "ok"},
+        "smoke": {"status": "skipped", "reason": "not in --only"},
+        "timing-model": {"status": "ok", "environment": {"jax": "0.11.2"}},
+        "ncu": {"status": "ok", "environment": {"jax": "other"}},
+    }
+    assert gpu_check._phase_environment(results) == {"jax": "0.11.2"}
+    assert gpu_check._phase_environment({"wheels": {"status": "ok"}}) == {}
 
 
 def test_a_phase_killed_at_its_timeout_keeps_its_checks(monkeypatch, tmp_path):

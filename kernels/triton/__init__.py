@@ -12,12 +12,12 @@ Backend options (``backend_options=``), the launch geometry (``plan.Tuning``):
 
 * ``slots`` (int >= 1, default 192): leaves per launch (64 fits the 4 kB of
   kernel parameters of CUDA before 12.1).
-* ``chunk`` (int, a multiple of ``block``, default 4096): elements per program.
+* ``chunk`` (int, a multiple of ``block``, default 8192): elements per program.
 * ``block`` (int, a power of two, default 1024): elements per vector step.
 * ``num_warps`` (int, a power of two, default 4): warps per program.
 * ``fused`` (bool, default True): one fused launch per dtype group; False
   runs a norm launch, then an update launch.
-* ``lookahead`` (int >= 0, default 512): fused launch, items between a
+* ``lookahead`` (int >= 0, default 256): fused launch, items between a
   layer's partial sums and its update.
 * ``evict_first`` (bool, default True): fused launch, the update's loads and
   stores (each line's last use in the step) carry an evict-first L2 hint, so

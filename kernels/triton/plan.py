@@ -20,26 +20,30 @@ from lars.contract import StepFlags as Flags
 # Leaves per launch: 192 slots of up to 5 pointers fit CUDA 12.1+'s 32 kB of
 # kernel parameters and cover ResNet-50's 161 leaves (chosen from these limits).
 SLOTS_PER_LAUNCH = 192
-# Elements per program: 32 per thread of 4 warps. Chosen, with LOOKAHEAD and
-# EVICT_FIRST, from the LRU model of the L2 (bench/l2_model.py), not measured on
-# a GPU: at the fused kernel's 7 to 9 programs per SM, `python -m bench.l2_model
-# --blocks-per-sm 7,9 --l2-mb 50,60` predicts 20.00 DRAM bytes per parameter
-# for ResNet-50 fp32 in place (8192, lookahead 256, no hints: 26.02 to 26.92 at
-# 60 MiB); docs/triton.md has the table.
-CHUNK = 4096
+# Elements per program: 64 per thread of 4 warps. Measured on an H200
+# (2026-12-04, bench/results/h200-2026-12-04/, ResNet-50 fp32 in place, 20
+# steps per jitted call): 0.340 ms a step at 8192 with lookahead 256 against
+# 0.581 to 0.615 at 4096 with lookahead 512 or 256, hints or not. Each item
+# pays its claim, table row and pointer selection; halving the items paid
+# more than the bytes: ncu counted 22.3 DRAM B/param at 4096 in a 0.457 ms
+# launch (1.25 TB/s). The L2 model (bench/l2_model.py) predicts 20.00 B/param
+# for both geometries with the evict-first hints. Not yet timed: larger
+# chunks, and the two-pass form (fused=False) at 8192 (0.576 ms at 4096).
+CHUNK = 8192
 # Elements per vector step: two 16-byte fp32 loads per thread (not measured).
 BLOCK = 1024
 # Warps per program: the Triton default (not measured).
 NUM_WARPS = 4
 # Fused pass: items between a layer's last sums item and its first update
-# item (16 MB of fp32 w and g at CHUNK 4096). From the L2 model with CHUNK and
-# EVICT_FIRST (above), not measured: 512 keeps the time spent spinning on a
-# ratio at 1-2% of the programs' time; without the hints 512 predicts 23.6 to
-# 24.0 bytes per parameter and 256 predicts 20.7 to 21.8.
-LOOKAHEAD = 512
+# item (16 MB of fp32 w and g at CHUNK 8192). Timed with CHUNK (above): at
+# 4096, 256 and 512 ran alike (0.610 and 0.601 ms, no hints); the L2 model predicts 20.00
+# B/param with the hints at 8192 and 256, and 26 to 27 without them.
+LOOKAHEAD = 256
 # Fused pass: the update's loads and stores (each line's last use in the step)
 # carry an evict-first hint, so the norms' w and g stay in L2 until their
-# update reads them (from the L2 model, above; not measured).
+# update reads them (from the L2 model, above). Timed on an H200: no
+# difference in time either way (0.340 and 0.341 ms at 8192; 0.615 and 0.601
+# at 4096); the DRAM bytes with and without them are not yet measured.
 EVICT_FIRST = True
 # Fused pass: partial-sum rows added per vector step when a ratio is finalised.
 REDUCE_BLOCK = 256
