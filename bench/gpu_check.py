@@ -59,7 +59,7 @@ STEPS: tuple[tuple[str, float, float], ...] = (
     ("correctness", 180, 900),
     ("timing-model", 210, 300),
     ("ncu", 120, 300),
-    ("timing-tuning", 75, 300),
+    ("timing-tuning", 90, 300),
     ("timing-array", 90, 300),
 )
 # The whole run's default budget on a GPU. From the two runs on an H200
