@@ -282,9 +282,10 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
     for w in _timing_workloads(cpu, which):
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
         for dtype in [dtypes[which == "array"]] if cpu else dtypes:
-            rows += measure.measure(w, dtype, names, settings)
-            RESULT.add_rows(rows[-len(names) - 2 :])
-            for r in rows[-len(names) - 2 :]:
+            measured = measure.measure(w, dtype, names, settings)
+            rows += measured
+            RESULT.add_rows(measured)
+            for r in measured:
                 print(
                     f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
                     f"{r.get('median_ms', float('nan')):9.3f} ms {r['note']}",

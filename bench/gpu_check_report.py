@@ -90,7 +90,9 @@ def markdown(doc: dict[str, Any]) -> str:
             "copy's time for the same bytes (1.0 is the 20-byte floor for fp32 grads, "
             "18 for bf16), `x optax`: speed-up over `jax.jit(optax.lars)`, launches: "
             "per step, from the compiled HLO (a custom call counts once), temp: the "
-            "compiled step's temporary memory.",
+            "compiled step's temporary memory. With several steps per call, `copy-loop` "
+            "is the copy in the same loop, per copy: what it takes over `copy` is what "
+            "the loop costs a step.",
             "",
             *_timing_table(rows),
         ]

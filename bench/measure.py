@@ -151,6 +151,8 @@ def measure(
             continue
         history.compile_ratio[name] = max(ratio or 0.0, runners[name].compile_s / optax_compile)
     runners[steps.COPY] = steps.copy_runner(moved)
+    if spc > 1:
+        runners[steps.COPY_LOOP] = steps.copy_runner(moved, spc)
 
     # First call of each, from the same params: the updates must agree with optax.
     runners[steps.OPTAX].run(1)
@@ -165,7 +167,9 @@ def measure(
         except Exception as e:
             notes[name] = "run failed: " + _error(e)
             runners.pop(name).release()
-    runners[steps.COPY].run(1)
+    for name in (steps.COPY, steps.COPY_LOOP):
+        if name in runners:
+            runners[name].run(1)
     del reference, params0
     copy = runners[steps.COPY]
     if not np.isnan(copy.bytes_xla) and copy.bytes_xla < 0.99 * 2 * (moved // 8) * 4:
@@ -197,7 +201,7 @@ def measure(
     copy_s = timings[steps.COPY].median
     optax_s = timings[steps.OPTAX].median
     rows = []
-    for name in [*names, steps.COPY]:
+    for name in [*names, *([steps.COPY_LOOP] if spc > 1 else []), steps.COPY]:
         row: dict[str, Any] = {
             "workload": workload.name,
             "group": workload.group,

@@ -27,7 +27,10 @@ fusions; every ``lars`` kernel reads the grads in the same call as the params,
 which change. The copy floor stays one copy per call: inside a loop XLA's CPU
 runtime runs the copy's fusion on one thread (jax 0.12.0.1, 2-core Xeon:
 17.6-19.9 ms for a copy moving 234 MB in a loop, 10.9-12.6 ms alone on two
-threads), which would make the floor slower than the memory allows.
+threads), which would make the floor slower than the memory allows. A
+``copy-loop`` row (``COPY_LOOP``) times the copy in the same loop, so that what
+the loop costs a step (on a GPU, XLA's while loop may wait for its trip
+condition on the host every step) shows beside the floor.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ LEARNING_RATE = 0.1
 
 OPTAX = "optax"
 COPY = "copy"
+# With ``steps_per_call`` K > 1: the copy as K copies in one jitted loop, timed
+# per copy. Beside the copy alone it shows what the loop itself costs a step.
+COPY_LOOP = "copy-loop"
 # A row "<backend>:apply" times the backend's new-params step,
 # ``lars.lars(...).apply_gradients`` (in place where the backend can), instead
 # of ``update`` followed by ``optax.apply_updates``.
@@ -251,17 +257,20 @@ def lars_runner(
     return _runner(name, compiled, seconds, (params, state), (grads, lr), steps_per_call)
 
 
-def copy_runner(nbytes: int) -> Runner:
+def copy_runner(nbytes: int, steps_per_call: int = 1) -> Runner:
     """Compiles the copy floor on a float32 buffer of ``nbytes // 2`` bytes.
 
     Args:
       nbytes: The bytes the copy is to move (read plus write).
+      steps_per_call: > 1: that many copies in one call (``looped``), the
+        ``COPY_LOOP`` row.
     """
     x = jnp.ones((max(1, nbytes // 8),), jnp.float32)
     c = jnp.asarray(1.0, jnp.float32)
     d = jnp.asarray(0.0, jnp.float32)
-    compiled, seconds = _compile(copy_step, (x, c, d), 1, 1)
-    return _runner(COPY, compiled, seconds, (x,), (c, d), 1)
+    compiled, seconds = _compile(copy_step, (x, c, d), 1, steps_per_call)
+    name = COPY if steps_per_call == 1 else COPY_LOOP
+    return _runner(name, compiled, seconds, (x,), (c, d), steps_per_call)
 
 
 def first_update(runner: Runner, params0: list[np.ndarray]) -> list[np.ndarray]:

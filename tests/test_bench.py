@@ -224,6 +224,9 @@ def test_measure_with_steps_per_call_times_each_step_of_the_loop():
     rows = {r["backend"]: r for r in measure.measure(work, "fp32", ["native:apply"], settings)}
     assert rows["optax"]["steps_per_call"] == rows["native:apply"]["steps_per_call"] == 3
     assert rows["copy"]["steps_per_call"] == 1
+    # The copy in the same loop, timed per copy, beside the copy alone.
+    assert rows["copy-loop"]["steps_per_call"] == 3 and rows["copy-loop"]["median_ms"] > 0
+    assert rows["copy-loop"]["launches"] >= 1
     assert rows["native:apply"]["steps_per_sample"] % 3 == 0
     # Three steps' updates in the first call, against optax's three.
     assert rows["native:apply"]["rel_diff_vs_optax"] < 1e-4
