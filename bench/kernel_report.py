@@ -197,6 +197,13 @@ def cubin_facts(cubin: Path) -> dict[str, dict[str, int]]:
         # LDG.E.128, or with an eviction hint LDG.E.EF.128 (the same for STG).
         entry["ldg128"] = len(re.findall(r"\bLDG\.E(?:\.[A-Z]+)*\.128\b", chunk))
         entry["stg128"] = len(re.findall(r"\bSTG\.E(?:\.[A-Z]+)*\.128\b", chunk))
+        # Every instruction, and the loads from the constant bank (kernel
+        # parameters), predicated or not: a select over pointer arguments
+        # compiles to predicated LDCs, all issued on every path.
+        entry["sass_instructions"] = len(re.findall(r"(?m)^\s+/\*[0-9a-f]{4,}\*/\s", chunk))
+        entry["const_loads"] = len(
+            re.findall(r"(?m)^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?LDC\b", chunk)
+        )
     return facts
 
 
@@ -279,6 +286,8 @@ def _row(stats: dict[str, int], facts: dict[str, int]) -> dict:
         "ldg128": facts.get("ldg128", 0),
         "stg128": facts.get("stg128", 0),
         "vector_loads": facts.get("ldg128", 0) > 0,
+        "sass_instructions": facts.get("sass_instructions", 0),
+        "const_loads": facts.get("const_loads", 0),
     }
 
 
@@ -406,6 +415,8 @@ COLUMNS = (
     ("param_bytes", "params"),
     ("ptx_version", "ptx"),
     ("vector_loads", "LDG.128"),
+    ("sass_instructions", "SASS"),
+    ("const_loads", "LDC"),
     ("compile_s", "compile s"),
 )
 

@@ -120,6 +120,9 @@ def test_default_triton_kernels_fit_the_limits(tmp_path):
     assert_within_limits(rows)
     for row in rows:
         assert row["vector_loads"] and row["ldg128"] > 0, row["kernel"]
+        # The SASS is counted: each program reads its slot's pointers from the
+        # constant bank (the kernel parameters).
+        assert row["sass_instructions"] > row["const_loads"] > 0, row["kernel"]
         if row["pass"] in (P.FUSED, P.UPDATE):  # 16-byte stores, hinted or not
             assert row["stg128"] > 0, row["kernel"]
         assert row["param_bytes"] >= 8 * P.SLOTS_PER_LAUNCH  # a pointer per leaf at least
