@@ -79,9 +79,9 @@ def tuning_forms(cpu: bool) -> list[Form]:
     than the L2 model's bytes explain. These rows tell the two suspects
     apart: the earlier default and the default without hints; a lookahead
     (2048) above the about 1,200 resident programs, so that an update item
-    seldom waits for its layer's sums (spinning); and larger chunks at the
-    same lookahead in items (per-item work: claim, table row, pointer
-    selection).
+    seldom waits for its layer's sums (spinning); a larger chunk at the same
+    lookahead in items, and the pointer table in place of the select chains
+    (per-item work: claim, table row, pointer selection).
     """
     if cpu:
         return [
@@ -92,7 +92,7 @@ def tuning_forms(cpu: bool) -> list[Form]:
         Form("triton-nohint", "triton", (("evict_first", False),)),
         Form("triton-8192-2048", "triton", (("lookahead", 2048),)),
         Form("triton-16384-256", "triton", (("chunk", 16384),)),
-        Form("triton-32768-256", "triton", (("chunk", 32768),)),
+        Form("triton-table", "triton", (("pointer_table", True),)),
     ]
 
 

@@ -338,3 +338,25 @@ def test_a_phase_killed_at_its_timeout_keeps_its_checks(monkeypatch, tmp_path):
     assert result["status"] == "fail"
     assert "timed out after 30 s (1 checks done)" in result["reason"]
     assert result["checks"][0]["case"] == "native/update/fp32/defaults"
+
+
+def test_a_timed_row_far_from_optax_fails_its_check(monkeypatch):
+    """A row whose first update is not optax's is a failed check, not a timing;
+    rounding (1.9e-5 seen on the GPU) and the copy rows (no update) pass."""
+
+    def rows(w, dtype, names, settings):
+        base = {"workload": w.name, "dtype": dtype, "median_ms": 1.0, "note": ""}
+        return [
+            {**base, "backend": "optax", "rel_diff_vs_optax": 0.0},
+            {**base, "backend": "triton:apply", "rel_diff_vs_optax": 1.9e-5},
+            {**base, "backend": "native:apply", "rel_diff_vs_optax": 0.5},
+            {**base, "backend": "copy", "rel_diff_vs_optax": float("nan")},
+        ]
+
+    monkeypatch.setattr(gpu_check_phases.measure, "measure", rows)
+    monkeypatch.setattr(gpu_check_phases, "RESULT", gpu_check_phases.Partial())
+    gpu_check_phases.timing(False, "array")
+    failed = [c for c in gpu_check_phases.RESULT.result["checks"] if not c["ok"]]
+    # One row of each gradient dtype.
+    assert [c["case"].split("/")[-1] for c in failed] == ["native:apply"] * 2
+    assert "5.0e-01 from optax's" in failed[0]["detail"]

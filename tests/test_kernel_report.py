@@ -130,6 +130,29 @@ def test_default_triton_kernels_fit_the_limits(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flags_name", ["apply", "all"])
+def test_the_pointer_table_variant_fits_the_limits(flags_name):
+    """``pointer_table``: the fused kernel with the table (a pointer from two
+    loaded words, aligned as the arguments are) keeps its 16-byte accesses and
+    the limits; the select chains are gone from the item's path: beside the
+    publishing's constant-bank loads (ptxas reads each 64-bit argument as two
+    words for each of the two words it stores: 4 per address, 3,840 at 192
+    slots with Triton 3.6.0), fewer than a tenth of the chain's are left."""
+    tuning = P.Tuning(pointer_table=True)
+    (case,) = [
+        c
+        for c in K.triton_cases(["fused"], [("float32", "float32")], [flags_name], tuning)
+        if c.spec.kind == P.FUSED
+    ]
+    row = K.compile_triton(case, tuning)
+    assert_within_limits([row])
+    assert row["ldg128"] > 0 and row["stg128"] > 0
+    chain = K.compile_triton(case)
+    publishing = 4 * P.FUSED_ROLES * case.spec.slots
+    assert row["const_loads"] - publishing < chain["const_loads"] / 10
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_the_cuda_handler_fits_the_limits():
     rows = K.compile_cuda()

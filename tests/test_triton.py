@@ -309,6 +309,11 @@ def test_backend_options_are_the_tuning_checked_by_name():
         BACKEND.options({"evict_first": 0})
     with pytest.raises(TypeError, match="evict_first must be a bool"):
         P.Tuning(evict_first="no")
+    assert BACKEND.options({"pointer_table": True}) == {"pointer_table": True}
+    with pytest.raises(TypeError, match="'pointer_table' must be a bool"):
+        BACKEND.options({"pointer_table": 1})
+    with pytest.raises(TypeError, match="pointer_table must be a bool"):
+        P.Tuning(pointer_table="yes")
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,9 @@ def test_fused_results_do_not_depend_on_the_schedule():
         dataclasses.replace(KERNEL_TUNING, lookahead=1),
         dataclasses.replace(KERNEL_TUNING, lookahead=1000, slots=2),
         dataclasses.replace(KERNEL_TUNING, slots=9),
+        dataclasses.replace(KERNEL_TUNING, pointer_table=True),
+        dataclasses.replace(KERNEL_TUNING, pointer_table=True, slots=2, lookahead=1),
+        dataclasses.replace(KERNEL_TUNING, pointer_table=True, spin_limit=3),
     ):
         _, got = run_fused(flags, tuning)
         for a, b in zip((*got[0], *got[1], got[2]), (*want[0], *want[1], want[2]), strict=True):
@@ -197,6 +200,29 @@ def without_sums_of_one_leaf(table: np.ndarray) -> tuple[np.ndarray, int]:
     kept = table[~(sums & (table[:, P.COL_SLOT] == slot))].copy()
     kept[:, P.COL_ITEMS] = len(kept)
     return kept, slot
+
+
+def test_the_pointer_table_holds_every_argument_once_the_launch_ends():
+    """``pointer_table``: item 0's program writes the address of every pointer
+    argument (role by role, slot by slot, low word then high) and sets the
+    table's flag; the addresses are those of distinct, non-empty buffers."""
+    flags = FLAG_SETS["decay"]
+    params, grads, momentum, decay = make_leaves()
+    tuning = dataclasses.replace(KERNEL_TUNING, pointer_table=True)
+    plan = P.StepPlan(plan_for(params, grads, decay, flags).leaves, flags, tuning)
+    launch_ = plan.launches(P.FUSED)[0]
+    k = len(launch_.leaves)
+    sync = launch_fused(launch_, flags, tuning, (params, grads, momentum))[-1]
+    assert len(sync) == P.sync_words(k, tuning)
+    flag = 1 + 2 * k  # after the item counter and the per-slot words (no spin limit)
+    assert sync[flag] == 1
+    words = sync[flag + 1 :].astype(np.int64) & 0xFFFFFFFF
+    addresses = words[0::2] | (words[1::2] << 32)
+    assert len(addresses) == P.FUSED_ROLES * k
+    assert (addresses != 0).all()
+    # w, g and v of each slot are distinct inputs; out and v_out distinct outputs.
+    assert len(set(addresses[: 3 * k].tolist())) == 3 * k
+    assert len(set(addresses[3 * k :].tolist())) == 2 * k
 
 
 def test_with_a_spin_limit_a_ratio_that_never_arrives_sets_the_error_word():
@@ -287,16 +313,24 @@ def step_spec(config, params, grads, decay, trust, **fields) -> StepSpec:
     return StepSpec.build(config, params, grads, decay_mask=decay, trust_mask=trust, **fields)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
+FORMS = {
+    "fused": dict(fused=True),
+    "two_pass": dict(fused=False),
+    "fused_pointer_table": dict(fused=True, pointer_table=True),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("config_name", list(STEP_CONFIGS))
-def test_ten_steps_match_reference_step(config_name, fused):
+def test_ten_steps_match_reference_step(config_name, form):
     """Ten jitted steps on mixed dtype groups, each against reference_step's step."""
     config = STEP_CONFIGS[config_name]
     params, grads = make_step_problem(MIXED, steps=10)
     decay = [i % 3 != 0 for i in range(len(STEP_SHAPES))]
     trust = [i % 4 != 1 for i in range(len(STEP_SHAPES))]
     kw = dict(config=config, decay_mask=decay, trust_mask=trust)
-    spec = step_spec(config, params, grads[0], decay, trust, options=options(**TUNING, fused=fused))
+    opts = options(**TUNING, **FORMS[form])
+    spec = step_spec(config, params, grads[0], decay, trust, options=opts)
     ours = jax.jit(lambda *arrays: interpret.BACKEND.run(spec, StepInputs(*arrays)))
     ref = jax.jit(functools.partial(reference_step, **kw))
     momentum = [jnp.zeros(np.shape(p), jnp.float32) for p in params]

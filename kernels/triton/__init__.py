@@ -22,6 +22,10 @@ Backend options (``backend_options=``), the launch geometry (``plan.Tuning``):
 * ``evict_first`` (bool, default True): fused launch, the update's loads and
   stores (each line's last use in the step) carry an evict-first L2 hint, so
   that the w and g the norms read stay in L2 until their update.
+* ``pointer_table`` (bool, default False): fused launch, each item loads its
+  leaf's pointers from a table of addresses that the program of item 0
+  writes once per launch, instead of selecting them among the kernel's
+  pointer arguments (a chain of predicated constant-bank loads per pointer).
 * ``spin_limit`` (int >= 0, default 0): a debug switch of the fused launch;
   N > 0 bounds each wait for a trust ratio to N polls, and a wait that gives
   up makes the step raise instead of hanging (0 waits without bound).

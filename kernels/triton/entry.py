@@ -87,7 +87,7 @@ def entry_source(spec: P.KernelSpec) -> str:
             "    if row >= tl.load(table_ptr + _COL_ITEMS):  # past the table: nothing to do"
         )
         lines.append("        return")
-        _select(lines, spec, ("w", "g"))
+        _pointers(lines, spec, ("w", "g"), publish=True)
         sums = (
             "CLIP_NORM",
             "CLIP_VALUE",
@@ -102,8 +102,10 @@ def entry_source(spec: P.KernelSpec) -> str:
             "    s_w, s_u = fused_sums(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, "
             f"partials_ptr, ratios_out_ptr, sync_ptr, {', '.join(sums)})"
         )
-        _select(lines, spec, spec.pointer_roles())
-        update = tuple(n for n in spec.constexpr_names() if n != "REDUCE_BLOCK")
+        _pointers(lines, spec, spec.pointer_roles(), publish=False)
+        update = tuple(
+            n for n in spec.constexpr_names() if n not in ("REDUCE_BLOCK", "POINTER_TABLE")
+        )
         lines.append(
             "    fused_update(row, table_ptr, scalars_ptr, slot, w_ptr, g_ptr, v_ptr, out_ptr, "
             f"v_out_ptr, ratios_out_ptr, sync_ptr, s_w, s_u, {', '.join(update)})"
@@ -126,15 +128,48 @@ def entry_source(spec: P.KernelSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _select(lines: list[str], spec: P.KernelSpec, roles: tuple[str, ...]) -> None:
+def _select(
+    lines: list[str], spec: P.KernelSpec, roles: tuple[str, ...], indent: str = "    "
+) -> None:
     """Appends the loading of the row's slot and the selection of its ``roles``' pointers."""
-    lines.append("    slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
+    lines.append(f"{indent}slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
     for k in range(1, spec.slots):
-        lines.append(f"    is_{k} = slot == {k}")
+        lines.append(f"{indent}is_{k} = slot == {k}")
     for role in roles:
-        lines.append(f"    {role}_ptr = {role}_0")
+        lines.append(f"{indent}{role}_ptr = {role}_0")
         for k in range(1, spec.slots):
-            lines.append(f"    {role}_ptr = tl.where(is_{k}, {role}_{k}, {role}_ptr)")
+            lines.append(f"{indent}{role}_ptr = tl.where(is_{k}, {role}_{k}, {role}_ptr)")
+
+
+def _pointers(
+    lines: list[str], spec: P.KernelSpec, roles: tuple[str, ...], *, publish: bool
+) -> None:
+    """A fused entry's ``roles``' pointers for the claimed row: from the pointer
+    table (``POINTER_TABLE``; with ``publish``, item 0's program first writes
+    it and the others wait for it), else by the select chain."""
+    every = spec.pointer_roles()
+    lines.append("    if POINTER_TABLE:")
+    lines.append(f"        table = slot_words(sync_ptr, SPIN_LIMIT) + {2 * spec.slots}  # its flag")
+    if publish:
+        lines.append("        if row == 0:  # one program writes every address, then the flag")
+        for r, role in enumerate(every):
+            for k in range(spec.slots):
+                at = 1 + 2 * (r * spec.slots + k)
+                lines.append(f"            publish_address(table + {at}, {role}_{k})")
+        lines.append("            tl.debug_barrier()")
+        lines.append("            tl.atomic_xchg(table, 1, sem='release')")
+        lines.append("            ok = tl.full((), 1, tl.int32)")
+        lines.append("        else:")
+        lines.append("            ok = await_table(table, sync_ptr, SPIN_LIMIT)")
+        lines.append("        if ok == 0:  # a bounded wait gave up (the launch is flagged)")
+        lines.append("            return")
+    lines.append("        slot = tl.load(table_ptr + row * _TABLE_COLUMNS + _COL_SLOT)")
+    for role in roles:
+        r = every.index(role)
+        at = f"table + 1 + 2 * ({r * spec.slots} + slot)"
+        lines.append(f"        {role}_ptr = table_pointer({at}, {role}_0)")
+    lines.append("    else:")
+    _select(lines, spec, roles, indent="        ")
 
 
 @functools.cache
@@ -159,6 +194,10 @@ def get_kernel(spec: P.KernelSpec):
         "update_program": programs.update_program,
         "fused_sums": programs.fused_sums,
         "fused_update": programs.fused_update,
+        "slot_words": programs.slot_words,
+        "publish_address": programs.publish_address,
+        "table_pointer": programs.table_pointer,
+        "await_table": programs.await_table,
         "_TABLE_COLUMNS": programs._TABLE_COLUMNS,
         "_COL_SLOT": programs._COL_SLOT,
         "_COL_ITEMS": programs._COL_ITEMS,

@@ -45,6 +45,14 @@ LOOKAHEAD = 256
 # difference in time either way (0.340 and 0.341 ms at 8192; 0.615 and 0.601
 # at 4096); the DRAM bytes with and without them are not yet measured.
 EVICT_FIRST = True
+# Fused pass: where a program finds its leaf's pointers. False: a chain of
+# selects over the kernel's pointer arguments on the item's slot, which ptxas
+# compiles to predicated loads from the constant bank, all issued (2,311 of
+# the 4,304 SASS instructions of the fused kernel at 192 slots). True: the
+# program that claims item 0 writes every argument's address into the sync
+# buffer once; every item then loads its five. Not yet timed on a GPU, so
+# not the default (the GPU check's timing-tuning step times it).
+POINTER_TABLE = False
 # Fused pass: partial-sum rows added per vector step when a ratio is finalised.
 REDUCE_BLOCK = 256
 # Fused pass: polls of a ready flag before an update item gives up (a debug
@@ -52,7 +60,9 @@ REDUCE_BLOCK = 256
 SPIN_LIMIT = 0
 
 # Words of the fused pass's zeroed int32 sync buffer: the item counter, then
-# (with a spin limit) the error word, then per slot its arrivals and ready flag.
+# (with a spin limit) the error word, then per slot its arrivals and ready flag;
+# with the pointer table, then its ready flag and per pointer argument (role
+# by role, slot by slot) its address as two words, low then high.
 SYNC_COUNTER = 0
 SYNC_ERROR = 1  # 0, or ERROR_SPIN once a wait gave up (only with a spin limit)
 ERROR_SPIN = 1
@@ -104,6 +114,9 @@ class Tuning:
       lookahead: Fused pass: items between a layer's sums and its update.
       evict_first: Fused pass: the update's loads and stores carry an
         evict-first L2 hint (``eviction_policy="evict_first"``).
+      pointer_table: Fused pass: items load their leaf's pointers from a
+        table of addresses written once per launch (``POINTER_TABLE``)
+        instead of selecting them among the pointer arguments.
       spin_limit: Fused pass, a debug switch: 0 waits for a ratio without
         bound; N > 0 gives up after N polls, sets the launch's error word
         (``SYNC_ERROR``) and updates the chunk with a NaN ratio, so a
@@ -118,6 +131,7 @@ class Tuning:
     lookahead: int = LOOKAHEAD
     spin_limit: int = SPIN_LIMIT
     evict_first: bool = EVICT_FIRST
+    pointer_table: bool = POINTER_TABLE
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -134,6 +148,8 @@ class Tuning:
             raise ValueError(f"spin_limit must be >= 0, got {self.spin_limit}")
         if not isinstance(self.evict_first, (bool, np.bool_)):
             raise TypeError(f"evict_first must be a bool, got {self.evict_first!r}")
+        if not isinstance(self.pointer_table, (bool, np.bool_)):
+            raise TypeError(f"pointer_table must be a bool, got {self.pointer_table!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +278,8 @@ class KernelSpec:
             return ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "CHUNK", "BLOCK")
         if self.kind == FUSED:
             options = ("CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", *update, "TRUST_CLIP")
-            return (*options, "CHUNK", "BLOCK", "REDUCE_BLOCK", "SPIN_LIMIT", "EVICT_FIRST")
+            geometry = ("CHUNK", "BLOCK", "REDUCE_BLOCK", "SPIN_LIMIT", "EVICT_FIRST")
+            return (*options, *geometry, "POINTER_TABLE")
         return ("GLOBAL", "CLIP_NORM", "CLIP_VALUE", "HAS_DECAY", "CHUNK", "BLOCK")
 
     def arg_names(self) -> list[str]:
@@ -290,6 +307,7 @@ class KernelSpec:
             }
         values.update(CHUNK=tuning.chunk, BLOCK=tuning.block, REDUCE_BLOCK=REDUCE_BLOCK)
         values.update(SPIN_LIMIT=tuning.spin_limit, EVICT_FIRST=bool(tuning.evict_first))
+        values.update(POINTER_TABLE=bool(tuning.pointer_table))
         return {name: values[name] for name in self.constexpr_names()}
 
 
@@ -302,9 +320,14 @@ def kernel_spec(launch: Launch, flags: Flags) -> KernelSpec:
     return KernelSpec(launch.kind, len(launch.leaves), with_params)
 
 
+# Pointer arguments per slot of a fused launch (w, g, v, out, v_out).
+FUSED_ROLES = 5
+
+
 def sync_words(slots: int, tuning: Tuning) -> int:
     """Words of a fused launch's sync buffer (see ``SYNC_COUNTER``)."""
-    return 1 + (tuning.spin_limit > 0) + 2 * slots
+    table = 1 + 2 * FUSED_ROLES * slots if tuning.pointer_table else 0
+    return 1 + (tuning.spin_limit > 0) + 2 * slots + table
 
 
 def group_by_dtypes(

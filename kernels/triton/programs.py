@@ -221,6 +221,43 @@ def slot_words(sync_ptr, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
+def publish_address(at, ptr):
+    """Pointer table: stores ``ptr``'s address at int32 words ``at`` (low) and ``at + 1`` (high)."""
+    address = ptr.to(tl.int64)
+    tl.store(at, address.to(tl.int32))
+    tl.store(at + 1, (address >> 32).to(tl.int32))
+
+
+@triton.jit
+def table_pointer(at, like):
+    """Pointer table: the address at int32 words ``at`` and ``at + 1``, as ``like``'s type."""
+    low = tl.load(at, cache_modifier=".cg").to(tl.uint32).to(tl.int64)
+    high = tl.load(at + 1, cache_modifier=".cg").to(tl.int64)
+    # 16-byte aligned, as every argument (jax-triton's divisibility): keeps the
+    # chunk's loads and stores 16 bytes wide.
+    return tl.multiple_of(((high << 32) | low).to(like.dtype), 16)
+
+
+@triton.jit
+def await_table(flag, sync_ptr, SPIN_LIMIT: tl.constexpr):
+    """Pointer table: waits for item 0's program to publish it; 0 if a bounded wait gave up."""
+    ok = tl.full((), 1, tl.int32)
+    if SPIN_LIMIT > 0:  # debug: give up and flag the launch
+        ready = tl.atomic_add(flag, 0, sem="acquire")
+        polls = tl.full((), 1, tl.int32)
+        while (ready == 0) & (polls < SPIN_LIMIT):
+            ready = tl.atomic_add(flag, 0, sem="acquire")
+            polls += 1
+        if ready == 0:
+            tl.atomic_xchg(sync_ptr + _SYNC_ERROR, _ERROR_SPIN, sem="relaxed")
+            ok = tl.full((), 0, tl.int32)
+    else:
+        while tl.atomic_add(flag, 0, sem="acquire") == 0:
+            pass
+    return ok
+
+
+@triton.jit
 def fused_sums(
     item,  # int32 scalar: the table row this program claimed
     table_ptr,  # int32 (items, TABLE_COLUMNS): the item table
