@@ -82,7 +82,10 @@ def resolve(name: str, options: dict | None = None, platform: str | None = None)
     """Returns the backend to use for ``name`` on ``platform``.
 
     Args:
-      name: "auto" or a registered backend name.
+      name: "auto" or a registered backend name. "auto" takes the first of
+        ``_AUTO_ORDER[platform]`` that can run here and, where the process
+        has several devices, updates shard by shard (``GIVEN_RATIOS``); else
+        the reference.
       options: ``backend_options``; only with an explicit name.
       platform: "cpu", "gpu" or "tpu"; the default JAX backend when None.
 
@@ -96,9 +99,16 @@ def resolve(name: str, options: dict | None = None, platform: str | None = None)
     if name == "auto":
         if options:
             raise ValueError("backend_options need an explicit backend= name, not 'auto'")
+        several = _sharded.needed()
         for candidate in _AUTO_ORDER.get(platform, ("reference",)):
-            if candidate in _MODULES and get(candidate).unavailable(platform) is None:
-                return get(candidate)
+            if candidate not in _MODULES or get(candidate).unavailable(platform) is not None:
+                continue
+            if several and Feature.GIVEN_RATIOS not in get(candidate).features(platform):
+                # Sharded params would reach it whole (XLA gathers a custom
+                # call's operands): on several devices only a backend that
+                # updates shard by shard, else the reference (XLA partitions it).
+                continue
+            return get(candidate)
         return get("reference")
     if name not in _MODULES:
         known = ", ".join(["auto", *_MODULES])
