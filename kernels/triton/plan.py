@@ -36,8 +36,8 @@ BLOCK = 1024
 NUM_WARPS = 4
 # Fused pass: items between a layer's last sums item and its first update
 # item (16 MB of fp32 w and g at CHUNK 8192). Timed with CHUNK (above): at
-# 4096, 256 and 512 ran alike (0.610 and 0.601 ms, no hints); the L2 model predicts 20.00
-# B/param with the hints at 8192 and 256, and 26 to 27 without them.
+# 4096, 256 and 512 ran alike (0.610 and 0.601 ms, no hints); the L2 model
+# predicts 20.00 B/param with the hints at 8192 and 256, 26 to 27 without.
 LOOKAHEAD = 256
 # Fused pass: the update's loads and stores (each line's last use in the step)
 # carry an evict-first hint, so the norms' w and g stay in L2 until their
