@@ -45,6 +45,15 @@ class Form:
         """``options`` as a dict."""
         return dict(self.options)
 
+    def unavailable(self) -> str | None:
+        """Why the backend cannot run on JAX's platform here; None when it can."""
+        from lars import _dispatch
+
+        return _dispatch.get(self.backend).unavailable(jax.default_backend())
+
+
+# The learning rate of every checked and profiled step.
+LR = 0.1
 
 # Triton's interpreter runs programs one by one: small launch geometries keep a
 # tiny tree to a few programs per launch and several launches per pass.

@@ -18,8 +18,8 @@ Phases:
   every form, a copy of the same bytes) on ResNet-50's parameter set and one
   64M-element array, fp32 and bf16 gradients.
 * ``ncu``: Nsight Compute's DRAM bytes and kernel time of every form's step
-  on ResNet-50, and its sections for the fused Triton kernel (``ncu-target``
-  is the program it profiles).
+  on ResNet-50, and its sections for the fused Triton kernel
+  (``bench.gpu_check_ncu``; ``ncu-target`` is the program it profiles).
 
 ``--cpu`` runs the same with the interpreted kernels at tiny sizes.
 """
@@ -27,12 +27,8 @@ Phases:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -46,8 +42,6 @@ import optax
 import lars
 from bench import gpu_check_cases as C
 from bench import measure, workloads
-
-LR = 0.1
 
 
 class Partial:
@@ -87,13 +81,13 @@ def _compiled(form: C.Form | None, kwargs: dict[str, Any], mode: str) -> Callabl
     options = None if form is None else (form.options_dict or None)
 
     def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
-        tx = lars.lars(LR, backend=backend, backend_options=options, **kwargs)
+        tx = lars.lars(C.LR, backend=backend, backend_options=options, **kwargs)
         if mode == "apply":
             return tx.apply_gradients(params, state, grads)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    init = jax.jit(lars.lars(LR, backend=backend, backend_options=options, **kwargs).init)
+    init = jax.jit(lars.lars(C.LR, backend=backend, backend_options=options, **kwargs).init)
     fn = jax.jit(step, donate_argnums=(0, 1))
 
     def run(params: Any, grads: Any, poison: bool) -> tuple[Any, Any]:
@@ -109,12 +103,6 @@ def _compiled(form: C.Form | None, kwargs: dict[str, Any], mode: str) -> Callabl
     return run
 
 
-def _unavailable(form: C.Form) -> str | None:
-    from lars import _dispatch
-
-    return _dispatch.get(form.backend).unavailable(jax.default_backend())
-
-
 # --------------------------------------------------------------------------
 # smoke
 
@@ -126,7 +114,7 @@ def smoke(cpu: bool) -> dict[str, Any]:
         for mode in C.MODES:
             name = f"{'reference' if form is None else form.name}/{mode}"
             start = time.perf_counter()
-            why = None if form is None else _unavailable(form)
+            why = None if form is None else form.unavailable()
             if why is not None:
                 RESULT.check(name, False, f"unavailable: {why}")
                 continue
@@ -186,7 +174,7 @@ def correctness(cpu: bool) -> dict[str, Any]:
     """Every form and mode against the reference, poisoned; then determinism."""
     shapes = C.odd_shapes(cpu)
     poison = not cpu
-    bad = {f.name: _unavailable(f) for f in C.forms(cpu)}
+    bad = {f.name: f.unavailable() for f in C.forms(cpu)}
     # The reference's results, by (mode, dtype, option set, variant): the forms
     # share inputs (random, one draw per key) so the reference runs once.
     reference: dict[tuple[str, ...], Any] = {}
@@ -276,12 +264,12 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
     )
     names = ["reference"]
     for form in C.forms(cpu):
-        if _unavailable(form) is None:
+        if form.unavailable() is None:
             names += [form.name, form.name + ":apply"]
     dtypes = list(measure.DTYPES)
     if which == "tuning":  # the fused launch's geometries, in place, fp32 only
-        tuned = [f for f in C.tuning_forms(cpu) if _unavailable(f) is None]
-        fused = [f for f in C.forms(cpu) if f.name == "triton" and _unavailable(f) is None]
+        tuned = [f for f in C.tuning_forms(cpu) if f.unavailable() is None]
+        fused = [f for f in C.forms(cpu) if f.name == "triton" and f.unavailable() is None]
         names = [f"{f.name}:apply" for f in fused + tuned]
         dtypes, which = dtypes[:1], "model"
     rows = []
@@ -304,192 +292,6 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         elif r.get("rel_diff_vs_optax", 0.0) > TIMED_DIFF_LIMIT:  # NaN passes: copy rows
             RESULT.check(case, False, f"first update {r['rel_diff_vs_optax']:.1e} from optax's")
     return {}
-
-
-# --------------------------------------------------------------------------
-# ncu
-
-NCU_STEPS = 3
-NCU_METRICS = "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum"
-# The fused kernel's launch, occupancy, stall and memory picture (one launch).
-NCU_SECTIONS = (
-    "SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis",
-)  # fmt: skip
-# Seconds for the first form's profile and for the sections run: on the H200
-# (2026-12-04) one form's profile took 20 to 35 s (Python, jax and the compile
-# included) and the sections ran past 20 s.
-NCU_FIRST_S = 45.0
-NCU_DETAILS_S = 50.0
-
-
-def _ncu_forms(cpu: bool) -> list[C.Form]:
-    """The forms profiled, the fused Triton step first (the headline figure)."""
-    usable = [f for f in C.forms(cpu) if _unavailable(f) is None]
-    return sorted(usable, key=lambda f: f.name != "triton")
-
-
-def ncu_target(cpu: bool, form_name: str | None = None) -> dict[str, Any]:
-    """What ncu profiles: one form's step (in place) on ResNet-50, fp32, NCU_STEPS times.
-
-    ncu profiles every kernel of the program, so nothing but the steps runs on
-    the device: the trees are made on the host, the state by ``init`` on the
-    CPU, and each step's donated params and state are copied from the host.
-    """
-    forms = _ncu_forms(cpu)
-    form = next((f for f in forms if f.name == form_name), forms[0])
-    shapes = C.odd_shapes(cpu) if cpu else workloads.resnet50_shapes()
-    params, grads = jax.device_get(C.make_tree(shapes, "fp32", seed=11))
-    tx = lars.lars(LR, backend=form.backend, backend_options=form.options_dict or None)
-    host = jax.devices("cpu")[0]
-    state = jax.device_get(jax.jit(tx.init)(jax.device_put(params, host)))
-    device = jax.devices()[0]
-    grads = jax.device_put(grads, device)
-    step = jax.jit(tx.apply_gradients, donate_argnums=(0, 1))
-    for _ in range(NCU_STEPS):  # the first compiles; its launches are in the profile too
-        p, s = jax.device_put((params, state), device)
-        jax.block_until_ready(step(p, s, grads))
-    n = sum(int(x.size) for x in jax.tree.leaves(params))
-    return {"form": form.name, "n_params": n, "steps": NCU_STEPS}
-
-
-def find_ncu() -> str | None:
-    """The ``ncu`` executable, if any."""
-    found = shutil.which("ncu")
-    if found:
-        return found
-    for root in ("/usr/local/cuda/bin", "/opt/nvidia/nsight-compute"):
-        for dirpath, _, files in os.walk(root):
-            if "ncu" in files:
-                return os.path.join(dirpath, "ncu")
-    return None
-
-
-def parse_ncu_csv(text: str) -> dict[str, Any]:
-    """Sums each metric of an ``ncu --csv --print-units base`` report over its kernels.
-
-    Also ``"kernels"`` (how many launches) and ``"by_kernel"``: kernel name ->
-    {"launches", and each metric summed over that name's launches}.
-    """
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
-    if start is None:
-        return {}
-    totals: dict[str, Any] = {}
-    kernels = set()
-    by_kernel: dict[str, dict[str, float]] = {}
-    for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
-        value = (row.get("Metric Value") or "").replace(",", "")
-        try:
-            v = float(value)
-        except ValueError:
-            continue
-        name, metric = row.get("Kernel Name") or "?", row["Metric Name"]
-        totals[metric] = totals.get(metric, 0.0) + v
-        kernels.add((row.get("ID"), name))
-        per = by_kernel.setdefault(name[:80], {})
-        per[metric] = per.get(metric, 0.0) + v
-    for _, name in kernels:
-        per = by_kernel[name[:80]]
-        per["launches"] = per.get("launches", 0.0) + 1
-    totals["kernels"] = float(len(kernels))
-    totals["by_kernel"] = by_kernel
-    return totals
-
-
-def _ncu_run(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
-    # No preallocated pool: ncu saves and restores the memory a replayed kernel may touch.
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, "", f"ncu did not finish in {timeout:.0f} s"
-    return out.returncode, out.stdout, out.stderr
-
-
-def _ncu_form(exe: str, form: str, json_path: str, timeout: float) -> dict[str, Any]:
-    """DRAM bytes and kernel time per step of one form's in-place step (every kernel)."""
-    target = [sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--form", form]
-    target += ["--json", json_path + ".t"]
-    cmd = [exe, "--clock-control", "none", "--csv", "--print-units", "base"]
-    cmd += ["--metrics", NCU_METRICS, *target]
-    rc, stdout, stderr = _ncu_run(cmd, timeout)
-    totals = parse_ncu_csv(stdout)
-    if rc != 0 or not totals.get("kernels"):
-        tail = " | ".join((stdout + stderr).strip().splitlines()[-6:])
-        return {"status": "skipped", "reason": f"ncu gave no counters (rc {rc}): {tail[:600]}"}
-    with open(json_path + ".t") as f:
-        got = json.load(f)
-    steps, n = got["steps"], got["n_params"]
-    moved = (
-        totals.get("dram__bytes_read.sum", 0.0) + totals.get("dram__bytes_write.sum", 0.0)
-    ) / steps
-    return {
-        **got,
-        "status": "ok",
-        "kernels_per_step": totals["kernels"] / steps,
-        "dram_bytes_per_step": moved,
-        "dram_bytes_per_param": moved / n,
-        "kernel_time_ms_per_step": totals.get("gpu__time_duration.sum", float("nan")) / steps / 1e6,
-        "by_kernel": totals["by_kernel"],
-    }
-
-
-def ncu(cpu: bool, json_path: str, timeout: float) -> dict[str, Any]:
-    """DRAM bytes and kernel time per step of every form's in-place step, from ncu.
-
-    Every form on ResNet-50 (fp32), every kernel of the program (the first
-    step's too: compile, warm-up; XLA's own kernels of the step included): the
-    fused Triton step first, then ncu's sections (``NCU_SECTIONS``) for one
-    launch of its kernel, as text in ``"details"``, then the other forms in
-    what is left. The top-level figures are the first form's.
-    """
-    if cpu:
-        target = ncu_target(cpu)
-        return {"status": "skipped", "reason": "--cpu: no GPU counters (target ran)", **target}
-    exe = find_ncu()
-    if exe is None:
-        return {"status": "skipped", "reason": "ncu not found"}
-    start = time.perf_counter()
-    forms = [f.name for f in _ncu_forms(cpu)]
-
-    def left() -> float:
-        return timeout - (time.perf_counter() - start)
-
-    per_form = {forms[0]: _ncu_form(exe, forms[0], json_path, min(left(), NCU_FIRST_S))}
-    first = per_form[forms[0]]
-    RESULT.result["ncu_forms"] = per_form
-    RESULT.save()
-    details = ""
-    if forms[0] == "triton" and first.get("status") == "ok" and left() > 20:
-        cmd = [exe, "--clock-control", "none", "--kernel-name", "regex:^lars_"]
-        cmd += ["--launch-skip", "1", "--launch-count", "1"]
-        for section in NCU_SECTIONS:
-            cmd += ["--section", section]
-        cmd += [sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--form", "triton"]
-        cmd += ["--json", json_path + ".t"]
-        rc, stdout, stderr = _ncu_run(cmd, min(left() - 5, NCU_DETAILS_S))
-        lines = [x for x in stdout.splitlines() if not x.startswith("==PROF==")]
-        details = "\n".join(lines)[-20000:] if rc == 0 else f"rc {rc}: {(stdout + stderr)[-600:]}"
-        print(details, flush=True)
-        RESULT.result["details"] = details
-        RESULT.save()
-    rest = forms[1:]
-    for i, form in enumerate(rest):  # each an equal share of what is left
-        share = left() / (len(rest) - i)
-        if share < 10:
-            per_form[form] = {"status": "skipped", "reason": "out of time (the ncu step's)"}
-            continue
-        per_form[form] = _ncu_form(exe, form, json_path, share)
-        RESULT.result["ncu_forms"] = per_form
-        RESULT.save()
-    if first.get("status") != "ok":
-        return {"status": "skipped", "reason": first["reason"], "forms": per_form}
-    return {
-        **{k: v for k, v in first.items() if k != "status"},
-        "note": "every kernel of the program: the first step's launches are counted too",
-        "forms": per_form,
-        "details": details,
-    }
 
 
 def _environment() -> dict[str, str]:
@@ -541,10 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     RESULT.path = args.json
     RESULT.save()
     try:
-        if args.phase == "ncu":
-            result = ncu(args.cpu, args.json, max(10.0, args.timeout - 15.0))
-        elif args.phase == "ncu-target":
-            result = ncu_target(args.cpu, args.form)
+        if args.phase in ("ncu", "ncu-target"):
+            from bench import gpu_check_ncu
+
+            if args.phase == "ncu":
+                limit = max(10.0, args.timeout - 15.0)
+                result = gpu_check_ncu.ncu(args.cpu, args.json, limit, RESULT)
+            else:
+                result = gpu_check_ncu.ncu_target(args.cpu, args.form)
         elif args.phase.startswith("timing"):
             result = PHASES[args.phase](args.cpu, args.steps_per_call)
         else:

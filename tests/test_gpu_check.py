@@ -26,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import gpu_check, gpu_check_cases, gpu_check_phases, gpu_check_report  # noqa: E402
+from bench import (  # noqa: E402
+    gpu_check,
+    gpu_check_cases,
+    gpu_check_ncu,
+    gpu_check_phases,
+    gpu_check_report,
+)
 
 
 def test_scaled_error_catches_unwritten_and_wrong_values():
@@ -185,7 +191,7 @@ NCU_CSV = """==PROF== Connected to process 1
 
 
 def test_ncu_csv_is_summed_per_metric_over_kernels():
-    totals = gpu_check_phases.parse_ncu_csv(NCU_CSV)
+    totals = gpu_check_ncu.parse_ncu_csv(NCU_CSV)
     assert totals["dram__bytes_read.sum"] == 3_000_000
     assert totals["dram__bytes_write.sum"] == 400_000
     assert totals["kernels"] == 2
@@ -195,7 +201,7 @@ def test_ncu_csv_is_summed_per_metric_over_kernels():
         "dram__bytes_read.sum": 3_000_000,
         "dram__bytes_write.sum": 400_000,
     }
-    assert gpu_check_phases.parse_ncu_csv("==ERROR== LibraryNotLoaded\n") == {}
+    assert gpu_check_ncu.parse_ncu_csv("==ERROR== LibraryNotLoaded\n") == {}
 
 
 def test_the_report_names_failures_and_timing_rows():
@@ -278,10 +284,10 @@ def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
         f"print({NCU_CSV!r})\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setattr(gpu_check_phases, "find_ncu", lambda: str(fake))
+    monkeypatch.setattr(gpu_check_ncu, "find_ncu", lambda: str(fake))
     forms = [gpu_check_cases.Form("triton", "triton"), gpu_check_cases.Form("native", "native")]
-    monkeypatch.setattr(gpu_check_phases, "_ncu_forms", lambda cpu: forms)
-    result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
+    monkeypatch.setattr(gpu_check_ncu, "_ncu_forms", lambda cpu: forms)
+    result = gpu_check_ncu.ncu(False, str(tmp_path / "r.json"), 60, gpu_check_phases.Partial())
     assert result["dram_bytes_per_step"] == pytest.approx(3_400_000 / 2)
     assert result["dram_bytes_per_param"] == pytest.approx(1.7)
     assert result["kernels_per_step"] == 1
@@ -294,7 +300,7 @@ def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
     assert "| native | 1.0 | 1.7 |" in md and "`lars_fused_2` | 2 |" in md
     # ncu that reads no counters: skipped, with its last words as the reason.
     fake.write_text("#!/bin/sh\necho '==ERROR== Failed to initialize the profiler'\nexit 1\n")
-    result = gpu_check_phases.ncu(False, str(tmp_path / "r.json"), timeout=60)
+    result = gpu_check_ncu.ncu(False, str(tmp_path / "r.json"), 60, gpu_check_phases.Partial())
     assert result["status"] == "skipped" and "Failed to initialize" in result["reason"]
 
 
