@@ -123,12 +123,16 @@ def _ncu_run(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
     return out.returncode, out.stdout, out.stderr
 
 
+def _target(form: str, json_path: str) -> list[str]:
+    """The command ncu profiles: ``ncu-target`` for ``form``, its JSON beside ``json_path``."""
+    target = [sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--form", form]
+    return [*target, "--json", json_path + ".t"]
+
+
 def _ncu_form(exe: str, form: str, json_path: str, timeout: float) -> dict[str, Any]:
     """DRAM bytes and kernel time per step of one form's in-place step (every kernel)."""
-    target = [sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--form", form]
-    target += ["--json", json_path + ".t"]
     cmd = [exe, "--clock-control", "none", "--csv", "--print-units", "base"]
-    cmd += ["--metrics", NCU_METRICS, *target]
+    cmd += ["--metrics", NCU_METRICS, *_target(form, json_path)]
     rc, stdout, stderr = _ncu_run(cmd, timeout)
     totals = parse_ncu_csv(stdout)
     if rc != 0 or not totals.get("kernels"):
@@ -149,6 +153,18 @@ def _ncu_form(exe: str, form: str, json_path: str, timeout: float) -> dict[str, 
         "kernel_time_ms_per_step": totals.get("gpu__time_duration.sum", float("nan")) / steps / 1e6,
         "by_kernel": totals["by_kernel"],
     }
+
+
+def _ncu_sections(exe: str, json_path: str, timeout: float) -> str:
+    """ncu's sections (``NCU_SECTIONS``) for the fused Triton kernel's second launch, as text."""
+    cmd = [exe, "--clock-control", "none", "--kernel-name", "regex:^lars_"]
+    cmd += ["--launch-skip", "1", "--launch-count", "1"]
+    for section in NCU_SECTIONS:
+        cmd += ["--section", section]
+    rc, stdout, stderr = _ncu_run([*cmd, *_target("triton", json_path)], timeout)
+    if rc != 0:
+        return f"rc {rc}: {(stdout + stderr)[-600:]}"
+    return "\n".join(x for x in stdout.splitlines() if not x.startswith("==PROF=="))[-20000:]
 
 
 def ncu(cpu: bool, json_path: str, timeout: float, partial: Any) -> dict[str, Any]:
@@ -185,15 +201,7 @@ def ncu(cpu: bool, json_path: str, timeout: float, partial: Any) -> dict[str, An
     partial.save()
     details = ""
     if forms[0] == "triton" and first.get("status") == "ok" and left() > 20:
-        cmd = [exe, "--clock-control", "none", "--kernel-name", "regex:^lars_"]
-        cmd += ["--launch-skip", "1", "--launch-count", "1"]
-        for section in NCU_SECTIONS:
-            cmd += ["--section", section]
-        cmd += [sys.executable, "-m", "bench.gpu_check_phases", "ncu-target", "--form", "triton"]
-        cmd += ["--json", json_path + ".t"]
-        rc, stdout, stderr = _ncu_run(cmd, min(left() - 5, NCU_DETAILS_S))
-        lines = [x for x in stdout.splitlines() if not x.startswith("==PROF==")]
-        details = "\n".join(lines)[-20000:] if rc == 0 else f"rc {rc}: {(stdout + stderr)[-600:]}"
+        details = _ncu_sections(exe, json_path, min(left() - 5, NCU_DETAILS_S))
         print(details, flush=True)
         partial.result["details"] = details
         partial.save()

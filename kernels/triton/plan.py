@@ -320,8 +320,9 @@ def kernel_spec(launch: Launch, flags: Flags) -> KernelSpec:
     return KernelSpec(launch.kind, len(launch.leaves), with_params)
 
 
-# Pointer arguments per slot of a fused launch (w, g, v, out, v_out).
-FUSED_ROLES = 5
+# Pointer arguments per slot of a fused launch (w, g, v, out, v_out): the
+# pointer table's entries per slot.
+FUSED_ROLES = len(KernelSpec(FUSED, 1, True).pointer_roles())
 
 
 def sync_words(slots: int, tuning: Tuning) -> int:
