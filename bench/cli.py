@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s: each step its own call)",
     )
     p.add_argument(
+        "--compile-workers",
+        type=int,
+        default=1,
+        help="compile this many steps at once, before any is timed (default %(default)s)",
+    )
+    p.add_argument(
         "--slow-factor",
         type=float,
         default=25.0,
@@ -158,15 +164,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_compile_s=base["max_compile_s"] if args.max_compile is None else args.max_compile,
         settle_s=base["settle_s"] if args.settle is None else args.settle,
         steps_per_call=args.steps_per_call,
+        compile_workers=args.compile_workers,
     )
     if (
         settings.rounds < 1
         or settings.warmup < 0
         or settings.settle_s < 0
         or settings.steps_per_call < 1
+        or settings.compile_workers < 1
     ):
         print(
-            "error: --rounds and --steps-per-call must be >= 1, --warmup and --settle >= 0",
+            "error: --rounds, --steps-per-call and --compile-workers must be >= 1, "
+            "--warmup and --settle >= 0",
             file=sys.stderr,
         )
         return 2

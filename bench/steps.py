@@ -203,15 +203,49 @@ def looped(fn: Callable, n_carry: int, steps_per_call: int) -> Callable:
     return run
 
 
-def _compile(
-    fn: Callable, args: Sequence[Any], n_carry: int, steps_per_call: int
-) -> tuple[Any, float]:
+@dataclasses.dataclass
+class Program:
+    """A lowered step, not yet compiled, and the buffers its runner will carry.
+
+    Lowering runs in the calling thread (it traces Python); ``compile`` can run
+    in another (XLA compiles without holding the GIL), so that
+    ``bench.measure`` compiles several programs at once.
+
+    Attributes:
+      name: The row's name.
+      lowered: ``jax.jit(...).lower(...)`` of the step (or of ``looped`` steps).
+      carry: As ``Runner.carry``.
+      fixed: As ``Runner.fixed``.
+      steps_per_call: As ``Runner.steps_per_call``.
+      lower_s: Seconds to trace and lower.
+    """
+
+    name: str
+    lowered: Any
+    carry: tuple
+    fixed: tuple
+    steps_per_call: int
+    lower_s: float
+
+    def compile(self) -> Runner:
+        """Compiles the program; ``compile_s`` is the lowering's and the compile's seconds.
+
+        Compiled beside others its compile takes longer than alone.
+        """
+        start = time.perf_counter()
+        compiled = self.lowered.compile()
+        seconds = self.lower_s + time.perf_counter() - start
+        self.lowered = None
+        return _runner(self.name, compiled, seconds, self.carry, self.fixed, self.steps_per_call)
+
+
+def _lower(name: str, fn: Callable, carry: tuple, fixed: tuple, steps_per_call: int) -> Program:
     if steps_per_call > 1:
-        fn = looped(fn, n_carry, steps_per_call)
+        fn = looped(fn, len(carry), steps_per_call)
     start = time.perf_counter()
-    donate = tuple(range(n_carry))
-    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-    return compiled, time.perf_counter() - start
+    donate = tuple(range(len(carry)))
+    lowered = jax.jit(fn, donate_argnums=donate).lower(*carry, *fixed)
+    return Program(name, lowered, carry, fixed, steps_per_call, time.perf_counter() - start)
 
 
 def _runner(
@@ -237,10 +271,10 @@ def _runner(
     )
 
 
-def lars_runner(
+def lars_program(
     name: str, params: list[jax.Array], grads: list[jax.Array], steps_per_call: int = 1
-) -> Runner:
-    """Compiles the LARS step of ``name`` ("optax" or a backend); ``params`` become its own.
+) -> Program:
+    """Lowers the LARS step of ``name`` ("optax" or a backend); ``params`` become its own.
 
     ``steps_per_call`` > 1: that many steps in one call (``looped``).
 
@@ -253,12 +287,18 @@ def lars_runner(
     state = jax.jit(factory(LEARNING_RATE).init)(params)
     lr = jnp.asarray(LEARNING_RATE, jnp.float32)
     step = make_step(factory, apply)
-    compiled, seconds = _compile(step, (params, state, grads, lr), 2, steps_per_call)
-    return _runner(name, compiled, seconds, (params, state), (grads, lr), steps_per_call)
+    return _lower(name, step, (params, state), (grads, lr), steps_per_call)
 
 
-def copy_runner(nbytes: int, steps_per_call: int = 1) -> Runner:
-    """Compiles the copy floor on a float32 buffer of ``nbytes // 2`` bytes.
+def lars_runner(
+    name: str, params: list[jax.Array], grads: list[jax.Array], steps_per_call: int = 1
+) -> Runner:
+    """``lars_program`` compiled."""
+    return lars_program(name, params, grads, steps_per_call).compile()
+
+
+def copy_program(nbytes: int, steps_per_call: int = 1) -> Program:
+    """Lowers the copy floor on a float32 buffer of ``nbytes // 2`` bytes.
 
     Args:
       nbytes: The bytes the copy is to move (read plus write).
@@ -268,9 +308,13 @@ def copy_runner(nbytes: int, steps_per_call: int = 1) -> Runner:
     x = jnp.ones((max(1, nbytes // 8),), jnp.float32)
     c = jnp.asarray(1.0, jnp.float32)
     d = jnp.asarray(0.0, jnp.float32)
-    compiled, seconds = _compile(copy_step, (x, c, d), 1, steps_per_call)
     name = COPY if steps_per_call == 1 else COPY_LOOP
-    return _runner(name, compiled, seconds, (x,), (c, d), steps_per_call)
+    return _lower(name, copy_step, (x,), (c, d), steps_per_call)
+
+
+def copy_runner(nbytes: int, steps_per_call: int = 1) -> Runner:
+    """``copy_program`` compiled."""
+    return copy_program(nbytes, steps_per_call).compile()
 
 
 def first_update(runner: Runner, params0: list[np.ndarray]) -> list[np.ndarray]:

@@ -235,6 +235,55 @@ def test_measure_with_steps_per_call_times_each_step_of_the_loop():
     assert rows["native:apply"]["temp_bytes"] < 4096
 
 
+def test_measure_compiles_several_at_once_with_the_same_rows():
+    """compile_workers > 1: every row compiled (in threads) and timed, in the same order."""
+    work = workloads.small_arrays_workload(3, 257)
+    settings = measure.Settings(
+        warmup=0, rounds=3, min_sample_s=0.0, budget_s=5.0, settle_s=0.0, compile_workers=3
+    )
+    names = ["reference", "native:apply", "no-such-backend"]
+    rows = measure.measure(work, "fp32", names, settings)
+    assert [r["backend"] for r in rows] == ["optax", *names, "copy"]
+    by = {r["backend"]: r for r in rows}
+    for name in ("optax", "reference", "native:apply", "copy"):
+        assert by[name]["median_ms"] > 0 and by[name]["compile_s"] > 0, name
+    assert by["reference"]["rel_diff_vs_optax"] < 1e-5
+    assert by["native:apply"]["rel_diff_vs_optax"] < 1e-5
+    # A backend that fails to lower is a note, not an abort.
+    assert by["no-such-backend"]["note"].startswith("compile failed")
+    assert "median_ms" not in by["no-such-backend"]
+
+
+def test_measure_skips_by_the_compile_estimate_before_lowering(monkeypatch):
+    """A backend whose estimated compile exceeds max_compile_s is never lowered."""
+    from bench import steps
+
+    lowered = []
+    real = steps.lars_program
+
+    def spy(name, *args, **kwargs):
+        lowered.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "lars_program", spy)
+    work = workloads.small_arrays_workload(2, 65)
+    settings = measure.Settings(
+        warmup=0,
+        rounds=3,
+        min_sample_s=0.0,
+        budget_s=5.0,
+        settle_s=0.0,
+        compile_workers=2,
+        max_compile_s=1.0,
+    )
+    history = measure.History(compile_ratio={"reference": 1e9})
+    rows = {
+        r["backend"]: r for r in measure.measure(work, "fp32", ["reference"], settings, history)
+    }
+    assert lowered == ["optax"]
+    assert rows["reference"]["note"].startswith("skipped: compiling would take about")
+
+
 def test_time_runners_divides_by_the_steps_of_a_call(monkeypatch):
     from bench import timing
 
