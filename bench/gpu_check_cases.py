@@ -73,6 +73,7 @@ def forms(cpu: bool) -> list[Form]:
         ]
     return [
         Form("native", "native"),
+        Form("native-fused", "native", (("fused", True),)),
         Form("pallas", "pallas", (("kernel", "mosaic_gpu"),)),
         Form("triton", "triton"),
         Form("triton-2pass", "triton", (("fused", False),)),
@@ -80,7 +81,7 @@ def forms(cpu: bool) -> list[Form]:
 
 
 def tuning_forms(cpu: bool) -> list[Form]:
-    """The fused Triton launch at other geometries, timed (in place) against the default.
+    """The fused launches at other geometries, timed (in place) against the defaults.
 
     The default (chunk 8192, lookahead 256, evict-first hints on the update's
     loads and stores) was the fastest of the geometries timed on an H200
@@ -90,7 +91,9 @@ def tuning_forms(cpu: bool) -> list[Form]:
     (2048) above the about 1,200 resident programs, so that an update item
     seldom waits for its layer's sums (spinning); a larger chunk at the same
     lookahead in items, and the pointer table in place of the select chains
-    (per-item work: claim, table row, pointer selection).
+    (per-item work: claim, table row, pointer selection). The native CUDA
+    handler's fused launch at a smaller and a larger lookahead than its
+    default (128 chunks): L2 reuse against blocks waiting for the window.
     """
     if cpu:
         return [
@@ -102,6 +105,8 @@ def tuning_forms(cpu: bool) -> list[Form]:
         Form("triton-8192-2048", "triton", (("lookahead", 2048),)),
         Form("triton-16384-256", "triton", (("chunk", 16384),)),
         Form("triton-table", "triton", (("pointer_table", True),)),
+        Form("native-fused-32", "native", (("fused", True), ("lookahead", 32))),
+        Form("native-fused-512", "native", (("fused", True), ("lookahead", 512))),
     ]
 
 

@@ -261,6 +261,9 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         max_compile_s=0,
         settle_s=0.0,
         steps_per_call=steps_per_call,
+        # The looped steps' compiles were most of this phase on the H200
+        # (2026-12-04: about 65 s of compiles for one gradient dtype).
+        compile_workers=min(8, os.cpu_count() or 1),
     )
     names = ["reference"]
     for form in C.forms(cpu):
@@ -269,7 +272,11 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
     dtypes = list(measure.DTYPES)
     if which == "tuning":  # the fused launch's geometries, in place, fp32 only
         tuned = [f for f in C.tuning_forms(cpu) if f.unavailable() is None]
-        fused = [f for f in C.forms(cpu) if f.name == "triton" and f.unavailable() is None]
+        fused = [
+            f
+            for f in C.forms(cpu)
+            if f.name in ("triton", "native-fused") and f.unavailable() is None
+        ]
         names = [f"{f.name}:apply" for f in fused + tuned]
         dtypes, which = dtypes[:1], "model"
     rows = []
@@ -282,7 +289,8 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
             for r in measured:
                 print(
                     f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
-                    f"{r.get('median_ms', float('nan')):9.3f} ms {r['note']}",
+                    f"{r.get('median_ms', float('nan')):9.3f} ms "
+                    f"(compile {r.get('compile_s', float('nan')):5.1f} s) {r['note']}",
                     flush=True,
                 )
     for r in rows:

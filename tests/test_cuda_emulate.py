@@ -4,7 +4,8 @@
 (the element access they use is in ``lars_cuda_access.cuh``), compiles them
 for the CPU with stand-ins for the CUDA built-ins and checks every dtype pair,
 output mode and three option sets against float64 sums and a scalar reference
-of the update (``bench/cuda_emulation/check.cc``). It needs a C++20 compiler
+of the update, and the fused launch (``lars_cuda_fused.cuh``) against the two
+launches' bits (``bench/cuda_emulation/check.cc``). It needs a C++20 compiler
 and the CUDA toolkit's headers, not a GPU; without the headers it cannot
 compile and the test says so.
 """
@@ -51,5 +52,7 @@ def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-8000:]
-    found = re.search(r"^OK (\d+) configurations x 2 alignments$", done.stdout, re.M)
+    found = re.search(
+        r"^OK (\d+) configurations x 2 alignments, and fused at 2 lookaheads$", done.stdout, re.M
+    )
     assert found and int(found.group(1)) >= 72, output[-8000:]

@@ -354,6 +354,58 @@ def test_options_are_checked_and_normalised():
         options({"threads": 2})
 
 
+def test_fused_options_are_checked_and_normalised():
+    options = native.BACKEND.options
+    assert options({"fused": True}) == {"fused": True}
+    assert options({"fused": np.bool_(False)}) == {"fused": False}
+    assert type(options({"fused": np.bool_(True)})["fused"]) is bool
+    assert options({"fused": True, "lookahead": np.int64(32)}) == {"fused": True, "lookahead": 32}
+    for bad in (1, 0, "yes", None):
+        with pytest.raises(ValueError, match="fused must be a bool"):
+            options({"fused": bad})
+    for bad in (0, -1, 2**30 + 1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="lookahead must be an int"):
+            options({"fused": True, "lookahead": bad})
+    for without in ({"lookahead": 8}, {"fused": False, "lookahead": 8}):
+        with pytest.raises(ValueError, match="fused=True"):
+            options(without)
+
+
+def _fused_lookahead_attribute(spec, params, grads, momentum) -> int:
+    text = (
+        jax.jit(lambda p, g, v: native.run(spec, StepInputs(p, g, v, 0.1)))
+        .lower(params, grads, momentum)
+        .as_text()
+    )
+    return int(re.search(r"fused_lookahead = (\d+) : i64", text).group(1))
+
+
+def test_fused_options_become_the_lookahead_attribute():
+    """0 (two launches) by default; the lookahead, default FUSED_LOOKAHEAD, with fused."""
+    p, g, v = small()
+    spec = spec_of(config_of("weight_decay"), p, g)
+    assert _fused_lookahead_attribute(spec, p, g, v) == 0
+    fused = spec.replace(options=(("fused", True),))
+    assert _fused_lookahead_attribute(fused, p, g, v) == ffi.FUSED_LOOKAHEAD == 128
+    given = spec.replace(options=(("fused", True), ("lookahead", 7)))
+    assert _fused_lookahead_attribute(given, p, g, v) == 7
+    off = spec.replace(options=(("fused", False),))
+    assert _fused_lookahead_attribute(off, p, g, v) == 0
+
+
+def test_fused_changes_nothing_on_the_cpu():
+    """The CPU handler ignores the CUDA handler's launch choice: the same bits."""
+    params, grads, momentum = big_problem()
+    spec = spec_of(config_of("weight_decay"), params, grads)
+    plain = native.run(spec, StepInputs(params, grads, momentum, 0.1))
+    fused = native.run(
+        spec.replace(options=(("fused", True), ("lookahead", 3))),
+        StepInputs(params, grads, momentum, 0.1),
+    )
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fused), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
 def _num_threads_attribute(spec, params, grads, momentum) -> int:
     text = (
         jax.jit(lambda p, g, v: native.run(spec, StepInputs(p, g, v, 0.1)))

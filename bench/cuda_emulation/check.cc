@@ -10,7 +10,11 @@
 //     per-element arithmetic (each operation rounded) with the kernel's ratio;
 //   * the same bits with every buffer misaligned by one element (the
 //     element-by-element path) as with 16-byte aligned buffers;
-//   * outputs start as NaN, scratch as NaN, the ticket counters zeroed.
+//   * outputs start as NaN, scratch as NaN, the ticket counters zeroed;
+//   * FusedKernel (lookahead 1 and 1000) gives the bits of the two launches and
+//     claims every item (its blocks run one after another here: the first
+//     claims all, in the kernel's claim order; concurrent claims are modelled
+//     in tests/test_native_fused_protocol.py).
 // Launches hold at most 3 leaves (bench/cuda_emulate.py sets kMaxLeaves), so steps span
 // several launches. bench/cuda_emulate.py builds and runs it.
 #include "shim.h"  // first: the built-ins
@@ -73,7 +77,10 @@ struct Result {
 };
 
 // The handler's host logic (tables, scratch, launches), on host memory.
-Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, uint32_t seed) {
+// fused > 0: FusedKernel with that lookahead on `fused_grid` blocks, which run
+// one after another here: the first claims every item, in the kernel's order.
+Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, uint32_t seed,
+               unsigned fused = 0, int fused_grid = 1) {
   const size_t L = in.size();
   std::vector<Buf> w, g, v, out, vo;
   std::vector<float> ratio(L, -1.f);
@@ -115,14 +122,16 @@ Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, u
     t.leaves[t.num_leaves++] = leaf;
     t.num_blocks += int32_t(blocks); total_blocks += int32_t(blocks);
   }
-  std::vector<double> scratch(3 * total_blocks + 1 + L + L, 0.0);
+  std::vector<double> scratch(3 * total_blocks + 1 + L + L + 2 * tables.size(), 0.0);
   double* partial = scratch.data();
   double* sq = partial + 2 * total_blocks;
   double* norm = sq + total_blocks;
   double* ratios = norm + 1;
   unsigned* tickets = reinterpret_cast<unsigned*>(ratios + L);
   std::fill(partial, norm + 1 + L, NAN);  // poison
-  std::memset(tickets, 0, L * sizeof(unsigned));
+  unsigned* ready = tickets + L;
+  FusedState* states = reinterpret_cast<FusedState*>(ready + L);
+  std::memset(tickets, 0, (2 * L + 3 * tables.size()) * sizeof(unsigned));
   float lr = 0.1f;
   DeviceHyper d{};
   d.h = h; d.lr = &lr;
@@ -131,8 +140,19 @@ Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, u
     Launch(1, [&] { NormKernel(sq, total_blocks, norm); });
     d.global_norm = norm;
   }
-  for (const GpuTable& t : tables) Launch(t.num_blocks, [&] { SumsKernel(t, d, partial, ratios, tickets); });
-  for (const GpuTable& t : tables) Launch(t.num_blocks, [&] { UpdateKernel(t, d, ratios); });
+  if (fused > 0) {
+    for (size_t k = 0; k < tables.size(); ++k) {
+      const GpuTable& t = tables[k];
+      Launch(std::min(t.num_blocks, fused_grid), [&] { FusedKernel(t, d, partial, ratios, tickets, ready, states + k, fused); });
+      if (states[k].abort != 0 || states[k].u_next != unsigned(t.num_blocks) || states[k].s_next != unsigned(t.num_blocks)) {
+        std::printf("FAIL fused launch %zu: abort %u, %u of %d updates, %u sums claimed\n", k, states[k].abort, states[k].u_next, t.num_blocks, states[k].s_next);
+        std::exit(1);
+      }
+    }
+  } else {
+    for (const GpuTable& t : tables) Launch(t.num_blocks, [&] { SumsKernel(t, d, partial, ratios, tickets); });
+    for (const GpuTable& t : tables) Launch(t.num_blocks, [&] { UpdateKernel(t, d, ratios); });
+  }
   // Independent reference, on the same inputs.
   Result r;
   r.ratio = ratio;
@@ -218,9 +238,18 @@ int main() {
           std::printf("FAIL aligned and misaligned differ (pair %d/%d hs %d mode %d)\n", pr[0], pr[1], hs, mode);
           return 1;
         }
+        // FusedKernel: the same bits, with a lookahead of one chunk (an update
+        // soon after its leaf's sums) and of many (the sums run ahead).
+        for (unsigned lookahead : {1u, 1000u}) {
+          Result f = RunStep(leaves, h, 0, seed, lookahead, 4);
+          if (a.out != f.out || a.v_out != f.v_out || a.ratio != f.ratio || a.norm != f.norm) {
+            std::printf("FAIL fused (lookahead %u) differs (pair %d/%d hs %d mode %d)\n", lookahead, pr[0], pr[1], hs, mode);
+            return 1;
+          }
+        }
         ++runs;
       }
     }
   }
-  std::printf("OK %d configurations x 2 alignments\n", runs);
+  std::printf("OK %d configurations x 2 alignments, and fused at 2 lookaheads\n", runs);
 }

@@ -11,6 +11,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,11 +19,13 @@
 #undef __global__
 #undef __forceinline__
 #undef __grid_constant__
+#undef __launch_bounds__
 #undef __shared__
 #define __device__
 #define __global__
 #define __forceinline__ inline
 #define __grid_constant__
+#define __launch_bounds__(...)
 #define __shared__ static
 struct Dim { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim threadIdx;
@@ -31,6 +34,12 @@ inline std::barrier<>* g_barrier = nullptr;
 inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicCAS(unsigned* p, unsigned expected, unsigned desired) {
+  __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return expected;
+}
+inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline double __ldcg(const double* p) { double x; __atomic_load(p, &x, __ATOMIC_SEQ_CST); return x; }
 template <class A, class B> inline auto min(A a, B b) { using T = std::common_type_t<A, B>; return T(a) < T(b) ? T(a) : T(b); }
 using std::sqrt;

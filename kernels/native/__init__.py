@@ -16,6 +16,15 @@ Backend options (``backend_options=``):
 * ``num_threads``: a non-negative int, how many threads the CPU handler uses
   (0: XLA's intra-op pool size). Default: :func:`get_num_threads` when the
   step is traced. Part of the compiled call; results do not depend on it.
+* ``fused``: a bool, default False. True: the CUDA handler runs the sums and
+  the updates in one launch (``lars_cuda_fused.cuh``), each update soon after
+  its leaf's sums so that its second read of params and grads can come from
+  L2; bitwise the same results. Not yet timed on a GPU, hence not the
+  default. The CPU handler's schedule already keeps a layer in cache; there
+  it changes nothing.
+* ``lookahead``: with ``fused=True``, an int in [1, 2**30], how many chunks
+  of 16,384 elements the sums may run ahead of the next update beyond its
+  leaf (default ``ffi.FUSED_LOOKAHEAD``, 128).
 
 Process-wide CPU settings (read when a step runs; results never depend on
 them): :func:`set_cpu_isa` (the instruction set of the loops) and
@@ -29,6 +38,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from lars import contract
 from lars.kernels.native import ffi, library
@@ -143,14 +154,25 @@ def _features(platform: str) -> frozenset[contract.Feature]:
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - {"num_threads"})
+    known = ("num_threads", "fused", "lookahead")
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(
-            f"backend 'native' has no option(s) {unknown}; its only option is num_threads"
+            f"backend 'native' has no option(s) {unknown}; its options are {', '.join(known)}"
         )
+    out: dict[str, Any] = {}
     if "num_threads" in options:
-        return {"num_threads": ffi.check_threads(options["num_threads"])}
-    return {}
+        out["num_threads"] = ffi.check_threads(options["num_threads"])
+    if "fused" in options:
+        fused = options["fused"]
+        if not isinstance(fused, bool | np.bool_):
+            raise ValueError(f"fused must be a bool, got {fused!r}")
+        out["fused"] = bool(fused)
+    if "lookahead" in options:
+        if not out.get("fused", False):
+            raise ValueError("lookahead applies to the fused launch only: pass fused=True too")
+        out["lookahead"] = ffi.check_lookahead(options["lookahead"])
+    return out
 
 
 BACKEND = contract.Backend(

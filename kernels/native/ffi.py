@@ -68,8 +68,15 @@ def _attr(value: Any) -> np.float64:
     return np.float64(0.0 if value is None else float(value))
 
 
-def attributes(spec: contract.StepSpec, mode: int, num_threads: int) -> dict[str, Any]:
-    """The call's attributes (``.Attr`` of the handlers' bindings; unset options are 0)."""
+def attributes(
+    spec: contract.StepSpec, mode: int, num_threads: int, fused_lookahead: int = 0
+) -> dict[str, Any]:
+    """The call's attributes (``.Attr`` of the handlers' bindings; unset options are 0).
+
+    ``fused_lookahead`` > 0: the CUDA handler runs both passes in one launch
+    with that lookahead (in chunks, ``FUSED_LOOKAHEAD``); the CPU handler
+    ignores it.
+    """
     config = spec.config
     return {
         **{name: _attr(getattr(config, name)) for name in contract.HYPERPARAMETERS},
@@ -79,6 +86,7 @@ def attributes(spec: contract.StepSpec, mode: int, num_threads: int) -> dict[str
         "decay_mask": np.asarray(spec.decay_mask, np.uint8),
         "trust_mask": np.asarray(spec.trust_mask, np.uint8),
         "num_threads": np.int64(num_threads),
+        "fused_lookahead": np.int64(fused_lookahead),
     }
 
 
@@ -91,6 +99,7 @@ def custom_call(
     grads: Sequence[jax.Array],
     momentum: Sequence[jax.Array],
     extra: Sequence[jax.Array] = (),
+    fused_lookahead: int = 0,
 ) -> list[jax.Array]:
     """The custom call itself, in any output mode.
 
@@ -124,7 +133,8 @@ def custom_call(
     call = jax.ffi.ffi_call(
         library.TARGET, out_types, input_output_aliases=aliases, vmap_method="sequential"
     )
-    return call(lr, *params, *grads, *momentum, *extra, **attributes(spec, mode, num_threads))
+    attrs = attributes(spec, mode, num_threads, fused_lookahead)
+    return call(lr, *params, *grads, *momentum, *extra, **attrs)
 
 
 def _check(spec: contract.StepSpec, params, grads, momentum) -> None:
@@ -161,6 +171,23 @@ def _check(spec: contract.StepSpec, params, grads, momentum) -> None:
 
 _num_threads = 0
 
+# The CUDA handler's fused launch (option ``fused``): how many chunks (of 16384
+# elements) the sums may run ahead of the next update beyond its own leaf.
+# Not yet timed on a GPU. Chosen from L2 sizes: each chunk in that window
+# holds 128 KB of float32 w and g, plus 64 KB of momentum while its update
+# runs; 128 chunks (2M elements, the span the Triton backend's default fused
+# lookahead covers) and ResNet-50's largest leaf (144 chunks) make about 52 MB,
+# inside an H200's 60 MB L2. bench/gpu_check times 32 and 512 beside it.
+FUSED_LOOKAHEAD = 128
+MAX_LOOKAHEAD = 1 << 30
+
+
+def check_lookahead(n: Any) -> int:
+    """``n`` as the fused launch's lookahead; raises ValueError unless an int in [1, 2^30]."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= MAX_LOOKAHEAD:
+        raise ValueError(f"lookahead must be an int in [1, 2**30], got {n!r}")
+    return int(n)
+
 
 def check_threads(n: Any) -> int:
     """``n`` as a thread count; raises ValueError unless a non-negative int."""
@@ -190,7 +217,8 @@ def run(spec: contract.StepSpec, inputs: contract.StepInputs) -> contract.StepRe
 
     The CPU handler's thread count is the ``num_threads`` option, else
     :func:`get_num_threads` (0: XLA's intra-op pool size; results do not
-    depend on it). ``finite`` (CPU only) False leaves
+    depend on it). The ``fused`` and ``lookahead`` options choose the CUDA
+    handler's launches (the same results). ``finite`` (CPU only) False leaves
     params and momentum in place, with -0.0 updates and ratios of 1.
     ``ratios`` and ``global_norm`` (``spec.given_ratios``, CPU only): the
     handler skips its sums and only updates.
@@ -232,7 +260,9 @@ def run(spec: contract.StepSpec, inputs: contract.StepInputs) -> contract.StepRe
         extra += given
     mode = mode_of(spec)
     num_threads = spec.option("num_threads", _num_threads)
-    results = custom_call(spec, mode, num_threads, lr, params, grads, momentum, extra)
+    fused = spec.option("fused", False)
+    lookahead = spec.option("lookahead", FUSED_LOOKAHEAD) if fused else 0
+    results = custom_call(spec, mode, num_threads, lr, params, grads, momentum, extra, lookahead)
     outs = 0 if mode == MOMENTUM_ONLY else n
     new_momentum = list(results[outs : outs + n])
     trust_ratios = list(results[outs + n :])

@@ -11,6 +11,11 @@
 //                         the trust ratio (once per leaf)
 //           UpdateKernel  every block reads its leaf's ratio and updates its
 //                         chunk
+//   or      FusedKernel   (option fused) both, in one launch of a persistent
+//                         grid that claims the blocks' items in order, each
+//                         update soon after its leaf's sums, so that its
+//                         second read of w and g can come from L2
+//                         (lars_cuda_fused.cuh)
 //
 // Data movement: each thread takes groups of kVec(P) = 16 / sizeof(P)
 // consecutive elements, loaded and stored 16 bytes at a time (params and
@@ -31,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -135,19 +141,6 @@ __device__ int FindLeaf(const GpuTable& t, int block) {
   return lo;
 }
 
-#define LARS_DISPATCH_PAIR(leaf, CALL)                    \
-  switch ((int(leaf.p) << 2) | int(leaf.gt)) {            \
-    case (kF32 << 2) | kF32: CALL(float, float); break;   \
-    case (kF32 << 2) | kBF16: CALL(float, __nv_bfloat16); break; \
-    case (kF32 << 2) | kF16: CALL(float, __half); break;  \
-    case (kBF16 << 2) | kBF16: CALL(__nv_bfloat16, __nv_bfloat16); break; \
-    case (kF16 << 2) | kF16: CALL(__half, __half); break; \
-    case (kF64 << 2) | kF64: CALL(double, double); break; \
-    case (kF64 << 2) | kBF16: CALL(double, __nv_bfloat16); break; \
-    case (kF64 << 2) | kF16: CALL(double, __half); break; \
-    default: break;                                       \
-  }
-
 // --- kernels ------------------------------------------------------------------
 template <class P, class G>
 __device__ double ChunkSumG2(const GpuLeaf& leaf, int64_t begin, int64_t end) {
@@ -248,13 +241,16 @@ __device__ void LeafSums(const double* partial, int slot, int nb, double* shared
   *sg = BlockSum(ag, shared);
 }
 
-__global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, double* partial,
-                           double* ratios, unsigned int* tickets) {
+// Block `block`'s sums: its partials, and, in the leaf's last block to finish
+// (elected by the leaf's ticket), the leaf's sums and trust ratio. Returns
+// whether this block wrote the ratio (in every thread).
+__device__ bool SumsItem(const GpuTable& t, const DeviceHyper& d, double* partial,
+                         double* ratios, unsigned int* tickets, int block) {
   __shared__ double shared[kThreads];
   __shared__ bool last;
-  const int li = FindLeaf(t, blockIdx.x);
+  const int li = FindLeaf(t, block);
   const GpuLeaf& leaf = t.leaves[li];
-  const int64_t chunk = blockIdx.x - leaf.first_block;
+  const int64_t chunk = block - leaf.first_block;
   const int64_t begin = chunk * kGpuChunk;
   const int64_t end = min(leaf.n, begin + kGpuChunk);
   double sw = 0.0, sg = 0.0;
@@ -266,14 +262,16 @@ __global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, do
   const double tw = BlockSum(sw, shared);
   const double tg = BlockSum(sg, shared);
   if (threadIdx.x == 0) {
-    partial[2 * (t.slot_base + blockIdx.x)] = tw;
-    partial[2 * (t.slot_base + blockIdx.x) + 1] = tg;
+    partial[2 * (t.slot_base + block)] = tw;
+    partial[2 * (t.slot_base + block) + 1] = tg;
     __threadfence();  // the partials are visible before the ticket is taken
     const unsigned int ticket = atomicAdd(tickets + t.leaf_base + li, 1u);
     last = ticket == static_cast<unsigned int>(leaf.num_blocks - 1);
   }
   __syncthreads();
-  if (!last) return;
+  const bool wrote = last;
+  __syncthreads();  // `last` is read before a next item of this block sets it
+  if (!wrote) return false;
   // The leaf's last block: every partial of the leaf is written.
   __threadfence();
   double lw, lg;
@@ -288,6 +286,12 @@ __global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, do
     ratios[t.leaf_base + li] = ratio;
     *leaf.ratio_out = static_cast<float>(ratio);
   }
+  return true;
+}
+
+__global__ void SumsKernel(const __grid_constant__ GpuTable t, DeviceHyper d, double* partial,
+                           double* ratios, unsigned int* tickets) {
+  SumsItem(t, d, partial, ratios, tickets, blockIdx.x);
 }
 
 template <class P, class G>
@@ -335,12 +339,10 @@ __device__ void ChunkUpdate(const GpuLeaf& leaf, int64_t begin, int64_t end, con
   }
 }
 
-__global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
-                             const double* ratios) {
-  const int li = FindLeaf(t, blockIdx.x);
-  const GpuLeaf& leaf = t.leaves[li];
-  const int64_t chunk = blockIdx.x - leaf.first_block;
-  const double ratio = ratios[t.leaf_base + li];
+// Block `block`'s update, with its leaf's trust ratio.
+__device__ void UpdateItem(const GpuTable& t, const DeviceHyper& d, int block, double ratio) {
+  const GpuLeaf& leaf = t.leaves[FindLeaf(t, block)];
+  const int64_t chunk = block - leaf.first_block;
   const int64_t begin = chunk * kGpuChunk;
   const int64_t end = min(leaf.n, begin + kGpuChunk);
 #define LARS_CALL(P, G) ChunkUpdate<P, G>(leaf, begin, end, d, ratio)
@@ -348,13 +350,47 @@ __global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
 #undef LARS_CALL
 }
 
+__global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
+                             const double* ratios) {
+  const int block = blockIdx.x;
+  UpdateItem(t, d, block, ratios[t.leaf_base + FindLeaf(t, block)]);
+}
+
+#include "lars_cuda_fused.cuh"  // FusedKernel: both passes in one launch
+
 // --- handler ------------------------------------------------------------------
+// How many FusedKernel blocks the current device holds at once (its persistent
+// grid): SMs times blocks per SM, asked once per device.
+ffi::Error ResidentFusedBlocks(int* blocks) {
+  static std::atomic<int> known[64] = {};
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  const bool cacheable = err == cudaSuccess && device >= 0 && device < 64;
+  if (cacheable && known[device].load() > 0) {
+    *blocks = known[device].load();
+    return ffi::Error::Success();
+  }
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, FusedKernel, kThreads, 0);
+  }
+  if (err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("lars native step: the device's SMs and occupancy: ") +
+                          cudaGetErrorString(err));
+  }
+  *blocks = std::max(1, sms * per_sm);
+  if (cacheable) known[device].store(*blocks);
+  return ffi::Error::Success();
+}
+
 ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer lr,
                     ffi::RemainingArgs args, ffi::RemainingRets rets, double momentum,
                     double weight_decay, double trust_coefficient, double eps, double trust_clip,
                     double grad_clip_norm, double grad_clip_value, bool nesterov,
                     bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
-                    ffi::Span<const uint8_t> trust_mask, int64_t /*num_threads*/) {
+                    ffi::Span<const uint8_t> trust_mask, int64_t /*num_threads*/,
+                    int64_t fused_lookahead) {
   const size_t num_leaves = decay_mask.size();
   DeviceHyper d{};
   size_t outs = 0;
@@ -370,6 +406,9 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     return Invalid(
         "the CUDA handler takes neither precomputed trust ratios (sharded params) nor a "
         "finite flag (skip_nonfinite); these run on the CPU handler only");
+  }
+  if (fused_lookahead < 0 || fused_lookahead > (int64_t{1} << 30)) {
+    return Invalid("fused_lookahead must be in [0, 2^30], got " + std::to_string(fused_lookahead));
   }
   d.lr = static_cast<const float*>(lr.untyped_data());
 
@@ -416,9 +455,11 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   if (num_leaves == 0) return ffi::Error::Success();
 
   // Scratch: 2 partials per block, one more per block with clipping, the norm,
-  // one ratio per leaf; then one ticket counter per leaf, zeroed here.
+  // one ratio per leaf; then per leaf a ticket counter and a ready flag, and
+  // per launch a FusedState: the counters, zeroed here.
   const size_t doubles = 3 * static_cast<size_t>(total_blocks) + 1 + num_leaves;
-  const size_t bytes = doubles * sizeof(double) + num_leaves * sizeof(unsigned int);
+  const size_t counters = 2 * num_leaves + 3 * tables.size();
+  const size_t bytes = doubles * sizeof(double) + counters * sizeof(unsigned int);
   auto mem = scratch.Allocate(bytes, alignof(double));
   if (!mem.has_value()) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "lars native step: no scratch memory");
@@ -428,7 +469,10 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   double* norm = sq_partial + total_blocks;
   double* ratios = norm + 1;
   unsigned int* tickets = reinterpret_cast<unsigned int*>(ratios + num_leaves);
-  if (cudaError_t err = cudaMemsetAsync(tickets, 0, num_leaves * sizeof(unsigned int), stream);
+  unsigned int* ready = tickets + num_leaves;
+  FusedState* states = reinterpret_cast<FusedState*>(ready + num_leaves);
+  static_assert(sizeof(FusedState) == 3 * sizeof(unsigned int));
+  if (cudaError_t err = cudaMemsetAsync(tickets, 0, counters * sizeof(unsigned int), stream);
       err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("lars native step: cudaMemsetAsync failed: ") +
@@ -440,11 +484,22 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     NormKernel<<<1, kThreads, 0, stream>>>(sq_partial, total_blocks, norm);
     d.global_norm = norm;
   }
-  for (const GpuTable& t : tables) {
-    SumsKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, partial, ratios, tickets);
-  }
-  for (const GpuTable& t : tables) {
-    UpdateKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, ratios);
+  if (fused_lookahead > 0) {
+    int resident = 0;
+    if (ffi::Error err = ResidentFusedBlocks(&resident); err.failure()) return err;
+    const auto lookahead = static_cast<unsigned int>(fused_lookahead);
+    for (size_t k = 0; k < tables.size(); ++k) {
+      const GpuTable& t = tables[k];
+      FusedKernel<<<std::min(t.num_blocks, resident), kThreads, 0, stream>>>(
+          t, d, partial, ratios, tickets, ready, states + k, lookahead);
+    }
+  } else {
+    for (const GpuTable& t : tables) {
+      SumsKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, partial, ratios, tickets);
+    }
+    for (const GpuTable& t : tables) {
+      UpdateKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, ratios);
+    }
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "lars_common.h"
+
 namespace lars_native {
 namespace {
 
@@ -98,6 +100,20 @@ __device__ __forceinline__ void StoreGroup(T* p, int64_t i, int64_t end, bool ve
     }
   }
 }
+
+// CALL(P, G) with the storage types of the leaf's (params, grads) dtype pair.
+#define LARS_DISPATCH_PAIR(leaf, CALL)                    \
+  switch ((int(leaf.p) << 2) | int(leaf.gt)) {            \
+    case (kF32 << 2) | kF32: CALL(float, float); break;   \
+    case (kF32 << 2) | kBF16: CALL(float, __nv_bfloat16); break; \
+    case (kF32 << 2) | kF16: CALL(float, __half); break;  \
+    case (kBF16 << 2) | kBF16: CALL(__nv_bfloat16, __nv_bfloat16); break; \
+    case (kF16 << 2) | kF16: CALL(__half, __half); break; \
+    case (kF64 << 2) | kF64: CALL(double, double); break; \
+    case (kF64 << 2) | kBF16: CALL(double, __nv_bfloat16); break; \
+    case (kF64 << 2) | kF16: CALL(double, __half); break; \
+    default: break;                                       \
+  }
 
 __device__ __forceinline__ bool Aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;

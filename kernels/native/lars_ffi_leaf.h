@@ -55,7 +55,8 @@ auto BindStep(Binding&& binding) {
       .template Attr<int32_t>("mode")
       .template Attr<xla::ffi::Span<const uint8_t>>("decay_mask")
       .template Attr<xla::ffi::Span<const uint8_t>>("trust_mask")
-      .template Attr<int64_t>("num_threads");
+      .template Attr<int64_t>("num_threads")
+      .template Attr<int64_t>("fused_lookahead");  // CUDA: > 0 runs FusedKernel
 }
 
 // The optional operands after the leaves' buffers.
