@@ -56,10 +56,18 @@ def test_bitwise_equal_tells_apart_one_ulp_and_signed_zero():
     assert not gpu_check_cases.bitwise_equal(a, {"x": jnp.array([1.0, -0.0], jnp.float32)})
 
 
+def test_ncu_profiles_the_one_launch_steps_first(monkeypatch):
+    """On a GPU: the fused Triton step, then the native fused step, then the others."""
+    monkeypatch.setattr(gpu_check_cases.Form, "unavailable", lambda self: None)
+    names = [f.name for f in gpu_check_ncu._ncu_forms(cpu=False)]
+    assert names[:2] == ["triton", "native-fused"]
+    assert sorted(names) == sorted(f.name for f in gpu_check_cases.forms(cpu=False))
+
+
 def test_every_form_runs_every_option_set_dtype_and_mode_on_a_gpu():
     cases = {(f.name, m, d, c) for f, m, d, c in gpu_check_phases._correctness_cases(cpu=False)}
     forms = {f.name for f in gpu_check_cases.forms(cpu=False)}
-    assert forms == {"native", "pallas", "triton", "triton-2pass"}
+    assert forms == {"native", "native-fused", "pallas", "triton", "triton-2pass"}
     for f in forms:
         for m in gpu_check_cases.MODES:
             assert {c for g, n, d, c in cases if (g, n, d) == (f, m, "fp32")} == set(
