@@ -27,6 +27,7 @@ Phases:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
@@ -76,7 +77,10 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
 
 
-def _compiled(form: C.Form | None, kwargs: dict[str, Any], mode: str) -> Callable:
+def _lower(
+    form: C.Form | None, kwargs: dict[str, Any], mode: str, params: Any, grads: Any
+) -> tuple[Any, Any]:
+    """The init and the step (params and state donated) of a form, lowered for these arrays."""
     backend = "reference" if form is None else form.backend
     options = None if form is None else (form.options_dict or None)
 
@@ -87,8 +91,16 @@ def _compiled(form: C.Form | None, kwargs: dict[str, Any], mode: str) -> Callabl
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    init = jax.jit(lars.lars(C.LR, backend=backend, backend_options=options, **kwargs).init)
-    fn = jax.jit(step, donate_argnums=(0, 1))
+    init = lars.lars(C.LR, backend=backend, backend_options=options, **kwargs).init
+    state = jax.eval_shape(init, params)
+    return jax.jit(init).lower(params), jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, state, grads
+    )
+
+
+def _runner(lowered: tuple[Any, Any]) -> Callable:
+    """Compiles ``_lower``'s pair; ``run(params, grads, poison)`` runs one step on copies."""
+    init, fn = lowered[0].compile(), lowered[1].compile()
 
     def run(params: Any, grads: Any, poison: bool) -> tuple[Any, Any]:
         state = init(params)
@@ -101,6 +113,37 @@ def _compiled(form: C.Form | None, kwargs: dict[str, Any], mode: str) -> Callabl
         return out
 
     return run
+
+
+def _compiled(
+    form: C.Form | None, kwargs: dict[str, Any], mode: str, params: Any, grads: Any
+) -> Callable:
+    """``_runner`` of ``_lower``: compiled here."""
+    return _runner(_lower(form, kwargs, mode, params, grads))
+
+
+def _prepare(
+    pool: concurrent.futures.Executor,
+    form: C.Form | None,
+    kwargs: dict[str, Any],
+    mode: str,
+    params: Any,
+    grads: Any,
+) -> concurrent.futures.Future:
+    """Lowers here and compiles in ``pool``; the future holds the runner or the error."""
+    try:
+        lowered = _lower(form, kwargs, mode, params, grads)
+    except Exception as e:
+        failed: concurrent.futures.Future = concurrent.futures.Future()
+        failed.set_exception(e)
+        return failed
+    return pool.submit(_runner, lowered)
+
+
+# Programs compiled at once (lowering stays in the main thread): on the H200
+# the correctness and timing steps' compiles, one after another, were most of
+# their time (2026-12-04).
+COMPILE_WORKERS = min(8, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------
@@ -119,7 +162,8 @@ def smoke(cpu: bool) -> dict[str, Any]:
                 RESULT.check(name, False, f"unavailable: {why}")
                 continue
             try:
-                new, _ = _compiled(form, {}, mode)(params, grads, poison=False)
+                run = _compiled(form, {}, mode, params, grads)
+                new, _ = run(params, grads, poison=False)
                 finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
                 shapes = jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
                 ok, detail = finite and shapes, "" if finite else "non-finite output"
@@ -171,56 +215,88 @@ def _correctness_cases(cpu: bool) -> list[tuple[C.Form, str, str, str]]:
 
 
 def correctness(cpu: bool) -> dict[str, Any]:
-    """Every form and mode against the reference, poisoned; then determinism."""
+    """Every form and mode against the reference, poisoned; then determinism.
+
+    Every program is lowered first, in order, while up to ``COMPILE_WORKERS``
+    compile; then each check runs in order as its programs are ready.
+    """
+    with concurrent.futures.ThreadPoolExecutor(COMPILE_WORKERS) as pool:
+        checks = _correctness_checks(cpu, pool) + _determinism_checks(cpu, pool)
+        for name, run_check in checks:
+            try:
+                ok, detail = run_check()
+            except Exception as e:
+                ok, detail = False, _error(e)
+            RESULT.check(name, ok, detail)
+            print(f"  {name:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
+    return {}
+
+
+Check = tuple[str, Callable[[], tuple[bool, Any]]]
+
+
+def _correctness_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
+    """Each form and mode against the reference, its programs submitted to ``pool``."""
     shapes = C.odd_shapes(cpu)
     poison = not cpu
     bad = {f.name: f.unavailable() for f in C.forms(cpu)}
-    # The reference's results, by (mode, dtype, option set, variant): the forms
-    # share inputs (random, one draw per key) so the reference runs once.
+    # The reference's programs, by (mode, dtype, option set): the forms share
+    # inputs (random, one draw per key) so the reference runs once per input.
     reference: dict[tuple[str, ...], Any] = {}
+    want: dict[tuple[str, ...], Any] = {}
+    checks: list[Check] = []
     for form, mode, dtype, config in _correctness_cases(cpu):
         name = f"{form.name}/{mode}/{dtype}/{config}"
         if bad[form.name] is not None:
-            RESULT.check(name, False, f"unavailable: {bad[form.name]}")
+            checks.append((name, lambda why=bad[form.name]: (False, f"unavailable: {why}")))
             continue
         seed = 100 + 10 * list(C.DTYPES).index(dtype) + list(C.CONFIGS).index(config)
         params, grads = C.make_tree(shapes, dtype, seed=seed + 1000 * C.MODES.index(mode))
+        kwargs = C.config_kwargs(config, params)
+        if (mode, dtype, config) not in reference:
+            reference[mode, dtype, config] = _prepare(pool, None, kwargs, mode, params, grads)
+        got = _prepare(pool, form, kwargs, mode, params, grads)
         variants = [("", grads)]
         if config == "skip_nonfinite":  # a NaN gradient: the step is skipped
             bad_grads = dict(grads)
             bad_grads["03"] = grads["03"].at[5].set(jnp.nan)
             variants.append(("+nan", bad_grads))
         for suffix, g in variants:
-            kwargs = C.config_kwargs(config, params)
             key = (mode, dtype, config, suffix)
-            try:
-                if key not in reference:
-                    reference[key] = _compiled(None, kwargs, mode)(params, g, poison=False)
-                got = _compiled(form, kwargs, mode)(params, g, poison=poison)
-                ok, errs = _compare(got, reference[key], C.TOLERANCE[dtype])
-                detail = {k: f"{v:.2e}" for k, v in errs.items()}
-            except Exception as e:
-                ok, detail = False, _error(e)
-            RESULT.check(name + suffix, ok, detail)
-            print(f"  {name + suffix:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
-    # Determinism: twice on the same inputs, bitwise (ResNet-50's set on a GPU).
-    det_shapes = shapes if cpu else workloads.resnet50_shapes()
+
+            def check(key=key, p=params, g=g, got=got, tol=C.TOLERANCE[dtype]) -> tuple:
+                if key not in want:
+                    want[key] = reference[key[:3]].result()(p, g, poison=False)
+                ok, errs = _compare(got.result()(p, g, poison=poison), want[key], tol)
+                return ok, {k: f"{v:.2e}" for k, v in errs.items()}
+
+            checks.append((name + suffix, check))
+    return checks
+
+
+def _determinism_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
+    """Each form twice on the same inputs, bitwise (ResNet-50's set on a GPU)."""
+    shapes = C.odd_shapes(cpu) if cpu else workloads.resnet50_shapes()
+    poison = not cpu
+    params, grads = C.make_tree(shapes, "bf16-grads", seed=7)
+    kwargs = C.config_kwargs("everything", params)
+    checks: list[Check] = []
     for form in C.forms(cpu):
+        why = form.unavailable()
         for mode in C.MODES[1:] if cpu else C.MODES:
             name = f"{form.name}/{mode}/deterministic"
-            if bad[form.name] is not None:
-                RESULT.check(name, False, "unavailable")
+            if why is not None:
+                checks.append((name, lambda: (False, "unavailable")))
                 continue
-            params, grads = C.make_tree(det_shapes, "bf16-grads", seed=7)
-            try:
-                run = _compiled(form, C.config_kwargs("everything", params), mode)
-                ok = C.bitwise_equal(run(params, grads, poison), run(params, grads, poison))
-                detail = "" if ok else "two runs differ"
-            except Exception as e:
-                ok, detail = False, _error(e)
-            RESULT.check(name, ok, detail)
-            print(f"  {name:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
-    return {}
+            program = _prepare(pool, form, kwargs, mode, params, grads)
+
+            def check(program=program, p=params, g=grads) -> tuple:
+                run = program.result()
+                ok = C.bitwise_equal(run(p, g, poison), run(p, g, poison))
+                return ok, "" if ok else "two runs differ"
+
+            checks.append((name, check))
+    return checks
 
 
 # --------------------------------------------------------------------------
