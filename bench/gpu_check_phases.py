@@ -337,9 +337,7 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         max_compile_s=0,
         settle_s=0.0,
         steps_per_call=steps_per_call,
-        # The looped steps' compiles were most of this phase on the H200
-        # (2026-12-04: about 65 s of compiles for one gradient dtype).
-        compile_workers=min(8, os.cpu_count() or 1),
+        compile_workers=COMPILE_WORKERS,
     )
     names = ["reference"]
     for form in C.forms(cpu):
