@@ -178,9 +178,10 @@ def ncu(cpu: bool, json_path: str, timeout: float, partial: Any) -> dict[str, An
 
     Every form on ResNet-50 (fp32), every kernel of the program (the first
     step's too: compile, warm-up; XLA's own kernels of the step included): the
-    fused Triton step first, then ncu's sections (``NCU_SECTIONS``) for one
-    launch of its kernel, as text in ``"details"``, then the other forms in
-    what is left. The top-level figures are the first form's.
+    fused Triton step first, then the native fused step, then ncu's sections
+    (``NCU_SECTIONS``) for one launch of the Triton kernel, as text in
+    ``"details"``, then the other forms in what is left. The top-level
+    figures are the first form's.
 
     Args:
       cpu: The ``--cpu`` run: no counters; the target runs once.
@@ -201,17 +202,22 @@ def ncu(cpu: bool, json_path: str, timeout: float, partial: Any) -> dict[str, An
     def left() -> float:
         return timeout - (time.perf_counter() - start)
 
-    per_form = {forms[0]: _ncu_form(exe, forms[0], json_path, min(left(), NCU_FIRST_S))}
+    # The one-launch steps (NCU_FIRST_FORMS) first, each up to NCU_FIRST_S;
+    # then the fused Triton kernel's sections; then the others, equal shares.
+    leading = [f for f in forms if f in NCU_FIRST_FORMS] or forms[:1]
+    per_form: dict[str, Any] = {}
+    for form in leading:
+        per_form[form] = _ncu_form(exe, form, json_path, min(left(), NCU_FIRST_S))
+        partial.result["ncu_forms"] = per_form
+        partial.save()
     first = per_form[forms[0]]
-    partial.result["ncu_forms"] = per_form
-    partial.save()
     details = ""
     if forms[0] == "triton" and first.get("status") == "ok" and left() > 20:
         details = _ncu_sections(exe, json_path, min(left() - 5, NCU_DETAILS_S))
         print(details, flush=True)
         partial.result["details"] = details
         partial.save()
-    rest = forms[1:]
+    rest = [f for f in forms if f not in per_form]
     for i, form in enumerate(rest):  # each an equal share of what is left
         share = left() / (len(rest) - i)
         if share < 10:

@@ -281,6 +281,28 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert doc["environment"]["platform"] == "cpu"
 
 
+def test_ncu_profiles_both_one_launch_steps_before_the_sections(tmp_path, monkeypatch):
+    calls = []
+
+    def form(exe, name, json_path, timeout):
+        calls.append(name)
+        return {"status": "ok", "form": name}
+
+    def sections(exe, json_path, timeout):
+        calls.append("sections")
+        return "details"
+
+    monkeypatch.setattr(gpu_check_ncu, "find_ncu", lambda: "ncu")
+    monkeypatch.setattr(gpu_check_ncu, "_ncu_form", form)
+    monkeypatch.setattr(gpu_check_ncu, "_ncu_sections", sections)
+    names = ["triton", "native-fused", "native", "pallas"]
+    forms = [gpu_check_cases.Form(n, n.split("-")[0]) for n in names]
+    monkeypatch.setattr(gpu_check_ncu, "_ncu_forms", lambda cpu: forms)
+    result = gpu_check_ncu.ncu(False, str(tmp_path / "r.json"), 100, gpu_check_phases.Partial())
+    assert calls == ["triton", "native-fused", "sections", "native", "pallas"]
+    assert list(result["forms"]) == names and result["details"] == "details"
+
+
 def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
     # A stand-in for ncu: writes the target's JSON and prints a report.
     fake = tmp_path / "ncu"
