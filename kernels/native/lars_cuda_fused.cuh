@@ -24,10 +24,10 @@
 //
 // The sums, the partial order and the ratio are those of SumsKernel, the
 // update that of UpdateKernel: results are bitwise those of the two-launch
-// step. A wait longer than kFusedSpinLimit tries (seconds) is a bug: the
-// block sets `abort` and the awaited leaf's ratio output to NaN, and every
-// block stops claiming, so that the step ends with a visible error instead
-// of hanging.
+// step. A wait longer than kFusedSpinLimit tries (tens of seconds: each try
+// is a few L2 round trips and a 200 ns sleep) is a bug: the block sets
+// `abort` and the awaited leaf's ratio output to NaN, and every block stops
+// claiming, so that the step ends with a visible error instead of hanging.
 
 // Per launch, zeroed before it: the next unclaimed items and the abort flag.
 struct FusedState {
