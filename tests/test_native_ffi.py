@@ -371,15 +371,6 @@ def test_fused_options_are_checked_and_normalised():
             options(without)
 
 
-def _fused_lookahead_attribute(spec, params, grads, momentum) -> int:
-    text = (
-        jax.jit(lambda p, g, v: native.run(spec, StepInputs(p, g, v, 0.1)))
-        .lower(params, grads, momentum)
-        .as_text()
-    )
-    return int(re.search(r"fused_lookahead = (\d+) : i64", text).group(1))
-
-
 def test_fused_options_become_the_lookahead_attribute():
     """0 (two launches) by default; the lookahead, default FUSED_LOOKAHEAD, with fused."""
     p, g, v = small()
@@ -406,13 +397,22 @@ def test_fused_changes_nothing_on_the_cpu():
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-def _num_threads_attribute(spec, params, grads, momentum) -> int:
+def _int_attribute(name, spec, params, grads, momentum) -> int:
+    """The lowered call's int64 attribute ``name``."""
     text = (
         jax.jit(lambda p, g, v: native.run(spec, StepInputs(p, g, v, 0.1)))
         .lower(params, grads, momentum)
         .as_text()
     )
-    return int(re.search(r"num_threads = (\d+) : i64", text).group(1))
+    return int(re.search(rf"\b{name} = (\d+) : i64", text).group(1))
+
+
+def _num_threads_attribute(spec, params, grads, momentum) -> int:
+    return _int_attribute("num_threads", spec, params, grads, momentum)
+
+
+def _fused_lookahead_attribute(spec, params, grads, momentum) -> int:
+    return _int_attribute("fused_lookahead", spec, params, grads, momentum)
 
 
 def test_thread_count_is_the_option_else_the_setting():
