@@ -151,7 +151,7 @@ Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, u
     }
   } else {
     for (const GpuTable& t : tables) Launch(t.num_blocks, [&] { SumsKernel(t, d, partial, ratios, tickets); });
-    for (auto t = tables.rbegin(); t != tables.rend(); ++t) Launch(t->num_blocks, [&] { UpdateKernel(*t, d, ratios); });
+    for (const GpuTable& t : tables) Launch(t.num_blocks, [&] { UpdateKernel(t, d, ratios); });
   }
   // Independent reference, on the same inputs.
   Result r;

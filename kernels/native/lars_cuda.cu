@@ -11,9 +11,11 @@
 //                         the trust ratio (once per leaf)
 //           UpdateKernel  every block reads its leaf's ratio and updates its
 //                         chunk
-//   or      FusedKernel   (option fused) both in one launch, each update soon
-//                         after its leaf's sums so that it re-reads w and g
-//                         from L2 (lars_cuda_fused.cuh)
+//   or      FusedKernel   (option fused) both, in one launch of a persistent
+//                         grid that claims the blocks' items in order, each
+//                         update soon after its leaf's sums, so that its
+//                         second read of w and g can come from L2
+//                         (lars_cuda_fused.cuh)
 //
 // Data movement: each thread takes groups of kVec(P) = 16 / sizeof(P)
 // consecutive elements, loaded and stored 16 bytes at a time (params and
@@ -348,12 +350,9 @@ __device__ void UpdateItem(const GpuTable& t, const DeviceHyper& d, int block, d
 #undef LARS_CALL
 }
 
-// Blocks start in index order, so block b takes the chunk SumsKernel's block
-// N - 1 - b summed: the chunks summed last, whose w and g L2 may still hold,
-// are updated first (the launches run in reverse too).
 __global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
                              const double* ratios) {
-  const int block = t.num_blocks - 1 - static_cast<int>(blockIdx.x);
+  const int block = blockIdx.x;
   UpdateItem(t, d, block, ratios[t.leaf_base + FindLeaf(t, block)]);
 }
 
@@ -498,8 +497,8 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     for (const GpuTable& t : tables) {
       SumsKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, partial, ratios, tickets);
     }
-    for (auto t = tables.rbegin(); t != tables.rend(); ++t) {
-      UpdateKernel<<<t->num_blocks, kThreads, 0, stream>>>(*t, d, ratios);
+    for (const GpuTable& t : tables) {
+      UpdateKernel<<<t.num_blocks, kThreads, 0, stream>>>(t, d, ratios);
     }
   }
   const cudaError_t err = cudaGetLastError();
