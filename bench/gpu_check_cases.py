@@ -80,6 +80,15 @@ def forms(cpu: bool) -> list[Form]:
     ]
 
 
+# The native fused launch's timed geometries, beside its default (4096, 512).
+NATIVE_FUSED_TUNING: dict[str, tuple[tuple[str, int], ...]] = {
+    "16384-128": (("chunk", 16384), ("lookahead", 128)),
+    "8192-256": (("chunk", 8192), ("lookahead", 256)),
+    "4096-1024": (("chunk", 4096), ("lookahead", 1024)),
+    "16384-128-1sm": (("chunk", 16384), ("lookahead", 128), ("blocks_per_sm", 1)),
+}
+
+
 def tuning_forms(cpu: bool) -> list[Form]:
     """The fused launches at other geometries, timed (in place) against the defaults.
 
@@ -92,8 +101,12 @@ def tuning_forms(cpu: bool) -> list[Form]:
     seldom waits for its layer's sums (spinning); a larger chunk at the same
     lookahead in items, and the pointer table in place of the select chains
     (per-item work: claim, table row, pointer selection). The native CUDA
-    handler's fused launch at a smaller and a larger lookahead than its
-    default (128 chunks): L2 reuse against blocks waiting for the window.
+    handler's fused launch beside its default (chunks of 4096 elements,
+    lookahead 512 chunks, every block that fits): larger chunks, a longer
+    lookahead, and one block an SM (bench/native_l2_model.py predicts 20.0 to
+    22.7 B/param for these, with the blocks waiting for the window from 0.2%
+    to 39% of the time; the claims' cost, which it leaves out, grows with
+    the number of chunks).
     """
     if cpu:
         return [
@@ -105,8 +118,10 @@ def tuning_forms(cpu: bool) -> list[Form]:
         Form("triton-8192-2048", "triton", (("lookahead", 2048),)),
         Form("triton-16384-256", "triton", (("chunk", 16384),)),
         Form("triton-table", "triton", (("pointer_table", True),)),
-        Form("native-fused-32", "native", (("fused", True), ("lookahead", 32))),
-        Form("native-fused-512", "native", (("fused", True), ("lookahead", 512))),
+        *(
+            Form(f"native-fused-{name}", "native", (("fused", True), *geometry))
+            for name, geometry in NATIVE_FUSED_TUNING.items()
+        ),
     ]
 
 

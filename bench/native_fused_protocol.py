@@ -5,12 +5,13 @@ and update items U_0..U_{N-1} (one of each per block-sized chunk, in leaf
 order) on a persistent grid. Thread 0 of a block claims, one memory
 operation at a time:
 
-1. reads ``u_next`` (u); u == N: the block exits;
+1. reads ``u_next`` (u) and ``s_next`` (s), in that order; u == N: the block
+   exits;
 2. reads ``ready[leaf(u)]``; set: compare-and-swap ``u_next`` from u to u + 1,
    success gives U_u, failure goes back to 1;
-3. else reads ``s_next`` (s); s < N and (s inside u's leaf or s < u +
-   lookahead): ``atomicAdd(s_next, 1)``, a result below N gives S_that, else
-   back to 1; otherwise the block waits (back to 1).
+3. else, if s < N and (s inside u's leaf or s < u + lookahead):
+   ``atomicAdd(s_next, 1)``, a result below N gives S_that, else back to 1;
+   otherwise the block waits (back to 1).
 
 A sums item writes its partials and takes its leaf's ticket; the leaf's
 last ticket adds the partials and sets ``ready``. An update item needs its
@@ -21,8 +22,8 @@ operation of one block at a time, with at most ``resident`` blocks on the
 device (a block of a larger grid starts when one exits) and a random
 scheduler. Memory is sequentially consistent, as the kernel's fences make
 it for these accesses. A block that decided to wait is not scheduled again
-until memory changes (its next try would decide the same), so the launch
-*deadlocks* when every resident block waits.
+until memory has changed since its reads (its next try would decide the
+same), so the launch *deadlocks* when every resident block waits.
 
 :func:`simulate` checks, for one schedule: no deadlock; every item runs
 exactly once; an update runs only after all of its leaf's sums and the
@@ -147,9 +148,18 @@ def simulate(
                     blocks.append(_Block())
                     started += 1
             else:
-                b.phase = "cas_u" if wait_for_ready else "read_ready"
+                b.read_at = version
+                b.phase = "cas_u" if wait_for_ready else "read_s"
+        elif b.phase == "read_s":  # issued with u's load: it may see a later s
+            b.s = s_next
+            b.phase = "read_ready"
         elif b.phase == "read_ready":
-            b.phase = "cas_u" if ready[leaf_of[b.u]] else "read_s"
+            if ready[leaf_of[b.u]]:
+                b.phase = "cas_u"
+            elif b.s < n and b.s < window_end(b.u):
+                b.phase = "add_s"
+            else:  # waits; tries again once memory changed since its reads
+                b.phase, b.waits_at = "read_u", b.read_at
         elif b.phase == "cas_u":
             if u_next == b.u:
                 u_next += 1
@@ -162,11 +172,6 @@ def simulate(
                 b.phase = "update"
             else:
                 b.waits_at = version
-        elif b.phase == "read_s":
-            if s_next < n and s_next < window_end(b.u):
-                b.phase = "add_s"
-            else:
-                b.phase, b.waits_at = "read_u", version
         elif b.phase == "add_s":
             mine, s_next, version = s_next, s_next + 1, version + 1
             if mine < n:
@@ -213,5 +218,7 @@ class _Block:
 
     phase: str = "read_u"
     u: int = 0  # u_next as it read it
+    s: int = 0  # s_next as it read it
+    read_at: int = 0  # the memory version when it read u
     item: int = 0  # the item it claimed
     waits_at: int = -1  # the memory version at which it decided to wait

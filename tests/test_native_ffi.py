@@ -359,29 +359,55 @@ def test_fused_options_are_checked_and_normalised():
     assert options({"fused": True}) == {"fused": True}
     assert options({"fused": np.bool_(False)}) == {"fused": False}
     assert type(options({"fused": np.bool_(True)})["fused"]) is bool
-    assert options({"fused": True, "lookahead": np.int64(32)}) == {"fused": True, "lookahead": 32}
+    given = {"fused": True, "lookahead": np.int64(32), "chunk": 8192, "blocks_per_sm": 2}
+    assert options(given) == {"fused": True, "lookahead": 32, "chunk": 8192, "blocks_per_sm": 2}
+    assert type(options(given)["lookahead"]) is int
     for bad in (1, 0, "yes", None):
         with pytest.raises(ValueError, match="fused must be a bool"):
             options({"fused": bad})
-    for bad in (0, -1, 2**30 + 1, 1.5, True, "8"):
-        with pytest.raises(ValueError, match="lookahead must be an int"):
-            options({"fused": True, "lookahead": bad})
-    for without in ({"lookahead": 8}, {"fused": False, "lookahead": 8}):
-        with pytest.raises(ValueError, match="fused=True"):
-            options(without)
+    bad_values = {
+        "lookahead": (0, -1, 2**30 + 1, 1.5, True, "8"),
+        "chunk": (0, 1000, 1536, 2**20 + 1024, 4096.0, True),
+        "blocks_per_sm": (-1, 1.0, True, 2**10 + 1),
+    }
+    for name, values in bad_values.items():
+        for bad in values:
+            with pytest.raises(ValueError, match=f"{name} must be an int"):
+                options({"fused": True, name: bad})
+        for without in ({name: 8192}, {"fused": False, name: 8192}):
+            with pytest.raises(ValueError, match="fused=True"):
+                options(without)
 
 
-def test_fused_options_become_the_lookahead_attribute():
-    """0 (two launches) by default; the lookahead, default FUSED_LOOKAHEAD, with fused."""
+def _lowered_text(spec, params, grads, momentum) -> str:
+    """The jitted step's lowered module, as text."""
+    return (
+        jax.jit(lambda p, g, v: native.run(spec, StepInputs(p, g, v, 0.1)))
+        .lower(params, grads, momentum)
+        .as_text()
+    )
+
+
+def _fused_attribute(spec, params, grads, momentum) -> list[int]:
+    text = _lowered_text(spec, params, grads, momentum)
+    found = re.search(r"\bfused = dense<\[?([-\d, ]*)\]?> : tensor<3xi64>", text)
+    assert found, text[-2000:]
+    values = [int(x) for x in found.group(1).split(",")]
+    return values * 3 if len(values) == 1 else values  # dense<0>: a splat
+
+
+def test_fused_options_become_the_fused_attribute():
+    """(0, 0, 0), two launches, by default; (lookahead, chunk, blocks per SM) with fused."""
     p, g, v = small()
     spec = spec_of(config_of("weight_decay"), p, g)
-    assert _fused_lookahead_attribute(spec, p, g, v) == 0
+    assert _fused_attribute(spec, p, g, v) == [0, 0, 0]
     fused = spec.replace(options=(("fused", True),))
-    assert _fused_lookahead_attribute(fused, p, g, v) == ffi.FUSED_LOOKAHEAD == 128
-    given = spec.replace(options=(("fused", True), ("lookahead", 7)))
-    assert _fused_lookahead_attribute(given, p, g, v) == 7
+    defaults = [ffi.FUSED_LOOKAHEAD, ffi.FUSED_CHUNK, ffi.FUSED_BLOCKS_PER_SM]
+    assert _fused_attribute(fused, p, g, v) == defaults == [512, 4096, 0]
+    given = (("blocks_per_sm", 1), ("chunk", 2048), ("fused", True), ("lookahead", 7))
+    assert _fused_attribute(spec.replace(options=given), p, g, v) == [7, 2048, 1]
     off = spec.replace(options=(("fused", False),))
-    assert _fused_lookahead_attribute(off, p, g, v) == 0
+    assert _fused_attribute(off, p, g, v) == [0, 0, 0]
 
 
 def test_fused_changes_nothing_on_the_cpu():
@@ -390,29 +416,16 @@ def test_fused_changes_nothing_on_the_cpu():
     spec = spec_of(config_of("weight_decay"), params, grads)
     plain = native.run(spec, StepInputs(params, grads, momentum, 0.1))
     fused = native.run(
-        spec.replace(options=(("fused", True), ("lookahead", 3))),
+        spec.replace(options=(("chunk", 2048), ("fused", True), ("lookahead", 3))),
         StepInputs(params, grads, momentum, 0.1),
     )
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fused), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-def _int_attribute(name, spec, params, grads, momentum) -> int:
-    """The lowered call's int64 attribute ``name``."""
-    text = (
-        jax.jit(lambda p, g, v: native.run(spec, StepInputs(p, g, v, 0.1)))
-        .lower(params, grads, momentum)
-        .as_text()
-    )
-    return int(re.search(rf"\b{name} = (\d+) : i64", text).group(1))
-
-
 def _num_threads_attribute(spec, params, grads, momentum) -> int:
-    return _int_attribute("num_threads", spec, params, grads, momentum)
-
-
-def _fused_lookahead_attribute(spec, params, grads, momentum) -> int:
-    return _int_attribute("fused_lookahead", spec, params, grads, momentum)
+    text = _lowered_text(spec, params, grads, momentum)
+    return int(re.search(r"num_threads = (\d+) : i64", text).group(1))
 
 
 def test_thread_count_is_the_option_else_the_setting():

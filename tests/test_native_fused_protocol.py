@@ -2,8 +2,9 @@
 
 ``bench.native_fused_protocol`` runs the protocol of
 ``kernels/native/lars_cuda_fused.cuh`` one memory operation at a time with
-random schedules, over real trees (ResNet-50's chunk counts at the handler's
-``kGpuChunk``) and random ones, from one block to the 528 an H200 holds (132
+random schedules, over real trees (ResNet-50's chunk counts at the two
+launches' ``kGpuChunk`` and at the fused launch's default chunk) and random
+ones, from one block to the 528 an H200 holds (132
 SMs, 4 blocks each). The kernel itself runs on the CPU in
 ``bench/cuda_emulation`` (``tests/test_cuda_emulate.py``), with blocks one after
 another; these tests cover what that cannot: blocks claiming at once. The
@@ -25,6 +26,7 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree
 
 from bench import native_fused_protocol as M  # noqa: E402
 from bench import workloads  # noqa: E402
+from lars.kernels.native import ffi  # noqa: E402
 
 
 def resnet50_counts() -> list[int]:
@@ -44,6 +46,18 @@ def test_chunk_counts_follow_the_handler():
 )
 def test_resnet50_schedules_finish_in_order(resident, lookahead):
     counts = resnet50_counts()
+    _finish_in_order(counts, resident, lookahead)
+
+
+def test_resnet50_at_the_fused_default_geometry():
+    """Chunks of ffi.FUSED_CHUNK elements, lookahead ffi.FUSED_LOOKAHEAD, 528 blocks."""
+    sizes = [math.prod(s) for s in workloads.RESNET50.shapes]
+    counts = M.chunk_counts(sizes, ffi.FUSED_CHUNK)
+    assert ffi.FUSED_CHUNK == 4096 and sum(counts) == 6334  # 6,226 whole chunks, 108 partial
+    _finish_in_order(counts, 528, ffi.FUSED_LOOKAHEAD)
+
+
+def _finish_in_order(counts: list[int], resident: int, lookahead: int) -> None:
     for seed in range(2):
         out = M.simulate(counts, lookahead, resident, seed=seed)
         assert not out.deadlock and out.errors == [], (seed, out.errors[:3])

@@ -12,7 +12,7 @@
 //     element-by-element path) as with 16-byte aligned buffers;
 //   * outputs start as NaN, scratch as NaN, the ticket counters zeroed;
 //   * FusedKernel (lookahead 1 and 1000) gives the bits of the two launches and
-//     claims every item (its blocks run one after another here: the first
+//     claims every item; at chunk 2048 it passes the checks above (its blocks run one after another here: the first
 //     claims all, in the kernel's claim order; concurrent claims are modelled
 //     in tests/test_native_fused_protocol.py).
 // Launches hold at most 3 leaves (bench/cuda_emulate.py sets kMaxLeaves), so steps span
@@ -77,10 +77,11 @@ struct Result {
 };
 
 // The handler's host logic (tables, scratch, launches), on host memory.
-// fused > 0: FusedKernel with that lookahead on `fused_grid` blocks, which run
-// one after another here: the first claims every item, in the kernel's order.
+// fused > 0: FusedKernel with that lookahead and `chunk` elements a block on
+// `fused_grid` blocks, which run one after another here: the first claims
+// every item, in the kernel's order.
 Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, uint32_t seed,
-               unsigned fused = 0, int fused_grid = 1) {
+               unsigned fused = 0, int fused_grid = 1, int64_t chunk = kGpuChunk) {
   const size_t L = in.size();
   std::vector<Buf> w, g, v, out, vo;
   std::vector<float> ratio(L, -1.f);
@@ -111,10 +112,11 @@ Result RunStep(const std::vector<LeafIn>& in, const Hyper& h, size_t misalign, u
     leaf.out = h.mode == kMomentumOnly ? nullptr : out[i].p;
     leaf.v_out = vo[i].p; leaf.ratio_out = &ratio[i];
     leaf.decay = in[i].decay; leaf.trust = in[i].trust;
-    const int64_t blocks = std::max<int64_t>(1, (leaf.n + kGpuChunk - 1) / kGpuChunk);
+    const int64_t blocks = std::max<int64_t>(1, (leaf.n + chunk - 1) / chunk);
     if (tables.empty() || tables.back().num_leaves == kMaxLeaves) {
       tables.emplace_back();
       tables.back().slot_base = total_blocks;
+      tables.back().chunk = int32_t(chunk);
       tables.back().leaf_base = int32_t(i);
     }
     GpuTable& t = tables.back();
@@ -238,8 +240,11 @@ int main() {
           std::printf("FAIL aligned and misaligned differ (pair %d/%d hs %d mode %d)\n", pr[0], pr[1], hs, mode);
           return 1;
         }
-        // FusedKernel: the same bits, with a lookahead of one chunk (an update
-        // soon after its leaf's sums) and of many (the sums run ahead).
+        // FusedKernel at the two launches' chunk: the same bits, with a lookahead
+        // of one chunk (an update soon after its leaf's sums) and of many (the
+        // sums run ahead). At 2048 elements a chunk it is checked against the
+        // reference inside RunStep (its sums' order differs).
+        RunStep(leaves, h, 0, seed, 2, 4, 2048);
         for (unsigned lookahead : {1u, 1000u}) {
           Result f = RunStep(leaves, h, 0, seed, lookahead, 4);
           if (a.out != f.out || a.v_out != f.v_out || a.ratio != f.ratio || a.norm != f.norm) {

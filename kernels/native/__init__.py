@@ -19,12 +19,16 @@ Backend options (``backend_options=``):
 * ``fused``: a bool, default False. True: the CUDA handler runs the sums and
   the updates in one launch (``lars_cuda_fused.cuh``), each update soon after
   its leaf's sums so that its second read of params and grads can come from
-  L2; bitwise the same results. Not yet timed on a GPU, hence not the
-  default. The CPU handler's schedule already keeps a layer in cache; there
-  it changes nothing.
-* ``lookahead``: with ``fused=True``, an int in [1, 2**30], how many chunks
-  of 16,384 elements the sums may run ahead of the next update beyond its
-  leaf (default ``ffi.FUSED_LOOKAHEAD``, 128).
+  L2; bitwise the two launches' results at the same chunk. Not yet timed on
+  a GPU, hence not the default. The CPU handler's schedule already keeps a
+  layer in cache; there it changes nothing.
+* ``lookahead``, ``chunk``, ``blocks_per_sm``: with ``fused=True``, the
+  launch's geometry: how many chunks the sums may run ahead of the next
+  update beyond its leaf (an int in [1, 2**30]; default
+  ``ffi.FUSED_LOOKAHEAD``, 512), the elements of a chunk (a multiple of 1024
+  up to 2**20; default ``ffi.FUSED_CHUNK``, 4096; the sums' order follows
+  the chunks, so the bits of the trust ratios do too), and at most how many
+  blocks an SM runs (0, the default: as many as fit).
 
 Process-wide CPU settings (read when a step runs; results never depend on
 them): :func:`set_cpu_isa` (the instruction set of the loops) and
@@ -153,8 +157,11 @@ def _features(platform: str) -> frozenset[contract.Feature]:
     return frozenset({contract.Feature.IN_PLACE})
 
 
+_FUSED_OPTIONS = ("lookahead", "chunk", "blocks_per_sm")
+
+
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    known = ("num_threads", "fused", "lookahead")
+    known = ("num_threads", "fused", *_FUSED_OPTIONS)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(
@@ -168,10 +175,10 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(fused, bool | np.bool_):
             raise ValueError(f"fused must be a bool, got {fused!r}")
         out["fused"] = bool(fused)
-    if "lookahead" in options:
-        if not out.get("fused", False):
-            raise ValueError("lookahead applies to the fused launch only: pass fused=True too")
-        out["lookahead"] = ffi.check_lookahead(options["lookahead"])
+    given = [k for k in _FUSED_OPTIONS if k in options]
+    if given and not out.get("fused", False):
+        raise ValueError(f"{', '.join(given)} apply to the fused launch only: pass fused=True too")
+    out.update(ffi.check_fused_options(options))
     return out
 
 

@@ -16,7 +16,7 @@ operands. The output mode follows the spec:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -69,13 +69,12 @@ def _attr(value: Any) -> np.float64:
 
 
 def attributes(
-    spec: contract.StepSpec, mode: int, num_threads: int, fused_lookahead: int = 0
+    spec: contract.StepSpec, mode: int, num_threads: int, fused: Sequence[int] = (0, 0, 0)
 ) -> dict[str, Any]:
     """The call's attributes (``.Attr`` of the handlers' bindings; unset options are 0).
 
-    ``fused_lookahead`` > 0: the CUDA handler runs both passes in one launch
-    with that lookahead (in chunks, ``FUSED_LOOKAHEAD``); the CPU handler
-    ignores it.
+    ``fused``: (lookahead, chunk, blocks per SM) of the CUDA handler's fused
+    launch; a lookahead of 0 runs its two launches. The CPU handler ignores it.
     """
     config = spec.config
     return {
@@ -86,7 +85,7 @@ def attributes(
         "decay_mask": np.asarray(spec.decay_mask, np.uint8),
         "trust_mask": np.asarray(spec.trust_mask, np.uint8),
         "num_threads": np.int64(num_threads),
-        "fused_lookahead": np.int64(fused_lookahead),
+        "fused": np.asarray(fused, np.int64),
     }
 
 
@@ -99,7 +98,7 @@ def custom_call(
     grads: Sequence[jax.Array],
     momentum: Sequence[jax.Array],
     extra: Sequence[jax.Array] = (),
-    fused_lookahead: int = 0,
+    fused: Sequence[int] = (0, 0, 0),
 ) -> list[jax.Array]:
     """The custom call itself, in any output mode.
 
@@ -133,7 +132,7 @@ def custom_call(
     call = jax.ffi.ffi_call(
         library.TARGET, out_types, input_output_aliases=aliases, vmap_method="sequential"
     )
-    attrs = attributes(spec, mode, num_threads, fused_lookahead)
+    attrs = attributes(spec, mode, num_threads, fused)
     return call(lr, *params, *grads, *momentum, *extra, **attrs)
 
 
@@ -171,22 +170,55 @@ def _check(spec: contract.StepSpec, params, grads, momentum) -> None:
 
 _num_threads = 0
 
-# The CUDA handler's fused launch (option ``fused``): how many chunks (of 16384
-# elements) the sums may run ahead of the next update beyond its own leaf.
-# Not yet timed on a GPU. Chosen from L2 sizes: each chunk in that window
-# holds 128 KB of float32 w and g, plus 64 KB of momentum while its update
-# runs; 128 chunks (2M elements, the span the Triton backend's default fused
-# lookahead covers) and ResNet-50's largest leaf (144 chunks) make about 52 MB,
-# inside an H200's 60 MB L2. bench/gpu_check times 32 and 512 beside it.
-FUSED_LOOKAHEAD = 128
+# The CUDA handler's fused launch (option ``fused``), not yet timed on a GPU.
+# Chosen with bench/native_l2_model.py (an LRU model of a 60 MB L2 over the
+# launch's accesses, ResNet-50 fp32 in place, 528 resident blocks): what
+# decides between 20 and 28 B/param is the blocks' chunks in flight plus the
+# window of sums ahead of the updates. At 16,384 elements a chunk, 528 blocks
+# hold 69 MB of w and g in flight, more than the L2: 23.1 B/param at a
+# lookahead of 128 chunks, with blocks waiting for the window 37% of the time
+# (20.4 and 56% at 64). At 4,096 elements and a lookahead of 512 chunks (2M
+# elements), 20.0 B/param with 6% waiting. bench/gpu_check times the others.
+FUSED_CHUNK = 4096  # elements per item (a multiple of 1024, at most 2**20)
+FUSED_LOOKAHEAD = 512  # chunks the sums may run ahead beyond the next update's leaf
+FUSED_BLOCKS_PER_SM = 0  # 0: as many as fit (4 at 64 registers); else at most this many
 MAX_LOOKAHEAD = 1 << 30
+MAX_CHUNK = 1 << 20
 
 
-def check_lookahead(n: Any) -> int:
-    """``n`` as the fused launch's lookahead; raises ValueError unless an int in [1, 2^30]."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= MAX_LOOKAHEAD:
-        raise ValueError(f"lookahead must be an int in [1, 2**30], got {n!r}")
+def _int_in(name: str, n: Any, low: int, high: int, multiple: int = 1) -> int:
+    if (
+        isinstance(n, bool)
+        or not isinstance(n, int | np.integer)
+        or not low <= n <= high
+        or n % multiple
+    ):
+        of = f", a multiple of {multiple}" if multiple > 1 else ""
+        raise ValueError(f"{name} must be an int in [{low}, {high}]{of}, got {n!r}")
     return int(n)
+
+
+def check_fused_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``lookahead``, ``chunk`` and ``blocks_per_sm`` checked and normalised."""
+    out = {}
+    if "lookahead" in options:
+        out["lookahead"] = _int_in("lookahead", options["lookahead"], 1, MAX_LOOKAHEAD)
+    if "chunk" in options:
+        out["chunk"] = _int_in("chunk", options["chunk"], 1024, MAX_CHUNK, 1024)
+    if "blocks_per_sm" in options:
+        out["blocks_per_sm"] = _int_in("blocks_per_sm", options["blocks_per_sm"], 0, 1 << 10)
+    return out
+
+
+def fused_attribute(spec: contract.StepSpec) -> tuple[int, int, int]:
+    """(lookahead, chunk, blocks per SM) of the spec's options; (0, 0, 0) without ``fused``."""
+    if not spec.option("fused", False):
+        return (0, 0, 0)
+    return (
+        spec.option("lookahead", FUSED_LOOKAHEAD),
+        spec.option("chunk", FUSED_CHUNK),
+        spec.option("blocks_per_sm", FUSED_BLOCKS_PER_SM),
+    )
 
 
 def check_threads(n: Any) -> int:
@@ -217,8 +249,8 @@ def run(spec: contract.StepSpec, inputs: contract.StepInputs) -> contract.StepRe
 
     The CPU handler's thread count is the ``num_threads`` option, else
     :func:`get_num_threads` (0: XLA's intra-op pool size; results do not
-    depend on it). The ``fused`` and ``lookahead`` options choose the CUDA
-    handler's launches (the same results). ``finite`` (CPU only) False leaves
+    depend on it). The ``fused``, ``lookahead``, ``chunk`` and
+    ``blocks_per_sm`` options choose the CUDA handler's launches. ``finite`` (CPU only) False leaves
     params and momentum in place, with -0.0 updates and ratios of 1.
     ``ratios`` and ``global_norm`` (``spec.given_ratios``, CPU only): the
     handler skips its sums and only updates.
@@ -260,9 +292,8 @@ def run(spec: contract.StepSpec, inputs: contract.StepInputs) -> contract.StepRe
         extra += given
     mode = mode_of(spec)
     num_threads = spec.option("num_threads", _num_threads)
-    fused = spec.option("fused", False)
-    lookahead = spec.option("lookahead", FUSED_LOOKAHEAD) if fused else 0
-    results = custom_call(spec, mode, num_threads, lr, params, grads, momentum, extra, lookahead)
+    fused = fused_attribute(spec)
+    results = custom_call(spec, mode, num_threads, lr, params, grads, momentum, extra, fused)
     outs = 0 if mode == MOMENTUM_ONLY else n
     new_momentum = list(results[outs : outs + n])
     trust_ratios = list(results[outs + n :])

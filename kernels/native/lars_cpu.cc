@@ -248,7 +248,7 @@ ffi::Error StepCpu(ffi::ThreadPool pool, ffi::AnyBuffer lr, ffi::RemainingArgs a
                    double grad_clip_norm, double grad_clip_value, bool nesterov,
                    bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
                    ffi::Span<const uint8_t> trust_mask, int64_t num_threads,
-                   int64_t /*fused_lookahead: the CUDA handler's*/) {
+                   ffi::Span<const int64_t> /*fused: the CUDA handler's*/) {
   const auto start = std::chrono::steady_clock::now();
   const size_t num_leaves = decay_mask.size();
   auto job = std::make_shared<Job>();

@@ -3,7 +3,7 @@
 // the style of apex's multi_tensor_apply: a table of leaf pointers passed as a
 // kernel argument, blocks mapped to (leaf, chunk) by a search over the table.
 //
-//   [clip]  SqKernel      per-block partial sums of g^2
+//   [clip]  SqKernel      per-block partial sums of g^2 (lars_cuda_clip.cuh)
 //   [clip]  NormKernel    one block adds them in index order -> global norm
 //           SumsKernel    per-block partial sums of w^2 and g^2 (g after
 //                         clipping and decay); the leaf's last block to finish
@@ -52,7 +52,7 @@ namespace lars_native {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kGpuChunk = 16384;  // elements per block (a multiple of every kVec)
+constexpr int64_t kGpuChunk = 16384;  // elements per block of the two launches
 constexpr int kMaxLeaves = 384;       // leaves per launch (kernel arguments < 32 KiB)
 
 struct GpuLeaf {
@@ -72,6 +72,7 @@ struct GpuLeaf {
 struct GpuTable {
   int32_t num_leaves;
   int32_t num_blocks;
+  int32_t chunk;      // elements per block: kGpuChunk, or the fused launch's (a multiple of 1024)
   int32_t slot_base;  // partial-sum slot of this launch's first block
   int32_t leaf_base;  // global index of this launch's first leaf (ratio, ticket)
   GpuLeaf leaves[kMaxLeaves];
@@ -142,54 +143,7 @@ __device__ int FindLeaf(const GpuTable& t, int block) {
 }
 
 // --- kernels ------------------------------------------------------------------
-template <class P, class G>
-__device__ double ChunkSumG2(const GpuLeaf& leaf, int64_t begin, int64_t end) {
-  using C = typename ComputeOf<P>::type;
-  constexpr int kV = kVec<P>;
-  const G* g = static_cast<const G*>(leaf.g);
-  const bool aligned = Aligned16(leaf.g);
-  double acc = 0.0;
-  // Thread k takes groups k, k + kThreads, ... of the chunk; only the last
-  // group of a leaf can be partial.
-  for (int64_t i = begin + int64_t(threadIdx.x) * kV; i < end; i += kThreads * kV) {
-    const bool vec = aligned && i + kV <= end;
-    G gx[kV];
-    LoadGroup<kV>(g, i, end, vec, gx);
-    C part = C(0);
-#pragma unroll
-    for (int k = 0; k < kV; ++k) {
-      const C x = Ld<C>(gx[k]);
-      part = part + x * x;
-    }
-    acc += static_cast<double>(part);
-  }
-  return acc;
-}
-
-__global__ void SqKernel(const __grid_constant__ GpuTable t, double* partial) {
-  __shared__ double shared[kThreads];
-  const int li = FindLeaf(t, blockIdx.x);
-  const GpuLeaf& leaf = t.leaves[li];
-  const int64_t chunk = blockIdx.x - leaf.first_block;
-  const int64_t begin = chunk * kGpuChunk;
-  const int64_t end = min(leaf.n, begin + kGpuChunk);
-  double acc = 0.0;
-#define LARS_CALL(P, G) acc = ChunkSumG2<P, G>(leaf, begin, end)
-  LARS_DISPATCH_PAIR(leaf, LARS_CALL)
-#undef LARS_CALL
-  const double total = BlockSum(acc, shared);
-  if (threadIdx.x == 0) partial[t.slot_base + blockIdx.x] = total;
-}
-
-__global__ void NormKernel(const double* partial, int num, double* global_norm) {
-  __shared__ double shared[kThreads];
-  // Each thread adds a contiguous run of partials in order, then the fixed tree.
-  const int per = (num + kThreads - 1) / kThreads;
-  double acc = 0.0;
-  for (int k = threadIdx.x * per; k < min(num, (threadIdx.x + 1) * per); ++k) acc += partial[k];
-  const double total = BlockSum(acc, shared);
-  if (threadIdx.x == 0) *global_norm = sqrt(total);
-}
+#include "lars_cuda_clip.cuh"  // [clip] SqKernel, NormKernel: the global norm
 
 template <class P, class G>
 __device__ void ChunkSums(const GpuLeaf& leaf, int64_t begin, int64_t end, const DeviceHyper& d,
@@ -251,8 +205,8 @@ __device__ bool SumsItem(const GpuTable& t, const DeviceHyper& d, double* partia
   const int li = FindLeaf(t, block);
   const GpuLeaf& leaf = t.leaves[li];
   const int64_t chunk = block - leaf.first_block;
-  const int64_t begin = chunk * kGpuChunk;
-  const int64_t end = min(leaf.n, begin + kGpuChunk);
+  const int64_t begin = chunk * t.chunk;
+  const int64_t end = min(leaf.n, begin + t.chunk);
   double sw = 0.0, sg = 0.0;
   if (leaf.trust) {
 #define LARS_CALL(P, G) ChunkSums<P, G>(leaf, begin, end, d, &sw, &sg)
@@ -343,8 +297,8 @@ __device__ void ChunkUpdate(const GpuLeaf& leaf, int64_t begin, int64_t end, con
 __device__ void UpdateItem(const GpuTable& t, const DeviceHyper& d, int block, double ratio) {
   const GpuLeaf& leaf = t.leaves[FindLeaf(t, block)];
   const int64_t chunk = block - leaf.first_block;
-  const int64_t begin = chunk * kGpuChunk;
-  const int64_t end = min(leaf.n, begin + kGpuChunk);
+  const int64_t begin = chunk * t.chunk;
+  const int64_t end = min(leaf.n, begin + t.chunk);
 #define LARS_CALL(P, G) ChunkUpdate<P, G>(leaf, begin, end, d, ratio)
   LARS_DISPATCH_PAIR(leaf, LARS_CALL)
 #undef LARS_CALL
@@ -359,28 +313,30 @@ __global__ void UpdateKernel(const __grid_constant__ GpuTable t, DeviceHyper d,
 #include "lars_cuda_fused.cuh"  // FusedKernel: both passes in one launch
 
 // --- handler ------------------------------------------------------------------
-// How many FusedKernel blocks the current device holds at once (its persistent
-// grid): SMs times blocks per SM, asked once per device.
-ffi::Error ResidentFusedBlocks(int* blocks) {
-  static std::atomic<int> known[64] = {};
+// The fused launch's persistent grid: the device's SMs times FusedKernel's
+// blocks per SM (at most `per_sm`, when > 0), asked once per device.
+ffi::Error FusedGrid(int64_t per_sm_cap, int* blocks) {
+  static std::atomic<int> known[64][2] = {};  // SMs, blocks per SM
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   const bool cacheable = err == cudaSuccess && device >= 0 && device < 64;
-  if (cacheable && known[device].load() > 0) {
-    *blocks = known[device].load();
-    return ffi::Error::Success();
+  if (cacheable && known[device][0].load() > 0) {
+    sms = known[device][0].load();
+    per_sm = known[device][1].load();
+  } else {
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, FusedKernel, kThreads, 0);
+    }
+    if (err != cudaSuccess) {
+      return ffi::Error(ffi::ErrorCode::kInternal,
+                        std::string("lars native step: the device's SMs and occupancy: ") +
+                            cudaGetErrorString(err));
+    }
+    if (cacheable) known[device][1].store(per_sm), known[device][0].store(sms);
   }
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, FusedKernel, kThreads, 0);
-  }
-  if (err != cudaSuccess) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("lars native step: the device's SMs and occupancy: ") +
-                          cudaGetErrorString(err));
-  }
+  if (per_sm_cap > 0) per_sm = static_cast<int>(std::min<int64_t>(per_sm, per_sm_cap));
   *blocks = std::max(1, sms * per_sm);
-  if (cacheable) known[device].store(*blocks);
   return ffi::Error::Success();
 }
 
@@ -390,7 +346,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     double grad_clip_norm, double grad_clip_value, bool nesterov,
                     bool lr_inside_momentum, int32_t mode, ffi::Span<const uint8_t> decay_mask,
                     ffi::Span<const uint8_t> trust_mask, int64_t /*num_threads*/,
-                    int64_t fused_lookahead) {
+                    ffi::Span<const int64_t> fused) {
   const size_t num_leaves = decay_mask.size();
   DeviceHyper d{};
   size_t outs = 0;
@@ -407,9 +363,14 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
         "the CUDA handler takes neither precomputed trust ratios (sharded params) nor a "
         "finite flag (skip_nonfinite); these run on the CPU handler only");
   }
-  if (fused_lookahead < 0 || fused_lookahead > (int64_t{1} << 30)) {
-    return Invalid("fused_lookahead must be in [0, 2^30], got " + std::to_string(fused_lookahead));
+  // fused: {lookahead, chunk, blocks per SM}; a lookahead of 0 runs two launches.
+  if (fused.size() != 3 || fused[0] < 0 || fused[0] > (int64_t{1} << 30) ||
+      (fused[0] > 0 && (fused[1] < 1024 || fused[1] > (1 << 20) || fused[1] % 1024 != 0)) ||
+      fused[2] < 0) {
+    return Invalid("fused must be {lookahead in [0, 2^30], chunk a multiple of 1024 up to "
+                   "2^20, blocks per SM >= 0}");
   }
+  const int64_t chunk = fused[0] > 0 ? fused[1] : kGpuChunk;
   d.lr = static_cast<const float*>(lr.untyped_data());
 
   // Leaves, grouped into launches of at most kMaxLeaves.
@@ -433,7 +394,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     leaf.ratio_out = b.ratio_out;
     leaf.decay = decay_mask[i] != 0;
     leaf.trust = trust_mask[i] != 0;
-    const int64_t blocks = std::max<int64_t>(1, (leaf.n + kGpuChunk - 1) / kGpuChunk);
+    const int64_t blocks = std::max<int64_t>(1, (leaf.n + chunk - 1) / chunk);
     if (blocks > (int64_t{1} << 30)) return Invalid(where + "too large");
     if (tables.empty() || tables.back().num_leaves == kMaxLeaves ||
         tables.back().num_blocks + blocks > (int64_t{1} << 30)) {
@@ -441,6 +402,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
       GpuTable& t = tables.back();
       t.num_leaves = 0;
       t.num_blocks = 0;
+      t.chunk = static_cast<int32_t>(chunk);
       t.slot_base = total_blocks;
       t.leaf_base = static_cast<int32_t>(i);
     }
@@ -484,10 +446,10 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     NormKernel<<<1, kThreads, 0, stream>>>(sq_partial, total_blocks, norm);
     d.global_norm = norm;
   }
-  if (fused_lookahead > 0) {
+  if (fused[0] > 0) {
     int resident = 0;
-    if (ffi::Error err = ResidentFusedBlocks(&resident); err.failure()) return err;
-    const auto lookahead = static_cast<unsigned int>(fused_lookahead);
+    if (ffi::Error err = FusedGrid(fused[2], &resident); err.failure()) return err;
+    const auto lookahead = static_cast<unsigned int>(fused[0]);
     for (size_t k = 0; k < tables.size(); ++k) {
       const GpuTable& t = tables[k];
       FusedKernel<<<std::min(t.num_blocks, resident), kThreads, 0, stream>>>(

@@ -3,19 +3,21 @@
 // they are still in L2. Included by lars_cuda.cu after SumsItem and UpdateItem
 // (its kernels section, which bench/cuda_emulate.py also compiles for the CPU).
 //
-// Items: every block-sized chunk of the launch twice, sums items S_0..S_{N-1}
-// and update items U_0..U_{N-1}, both in leaf order (item k is the chunk that
-// block k of SumsKernel and UpdateKernel takes). A persistent grid's blocks
-// claim items until every update is claimed; thread 0 claims:
+// Items: every chunk (t.chunk elements, the backend option `chunk`) of the
+// launch twice, sums items S_0..S_{N-1} and update items U_0..U_{N-1}, both in
+// leaf order (item k is the chunk that block k of SumsKernel and UpdateKernel
+// would take at that chunk size). A persistent grid's blocks claim items
+// until every update is claimed; thread 0 claims:
 //   1. U_u, u the next unclaimed update, when u's leaf has its trust ratio
 //      (`ready`), by compare-and-swap on `u_next`: updates are claimed in order
 //      and never wait;
-//   2. else S_s, s the next unclaimed sums item (atomicAdd on `s_next`), when s
-//      lies in the window: inside u's leaf, or s < u + lookahead. The window
+//   2. else S_s, s the next unclaimed sums item (atomicAdd on `s_next`), when
+//      s lies in the window: inside u's leaf, or s < u + lookahead. The window
 //      keeps the sums ahead of the updates by about a leaf and `lookahead`
-//      chunks, what L2 has to hold between an element's two reads; a claim
-//      races others between its read of s_next and its add, so the window can
-//      be overrun by the number of blocks claiming at that moment;
+//      chunks, what L2 has to hold between an element's two reads. s is read
+//      with u (one round trip) and the add races other claims, so the window
+//      can be overrun by the number of blocks claiming at that moment; a
+//      wait decided on an old s is sound (s only grows: the window is full);
 //   3. else it waits (a nanosleep) and tries again.
 // No schedule deadlocks: a block waits only when the window is full, that is
 // when every sums item of u's leaf is claimed; each is held by a running
@@ -23,11 +25,12 @@
 // leaf ready, which enables U_u. A block holding an item never waits.
 //
 // The sums, the partial order and the ratio are those of SumsKernel, the
-// update that of UpdateKernel: results are bitwise those of the two-launch
-// step. A wait longer than kFusedSpinLimit tries (tens of seconds: each try
-// is a few L2 round trips and a 200 ns sleep) is a bug: the block sets
-// `abort` and the awaited leaf's ratio output to NaN, and every block stops
-// claiming, so that the step ends with a visible error instead of hanging.
+// update that of UpdateKernel: results are bitwise those of the two launches
+// at the same chunk size. A wait longer than kFusedSpinLimit tries (tens of
+// seconds: each try is two or three L2 round trips and a 200 ns sleep) is a
+// bug: the block sets `abort` and the awaited leaf's ratio output to NaN, and
+// every block stops claiming, so that the step ends with a visible error
+// instead of hanging.
 
 // Per launch, zeroed before it: the next unclaimed items and the abort flag.
 struct FusedState {
@@ -55,9 +58,11 @@ __device__ int FusedClaim(const GpuTable& t, FusedState* st, const unsigned int*
                           unsigned int lookahead) {
   const unsigned int n = static_cast<unsigned int>(t.num_blocks);
   for (long long tries = 0;; ++tries) {
-    if (LoadVolatile(&st->abort) != 0) return kFusedDone;
+    // Three independent loads, in flight together: one round trip, not three.
+    const unsigned int abort = LoadVolatile(&st->abort);
     const unsigned int u = LoadVolatile(&st->u_next);
-    if (u >= n) return kFusedDone;
+    const unsigned int s = LoadVolatile(&st->s_next);  // may be older than the flag below
+    if (abort != 0 || u >= n) return kFusedDone;
     const int li = FindLeaf(t, static_cast<int>(u));
     const GpuLeaf& leaf = t.leaves[li];
     if (LoadVolatile(ready + t.leaf_base + li) != 0) {
@@ -67,7 +72,6 @@ __device__ int FusedClaim(const GpuTable& t, FusedState* st, const unsigned int*
       }
       continue;  // another block took U_u
     }
-    const unsigned int s = LoadVolatile(&st->s_next);
     const unsigned int leaf_end = static_cast<unsigned int>(leaf.first_block + leaf.num_blocks);
     if (s < n && (s < leaf_end || s < u + lookahead)) {
       const unsigned int mine = atomicAdd(&st->s_next, 1u);

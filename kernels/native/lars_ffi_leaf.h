@@ -56,7 +56,7 @@ auto BindStep(Binding&& binding) {
       .template Attr<xla::ffi::Span<const uint8_t>>("decay_mask")
       .template Attr<xla::ffi::Span<const uint8_t>>("trust_mask")
       .template Attr<int64_t>("num_threads")
-      .template Attr<int64_t>("fused_lookahead");  // CUDA: > 0 runs FusedKernel
+      .template Attr<xla::ffi::Span<const int64_t>>("fused");  // CUDA: FusedKernel's
 }
 
 // The optional operands after the leaves' buffers.
