@@ -12,10 +12,9 @@
 //           UpdateKernel  every block reads its leaf's ratio and updates its
 //                         chunk
 //   or      FusedKernel   (option fused) both, in one launch of a persistent
-//                         grid that claims the blocks' items in order, each
-//                         update soon after its leaf's sums, so that its
-//                         second read of w and g can come from L2
-//                         (lars_cuda_fused.cuh)
+//                         grid that claims the items in order, each update
+//                         soon after its leaf's sums, so that its second read
+//                         of w and g can come from L2 (lars_cuda_fused.cuh)
 //
 // Data movement: each thread takes groups of kVec(P) = 16 / sizeof(P)
 // consecutive elements, loaded and stored 16 bytes at a time (params and
@@ -72,7 +71,7 @@ struct GpuLeaf {
 struct GpuTable {
   int32_t num_leaves;
   int32_t num_blocks;
-  int32_t chunk;      // elements per block: kGpuChunk, or the fused launch's (a multiple of 1024)
+  int32_t chunk;      // elements per block: kGpuChunk, or the fused launch's option
   int32_t slot_base;  // partial-sum slot of this launch's first block
   int32_t leaf_base;  // global index of this launch's first leaf (ratio, ticket)
   GpuLeaf leaves[kMaxLeaves];
@@ -324,7 +323,9 @@ ffi::Error FusedGrid(int64_t per_sm_cap, int* blocks) {
     sms = known[device][0].load();
     per_sm = known[device][1].load();
   } else {
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    }
     if (err == cudaSuccess) {
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, FusedKernel, kThreads, 0);
     }
@@ -333,7 +334,10 @@ ffi::Error FusedGrid(int64_t per_sm_cap, int* blocks) {
                         std::string("lars native step: the device's SMs and occupancy: ") +
                             cudaGetErrorString(err));
     }
-    if (cacheable) known[device][1].store(per_sm), known[device][0].store(sms);
+    if (cacheable) {
+      known[device][1].store(per_sm);
+      known[device][0].store(sms);  // last: a reader that sees the SMs sees both
+    }
   }
   if (per_sm_cap > 0) per_sm = static_cast<int>(std::min<int64_t>(per_sm, per_sm_cap));
   *blocks = std::max(1, sms * per_sm);
