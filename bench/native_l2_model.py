@@ -138,7 +138,7 @@ def simulate(
             return
         heapq.heappush(heap, (at, block, item, steps(item)))
 
-    for b in range(min(resident, 2 * n)):
+    for b in range(min(resident, n)):  # the handler's grid
         start(b, 0.0)
     wait_since = {b: 0.0 for b in parked}
     while heap:
