@@ -104,8 +104,8 @@ def tuning_forms(cpu: bool) -> list[Form]:
     handler's fused launch beside its default (chunks of 4096 elements,
     lookahead 512 chunks, every block that fits): larger chunks, a longer
     lookahead, and one block an SM (bench/native_l2_model.py predicts 20.0 to
-    22.7 B/param for these, with the blocks waiting for the window from 0.2%
-    to 39% of the time; the claims' cost, which it leaves out, grows with
+    23.1 B/param for these, with the blocks waiting for the window from 1.2%
+    to 37% of the time; the claims' cost, which it leaves out, grows with
     the number of chunks).
     """
     if cpu:

@@ -38,7 +38,7 @@ import numpy as np
 
 from bench import workloads as W
 from bench.l2_model import LRU, MB
-from bench.native_fused_protocol import gpu_chunk
+from bench.native_fused_protocol import chunk_counts, gpu_chunk
 
 STEP = 1024  # elements per vector step: 256 threads x 4 float32
 SCHEDULES = ("two-launch", "fused")
@@ -91,7 +91,7 @@ def simulate(
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     chunk = gpu_chunk() if chunk is None else chunk
-    counts = [max(1, math.ceil(n / chunk)) for n in sizes]
+    counts = chunk_counts(sizes, chunk)
     first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = int(first[-1])
     leaf_of = np.repeat(np.arange(len(sizes)), counts)

@@ -29,8 +29,8 @@ from bench import workloads  # noqa: E402
 from lars.kernels.native import ffi  # noqa: E402
 
 
-def resnet50_counts() -> list[int]:
-    return M.chunk_counts([math.prod(s) for s in workloads.RESNET50.shapes])
+def resnet50_counts(chunk: int | None = None) -> list[int]:
+    return M.chunk_counts([math.prod(s) for s in workloads.RESNET50.shapes], chunk)
 
 
 def test_chunk_counts_follow_the_handler():
@@ -51,8 +51,7 @@ def test_resnet50_schedules_finish_in_order(resident, lookahead):
 
 def test_resnet50_at_the_fused_default_geometry():
     """Chunks of ffi.FUSED_CHUNK elements, lookahead ffi.FUSED_LOOKAHEAD, 528 blocks."""
-    sizes = [math.prod(s) for s in workloads.RESNET50.shapes]
-    counts = M.chunk_counts(sizes, ffi.FUSED_CHUNK)
+    counts = resnet50_counts(ffi.FUSED_CHUNK)
     assert ffi.FUSED_CHUNK == 4096 and sum(counts) == 6334  # 6,226 whole chunks, 108 partial
     _finish_in_order(counts, 528, ffi.FUSED_LOOKAHEAD)
 
