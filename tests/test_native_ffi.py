@@ -142,6 +142,16 @@ def test_handler_validates_its_operands():
         jax.block_until_ready(call(jnp.float32(0.1), w, w, **attrs))
     with pytest.raises(Exception, match="lars native step: unknown output mode 7"):
         jax.block_until_ready(call(jnp.float32(0.1), w, w, w, **{**attrs, "mode": np.int32(7)}))
+    # The ratios are one float32 vector with one entry per leaf.
+    for ratio_type in (
+        jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    ):
+        wrong = jax.ffi.ffi_call(
+            library.TARGET, [jax.ShapeDtypeStruct((3,), jnp.float32)] * 2 + [ratio_type]
+        )
+        with pytest.raises(Exception, match="trust-ratio result must be a float32 vector"):
+            jax.block_until_ready(wrong(jnp.float32(0.1), w, w, w, **attrs))
 
 
 def test_modes_are_checked():

@@ -103,7 +103,9 @@ def custom_call(
     """The custom call itself, in any output mode.
 
     Operands: lr, params, grads, momentum[, finite flag][, ratios, global norm]
-    (``extra``). Results: [updates or new params,] momentum, trust ratios. The
+    (``extra``). Results: [updates or new params,] momentum, then one float32
+    vector of the trust ratios (a vector, so that the optimizer state's
+    ``trust_ratio`` is that buffer, with no XLA launch to stack scalars). The
     momentum is written over its buffers, the new params over the params' and
     the updates over the gradients' where their dtype is the params'.
 
@@ -122,7 +124,7 @@ def custom_call(
     outs = 0 if mode == MOMENTUM_ONLY else n
     out_types = [] if outs == 0 else [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
     out_types += [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in momentum]
-    out_types += [jax.ShapeDtypeStruct((), jnp.float32)] * n
+    out_types.append(jax.ShapeDtypeStruct((n,), jnp.float32))
     aliases = {1 + 2 * n + i: outs + i for i in range(n)}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if mode == WRITE_PARAMS:
@@ -296,7 +298,10 @@ def run(spec: contract.StepSpec, inputs: contract.StepInputs) -> contract.StepRe
     results = custom_call(spec, mode, num_threads, lr, params, grads, momentum, extra, fused)
     outs = 0 if mode == MOMENTUM_ONLY else n
     new_momentum = list(results[outs : outs + n])
-    trust_ratios = list(results[outs + n :])
+    # Scalars for the contract; XLA folds the front end's stack of them back
+    # into this vector (tests/test_native_ffi.py checks the compiled step).
+    ratio_vector = results[outs + n]
+    trust_ratios = [ratio_vector[i] for i in range(n)]
     if mode != MOMENTUM_ONLY:
         return contract.StepResult(list(results[:n]), new_momentum, trust_ratios)
     # The reference's updates from the new momentum, in the same operations:

@@ -82,7 +82,9 @@ inline xla::ffi::Error ReadStepHeader(const xla::ffi::AnyBuffer& lr,
   if (mode != kWriteUpdates && mode != kWriteParams && mode != kMomentumOnly) {
     return Invalid("unknown output mode " + std::to_string(mode));
   }
-  // Results: [out per leaf,] momentum per leaf, trust ratio per leaf.
+  // Results: [out per leaf,] momentum per leaf, then one float32 vector of
+  // the trust ratios (one per leaf: a vector, not a scalar per leaf, so that
+  // XLA need not stack them into the optimizer state with a launch of its own).
   // Operands: params, grads, momentum per leaf; then optionally a flag "all
   // gradients are finite" (skip_nonfinite); then, when the caller has computed
   // the trust ratios (sharded params: the norms are sums over shards), the
@@ -92,9 +94,10 @@ inline xla::ffi::Error ReadStepHeader(const xla::ffi::AnyBuffer& lr,
   extras->finite_flag = extra == 1 || extra == 3;
   extras->given_ratios = extra == 2 || extra == 3;
   extras->first = 3 * num_leaves;
-  if (extra > 3 || rets.size() != *outs + 2 * num_leaves) {
-    return Invalid(mode == kMomentumOnly ? "expected 3 operands and 2 results per leaf"
-                                         : "expected 3 operands and 3 results per leaf");
+  if (extra > 3 || rets.size() != *outs + num_leaves + 1) {
+    return Invalid(mode == kMomentumOnly
+                       ? "expected 3 operands per leaf; 1 result per leaf and the ratio vector"
+                       : "expected 3 operands per leaf; 2 results per leaf and the ratio vector");
   }
   if (lr.element_count() != 1 || lr.element_type() != xla::ffi::DataType::F32) {
     return Invalid("the learning rate must be a float32 scalar");
@@ -130,7 +133,7 @@ struct LeafBuffers {
 
 // Reads leaf i of num_leaves. Operands are params, grads, momentum (num_leaves
 // each); results are `outs` updates/params (0 or num_leaves), then momentum,
-// then the float32 trust-ratio scalars. Checks dtypes and sizes; on failure
+// then the float32 vector of the trust ratios. Checks dtypes and sizes; on failure
 // returns an Invalid error naming the leaf.
 inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
                                        const xla::ffi::RemainingRets& rets, size_t num_leaves,
@@ -140,7 +143,7 @@ inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
   auto g = args.get<ffi::AnyBuffer>(num_leaves + i);
   auto v = args.get<ffi::AnyBuffer>(2 * num_leaves + i);
   auto v_out = rets.get<ffi::AnyBuffer>(outs + i);
-  auto r_out = rets.get<ffi::AnyBuffer>(outs + num_leaves + i);
+  auto r_out = rets.get<ffi::AnyBuffer>(outs + num_leaves);
   auto out = outs ? rets.get<ffi::AnyBuffer>(i) : v_out;  // out is unused without outs
   if (!w.has_value() || !g.has_value() || !v.has_value() || !out.has_value() ||
       !v_out.has_value() || !r_out.has_value()) {
@@ -165,15 +168,16 @@ inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
       ToDtype((*v_out)->element_type()) != vt) {
     return Invalid(where + "result dtypes differ from the params/momentum dtypes");
   }
-  if ((*r_out)->element_type() != ffi::DataType::F32 || (*r_out)->element_count() != 1) {
-    return Invalid(where + "the trust-ratio result must be a float32 scalar");
+  if ((*r_out)->element_type() != ffi::DataType::F32 ||
+      (*r_out)->element_count() != num_leaves) {
+    return Invalid("the trust-ratio result must be a float32 vector of one ratio per leaf");
   }
   leaf->w = w->untyped_data();
   leaf->g = g->untyped_data();
   leaf->v = v->untyped_data();
   leaf->out = outs ? (*out)->untyped_data() : nullptr;
   leaf->v_out = (*v_out)->untyped_data();
-  leaf->ratio_out = static_cast<float*>((*r_out)->untyped_data());
+  leaf->ratio_out = static_cast<float*>((*r_out)->untyped_data()) + i;
   return ffi::Error::Success();
 }
 
