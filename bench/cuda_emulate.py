@@ -11,10 +11,18 @@ toolkit's headers for ``cuda_bf16.h``/``cuda_fp16.h``); runs it. It prints
 This checks the kernels' indexing, vector groups, reductions, tickets and
 arithmetic without a GPU; it cannot show what depends on blocks running
 concurrently or on the GPU's memory model (``bench.gpu_check`` on a GPU does).
+
+By default the check is built with AddressSanitizer and
+UndefinedBehaviorSanitizer (``SANITIZE``), and its buffers end where their
+allocations end, so that a kernel reading or writing one element past a leaf,
+at any size or alignment checked, stops the run with the access's stack: the
+CPU's stand-in for ``compute-sanitizer --tool memcheck``. ``--no-sanitize``
+builds it plain.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -26,6 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "kernels" / "native" / "lars_cuda.cu"
 OUT = ROOT / "build" / "cuda-emulation"
 MAX_LEAVES = 3
+# The sanitizers' flags: every error stops the run (no recovery).
+SANITIZE = (
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+)
 
 
 def kernels_source(text: str) -> str:
@@ -64,21 +79,41 @@ def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
-def main() -> int:
-    """Builds and runs the check; its exit status."""
+def build(kernels: str, out: Path, sanitize: bool = True) -> Path | None:
+    """Compiles ``check.cc`` with ``kernels`` (a :func:`kernels_source` text) in ``out``.
+
+    Returns the executable, or None when the compiler failed (its errors are
+    printed). Raises RuntimeError without a compiler or the CUDA headers.
+    """
     include = cuda_include()
     compiler = cxx_compiler()
     if include is None or compiler is None:
-        print("needs a C++20 compiler and the CUDA toolkit's headers (cuda_bf16.h)")
-        return 2
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "lars_cuda_kernels.inc").write_text(kernels_source(SOURCE.read_text()))
-    exe = OUT / "check"
+        raise RuntimeError("needs a C++20 compiler and the CUDA toolkit's headers (cuda_bf16.h)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lars_cuda_kernels.inc").write_text(kernels)
+    exe = out / "check"
     here = ROOT / "bench" / "cuda_emulation"
     cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{include}"]
-    cmd += [f"-I{OUT}", f"-I{here}", f"-I{SOURCE.parent}", str(here / "check.cc"), "-o", str(exe)]
-    if subprocess.run(cmd).returncode != 0:
+    cmd += list(SANITIZE) if sanitize else []
+    cmd += [f"-I{out}", f"-I{here}", f"-I{SOURCE.parent}", str(here / "check.cc"), "-o", str(exe)]
+    return exe if subprocess.run(cmd).returncode == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Builds and runs the check; its exit status."""
+    parser = argparse.ArgumentParser(prog="python -m bench.cuda_emulate", description=__doc__)
+    parser.add_argument(
+        "--no-sanitize", action="store_true", help="build without AddressSanitizer and UBSan"
+    )
+    args = parser.parse_args(argv)
+    try:
+        exe = build(kernels_source(SOURCE.read_text()), OUT, sanitize=not args.no_sanitize)
+    except RuntimeError as e:
+        print(e)
+        return 2
+    if exe is None:
         return 1
+    print("sanitizers:", "none" if args.no_sanitize else "address,undefined", flush=True)
     return subprocess.run([str(exe)]).returncode
 
 

@@ -5,9 +5,10 @@
 for the CPU with stand-ins for the CUDA built-ins and checks every dtype pair,
 output mode and three option sets against float64 sums and a scalar reference
 of the update, and the fused launch (``lars_cuda_fused.cuh``) against the two
-launches' bits (``bench/cuda_emulation/check.cc``). It needs a C++20 compiler
-and the CUDA toolkit's headers, not a GPU; without the headers it cannot
-compile and the test says so.
+launches' bits (``bench/cuda_emulation/check.cc``), built with AddressSanitizer
+and UBSan (a negative control reads past a leaf and must be stopped). It
+needs a C++20 compiler and the CUDA toolkit's headers, not a GPU; without the
+headers it cannot compile and the test says so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree
 
 from bench import cuda_emulate  # noqa: E402
 
+NEEDS_TOOLS = pytest.mark.skipif(
+    cuda_emulate.cuda_include() is None or cuda_emulate.cxx_compiler() is None,
+    reason="needs the CUDA toolkit's headers (cuda_bf16.h) and a C++20 compiler",
+)
+
 
 def test_the_kernels_are_cut_out_with_a_small_launch():
     part = cuda_emulate.kernels_source(cuda_emulate.SOURCE.read_text())
@@ -38,10 +44,7 @@ def test_the_kernels_are_cut_out_with_a_small_launch():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    cuda_emulate.cuda_include() is None or cuda_emulate.cxx_compiler() is None,
-    reason="needs the CUDA toolkit's headers (cuda_bf16.h) and a C++20 compiler",
-)
+@NEEDS_TOOLS
 def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
     done = subprocess.run(
         [sys.executable, "-m", "bench.cuda_emulate"],
@@ -56,3 +59,19 @@ def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
         r"^OK (\d+) configurations x 2 alignments, and fused at 2 lookaheads$", done.stdout, re.M
     )
     assert found and int(found.group(1)) >= 72, output[-8000:]
+    # Built with AddressSanitizer and UBSan: an access past a buffer stops it.
+    assert "sanitizers: address,undefined" in done.stdout, output[-8000:]
+
+
+@NEEDS_TOOLS
+def test_a_read_past_a_leaf_stops_the_sanitized_check(tmp_path: Path):
+    """Negative control: the sums reading one element past each leaf's end."""
+    source = cuda_emulate.kernels_source(cuda_emulate.SOURCE.read_text())
+    exact = "const int64_t end = min(leaf.n, begin + t.chunk);"
+    assert exact in source
+    mutated = source.replace(exact, "const int64_t end = min(leaf.n + 1, begin + t.chunk);")
+    exe = cuda_emulate.build(mutated, tmp_path)
+    assert exe is not None
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-4000:]

@@ -1,7 +1,7 @@
 // Host stand-ins for the CUDA built-ins that kernels/native/lars_cuda.cu's
 // kernels use, so that check.cc can run them on the CPU: a launch runs its
 // blocks one after another, the threads of a block as std::threads meeting at
-// a barrier for __syncthreads; __shared__ variables are function statics
+// a barrier for __syncthreads (and between blocks); __shared__ variables are function statics
 // (shared by the threads of the block running); atomics and fences are the
 // host's. What this cannot show: behaviour that depends on blocks running
 // concurrently or on the GPU's memory model.
@@ -29,7 +29,7 @@
 #define __shared__ static
 struct Dim { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim threadIdx;
-inline Dim blockIdx;
+inline thread_local Dim blockIdx;
 inline std::barrier<>* g_barrier = nullptr;
 inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
