@@ -13,7 +13,10 @@ on) and all of them within ``--budget`` seconds:
    jaxlib, into ``kernels/native/lib/``, where the checkout loads it from;
 3. the phases of ``bench.gpu_check_phases``: ``smoke``, ``correctness``,
    ``timing-model`` (ResNet-50), ``ncu``, ``timing-tuning`` (the fused
-   Triton launch at other geometries), ``timing-array`` (64M elements). The
+   Triton launch at other geometries), ``timing-array`` (64M elements),
+   ``sanitize`` (compute-sanitizer's memcheck, synccheck, racecheck and
+   initcheck on the native and Triton kernels, ``bench.gpu_check_sanitize``;
+   last, as the budget allows: ``--only sanitize`` runs it alone). The
    timing steps time 20 steps per jitted call (``--steps-per-call``).
 
 It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
@@ -61,12 +64,14 @@ STEPS: tuple[tuple[str, float, float], ...] = (
     ("ncu", 120, 300),
     ("timing-tuning", 90, 300),
     ("timing-array", 90, 300),
+    ("sanitize", 150, 300),
 )
 # The whole run's default budget on a GPU. From the two runs on an H200
 # (2026-12-04: correctness 144 s, the 20-step ResNet-50 timing about 80 s a
 # gradient dtype, ncu 20 to 35 s a form) the steps above should take about
 # 530 s, not yet measured in one run; one device call may run 600 s. A step
-# the budget cannot fit fails "out of time", so the last ones go first.
+# the budget cannot fit fails "out of time", so the last ones go first:
+# ``sanitize`` may get only what is left (``--only sanitize`` runs it alone).
 GPU_BUDGET_S = 540.0
 RESERVE_S = 10.0
 # Steps per jitted call in the timing steps on a GPU (``bench.steps.looped``):
@@ -240,6 +245,7 @@ def environment(cpu: bool) -> dict[str, Any]:
         "nvidia-smi": ["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
         "nvcc": ["--version"],
         "ncu": ["--version"],
+        "compute-sanitizer": ["--version"],
     }
     for tool, args in tools.items():
         if cpu:

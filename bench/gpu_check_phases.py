@@ -414,7 +414,9 @@ PHASES: dict[str, Callable[..., dict[str, Any]]] = {
 def main(argv: list[str] | None = None) -> int:
     """Runs one phase; writes its JSON; 0 when it passed or was skipped."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=[*PHASES, "ncu", "ncu-target"])
+    parser.add_argument(
+        "phase", choices=[*PHASES, "ncu", "ncu-target", "sanitize", "sanitize-target"]
+    )
     parser.add_argument("--json", required=True)
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--timeout", type=float, default=600.0, help="the phase's own limit")
@@ -433,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = gpu_check_ncu.ncu(args.cpu, args.json, limit, RESULT)
             else:
                 result = gpu_check_ncu.ncu_target(args.cpu, args.form)
+        elif args.phase in ("sanitize", "sanitize-target"):
+            from bench import gpu_check_sanitize as sanitizer
+
+            if args.phase == "sanitize":
+                limit = max(10.0, args.timeout - 15.0)
+                result = sanitizer.sanitize(args.cpu, args.json, limit, RESULT)
+            else:
+                result = sanitizer.sanitize_target(args.cpu, args.timeout)
         elif args.phase.startswith("timing"):
             result = PHASES[args.phase](args.cpu, args.steps_per_call)
         else:
@@ -441,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         result = {"status": "fail", "reason": _error(e)}
     result = {**RESULT.result, **result}
-    if args.phase != "ncu-target":  # what the phase's process saw (the report's first)
+    if not args.phase.endswith("-target"):  # what the phase's process saw (the report's first)
         result["environment"] = _environment()
     if result["status"] == "running":
         ok = all(c["ok"] for c in result["checks"])

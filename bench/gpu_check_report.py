@@ -104,6 +104,17 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += _ncu_forms_table(ncu.get("forms") or ncu.get("ncu_forms") or {})
         if ncu.get("details"):
             lines += ["", "The fused kernel, one launch:", "", "```", ncu["details"], "```"]
+    tools = doc["steps"].get("sanitize", {}).get("tools", {})
+    if tools:
+        lines += ["", "## compute-sanitizer (the native and Triton kernels)", ""]
+        lines += ["| tool | status | errors | s | first findings or reason |"]
+        lines += ["|---|---|---:|---:|---|"]
+        for tool, r in tools.items():
+            said = "; ".join(r.get("findings", [])[:6]) if r.get("errors") else r.get("reason", "")
+            lines.append(
+                f"| {tool} | {r['status']} | {_num(r.get('errors'), 'd')} "
+                f"| {_num(r.get('seconds'), '.0f')} | {said[:600]} |"
+            )
     return "\n".join(lines) + "\n"
 
 

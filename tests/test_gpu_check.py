@@ -264,6 +264,9 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
         assert steps[name]["status"] == "ok", (name, steps[name])
     assert steps["wheels"]["status"] == steps["build"]["status"] == "skipped"
     assert steps["ncu"]["status"] == "skipped" and steps["ncu"]["n_params"] > 0
+    # No compute-sanitizer on a CPU: its target ran every form, dtype and mode as is.
+    assert steps["sanitize"]["status"] == "skipped" and "target ran" in steps["sanitize"]["reason"]
+    assert "native/bf16/apply" in steps["sanitize"]["steps"]
     forms = [f.name for f in gpu_check_cases.forms(cpu=True)]
     smoke = {c["case"] for c in steps["smoke"]["checks"]}
     assert smoke == {f"{f}/{m}" for f in ["reference", *forms] for m in gpu_check_cases.MODES}
