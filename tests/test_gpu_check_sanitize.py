@@ -89,3 +89,25 @@ def test_no_sanitizer_or_no_tool_finishing_is_a_skip(tmp_path: Path, monkeypatch
     monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(fake))
     got = sanitizer.sanitize(False, str(tmp_path / "r.json"), 60, gpu_check_phases.Partial())
     assert got["status"] == "skipped" and "memcheck: rc 1" in got["reason"]
+
+
+def test_a_refused_kernel_filter_is_dropped(tmp_path: Path, monkeypatch):
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(
+        "#!" + sys.executable + "\n"
+        "import sys\n"
+        f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "if '--kernel-name' in sys.argv:\n"
+        "    print(\"Unrecognized option '--kernel-name'\"); sys.exit(1)\n"
+        "print('========= ERROR SUMMARY: 0 errors')\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(fake))
+    partial = gpu_check_phases.Partial()
+    result = sanitizer.sanitize(False, str(tmp_path / "r.json"), 120, partial)
+    assert [c["ok"] for c in partial.result["checks"]] == [True] * len(sanitizer.TOOLS)
+    assert "every kernel checked" in result["tools"]["memcheck"]["note"]
+    calls = log.read_text().splitlines()
+    assert len(calls) == len(sanitizer.TOOLS) + 1
+    assert "--kernel-name" in calls[0] and not any("--kernel-name" in c for c in calls[1:])
