@@ -16,7 +16,7 @@ on) and all of them within ``--budget`` seconds:
    Triton launch at other geometries), ``timing-array`` (64M elements),
    ``sanitize`` (compute-sanitizer's memcheck, synccheck, racecheck and
    initcheck on the native and Triton kernels, ``bench.gpu_check_sanitize``;
-   last, as the budget allows: ``--only sanitize`` runs it alone). The
+   last, as the budget allows: ``--only wheels,build,sanitize`` runs it alone). The
    timing steps time 20 steps per jitted call (``--steps-per-call``).
 
 It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
@@ -71,7 +71,7 @@ STEPS: tuple[tuple[str, float, float], ...] = (
 # gradient dtype, ncu 20 to 35 s a form) the steps above should take about
 # 530 s, not yet measured in one run; one device call may run 600 s. A step
 # the budget cannot fit fails "out of time", so the last ones go first:
-# ``sanitize`` may get only what is left (``--only sanitize`` runs it alone).
+# ``sanitize`` may get only what is left (``--only wheels,build,sanitize``).
 GPU_BUDGET_S = 540.0
 RESERVE_S = 10.0
 # Steps per jitted call in the timing steps on a GPU (``bench.steps.looped``):
