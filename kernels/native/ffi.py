@@ -299,7 +299,7 @@ def run(spec: contract.StepSpec, inputs: contract.StepInputs) -> contract.StepRe
     outs = 0 if mode == MOMENTUM_ONLY else n
     new_momentum = list(results[outs : outs + n])
     # Scalars for the contract; XLA folds the front end's stack of them back
-    # into this vector (tests/test_native_ffi.py checks the compiled step).
+    # into this vector (tests/test_native_api.py checks the compiled step).
     ratio_vector = results[outs + n]
     trust_ratios = [ratio_vector[i] for i in range(n)]
     if mode != MOMENTUM_ONLY:
