@@ -30,7 +30,7 @@ def test_the_summaries_are_read():
     racecheck = "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warnings)\n"
     assert sanitizer.parse_errors(racecheck) == 2
     assert sanitizer.parse_errors("Error: Device not supported\n") is None
-    first = sanitizer.findings(MEMCHECK)
+    first = sanitizer.findings("a line of the target's own\n" + MEMCHECK)
     assert first[0] == "Invalid __global__ read of size 4 bytes" and len(first) == 3
 
 
