@@ -121,9 +121,10 @@ def parse_errors(text: str) -> int | None:
 
 def findings(text: str, limit: int = 12) -> list[str]:
     """The sanitizer's first report lines (``========= `` prefixed, not summaries)."""
-    said = [x.removeprefix("=========").strip() for x in text.splitlines()]
-    marked = [x for x, line in zip(said, text.splitlines()) if line.startswith("=========")]
-    keep = [x for x in marked if x and "SUMMARY" not in x and x != "COMPUTE-SANITIZER"]
+    said = [
+        x.removeprefix("=========").strip() for x in text.splitlines() if x.startswith("=========")
+    ]
+    keep = [x for x in said if x and "SUMMARY" not in x and x != "COMPUTE-SANITIZER"]
     return keep[:limit]
 
 
