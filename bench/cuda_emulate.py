@@ -12,12 +12,21 @@ This checks the kernels' indexing, vector groups, reductions, tickets and
 arithmetic without a GPU; it cannot show what depends on blocks running
 concurrently or on the GPU's memory model (``bench.gpu_check`` on a GPU does).
 
-By default the check is built with AddressSanitizer and
-UndefinedBehaviorSanitizer (``SANITIZE``), and its buffers end where their
-allocations end, so that a kernel reading or writing one element past a leaf,
-at any size or alignment checked, stops the run with the access's stack: the
-CPU's stand-in for ``compute-sanitizer --tool memcheck``. ``--no-sanitize``
-builds it plain.
+``--sanitize`` chooses how the check is built (``SANITIZE``):
+
+* ``address`` (the default): AddressSanitizer and UndefinedBehaviorSanitizer.
+  The buffers end where their allocations end, so that a kernel reading or
+  writing one element past a leaf, at any size or alignment checked, stops
+  the run with the access's stack: the CPU's stand-in for
+  ``compute-sanitizer --tool memcheck``.
+* ``thread``: ThreadSanitizer, on the quick configurations (``check quick``:
+  float32 and bfloat16 in place, with and without the global-norm clip; all
+  of them take TSan well over 15 minutes with a block's 256 threads). A
+  block's threads are real threads meeting at barriers, so a shared-memory
+  access that a missing ``__syncthreads`` leaves unordered is reported: the
+  stand-in for ``--tool racecheck`` within a block (blocks run one after
+  another here).
+* ``none``: a plain build.
 """
 
 from __future__ import annotations
@@ -34,13 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "kernels" / "native" / "lars_cuda.cu"
 OUT = ROOT / "build" / "cuda-emulation"
 MAX_LEAVES = 3
-# The sanitizers' flags: every error stops the run (no recovery).
-SANITIZE = (
-    "-fsanitize=address,undefined",
-    "-fno-sanitize-recover=all",
-    "-fno-omit-frame-pointer",
-    "-g",
-)
+# The sanitizers' flags, and the check's arguments under each: every error
+# stops the run (no recovery; TSAN_OPTIONS halt_on_error).
+_DEBUG = ("-fno-omit-frame-pointer", "-g")
+SANITIZE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "address": (("-fsanitize=address,undefined", "-fno-sanitize-recover=all", *_DEBUG), ()),
+    "thread": (("-fsanitize=thread", "-Wno-tsan", *_DEBUG), ("quick",)),
+    "none": ((), ()),
+}
 
 
 def kernels_source(text: str) -> str:
@@ -79,7 +89,7 @@ def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
-def build(kernels: str, out: Path, sanitize: bool = True) -> Path | None:
+def build(kernels: str, out: Path, sanitize: str = "address") -> Path | None:
     """Compiles ``check.cc`` with ``kernels`` (a :func:`kernels_source` text) in ``out``.
 
     Returns the executable, or None when the compiler failed (its errors are
@@ -94,7 +104,7 @@ def build(kernels: str, out: Path, sanitize: bool = True) -> Path | None:
     exe = out / "check"
     here = ROOT / "bench" / "cuda_emulation"
     cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{include}"]
-    cmd += list(SANITIZE) if sanitize else []
+    cmd += list(SANITIZE[sanitize][0])
     cmd += [f"-I{out}", f"-I{here}", f"-I{SOURCE.parent}", str(here / "check.cc"), "-o", str(exe)]
     return exe if subprocess.run(cmd).returncode == 0 else None
 
@@ -102,19 +112,22 @@ def build(kernels: str, out: Path, sanitize: bool = True) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """Builds and runs the check; its exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench.cuda_emulate", description=__doc__)
-    parser.add_argument(
-        "--no-sanitize", action="store_true", help="build without AddressSanitizer and UBSan"
-    )
+    parser.add_argument("--sanitize", choices=sorted(SANITIZE), default="address")
     args = parser.parse_args(argv)
     try:
-        exe = build(kernels_source(SOURCE.read_text()), OUT, sanitize=not args.no_sanitize)
+        exe = build(kernels_source(SOURCE.read_text()), OUT, sanitize=args.sanitize)
     except RuntimeError as e:
         print(e)
         return 2
     if exe is None:
         return 1
-    print("sanitizers:", "none" if args.no_sanitize else "address,undefined", flush=True)
-    return subprocess.run([str(exe)]).returncode
+    print("sanitizer:", args.sanitize, flush=True)
+    return subprocess.run([str(exe), *SANITIZE[args.sanitize][1]], env=run_env()).returncode
+
+
+def run_env() -> dict[str, str]:
+    """The check's environment: ThreadSanitizer stops at its first report."""
+    return dict(os.environ, TSAN_OPTIONS="halt_on_error=1 " + os.environ.get("TSAN_OPTIONS", ""))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ the native fused launch at its smallest chunk and lookahead (many items,
 updates waiting on sums): fp32 first, and no step starts after
 ``TARGET_SHARE`` of the tool's time, so that the sanitizer still prints its
 summary. ``bench.gpu_check_phases`` starts it and writes its result; each
-tool that finished is a check, passed when it reported no error. The CPU's
-stand-in for memcheck on the native kernels is ``make cuda-emulate``
-(AddressSanitizer).
+tool that finished is a check, passed when it reported no error. On the
+CPU, ``bench.cuda_emulate`` stands in for memcheck (AddressSanitizer, the
+default) and, within a block, for racecheck (``--sanitize thread``) on the
+native kernels.
 """
 
 from __future__ import annotations
