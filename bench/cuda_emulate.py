@@ -27,6 +27,14 @@ concurrently or on the GPU's memory model (``bench.gpu_check`` on a GPU does).
   stand-in for ``--tool racecheck`` within a block (blocks run one after
   another here).
 * ``none``: a plain build.
+
+``--concurrent`` runs every block of a launch at once, each a host thread
+(``kThreads`` set to 1, so a block is one thread and its shared memory that
+thread's): the fused launch's claims, windows and waits, and the sums'
+last-block election, in the kernels' own code with blocks racing (the claim
+protocol's model, ``bench/native_fused_protocol.py``, covers the schedules).
+The host's memory model is stronger than the GPU's: what it cannot show is
+an ordering that only the GPU's weaker one breaks.
 """
 
 from __future__ import annotations
@@ -53,22 +61,23 @@ SANITIZE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def kernels_source(text: str) -> str:
-    """The kernels part of ``lars_cuda.cu``, with ``kMaxLeaves`` set to ``MAX_LEAVES``.
+def kernels_source(text: str, threads: int | None = None) -> str:
+    """The kernels part of ``lars_cuda.cu``, with ``kMaxLeaves`` set to ``MAX_LEAVES``
+    (and ``kThreads``, a block's threads, to ``threads`` when given).
 
     Raises:
-      ValueError: if the markers or the ``kMaxLeaves`` line are not found.
+      ValueError: if the markers, the ``kMaxLeaves`` or the ``kThreads`` line
+        are not found.
     """
     start, end = text.find("constexpr int kThreads"), text.find("// --- handler")
     if start < 0 or end < start:
         raise ValueError("lars_cuda.cu: no 'constexpr int kThreads' ... '// --- handler' section")
-    part, n = re.subn(
-        r"constexpr int kMaxLeaves = \d+;",
-        f"constexpr int kMaxLeaves = {MAX_LEAVES};",
-        text[start:end],
-    )
-    if n != 1:
-        raise ValueError("lars_cuda.cu: no 'constexpr int kMaxLeaves = N;' line")
+    part = text[start:end]
+    values = {"kMaxLeaves": MAX_LEAVES, **({"kThreads": threads} if threads else {})}
+    for name, value in values.items():
+        part, n = re.subn(rf"constexpr int {name} = \d+;", f"constexpr int {name} = {value};", part)
+        if n != 1:
+            raise ValueError(f"lars_cuda.cu: no 'constexpr int {name} = N;' line")
     return part
 
 
@@ -89,11 +98,15 @@ def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
-def build(kernels: str, out: Path, sanitize: str = "address") -> Path | None:
+def build(
+    kernels: str, out: Path, sanitize: str = "address", concurrent: bool = False
+) -> Path | None:
     """Compiles ``check.cc`` with ``kernels`` (a :func:`kernels_source` text) in ``out``.
 
-    Returns the executable, or None when the compiler failed (its errors are
-    printed). Raises RuntimeError without a compiler or the CUDA headers.
+    ``concurrent``: a launch's blocks run at once, one host thread each
+    (``kernels`` must have ``threads=1``). Returns the executable, or None
+    when the compiler failed (its errors are printed). Raises RuntimeError
+    without a compiler or the CUDA headers.
     """
     include = cuda_include()
     compiler = cxx_compiler()
@@ -105,6 +118,7 @@ def build(kernels: str, out: Path, sanitize: str = "address") -> Path | None:
     here = ROOT / "bench" / "cuda_emulation"
     cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{include}"]
     cmd += list(SANITIZE[sanitize][0])
+    cmd += ["-DLARS_EMULATE_CONCURRENT_BLOCKS"] if concurrent else []
     cmd += [f"-I{out}", f"-I{here}", f"-I{SOURCE.parent}", str(here / "check.cc"), "-o", str(exe)]
     return exe if subprocess.run(cmd).returncode == 0 else None
 
@@ -113,15 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     """Builds and runs the check; its exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench.cuda_emulate", description=__doc__)
     parser.add_argument("--sanitize", choices=sorted(SANITIZE), default="address")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="blocks of one thread, all of a launch's at once (not with --sanitize thread)",
+    )
     args = parser.parse_args(argv)
+    if args.concurrent and args.sanitize == "thread":
+        parser.error("--concurrent: the kernels' volatile loads of flags are races to TSan")
+    out = OUT / "concurrent" if args.concurrent else OUT
+    kernels = kernels_source(SOURCE.read_text(), threads=1 if args.concurrent else None)
     try:
-        exe = build(kernels_source(SOURCE.read_text()), OUT, sanitize=args.sanitize)
+        exe = build(kernels, out, sanitize=args.sanitize, concurrent=args.concurrent)
     except RuntimeError as e:
         print(e)
         return 2
     if exe is None:
         return 1
-    print("sanitizer:", args.sanitize, flush=True)
+    print("sanitizer:", args.sanitize, "(concurrent blocks)" if args.concurrent else "", flush=True)
     return subprocess.run([str(exe), *SANITIZE[args.sanitize][1]], env=run_env()).returncode
 
 

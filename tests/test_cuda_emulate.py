@@ -8,7 +8,8 @@ of the update, and the fused launch (``lars_cuda_fused.cuh``) against the two
 launches' bits (``bench/cuda_emulation/check.cc``), built with AddressSanitizer
 and UBSan (a negative control reads past a leaf and must be stopped), and
 under ThreadSanitizer on its quick configurations (a negative control drops
-a barrier and must be reported). It
+a barrier and must be reported), and with every block of a launch running at
+once (the fused launch's claims racing). It
 needs a C++20 compiler and the CUDA toolkit's headers, not a GPU; without the
 headers it cannot compile and the test says so.
 """
@@ -39,6 +40,8 @@ def test_the_kernels_are_cut_out_with_a_small_launch():
     assert part.startswith("constexpr int kThreads")
     assert f"constexpr int kMaxLeaves = {cuda_emulate.MAX_LEAVES};" in part
     assert "__global__ void UpdateKernel" in part and "XLA_FFI" not in part
+    one = cuda_emulate.kernels_source(cuda_emulate.SOURCE.read_text(), threads=1)
+    assert one.startswith("constexpr int kThreads = 1;")
     with pytest.raises(ValueError, match="kMaxLeaves"):
         cuda_emulate.kernels_source("constexpr int kThreads = 1;\n// --- handler")
     with pytest.raises(ValueError, match="handler"):
@@ -110,3 +113,23 @@ def test_a_missing_barrier_is_a_race_thread_sanitizer_reports(tmp_path: Path):
     done = _run_thread_sanitized(mutated, tmp_path)
     assert done.returncode != 0
     assert "WARNING: ThreadSanitizer: data race" in done.stderr, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+@NEEDS_TOOLS
+def test_the_fused_launch_on_concurrent_blocks_gives_the_two_launches_bits():
+    """Every block of a launch at once, one host thread each: the fused launch's
+    claims race (8 blocks, lookaheads 1, 3 and 1000 at 1024 elements a chunk,
+    three runs each), under AddressSanitizer, against the two launches' bits."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cuda_emulate", "--concurrent"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-8000:]
+    found = re.search(r"^OK (\d+) configurations, fused on 8 concurrent blocks", done.stdout, re.M)
+    assert found and int(found.group(1)) >= 72, output[-8000:]
+    assert "sanitizer: address (concurrent blocks)" in done.stdout
