@@ -47,8 +47,8 @@ __device__ __forceinline__ unsigned int LoadVolatile(const unsigned int* p) {
 }
 
 __device__ __forceinline__ void Pause() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  __nanosleep(200);
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700) || defined(LARS_EMULATE_CONCURRENT_BLOCKS)
+  __nanosleep(200);  // in bench/cuda_emulation (concurrent blocks): a yield
 #endif
 }
 
