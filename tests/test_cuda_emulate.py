@@ -48,11 +48,10 @@ def test_the_kernels_are_cut_out_with_a_small_launch():
         cuda_emulate.kernels_source("no markers")
 
 
-@pytest.mark.slow
-@NEEDS_TOOLS
-def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
+def _emulate(*args: str) -> tuple[str, str]:
+    """Runs ``python -m bench.cuda_emulate ARGS``; (its stdout, all its output), passed."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cuda_emulate"],
+        [sys.executable, "-m", "bench.cuda_emulate", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -60,12 +59,19 @@ def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-8000:]
+    return done.stdout, output
+
+
+@pytest.mark.slow
+@NEEDS_TOOLS
+def test_the_cuda_kernels_pass_their_checks_on_the_cpu():
+    stdout, output = _emulate()
     found = re.search(
-        r"^OK (\d+) configurations x 2 alignments, and fused at 2 lookaheads$", done.stdout, re.M
+        r"^OK (\d+) configurations x 2 alignments, and fused at 2 lookaheads$", stdout, re.M
     )
     assert found and int(found.group(1)) >= 72, output[-8000:]
     # Built with AddressSanitizer and UBSan: an access past a buffer stops it.
-    assert "sanitizer: address" in done.stdout, output[-8000:]
+    assert "sanitizer: address" in stdout, output[-8000:]
 
 
 @NEEDS_TOOLS
@@ -121,15 +127,7 @@ def test_the_fused_launch_on_concurrent_blocks_gives_the_two_launches_bits():
     """Every block of a launch at once, one host thread each: the fused launch's
     claims race (8 blocks, lookaheads 1, 3 and 1000 at 1024 elements a chunk,
     three runs each), under AddressSanitizer, against the two launches' bits."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cuda_emulate", "--concurrent"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-8000:]
-    found = re.search(r"^OK (\d+) configurations, fused on 8 concurrent blocks", done.stdout, re.M)
+    stdout, output = _emulate("--concurrent")
+    found = re.search(r"^OK (\d+) configurations, fused on 8 concurrent blocks", stdout, re.M)
     assert found and int(found.group(1)) >= 72, output[-8000:]
-    assert "sanitizer: address (concurrent blocks)" in done.stdout
+    assert "sanitizer: address (concurrent blocks)" in stdout

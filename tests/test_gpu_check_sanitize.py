@@ -24,6 +24,14 @@ MEMCHECK = """========= COMPUTE-SANITIZER
 """
 
 
+def _stand_in(tmp_path: Path, body: str) -> Path:
+    """An executable Python script in ``tmp_path``: a compute-sanitizer stand-in."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text("#!" + sys.executable + "\nimport json, os, sys\n" + body)
+    fake.chmod(0o755)
+    return fake
+
+
 def test_the_summaries_are_read():
     assert sanitizer.parse_errors(MEMCHECK) == 1
     assert sanitizer.parse_errors("========= ERROR SUMMARY: 0 errors\n") == 0
@@ -38,10 +46,8 @@ def test_each_tool_that_finished_is_a_check(tmp_path: Path, monkeypatch):
     # A stand-in: memcheck finds an error, synccheck and racecheck none,
     # initcheck cannot run. It records its arguments and environment.
     log = tmp_path / "calls.jsonl"
-    fake = tmp_path / "compute-sanitizer"
-    fake.write_text(
-        "#!" + sys.executable + "\n"
-        "import json, os, sys\n"
+    fake = _stand_in(
+        tmp_path,
         f"open({str(log)!r}, 'a').write(json.dumps({{'argv': sys.argv, "
         "'alloc': os.environ.get('XLA_PYTHON_CLIENT_ALLOCATOR')}) + '\\n')\n"
         "tool = sys.argv[sys.argv.index('--tool') + 1]\n"
@@ -50,9 +56,8 @@ def test_each_tool_that_finished_is_a_check(tmp_path: Path, monkeypatch):
         "    print('========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)')\n"
         "    sys.exit(0)\n"
         "if tool == 'initcheck':\n    print('Error: Device not supported'); sys.exit(1)\n"
-        "print('========= ERROR SUMMARY: 0 errors')\n"
+        "print('========= ERROR SUMMARY: 0 errors')\n",
     )
-    fake.chmod(0o755)
     monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(fake))
     partial = gpu_check_phases.Partial()
     result = sanitizer.sanitize(False, str(tmp_path / "r.json"), 120, partial)
@@ -83,9 +88,7 @@ def test_no_sanitizer_or_no_tool_finishing_is_a_skip(tmp_path: Path, monkeypatch
     monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: None)
     got = sanitizer.sanitize(False, str(tmp_path / "r.json"), 60, gpu_check_phases.Partial())
     assert got == {"status": "skipped", "reason": "compute-sanitizer not found"}
-    fake = tmp_path / "compute-sanitizer"
-    fake.write_text("#!/bin/sh\necho 'Error: Device not supported'\nexit 1\n")
-    fake.chmod(0o755)
+    fake = _stand_in(tmp_path, "print('Error: Device not supported'); sys.exit(1)\n")
     monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(fake))
     got = sanitizer.sanitize(False, str(tmp_path / "r.json"), 60, gpu_check_phases.Partial())
     assert got["status"] == "skipped" and "memcheck: rc 1" in got["reason"]
@@ -93,16 +96,13 @@ def test_no_sanitizer_or_no_tool_finishing_is_a_skip(tmp_path: Path, monkeypatch
 
 def test_a_refused_kernel_filter_is_dropped(tmp_path: Path, monkeypatch):
     log = tmp_path / "calls.txt"
-    fake = tmp_path / "compute-sanitizer"
-    fake.write_text(
-        "#!" + sys.executable + "\n"
-        "import sys\n"
+    fake = _stand_in(
+        tmp_path,
         f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
         "if '--kernel-name' in sys.argv:\n"
         "    print(\"Unrecognized option '--kernel-name'\"); sys.exit(1)\n"
-        "print('========= ERROR SUMMARY: 0 errors')\n"
+        "print('========= ERROR SUMMARY: 0 errors')\n",
     )
-    fake.chmod(0o755)
     monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(fake))
     partial = gpu_check_phases.Partial()
     result = sanitizer.sanitize(False, str(tmp_path / "r.json"), 120, partial)
