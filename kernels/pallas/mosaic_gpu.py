@@ -149,6 +149,7 @@ def update_kernel(
     plan: TilePlan,
     leaves: Sequence[LeafSpec],
     flags: ew.Flags,
+    ratio_index: Sequence[int] | None = None,
 ) -> None:
     """Update pass: each block updates one tile of one leaf.
 
@@ -156,7 +157,9 @@ def update_kernel(
     updates (or new params, with ``flags.write_params``) and new momenta
     (outputs). The launcher aliases the new momenta (and params) to the
     inputs: a block reads all of its elements before it writes them, and no
-    block reads another's.
+    block reads another's. Leaf i's trust ratio is ``ratios_ref[ratio_index[i]]``
+    (``ratios_ref[i]`` without an index): every launch reads the one ratio
+    vector, no gather makes a copy for each.
     """
     n = len(leaves)
     w_refs, g_refs, v_refs, first_refs, vout_refs = (refs[i * n : (i + 1) * n] for i in range(5))
@@ -169,7 +172,7 @@ def update_kernel(
         leaf = leaves[i]
 
         def run() -> None:
-            ratio = ratios_ref[i]
+            ratio = ratios_ref[i if ratio_index is None else ratio_index[i]]
             pieces = _pieces(branch, start)
             # All loads before any store: the end window overlaps the bulk
             # piece, and the outputs may be the inputs' buffers.
@@ -230,7 +233,7 @@ def leaf_sums(
     big, small, pick = _split(leaves)
     rows = [None] * len(leaves)
     if small:
-        part = ew.leaf_sums_reference(
+        part = small_sums(
             None if params is None else pick(params, small),
             pick(grads, small),
             scalars,
@@ -252,6 +255,52 @@ def leaf_sums(
         )
         for k, i in enumerate(idx):
             rows[i] = part[k]
+    return jnp.stack(rows)
+
+
+def small_sums(
+    params: Sequence[jax.Array] | None,
+    grads: Sequence[jax.Array],
+    scalars: jax.Array,
+    flags: ew.Flags,
+    leaves: Sequence[LeafSpec],
+) -> jax.Array:
+    """The norm pass of leaves under 128 elements, in XLA: (len(leaves), 2) float32 sums.
+
+    The leaves are zero-padded to 128 elements and stacked, one (leaves, 128)
+    array per weight-decay setting, and summed along rows: one reduction (one
+    launch) for each setting instead of one per leaf (ResNet-50 has 14 such
+    leaves). The padding is masked out of both sums.
+    """
+    rows: list = [None] * len(leaves)
+    for decay in (False, True):
+        idx = [k for k, leaf in enumerate(leaves) if leaf.decay == decay]
+        if not idx:
+            continue
+        valid = np.zeros((len(idx), WARPGROUP), bool)
+        for r, k in enumerate(idx):
+            valid[r, : leaves[k].size] = True
+
+        def stacked(xs, idx=idx):
+            return jnp.stack(
+                [
+                    jnp.pad(xs[k].reshape(-1).astype(jnp.float32), (0, WARPGROUP - leaves[k].size))
+                    for k in idx
+                ]
+            )
+
+        g = stacked(grads)
+        if params is None:
+            s_w = jnp.sum(jnp.where(valid, g * g, 0.0), axis=1)
+            s_u = jnp.zeros_like(s_w)
+        else:
+            w = stacked(params)
+            u = ew.effective_grad(g, w, scalars, flags, decay)
+            s_w = jnp.sum(jnp.where(valid, w * w, 0.0), axis=1)
+            s_u = jnp.sum(jnp.where(valid, u * u, 0.0), axis=1)
+        part = jnp.stack([s_w, s_u], axis=1)
+        for r, k in enumerate(idx):
+            rows[k] = part[r]
     return jnp.stack(rows)
 
 
@@ -344,7 +393,8 @@ def update(
             pick(params, idx),
             pick(grads, idx),
             pick(momentum, idx),
-            ratios[np.asarray(idx)],
+            ratios,
+            tuple(idx),
             scalars,
             flags,
             tuple(pick(leaves, idx)),
@@ -356,7 +406,9 @@ def update(
     return updates, new_momentum
 
 
-def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile, interpret):
+def _kernel_update(
+    params, grads, momentum, ratios, ratio_index, scalars, flags, leaves, tile, interpret
+):
     plan = plan_tiles([leaf.size for leaf in leaves], tile)
     flat = [x.reshape(-1) for x in (*params, *grads, *momentum)]
     out_type = [jax.ShapeDtypeStruct((leaf.size,), leaf.param_dtype) for leaf in leaves]
@@ -369,7 +421,9 @@ def _kernel_update(params, grads, momentum, ratios, scalars, flags, leaves, tile
     if flags.write_params:
         aliases.update({3 + i: i for i in range(n)})
     kernel = _aliased_kernel(
-        functools.partial(update_kernel, plan=plan, leaves=leaves, flags=flags),
+        functools.partial(
+            update_kernel, plan=plan, leaves=leaves, flags=flags, ratio_index=ratio_index
+        ),
         out_type=tuple(out_type),
         input_output_aliases=aliases,
         grid=(plan.num_blocks,),

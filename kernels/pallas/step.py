@@ -163,7 +163,12 @@ def _step(params, grads, momentum, values, given, *, launch: Launch):
                 leaves=_pick(leaves, measured),
                 **kw,
             )
-            sums = sums.at[np.asarray(measured, np.int32)].set(part)
+            # Every leaf measured, in order (the usual case): the sums as they
+            # are, no zeros and scatter (two launches fewer on a GPU).
+            if measured == list(range(len(leaves))):
+                sums = part
+            else:
+                sums = sums.at[np.asarray(measured, np.int32)].set(part)
         ratio_vector = ew.leaf_ratios(sums, values, flags, leaves)
     else:
         ratio_vector = ew.skipped_ratios(given, values, flags)
@@ -177,7 +182,7 @@ def _step(params, grads, momentum, values, given, *, launch: Launch):
             _pick(params, rest),
             _pick(grads, rest),
             _pick(momentum, rest),
-            ratio_vector[np.asarray(rest, np.int32)],
+            ratio_vector if rest == list(range(len(leaves))) else ratio_vector[np.asarray(rest)],
             values,
             flags=flags,
             leaves=_pick(leaves, rest),
