@@ -1,7 +1,7 @@
 # lars: make demo | make test | make test-fast | make test-jax-0.11 | make test-py3.13
 #       | make bench | make lint
 #       | make format | make docs | make wheel | make clean | make gpu-wheels | make gpu-check
-#       | make gpu-check-cpu | make cuda-emulate
+#       | make gpu-check-cpu | make cuda-emulate | make gpu-compile
 # Every target creates the virtual environment (.venv) with Python >= 3.12 and
 # installs what it needs. Override the interpreter with `make PYTHON=...`.
 #
@@ -52,7 +52,7 @@ TESTS_NEW_PY ?= tests/test_backend_reference.py tests/test_backend_native.py tes
 NATIVE_SRC := CMakeLists.txt $(wildcard kernels/native/*.cc kernels/native/*.h kernels/native/*.cu kernels/native/*.cuh)
 
 .PHONY: all venv test test-fast test-jax-0.11 test-py3.13 lint format demo bench docs wheel clean \
-	gpu-wheels gpu-check gpu-check-cpu cuda-emulate
+	gpu-wheels gpu-check gpu-check-cpu cuda-emulate gpu-compile
 
 all: test
 
@@ -167,6 +167,34 @@ gpu-check-cpu: $(STAMP)
 # C++20 compiler and the CUDA toolkit's headers; no GPU): bench/cuda_emulate.py.
 cuda-emulate:
 	$(or $(PYTHON),python3) -m bench.cuda_emulate
+
+# Every GPU step compiled for an H200 without a GPU (XLA's deviceless
+# compilation, bench/gpu_compile.py): the launches XLA makes of each, checked
+# against their bounds. Its own venv holds the GPU image's jax with the CUDA 13
+# plugins (about 1 GB) and jax-triton; the CUDA handler is built for that jax
+# into build/gpu-compile/lib (needs nvcc). GPU_COMPILE_FLAGS=--quick: the
+# bounded rows only (CI); GPU_COMPILE_FLAGS="--out DIR": the JSON and Markdown.
+VENV_GPUC      := build/venv-gpu-compile
+VPY_GPUC       := $(VENV_GPUC)/bin/python
+STAMP_GPUC     := $(VENV_GPUC)/.installed
+GPUC_LIB       := build/gpu-compile/lib
+GPU_COMPILE_FLAGS ?=
+GPUC_PACKAGES  := "jax==$(JAX_OLD)" "jaxlib==$(JAX_OLD)" "jax-cuda13-plugin==$(JAX_OLD)" \
+	"jax-cuda13-pjrt==$(JAX_OLD)" "optax==0.2.8" "numpy>=1.26" $(GPU_WHEELS) "triton==3.6.0"
+
+$(VPY_GPUC):
+	$(call make-venv,$(VENV_GPUC))
+
+$(STAMP_GPUC): pyproject.toml $(NATIVE_SRC) | $(VPY_GPUC)
+	$(VPY_GPUC) -m pip install --upgrade pip
+	$(VPY_GPUC) -m pip install $(GPUC_PACKAGES)
+	cmake -S . -B build/gpu-compile/cmake -DPython3_EXECUTABLE=$(abspath $(VPY_GPUC)) \
+		-DLARS_NATIVE_CPU=OFF -DLARS_NATIVE_CUDA=ON -DLARS_NATIVE_OUTPUT_DIR=$(abspath $(GPUC_LIB))
+	cmake --build build/gpu-compile/cmake
+	@touch $(STAMP_GPUC)
+
+gpu-compile: $(STAMP_GPUC)
+	LARS_GPU_COMPILE_LIB=$(abspath $(GPUC_LIB)) $(VPY_GPUC) -m bench.gpu_compile $(GPU_COMPILE_FLAGS)
 
 # A wheel of jax-lars in dist/ (native library inside).
 wheel: $(STAMP)
