@@ -38,9 +38,9 @@ def failed_checks(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _timing_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| workload | grads | row | ms | p25-p75 ms | GB/s | x floor | x optax | launches "
-        "| temp MB | diff vs optax | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| workload | grads | row | ms | p25-p75 ms | issued ms | GB/s | x floor | x optax "
+        "| launches | temp MB | diff vs optax | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         frac = r.get("frac_of_copy")
@@ -48,7 +48,7 @@ def _timing_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['workload']} | {r['dtype']} | {r['backend']} "
             f"| {_num(r.get('median_ms'), '.3f')} "
             f"| {_num(r.get('p25_ms'), '.3f')}-{_num(r.get('p75_ms'), '.3f')} "
-            f"| {_num(r.get('gb_per_s'), '.0f')} "
+            f"| {_num(r.get('issue_ms'), '.3f')} | {_num(r.get('gb_per_s'), '.0f')} "
             f"| {_num(1 / frac if frac else None, '.2f')} "
             f"| {_num(r.get('speedup_vs_optax'), '.2f')} | {_num(r.get('launches'), 'd')} "
             f"| {_num((r.get('temp_bytes') or math.nan) / 1e6, '.1f')} "

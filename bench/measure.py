@@ -204,7 +204,7 @@ def measure(
         notes[steps.COPY] = f"XLA reports only {copy.bytes_xla:.0f} bytes accessed"
 
     # A second call of each: a backend far slower than optax is timed on it alone.
-    second = {name: timing.clock(r, 1) / r.steps_per_call for name, r in runners.items()}
+    second = {name: timing.clock(r, 1)[0] / r.steps_per_call for name, r in runners.items()}
     slow: set[str] = set()
     timings: dict[str, timing.Timing] = {}
     if settings.slow_factor > 0:
@@ -252,6 +252,7 @@ def measure(
             p75_ms=1e3 * t.p75,
             min_ms=1e3 * t.min,
             max_ms=1e3 * t.max,
+            issue_ms=1e3 * t.issue_median,
             samples=t.samples,
             steps_per_sample=t.steps_per_sample,
             steps_per_call=r.steps_per_call,

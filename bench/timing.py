@@ -36,6 +36,8 @@ class Timing:
       median, p25, p75, min, max: Statistics of the samples' per-step times.
       samples: The number of samples.
       steps_per_sample: Steps per sample (``k`` calls of ``steps_per_call``).
+      issue_median: The median over the samples of the per-step time until
+        the sample's last call was issued (``Runner.run``): the host's part.
     """
 
     median: float
@@ -45,10 +47,11 @@ class Timing:
     max: float
     samples: int
     steps_per_sample: int
+    issue_median: float = math.nan
 
     @classmethod
-    def of(cls, per_step: Sequence[float], k: int) -> Timing:
-        """Statistics of ``per_step`` times."""
+    def of(cls, per_step: Sequence[float], k: int, issued: Sequence[float] = ()) -> Timing:
+        """Statistics of ``per_step`` times (and of the ``issued`` parts)."""
         a = np.asarray(per_step, dtype=np.float64)
         return cls(
             median=float(np.median(a)),
@@ -58,14 +61,15 @@ class Timing:
             max=float(a.max()),
             samples=int(a.size),
             steps_per_sample=k,
+            issue_median=float(np.median(issued)) if len(issued) else math.nan,
         )
 
 
-def clock(runner: Runner, calls: int) -> float:
-    """Seconds to run ``calls`` calls and wait for the last."""
+def clock(runner: Runner, calls: int) -> tuple[float, float]:
+    """(seconds to run ``calls`` calls and wait for the last, seconds until the last was issued)."""
     start = time.perf_counter()
-    runner.run(calls)
-    return time.perf_counter() - start
+    issued = runner.run(calls)
+    return time.perf_counter() - start, issued
 
 
 def time_runners(
@@ -96,10 +100,11 @@ def time_runners(
     for r in runners:
         if warmup:
             r.run(warmup)
-        one = min(clock(r, 1) for _ in range(2))
+        one = min(clock(r, 1)[0] for _ in range(2))
         k = 1 if one >= min_sample_s else math.ceil(min_sample_s / max(one, 1e-7))
         calls_per_sample[r.name] = max(1, min(k, max_calls_per_sample))
     per_step: dict[str, list[float]] = {r.name: [] for r in runners}
+    issued: dict[str, list[float]] = {r.name: [] for r in runners}
     start = time.perf_counter()
     for i in range(rounds):
         shift = i % len(runners)
@@ -107,11 +112,13 @@ def time_runners(
             k = calls_per_sample[r.name]
             if settle_s > 0:
                 time.sleep(settle_s)
-            per_step[r.name].append(clock(r, k) / (k * r.steps_per_call))
+            total, issue = clock(r, k)
+            per_step[r.name].append(total / (k * r.steps_per_call))
+            issued[r.name].append(issue / (k * r.steps_per_call))
         if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
             break
     per_call = {r.name: r.steps_per_call for r in runners}
     return {
-        name: Timing.of(ts, calls_per_sample[name] * per_call[name])
+        name: Timing.of(ts, calls_per_sample[name] * per_call[name], issued[name])
         for name, ts in per_step.items()
     }
