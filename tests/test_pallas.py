@@ -246,6 +246,33 @@ def test_gpu_global_norm_pass():
         assert_close(sums[j], want[j], 1e-5, f"sum of g**2 of leaf {j}")
 
 
+# The leaves under 128 elements, summed in XLA in one reduction per weight-decay
+# setting (every 2nd leaf decays): 0-d, 1, 64 and 127 elements, mixed dtypes.
+SMALL_SHAPES = [(), (1,), (64,), (127,), (2, 3, 5), (8, 8)]
+SMALL_DTYPES = [(F32, F32), (F32, BF16), (BF16, BF16), (F32, F16), (F32, F32), (BF16, F32)]
+
+
+@pytest.mark.parametrize("flags_name", list(FLAG_SETS))
+def test_small_leaves_sums_in_one_reduction_match_float64(flags_name):
+    flags = FLAG_SETS[flags_name]
+    leaves = make_leaves(SMALL_SHAPES, SMALL_DTYPES, seed=6)
+    scalars = jnp.asarray(SCALARS)
+    sums = jax.jit(lambda w, g, s: mosaic_gpu.small_sums(w, g, s, flags, leaves.specs))(
+        leaves.params, leaves.grads, scalars
+    )
+    want = oracle_sums(leaves, flags)
+    assert sums.shape == (len(SMALL_SHAPES), 2)
+    for j in range(len(SMALL_SHAPES)):
+        assert_close(sums[j], want[j], 1e-5, f"sums of leaf {j} vs float64")
+    # Without params: the global-norm pass (sum of g**2, then 0).
+    g2 = jax.jit(lambda g, s: mosaic_gpu.small_sums(None, g, s, ew.Flags(), leaves.specs))(
+        leaves.grads, scalars
+    )
+    want = oracle_sums(leaves, ew.Flags(), with_params=False)
+    for j in range(len(SMALL_SHAPES)):
+        assert_close(g2[j], want[j], 1e-5, f"sum of g**2 of leaf {j}")
+
+
 # --------------------------------------------------------------------------
 # In place: the update pass writing new params (and momenta) over the inputs.
 
