@@ -170,9 +170,11 @@ class Runner:
     def run(self, calls: int) -> float:
         """Runs ``calls`` calls back to back and waits for the last one.
 
-        Returns the seconds until the last call was issued (before the wait):
-        the host's part. Where it is about the whole time, the host, not the
-        device, set the pace.
+        Returns the seconds until the last call had returned (before the
+        wait): the calling thread's part, JAX's dispatch of the arguments
+        included. Where it is about the whole time, that thread set the pace,
+        not the device. Work XLA's runtime does on threads of its own (where
+        it enqueues a step's kernels there) is not in it.
         """
         start = time.perf_counter()
         for _ in range(calls):

@@ -37,7 +37,8 @@ class Timing:
       samples: The number of samples.
       steps_per_sample: Steps per sample (``k`` calls of ``steps_per_call``).
       issue_median: The median over the samples of the per-step time until
-        the sample's last call was issued (``Runner.run``): the host's part.
+        the sample's last call had returned (``Runner.run``): the calling
+        thread's part.
     """
 
     median: float

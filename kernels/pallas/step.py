@@ -182,7 +182,10 @@ def _step(params, grads, momentum, values, given, *, launch: Launch):
             _pick(params, rest),
             _pick(grads, rest),
             _pick(momentum, rest),
-            ratio_vector if rest == list(range(len(leaves))) else ratio_vector[np.asarray(rest)],
+            # All leaves, in order: the vector itself, no gather (a launch on a GPU).
+            ratio_vector
+            if rest == list(range(len(leaves)))
+            else ratio_vector[np.asarray(rest, np.int32)],
             values,
             flags=flags,
             leaves=_pick(leaves, rest),
