@@ -385,7 +385,6 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     if (ffi::Error err = ReadLeafBuffers(args, rets, num_leaves, outs, i, &b); err.failure()) {
       return err;
     }
-    const std::string where = "leaf " + std::to_string(i) + ": ";
     GpuLeaf leaf{};
     leaf.n = b.n;
     leaf.p = b.p;
@@ -399,7 +398,7 @@ ffi::Error StepCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     leaf.decay = decay_mask[i] != 0;
     leaf.trust = trust_mask[i] != 0;
     const int64_t blocks = std::max<int64_t>(1, (leaf.n + chunk - 1) / chunk);
-    if (blocks > (int64_t{1} << 30)) return Invalid(where + "too large");
+    if (blocks > (int64_t{1} << 30)) return LeafInvalid(i, "too large");
     if (tables.empty() || tables.back().num_leaves == kMaxLeaves ||
         tables.back().num_blocks + blocks > (int64_t{1} << 30)) {
       tables.emplace_back();

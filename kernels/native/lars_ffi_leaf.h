@@ -34,6 +34,13 @@ inline xla::ffi::Error Invalid(const std::string& message) {
   return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument, "lars native step: " + message);
 }
 
+// Invalid, naming leaf i. The message is built only on failure: a step reads
+// every leaf on every call, and a string per leaf was a heap allocation per
+// leaf on the success path.
+inline xla::ffi::Error LeafInvalid(size_t i, const char* what) {
+  return Invalid("leaf " + std::to_string(i) + ": " + what);
+}
+
 // Binds, after a handler's contexts, what every step handler takes in this
 // order: the learning rate, the leaves' operands and results, and the step's
 // attributes (ffi.py passes them by name).
@@ -149,24 +156,23 @@ inline xla::ffi::Error ReadLeafBuffers(const xla::ffi::RemainingArgs& args,
       !v_out.has_value() || !r_out.has_value()) {
     return Invalid("an operand or result is not a buffer");
   }
-  const std::string where = "leaf " + std::to_string(i) + ": ";
   leaf->n = static_cast<int64_t>(w->element_count());
   leaf->p = ToDtype(w->element_type());
   leaf->gt = ToDtype(g->element_type());
   const Dtype vt = ToDtype(v->element_type());
-  if (!SupportedPair(leaf->p, leaf->gt)) return Invalid(where + "unsupported params/grads dtypes");
+  if (!SupportedPair(leaf->p, leaf->gt)) return LeafInvalid(i, "unsupported params/grads dtypes");
   if (vt != (leaf->p == kF64 ? kF64 : kF32)) {
-    return Invalid(where + "momentum must be float32 (float64 for float64 params)");
+    return LeafInvalid(i, "momentum must be float32 (float64 for float64 params)");
   }
   if (static_cast<int64_t>(g->element_count()) != leaf->n ||
       static_cast<int64_t>(v->element_count()) != leaf->n ||
       static_cast<int64_t>((*out)->element_count()) != leaf->n ||
       static_cast<int64_t>((*v_out)->element_count()) != leaf->n) {
-    return Invalid(where + "params, grads, momentum and results differ in size");
+    return LeafInvalid(i, "params, grads, momentum and results differ in size");
   }
   if ((outs && ToDtype((*out)->element_type()) != leaf->p) ||
       ToDtype((*v_out)->element_type()) != vt) {
-    return Invalid(where + "result dtypes differ from the params/momentum dtypes");
+    return LeafInvalid(i, "result dtypes differ from the params/momentum dtypes");
   }
   if ((*r_out)->element_type() != ffi::DataType::F32 ||
       (*r_out)->element_count() != num_leaves) {
