@@ -12,7 +12,8 @@ on) and all of them within ``--budget`` seconds:
    ``LARS_NATIVE_CUDA=ON``, ``LARS_NATIVE_CPU=OFF``) against the machine's
    jaxlib, into ``kernels/native/lib/``, where the checkout loads it from;
 3. the phases of ``bench.gpu_check_phases``: ``smoke``, ``correctness``,
-   ``timing-model`` (ResNet-50), ``ncu``, ``timing-tuning`` (the fused
+   ``timing-model`` (ResNet-50), ``timing-overhead`` (ResNet-50's tree at
+   one element a leaf: a step's fixed cost), ``ncu``, ``timing-tuning`` (the fused
    Triton launch at other geometries), ``timing-array`` (64M elements),
    ``sanitize`` (compute-sanitizer's memcheck, synccheck, racecheck and
    initcheck on the native and Triton kernels, ``bench.gpu_check_sanitize``;
@@ -61,6 +62,7 @@ STEPS: tuple[tuple[str, float, float], ...] = (
     ("smoke", 90, 300),
     ("correctness", 180, 900),
     ("timing-model", 210, 300),
+    ("timing-overhead", 90, 300),
     ("ncu", 120, 300),
     ("timing-tuning", 90, 300),
     ("timing-array", 90, 300),

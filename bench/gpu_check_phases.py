@@ -17,6 +17,10 @@ Phases:
 * ``timing-model``, ``timing-array``: ``bench.measure.measure`` (optax,
   every form, a copy of the same bytes) on ResNet-50's parameter set and one
   64M-element array, fp32 and bf16 gradients.
+* ``timing-overhead``: optax, the reference and every form in place on
+  ResNet-50's tree with one element a leaf (fp32): a step's fixed cost, what
+  it costs whatever the bytes (XLA's loop, launches, the handlers' host work).
+* ``timing-tuning``: the fused launches at other geometries, in place, fp32.
 * ``ncu``: Nsight Compute's DRAM bytes and kernel time of every form's step
   on ResNet-50, and its sections for the fused Triton kernel
   (``bench.gpu_check_ncu``; ``ncu-target`` is the program it profiles).
@@ -304,6 +308,16 @@ def _determinism_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Ch
 
 
 def _timing_workloads(cpu: bool, which: str) -> list[workloads.Workload]:
+    if which == "overhead":
+        leaves = 5 if cpu else len(workloads.RESNET50.shapes)
+        return [
+            workloads.Workload(
+                "resnet50-1elem" if not cpu else "tiny-1elem",
+                "model",
+                ((1,),) * leaves,
+                f"{leaves} leaves of one element: a step's fixed cost",
+            )
+        ]
     if which == "model":
         if cpu:
             shapes = ((3, 3, 4, 8), (8,), (8,), (100, 10), (10,))
@@ -353,6 +367,9 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         ]
         names = [f"{f.name}:apply" for f in fused + tuned]
         dtypes, which = dtypes[:1], "model"
+    if which == "overhead":  # in place, fp32 only; the reference shows XLA's own launches
+        names = ["reference:apply"] + [n for n in names if n.endswith(":apply")]
+        dtypes = dtypes[:1]
     rows = []
     for w in _timing_workloads(cpu, which):
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
@@ -407,6 +424,7 @@ PHASES: dict[str, Callable[..., dict[str, Any]]] = {
     "correctness": correctness,
     "timing-model": lambda cpu, spc: timing(cpu, "model", spc),
     "timing-array": lambda cpu, spc: timing(cpu, "array", spc),
+    "timing-overhead": lambda cpu, spc: timing(cpu, "overhead", spc),
     "timing-tuning": lambda cpu, spc: timing(cpu, "tuning", spc),
 }
 

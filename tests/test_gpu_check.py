@@ -260,7 +260,8 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr + (tmp_path / "gpu_check.log").read_text()
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = doc["steps"]
-    for name in ("smoke", "correctness", "timing-model", "timing-array", "timing-tuning"):
+    timed = ("timing-model", "timing-overhead", "timing-array", "timing-tuning")
+    for name in ("smoke", "correctness", *timed):
         assert steps[name]["status"] == "ok", (name, steps[name])
     assert steps["wheels"]["status"] == steps["build"]["status"] == "skipped"
     assert steps["ncu"]["status"] == "skipped" and steps["ncu"]["n_params"] > 0
@@ -274,6 +275,14 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
     assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])
+    # The fixed cost: every form in place on one-element leaves, fp32 only.
+    overhead = steps["timing-overhead"]["rows"]
+    assert {r["workload"] for r in overhead} == {"tiny-1elem"}
+    assert {r["dtype"] for r in overhead} == {"fp32"}
+    assert {"optax", "reference:apply", *(f + ":apply" for f in forms)} <= {
+        r["backend"] for r in overhead
+    }
+    assert all("median_ms" in r for r in overhead)
     tuning = {r["backend"]: r for r in steps["timing-tuning"]["rows"]}
     tuned = [f.name + ":apply" for f in gpu_check_cases.tuning_forms(cpu=True)]
     assert {"optax", "copy", "triton:apply", *tuned} <= set(tuning)
