@@ -36,6 +36,72 @@ def failed_checks(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per in-place form on ResNet-50 (fp32): its step, its fixed cost, its kernels.
+
+    ``step_ms`` is the form's row of ``timing-model``, ``fixed_ms`` its row of
+    ``timing-overhead`` (one element a leaf: what a step costs whatever the
+    bytes), ``kernel_ms`` ncu's kernel time a step of the form (its first step's
+    setup kernels included), ``rest_ms`` = step - kernels: time the GPU ran none
+    of the step's kernels. None where a figure is missing.
+    """
+
+    def ms(step: str, workload: str) -> dict[str, float]:
+        return {
+            r["backend"]: r["median_ms"]
+            for r in doc["steps"].get(step, {}).get("rows", [])
+            if r.get("workload") == workload and r.get("dtype") == "fp32" and "median_ms" in r
+        }
+
+    steps = ms("timing-model", "resnet50")
+    fixed = ms("timing-overhead", "resnet50-1elem")
+    ncu = doc["steps"].get("ncu", {})
+    kernels = {
+        name: f["kernel_time_ms_per_step"]
+        for name, f in (ncu.get("forms") or {}).items()
+        if f.get("kernel_time_ms_per_step") is not None
+    }
+    out = []
+    for row in sorted(set(steps) | set(fixed)):
+        if not row.endswith(":apply"):
+            continue
+        form = row.removesuffix(":apply")
+        step, kernel = steps.get(row), kernels.get(form)
+        out.append(
+            {
+                "row": row,
+                "step_ms": step,
+                "fixed_ms": fixed.get(row),
+                "kernel_ms": kernel,
+                "rest_ms": step - kernel if step is not None and kernel is not None else None,
+            }
+        )
+    return out
+
+
+def _time_split_table(split: list[dict[str, Any]]) -> list[str]:
+    if not split:
+        return []
+    lines = [
+        "",
+        "## Where an in-place step's time goes (ResNet-50, fp32)",
+        "",
+        "`step`: `timing-model`; `fixed`: `timing-overhead`, the same step on one element "
+        "a leaf; `kernels`: ncu's kernel time a step; `rest` = step - kernels, time the "
+        "GPU ran none of the step's kernels. A `rest` near `fixed` is a cost per step "
+        "(host, launches); a `rest` well above it grows with the bytes.",
+        "",
+        "| row | step ms | fixed ms | kernels ms | rest ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in split:
+        lines.append(
+            f"| {r['row']} | {_num(r['step_ms'], '.3f')} | {_num(r['fixed_ms'], '.3f')} "
+            f"| {_num(r['kernel_ms'], '.3f')} | {_num(r['rest_ms'], '.3f')} |"
+        )
+    return lines
+
+
 def _timing_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| workload | grads | row | ms | p25-p75 ms | issued ms | GB/s | x floor | x optax "
@@ -96,6 +162,7 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             *_timing_table(rows),
         ]
+    lines += _time_split_table(time_split(doc))
     ncu = doc["steps"].get("ncu", {})
     if ncu:
         lines += ["", "## Nsight Compute", ""]
@@ -170,6 +237,13 @@ def short_table(doc: dict[str, Any]) -> str:
                 f"{_num(1 / frac if frac else None, '7.2f'):>7s} "
                 f"{_num(r.get('speedup_vs_optax'), '7.2f'):>7s} {_num(r.get('launches'), '6d'):>6s}"
             )
+    split = [r for r in time_split(doc) if r["fixed_ms"] is not None or r["rest_ms"] is not None]
+    if split:
+        heads = ("step ms", "fixed ms", "kern ms", "rest ms")
+        lines += ["", f"{'in place':20s} " + " ".join(f"{h:>8s}" for h in heads)]
+        for r in split:
+            figures = (r["step_ms"], r["fixed_ms"], r["kernel_ms"], r["rest_ms"])
+            lines.append(f"{r['row']:20s} " + " ".join(f"{_num(x, '.3f'):>8s}" for x in figures))
     ncu = doc["steps"].get("ncu", {})
     for f in (ncu.get("forms") or {"": ncu}).values():
         if "dram_bytes_per_param" in f:

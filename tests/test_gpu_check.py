@@ -248,6 +248,51 @@ def test_the_report_names_failures_and_timing_rows():
     assert "2.00" in table  # 1 / frac_of_copy: twice the floor
 
 
+def test_the_report_splits_an_in_place_step_into_fixed_cost_kernels_and_the_rest():
+    def row(workload, backend, ms, dtype="fp32"):
+        return {"workload": workload, "dtype": dtype, "backend": backend, "median_ms": ms}
+
+    doc = {
+        "environment": {"device": "test"},
+        "seconds": 3.0,
+        "steps": {
+            "timing-model": {
+                "status": "ok",
+                "rows": [
+                    row("resnet50", "optax", 1.390),
+                    row("resnet50", "native", 0.632),
+                    row("resnet50", "native:apply", 0.290),
+                    row("resnet50", "native:apply", 0.5, dtype="bf16-grads"),
+                    row("resnet50", "pallas:apply", 0.287),
+                ],
+            },
+            "timing-overhead": {
+                "status": "ok",
+                "rows": [row("resnet50-1elem", "native:apply", 0.012)],
+            },
+            "ncu": {
+                "status": "ok",
+                "forms": {
+                    "native": {"form": "native", "kernel_time_ms_per_step": 0.186},
+                    "pallas": {"form": "pallas", "reason": "ncu did not finish"},
+                },
+            },
+        },
+    }
+    split = {r["row"]: r for r in gpu_check_report.time_split(doc)}
+    assert set(split) == {"native:apply", "pallas:apply"}  # in place only
+    native = split["native:apply"]
+    assert native["step_ms"] == 0.290 and native["fixed_ms"] == 0.012  # fp32's, not bf16's
+    assert native["kernel_ms"] == 0.186 and abs(native["rest_ms"] - 0.104) < 1e-12
+    pallas = split["pallas:apply"]
+    assert pallas["fixed_ms"] is None and pallas["kernel_ms"] is None and pallas["rest_ms"] is None
+    md = gpu_check_report.markdown(doc)
+    assert "| native:apply | 0.290 | 0.012 | 0.186 | 0.104 |" in md
+    assert "| pallas:apply | 0.287 | - | - | - |" in md
+    table = gpu_check_report.short_table(doc)
+    assert "0.104" in table and "pallas:apply" not in table.split("in place")[1]
+
+
 @pytest.mark.slow
 def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     out = subprocess.run(
