@@ -5,7 +5,7 @@ Nsight Compute (``--clock-control none``): three in-place steps of one form
 on ResNet-50's set (fp32), every kernel of the program counted. Per form: DRAM
 bytes and kernel time per step and per parameter, and per kernel name; for
 the fused Triton kernel also ncu's sections (``NCU_SECTIONS``) for one launch,
-as text. ``bench.gpu_check_phases`` starts it and writes its result.
+as text, where time is left. ``bench.gpu_check_phases`` starts it and writes its result.
 """
 
 from __future__ import annotations
@@ -32,22 +32,27 @@ NCU_METRICS = "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum
 NCU_SECTIONS = (
     "SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis",
 )  # fmt: skip
-# Seconds for the first form's profile and for the sections run: on the H200
+# Seconds for one form's profile and for the sections run: on the H200
 # (2026-12-04) one form's profile took 20 to 35 s (Python, jax and the compile
 # included) and the sections ran past 20 s.
-NCU_FIRST_S = 45.0
+NCU_FORM_S = 45.0
+NCU_MIN_S = 15.0  # less is not worth starting: Python, jax and a compile come first
 NCU_DETAILS_S = 50.0
 
 
-# The forms ncu profiles first, in this order (the one-launch steps, whose
-# DRAM bytes per parameter are the question); the others follow as time allows.
-NCU_FIRST_FORMS = ("triton", "native-fused")
+# The order the forms are profiled in; the others follow as time allows. The
+# native fused step has not yet run on a GPU; the native and Pallas steps in
+# place took 0.290 and 0.287 ms a step on the H200 (2026-12-04) where ncu gave
+# native's kernels 0.186 ms and Pallas' nothing (it ran out of time): their
+# kernel time is what splits a step into kernels and the rest. The fused
+# Triton step was profiled then (22.3 DRAM B/param).
+NCU_ORDER = ("native-fused", "native", "pallas", "triton")
 
 
 def _ncu_forms(cpu: bool) -> list[C.Form]:
-    """The forms profiled, the fused Triton step first (the headline figure)."""
+    """The forms profiled, in ``NCU_ORDER``, then the others."""
     usable = [f for f in C.forms(cpu) if f.unavailable() is None]
-    first = {name: i for i, name in enumerate(NCU_FIRST_FORMS)}
+    first = {name: i for i, name in enumerate(NCU_ORDER)}
     return sorted(usable, key=lambda f: first.get(f.name, len(first)))
 
 
@@ -177,11 +182,11 @@ def ncu(cpu: bool, json_path: str, timeout: float, partial: Any) -> dict[str, An
     """DRAM bytes and kernel time per step of every form's in-place step, from ncu.
 
     Every form on ResNet-50 (fp32), every kernel of the program (the first
-    step's too: compile, warm-up; XLA's own kernels of the step included): the
-    fused Triton step first, then the native fused step, then ncu's sections
-    (``NCU_SECTIONS``) for one launch of the Triton kernel, as text in
-    ``"details"``, then the other forms in what is left. The top-level
-    figures are the first form's.
+    step's too: compile, warm-up; XLA's own kernels of the step included), in
+    ``NCU_ORDER`` then the others, each up to ``NCU_FORM_S``; then, where time
+    is left, ncu's sections (``NCU_SECTIONS``) for one launch of the fused
+    Triton kernel, as text in ``"details"``. The top-level figures are the
+    first form's.
 
     Args:
       cpu: The ``--cpu`` run: no counters; the target runs once.
@@ -202,29 +207,22 @@ def ncu(cpu: bool, json_path: str, timeout: float, partial: Any) -> dict[str, An
     def left() -> float:
         return timeout - (time.perf_counter() - start)
 
-    # The one-launch steps (NCU_FIRST_FORMS) first, each up to NCU_FIRST_S;
-    # then the fused Triton kernel's sections; then the others, equal shares.
-    leading = [f for f in forms if f in NCU_FIRST_FORMS] or forms[:1]
+    # Each form in turn, up to NCU_FORM_S; then the fused Triton kernel's
+    # sections, where time is left.
     per_form: dict[str, Any] = {}
-    for form in leading:
-        per_form[form] = _ncu_form(exe, form, json_path, min(left(), NCU_FIRST_S))
+    for form in forms:
+        if left() < NCU_MIN_S:
+            per_form[form] = {"status": "skipped", "reason": "out of time (the ncu step's)"}
+            continue
+        per_form[form] = _ncu_form(exe, form, json_path, min(left(), NCU_FORM_S))
         partial.result["ncu_forms"] = per_form
         partial.save()
     first = per_form[forms[0]]
     details = ""
-    if forms[0] == "triton" and first.get("status") == "ok" and left() > 20:
+    if per_form.get("triton", {}).get("status") == "ok" and left() > 20:
         details = _ncu_sections(exe, json_path, min(left() - 5, NCU_DETAILS_S))
         print(details, flush=True)
         partial.result["details"] = details
-        partial.save()
-    rest = [f for f in forms if f not in per_form]
-    for i, form in enumerate(rest):  # each an equal share of what is left
-        share = left() / (len(rest) - i)
-        if share < 10:
-            per_form[form] = {"status": "skipped", "reason": "out of time (the ncu step's)"}
-            continue
-        per_form[form] = _ncu_form(exe, form, json_path, share)
-        partial.result["ncu_forms"] = per_form
         partial.save()
     if first.get("status") != "ok":
         return {"status": "skipped", "reason": first["reason"], "forms": per_form}

@@ -56,11 +56,11 @@ def test_bitwise_equal_tells_apart_one_ulp_and_signed_zero():
     assert not gpu_check_cases.bitwise_equal(a, {"x": jnp.array([1.0, -0.0], jnp.float32)})
 
 
-def test_ncu_profiles_the_one_launch_steps_first(monkeypatch):
-    """On a GPU: the fused Triton step, then the native fused step, then the others."""
+def test_ncu_profiles_the_unmeasured_forms_first(monkeypatch):
+    """On a GPU: native fused (never run), native and Pallas (their kernel time), Triton."""
     monkeypatch.setattr(gpu_check_cases.Form, "unavailable", lambda self: None)
     names = [f.name for f in gpu_check_ncu._ncu_forms(cpu=False)]
-    assert names[:2] == ["triton", "native-fused"]
+    assert names[:4] == ["native-fused", "native", "pallas", "triton"]
     assert sorted(names) == sorted(f.name for f in gpu_check_cases.forms(cpu=False))
 
 
@@ -338,26 +338,39 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert doc["environment"]["platform"] == "cpu"
 
 
-def test_ncu_profiles_both_one_launch_steps_before_the_sections(tmp_path, monkeypatch):
+def test_ncu_profiles_every_form_in_order_then_the_sections_as_time_allows(tmp_path, monkeypatch):
     calls = []
+    clock = [0.0]
 
     def form(exe, name, json_path, timeout):
-        calls.append(name)
+        calls.append((name, timeout))
+        clock[0] += 30.0  # each profile takes 30 s
         return {"status": "ok", "form": name}
 
     def sections(exe, json_path, timeout):
-        calls.append("sections")
+        calls.append(("sections", timeout))
         return "details"
 
     monkeypatch.setattr(gpu_check_ncu, "find_ncu", lambda: "ncu")
     monkeypatch.setattr(gpu_check_ncu, "_ncu_form", form)
     monkeypatch.setattr(gpu_check_ncu, "_ncu_sections", sections)
-    names = ["triton", "native-fused", "native", "pallas"]
+    monkeypatch.setattr(gpu_check_ncu.time, "perf_counter", lambda: clock[0])
+    names = ["native-fused", "native", "pallas", "triton", "triton-2pass"]
     forms = [gpu_check_cases.Form(n, n.split("-")[0]) for n in names]
     monkeypatch.setattr(gpu_check_ncu, "_ncu_forms", lambda cpu: forms)
-    result = gpu_check_ncu.ncu(False, str(tmp_path / "r.json"), 100, gpu_check_phases.Partial())
-    assert calls == ["triton", "native-fused", "sections", "native", "pallas"]
+    result = gpu_check_ncu.ncu(False, str(tmp_path / "r.json"), 200, gpu_check_phases.Partial())
+    # 200 s: four forms of 30 s at up to 45 s each, the fifth in the 80 s left (capped at
+    # 45), then the sections in the 50 s left, less 5.
+    assert calls == [(n, 45.0) for n in names] + [("sections", 45.0)]
     assert list(result["forms"]) == names and result["details"] == "details"
+    assert result["form"] == "native-fused"  # the top-level figures are the first form's
+    # 100 s: three forms (the third gets the 40 s left), then out of time; no sections.
+    calls.clear()
+    clock[0] = 0.0
+    result = gpu_check_ncu.ncu(False, str(tmp_path / "r.json"), 100, gpu_check_phases.Partial())
+    assert calls == [("native-fused", 45.0), ("native", 45.0), ("pallas", 40.0)]
+    assert [result["forms"][n]["status"] for n in names] == ["ok"] * 3 + ["skipped"] * 2
+    assert "out of time" in result["forms"]["triton"]["reason"] and result["details"] == ""
 
 
 def test_ncu_phase_reads_counters_of_the_profiled_target(tmp_path, monkeypatch):
