@@ -18,8 +18,9 @@ Phases:
   every form, a copy of the same bytes) on ResNet-50's parameter set and one
   64M-element array, fp32 and bf16 gradients.
 * ``timing-overhead``: optax, the reference and every form in place on
-  ResNet-50's tree with one element a leaf (fp32): a step's fixed cost, what
-  it costs whatever the bytes (XLA's loop, launches, the handlers' host work).
+  ResNet-50's tree with one element a leaf (fp32), at two loop lengths: what
+  a step and a call cost whatever the bytes (XLA's loop, launches, the
+  handlers' host work; JAX's dispatch of a call).
 * ``timing-tuning``: the fused launches at other geometries, in place, fp32.
 * ``ncu``: Nsight Compute's DRAM bytes and kernel time of every form's step
   on ResNet-50, and its sections for the fused Triton kernel
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import sys
@@ -326,6 +328,11 @@ def _timing_workloads(cpu: bool, which: str) -> list[workloads.Workload]:
     return [workloads.sweep_workload(4096 if cpu else 64 * 1024 * 1024)]
 
 
+# The overhead step times its tree also at this many times the steps per call:
+# a step at n steps a call costs s + c / n (s a step's fixed cost, c a call's),
+# so two loop lengths give both (``bench.gpu_check_report.time_split``).
+OVERHEAD_LONG_LOOP = 10
+
 # A timed row whose first call's update is further than this from optax's
 # (bench.steps.rel_diff) fails its check: a timing of wrong results is none.
 # Seen on the H200: 7.5e-4 at one step per call, 1.9e-5 at 20.
@@ -367,25 +374,33 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         ]
         names = [f"{f.name}:apply" for f in fused + tuned]
         dtypes, which = dtypes[:1], "model"
+    per_call = [steps_per_call]
     if which == "overhead":  # in place, fp32 only; the reference shows XLA's own launches
         names = ["reference:apply"] + [n for n in names if n.endswith(":apply")]
         dtypes = dtypes[:1]
+        # Twice, at two loop lengths: a cost per call and one per step tell apart.
+        per_call.append(OVERHEAD_LONG_LOOP * steps_per_call)
     rows = []
     for w in _timing_workloads(cpu, which):
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
         for dtype in [dtypes[which == "array"]] if cpu else dtypes:
-            measured = measure.measure(w, dtype, names, settings)
-            rows += measured
-            RESULT.add_rows(measured)
-            for r in measured:
-                print(
-                    f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
-                    f"{r.get('median_ms', float('nan')):9.3f} ms "
-                    f"(compile {r.get('compile_s', float('nan')):5.1f} s) {r['note']}",
-                    flush=True,
-                )
+            for spc in per_call:
+                run = dataclasses.replace(settings, steps_per_call=spc)
+                measured = measure.measure(w, dtype, names, run)
+                rows += measured
+                RESULT.add_rows(measured)
+                for r in measured:
+                    print(
+                        f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
+                        f"{r.get('median_ms', float('nan')):9.3f} ms "
+                        f"(compile {r.get('compile_s', float('nan')):5.1f} s, {spc} a call) "
+                        f"{r['note']}",
+                        flush=True,
+                    )
     for r in rows:
         case = f"{r['workload']}/{r['dtype']}/{r['backend']}"
+        if len(per_call) > 1:
+            case += f"/{r.get('steps_per_call', '?')} a call"
         if "median_ms" not in r:
             RESULT.check(case, False, "not timed")
         elif r.get("rel_diff_vs_optax", 0.0) > TIMED_DIFF_LIMIT:  # NaN passes: copy rows

@@ -37,24 +37,31 @@ def failed_checks(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per in-place form on ResNet-50 (fp32): its step, its fixed cost, its kernels.
+    """Per in-place form on ResNet-50 (fp32): its step, its fixed costs, its kernels.
 
-    ``step_ms`` is the form's row of ``timing-model``, ``fixed_ms`` its row of
-    ``timing-overhead`` (one element a leaf: what a step costs whatever the
-    bytes), ``kernel_ms`` ncu's kernel time a step of the form (its first step's
-    setup kernels included), ``rest_ms`` = step - kernels: time the GPU ran none
-    of the step's kernels. None where a figure is missing.
+    ``step_ms`` is the form's row of ``timing-model`` (``spc`` steps a call).
+    ``timing-overhead`` times the same step on one element a leaf at two loop
+    lengths a < b; a step there costs s + c / n at n steps a call, so
+    ``fixed_ms`` = s (a step's cost whatever the bytes: launches, XLA's loop,
+    host work per step) and ``call_ms`` = c (a call's: JAX's dispatch, where
+    the device waits for it). With one loop length ``fixed_ms`` is its time
+    and ``call_ms`` is None. ``kernel_ms`` is ncu's kernel time a step of the
+    form (its first step's setup kernels included), ``rest_ms`` = step -
+    kernels: time the GPU ran none of the step's kernels. None where a figure
+    is missing.
     """
 
-    def ms(step: str, workload: str) -> dict[str, float]:
-        return {
-            r["backend"]: r["median_ms"]
+    def rows(step: str, workload: str) -> list[dict[str, Any]]:
+        return [
+            r
             for r in doc["steps"].get(step, {}).get("rows", [])
             if r.get("workload") == workload and r.get("dtype") == "fp32" and "median_ms" in r
-        }
+        ]
 
-    steps = ms("timing-model", "resnet50")
-    fixed = ms("timing-overhead", "resnet50-1elem")
+    steps = {r["backend"]: r for r in rows("timing-model", "resnet50")}
+    fixed: dict[str, dict[int, float]] = {}
+    for r in rows("timing-overhead", "resnet50-1elem"):
+        fixed.setdefault(r["backend"], {})[r.get("steps_per_call", 1)] = r["median_ms"]
     ncu = doc["steps"].get("ncu", {})
     kernels = {
         name: f["kernel_time_ms_per_step"]
@@ -65,13 +72,23 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for row in sorted(set(steps) | set(fixed)):
         if not row.endswith(":apply"):
             continue
-        form = row.removesuffix(":apply")
-        step, kernel = steps.get(row), kernels.get(form)
+        step = steps[row]["median_ms"] if row in steps else None
+        kernel = kernels.get(row.removesuffix(":apply"))
+        by_loop = fixed.get(row, {})
+        per_step = per_call = None
+        if len(by_loop) >= 2:
+            a, b = min(by_loop), max(by_loop)
+            per_call = (by_loop[a] - by_loop[b]) / (1 / a - 1 / b)
+            per_step = by_loop[b] - per_call / b
+        elif by_loop:
+            per_step = next(iter(by_loop.values()))
         out.append(
             {
                 "row": row,
+                "spc": steps[row].get("steps_per_call") if row in steps else None,
                 "step_ms": step,
-                "fixed_ms": fixed.get(row),
+                "fixed_ms": per_step,
+                "call_ms": per_call,
                 "kernel_ms": kernel,
                 "rest_ms": step - kernel if step is not None and kernel is not None else None,
             }
@@ -86,18 +103,24 @@ def _time_split_table(split: list[dict[str, Any]]) -> list[str]:
         "",
         "## Where an in-place step's time goes (ResNet-50, fp32)",
         "",
-        "`step`: `timing-model`; `fixed`: `timing-overhead`, the same step on one element "
-        "a leaf; `kernels`: ncu's kernel time a step; `rest` = step - kernels, time the "
-        "GPU ran none of the step's kernels. A `rest` near `fixed` is a cost per step "
-        "(host, launches); a `rest` well above it grows with the bytes.",
+        "`step`: `timing-model` at `n` steps a call; `kernels`: ncu's kernel time a step; "
+        "`rest` = step - kernels, time the GPU ran none of the step's kernels. From "
+        "`timing-overhead` (the same step on one element a leaf, at two loop lengths; a "
+        "step costs fixed + call / n there): `fixed`, a step's cost whatever the bytes "
+        "(launches, XLA's loop, host work a step), and `call / n`, a call's cost (JAX's "
+        "dispatch) shared by the n steps of a `timing-model` call. A `rest` near "
+        "`fixed` + `call / n` is those costs; a `rest` well above them grows with the bytes.",
         "",
-        "| row | step ms | fixed ms | kernels ms | rest ms |",
-        "|---|---:|---:|---:|---:|",
+        "| row | n | step ms | kernels ms | rest ms | fixed ms | call ms | call / n ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in split:
+        shared = r["call_ms"] / r["spc"] if r["call_ms"] is not None and r["spc"] else None
         lines.append(
-            f"| {r['row']} | {_num(r['step_ms'], '.3f')} | {_num(r['fixed_ms'], '.3f')} "
-            f"| {_num(r['kernel_ms'], '.3f')} | {_num(r['rest_ms'], '.3f')} |"
+            f"| {r['row']} | {_num(r['spc'], 'd')} | {_num(r['step_ms'], '.3f')} "
+            f"| {_num(r['kernel_ms'], '.3f')} | {_num(r['rest_ms'], '.3f')} "
+            f"| {_num(r['fixed_ms'], '.3f')} | {_num(r['call_ms'], '.3f')} "
+            f"| {_num(shared, '.3f')} |"
         )
     return lines
 
@@ -239,10 +262,10 @@ def short_table(doc: dict[str, Any]) -> str:
             )
     split = [r for r in time_split(doc) if r["fixed_ms"] is not None or r["rest_ms"] is not None]
     if split:
-        heads = ("step ms", "fixed ms", "kern ms", "rest ms")
+        heads = ("step ms", "kern ms", "rest ms", "fixed ms", "call ms")
         lines += ["", f"{'in place':20s} " + " ".join(f"{h:>8s}" for h in heads)]
         for r in split:
-            figures = (r["step_ms"], r["fixed_ms"], r["kernel_ms"], r["rest_ms"])
+            figures = (r["step_ms"], r["kernel_ms"], r["rest_ms"], r["fixed_ms"], r["call_ms"])
             lines.append(f"{r['row']:20s} " + " ".join(f"{_num(x, '.3f'):>8s}" for x in figures))
     ncu = doc["steps"].get("ncu", {})
     for f in (ncu.get("forms") or {"": ncu}).values():

@@ -248,10 +248,17 @@ def test_the_report_names_failures_and_timing_rows():
     assert "2.00" in table  # 1 / frac_of_copy: twice the floor
 
 
-def test_the_report_splits_an_in_place_step_into_fixed_cost_kernels_and_the_rest():
-    def row(workload, backend, ms, dtype="fp32"):
-        return {"workload": workload, "dtype": dtype, "backend": backend, "median_ms": ms}
+def test_the_report_splits_an_in_place_step_into_fixed_costs_kernels_and_the_rest():
+    def row(workload, backend, ms, dtype="fp32", spc=20):
+        return {
+            "workload": workload,
+            "dtype": dtype,
+            "backend": backend,
+            "median_ms": ms,
+            "steps_per_call": spc,
+        }
 
+    # One-element steps: 0.01 ms a step and 2 ms a call (0.11 ms at 20 a call, 0.02 at 200).
     doc = {
         "environment": {"device": "test"},
         "seconds": 3.0,
@@ -268,7 +275,11 @@ def test_the_report_splits_an_in_place_step_into_fixed_cost_kernels_and_the_rest
             },
             "timing-overhead": {
                 "status": "ok",
-                "rows": [row("resnet50-1elem", "native:apply", 0.012)],
+                "rows": [
+                    row("resnet50-1elem", "native:apply", 0.11, spc=20),
+                    row("resnet50-1elem", "native:apply", 0.02, spc=200),
+                    row("resnet50-1elem", "pallas:apply", 0.05, spc=20),
+                ],
             },
             "ncu": {
                 "status": "ok",
@@ -282,15 +293,17 @@ def test_the_report_splits_an_in_place_step_into_fixed_cost_kernels_and_the_rest
     split = {r["row"]: r for r in gpu_check_report.time_split(doc)}
     assert set(split) == {"native:apply", "pallas:apply"}  # in place only
     native = split["native:apply"]
-    assert native["step_ms"] == 0.290 and native["fixed_ms"] == 0.012  # fp32's, not bf16's
-    assert native["kernel_ms"] == 0.186 and abs(native["rest_ms"] - 0.104) < 1e-12
-    pallas = split["pallas:apply"]
-    assert pallas["fixed_ms"] is None and pallas["kernel_ms"] is None and pallas["rest_ms"] is None
+    assert native["step_ms"] == 0.290 and native["spc"] == 20  # fp32's, not bf16's
+    assert native["fixed_ms"] == pytest.approx(0.01) and native["call_ms"] == pytest.approx(2.0)
+    assert native["kernel_ms"] == 0.186 and native["rest_ms"] == pytest.approx(0.104)
+    pallas = split["pallas:apply"]  # one loop length: its time, no call cost
+    assert pallas["fixed_ms"] == 0.05 and pallas["call_ms"] is None
+    assert pallas["kernel_ms"] is None and pallas["rest_ms"] is None
     md = gpu_check_report.markdown(doc)
-    assert "| native:apply | 0.290 | 0.012 | 0.186 | 0.104 |" in md
-    assert "| pallas:apply | 0.287 | - | - | - |" in md
-    table = gpu_check_report.short_table(doc)
-    assert "0.104" in table and "pallas:apply" not in table.split("in place")[1]
+    assert "| native:apply | 20 | 0.290 | 0.186 | 0.104 | 0.010 | 2.000 | 0.100 |" in md
+    assert "| pallas:apply | 20 | 0.287 | - | - | 0.050 | - | - |" in md
+    table = gpu_check_report.short_table(doc).split("in place")[1]
+    assert "0.104" in table and "2.000" in table and "pallas:apply" in table
 
 
 @pytest.mark.slow
@@ -320,13 +333,15 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
     assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])
-    # The fixed cost: every form in place on one-element leaves, fp32 only.
+    # The fixed costs: every form in place on one-element leaves, fp32 only, at 1 and
+    # 10 steps a call (--cpu times one step a call).
     overhead = steps["timing-overhead"]["rows"]
     assert {r["workload"] for r in overhead} == {"tiny-1elem"}
     assert {r["dtype"] for r in overhead} == {"fp32"}
-    assert {"optax", "reference:apply", *(f + ":apply" for f in forms)} <= {
-        r["backend"] for r in overhead
-    }
+    for spc in (1, gpu_check_phases.OVERHEAD_LONG_LOOP):
+        assert {"optax", "reference:apply", *(f + ":apply" for f in forms)} <= {
+            r["backend"] for r in overhead if r.get("steps_per_call") == spc
+        }
     assert all("median_ms" in r for r in overhead)
     tuning = {r["backend"]: r for r in steps["timing-tuning"]["rows"]}
     tuned = [f.name + ":apply" for f in gpu_check_cases.tuning_forms(cpu=True)]
