@@ -44,7 +44,9 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
     lengths a < b; a step there costs s + c / n at n steps a call, so
     ``fixed_ms`` = s (a step's cost whatever the bytes: launches, XLA's loop,
     host work per step) and ``call_ms`` = c (a call's: JAX's dispatch, where
-    the device waits for it). With one loop length ``fixed_ms`` is its time
+    the device waits for it; where the device works while the host
+    dispatches, the costs overlap instead of adding, and c / n bounds the
+    call's share from above). With one loop length ``fixed_ms`` is its time
     and ``call_ms`` is None. ``kernel_ms`` is ncu's kernel time a step of the
     form (its first step's setup kernels included), ``rest_ms`` = step -
     kernels: time the GPU ran none of the step's kernels. None where a figure
