@@ -19,7 +19,7 @@ on) and all of them within ``--budget`` seconds:
    ``sanitize`` (compute-sanitizer's memcheck, synccheck, racecheck and
    initcheck on the native and Triton kernels, ``bench.gpu_check_sanitize``;
    last, as the budget allows: ``--only wheels,build,sanitize`` runs it alone). The
-   timing steps time 20 steps per jitted call (``--steps-per-call``).
+   timing steps time 100 steps per jitted call (``--steps-per-call``).
 
 It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
 ``gpu_check.log`` (every step's output) to ``--out`` (default ``$OUT`` when
@@ -82,8 +82,13 @@ RESERVE_S = 10.0
 # Steps per jitted call in the timing steps on a GPU (``bench.steps.looped``):
 # one step per call measured the host's dispatch of ResNet-50's 161 leaves
 # (about 2 ms a call for every row, optax's too, on an H200 machine,
-# 2026-12-04), not the GPU; 20 steps a call put the GPU's time above it.
-GPU_STEPS_PER_CALL = 20
+# 2026-12-04), not the GPU. 20 steps a call, the H200 run's, was not enough:
+# its one-step figures add up as if the GPU waited for each call's dispatch
+# (optax 2.96 ms a call, about 1.6 ms of dispatch plus its 1.39 ms of GPU time,
+# where overlapping would give about 2 ms), and at 20 steps a call that is
+# about 0.09 ms a step, half of native in place's kernel time. At 100 it is
+# under 0.02 ms; ``timing-overhead`` measures it.
+GPU_STEPS_PER_CALL = 100
 # How long a killed step's process group may take to go: a process stuck in the
 # GPU driver can outlive SIGKILL for a while; after this the run goes on without it.
 KILL_WAIT_S = 30.0

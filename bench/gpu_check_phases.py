@@ -334,13 +334,16 @@ def _timing_workloads(cpu: bool, which: str) -> list[workloads.Workload]:
 # one step a call, for every row) ran while the GPU had nothing to do. That
 # alone puts a step about 0.045 ms (25%) above its kernels
 # (tests/test_bench_timing.py models it); at 0.1 s a sample holds about 18
-# calls and the dispatch adds under 3%.
+# such calls and the dispatch adds under 3% (less at 100 steps a call).
 SAMPLE_S = 0.1
 
-# The overhead step times its tree also at this many times the steps per call:
-# a step at n steps a call costs s + c / n (s a step's fixed cost, c a call's),
-# so two loop lengths give both (``bench.gpu_check_report.time_split``).
-OVERHEAD_LONG_LOOP = 10
+# The overhead step's two loop lengths (steps a call), on a GPU and with
+# --cpu: a step at n steps a call costs s + c / n (s a step's fixed cost, c a
+# call's), so two lengths give both (``bench.gpu_check_report.time_split``).
+# Not the timing steps' length: at 1,000 steps a call optax's 851 launches a
+# step would take seconds a call.
+OVERHEAD_LOOPS = (20, 200)
+OVERHEAD_LOOPS_CPU = (1, 10)
 
 # A timed row whose first call's update is further than this from optax's
 # (bench.steps.rel_diff) fails its check: a timing of wrong results is none.
@@ -389,8 +392,8 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
     if which == "overhead":  # in place, fp32 only; the reference shows XLA's own launches
         names = ["reference:apply"] + [n for n in names if n.endswith(":apply")]
         dtypes = dtypes[:1]
-        # Twice, at two loop lengths: a cost per call and one per step tell apart.
-        per_call.append(OVERHEAD_LONG_LOOP * steps_per_call)
+        # At two loop lengths: a cost per call and one per step tell apart.
+        per_call = list(OVERHEAD_LOOPS_CPU if cpu else OVERHEAD_LOOPS)
     rows = []
     for w in _timing_workloads(cpu, which):
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).

@@ -333,12 +333,12 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
     assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])
-    # The fixed costs: every form in place on one-element leaves, fp32 only, at 1 and
-    # 10 steps a call (--cpu times one step a call).
+    # The fixed costs: every form in place on one-element leaves, fp32 only, at two
+    # loop lengths.
     overhead = steps["timing-overhead"]["rows"]
     assert {r["workload"] for r in overhead} == {"tiny-1elem"}
     assert {r["dtype"] for r in overhead} == {"fp32"}
-    for spc in (1, gpu_check_phases.OVERHEAD_LONG_LOOP):
+    for spc in gpu_check_phases.OVERHEAD_LOOPS_CPU:
         assert {"optax", "reference:apply", *(f + ":apply" for f in forms)} <= {
             r["backend"] for r in overhead if r.get("steps_per_call") == spc
         }
