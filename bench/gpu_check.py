@@ -82,12 +82,13 @@ RESERVE_S = 10.0
 # Steps per jitted call in the timing steps on a GPU (``bench.steps.looped``):
 # one step per call measured the host's dispatch of ResNet-50's 161 leaves
 # (about 2 ms a call for every row, optax's too, on an H200 machine,
-# 2026-12-04), not the GPU. 20 steps a call, the H200 run's, was not enough:
-# its one-step figures add up as if the GPU waited for each call's dispatch
-# (optax 2.96 ms a call, about 1.6 ms of dispatch plus its 1.39 ms of GPU time,
-# where overlapping would give about 2 ms), and at 20 steps a call that is
-# about 0.09 ms a step, half of native in place's kernel time. At 100 it is
-# under 0.02 ms; ``timing-overhead`` measures it.
+# 2026-12-04), not the GPU. 20 steps a call, the H200 run's, may not be
+# enough: some of its one-step figures add up as if the GPU waited for each
+# call's dispatch (optax 2.96 ms a call in timing-model: about 1.6 ms of
+# dispatch plus its 1.39 ms of GPU time, where overlapping would give about
+# 2 ms; but 2.23 ms in timing-tuning). Where it waits, that is about 0.09 ms
+# a step at 20 steps a call, half of native in place's kernel time; at 100,
+# under 0.02 ms. ``timing-overhead`` measures it.
 GPU_STEPS_PER_CALL = 100
 # How long a killed step's process group may take to go: a process stuck in the
 # GPU driver can outlive SIGKILL for a while; after this the run goes on without it.
