@@ -48,7 +48,7 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
     dispatches, the costs overlap instead of adding, and c / n bounds the
     call's share from above). With one loop length ``fixed_ms`` is its time
     and ``call_ms`` is None. ``kernel_ms`` is ncu's kernel time a step of the
-    form (its first step's setup kernels included), ``rest_ms`` = step -
+    form (``step_kernel_ms``), ``rest_ms`` = step -
     kernels: time the GPU ran none of the step's kernels. None where a figure
     is missing.
     """
@@ -65,11 +65,8 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for r in rows("timing-overhead", "resnet50-1elem"):
         fixed.setdefault(r["backend"], {})[r.get("steps_per_call", 1)] = r["median_ms"]
     ncu = doc["steps"].get("ncu", {})
-    kernels = {
-        name: f["kernel_time_ms_per_step"]
-        for name, f in (ncu.get("forms") or {}).items()
-        if f.get("kernel_time_ms_per_step") is not None
-    }
+    forms = ncu.get("forms") or ncu.get("ncu_forms") or {}
+    kernels = {name: step_kernel_ms(f) for name, f in forms.items()}
     out = []
     for row in sorted(set(steps) | set(fixed)):
         if not row.endswith(":apply"):
@@ -98,6 +95,25 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def step_kernel_ms(form: dict[str, Any]) -> float | None:
+    """ncu's kernel time a step of one profiled form, without its setup kernels.
+
+    ncu counts every kernel of the program: the form's ``steps`` steps, and
+    kernels that ran once (constants and buffers its first step set up). A
+    kernel name launched a multiple of ``steps`` times is the step's; the others
+    are left out. Without per-kernel figures, ``kernel_time_ms_per_step``.
+    """
+    by_kernel, steps = form.get("by_kernel"), form.get("steps")
+    if not by_kernel or not steps:
+        return form.get("kernel_time_ms_per_step")
+    ns = sum(
+        m.get("gpu__time_duration.sum", 0.0)
+        for m in by_kernel.values()
+        if m.get("launches", 0) and m["launches"] % steps == 0
+    )
+    return ns / steps / 1e6
+
+
 def _time_split_table(split: list[dict[str, Any]]) -> list[str]:
     if not split:
         return []
@@ -105,7 +121,8 @@ def _time_split_table(split: list[dict[str, Any]]) -> list[str]:
         "",
         "## Where an in-place step's time goes (ResNet-50, fp32)",
         "",
-        "`step`: `timing-model` at `n` steps a call; `kernels`: ncu's kernel time a step; "
+        "`step`: `timing-model` at `n` steps a call; `kernels`: ncu's kernel time a step "
+        "(kernels launched once, to set up the first step, left out); "
         "`rest` = step - kernels, time the GPU ran none of the step's kernels. From "
         "`timing-overhead` (the same step on one element a leaf, at two loop lengths; a "
         "step costs fixed + call / n there): `fixed`, a step's cost whatever the bytes "

@@ -290,6 +290,21 @@ def test_the_report_splits_an_in_place_step_into_fixed_costs_kernels_and_the_res
             },
         },
     }
+    # ncu's figures of a form with its kernels by name (the H200's for native, ns):
+    # three steps, and a setup kernel launched once that is not the step's.
+    profiled = {
+        "form": "native",
+        "steps": 3,
+        "kernel_time_ms_per_step": 0.221,
+        "by_kernel": {
+            "UpdateKernel": {"launches": 3, "gpu__time_duration.sum": 380_000.0},
+            "SumsKernel": {"launches": 3, "gpu__time_duration.sum": 178_000.0},
+            "loop_broadcast_fusion_12": {"launches": 1, "gpu__time_duration.sum": 8_000.0},
+        },
+    }
+    assert gpu_check_report.step_kernel_ms(profiled) == pytest.approx(0.186)
+    assert gpu_check_report.step_kernel_ms({"kernel_time_ms_per_step": 0.2}) == 0.2
+    assert gpu_check_report.step_kernel_ms({"reason": "ncu did not finish"}) is None
     split = {r["row"]: r for r in gpu_check_report.time_split(doc)}
     assert set(split) == {"native:apply", "pallas:apply"}  # in place only
     native = split["native:apply"]
