@@ -31,6 +31,8 @@ COLUMNS = (
     "gb_per_s",
     "copy_gb_per_s",
     "frac_of_copy",
+    "floor_ms",
+    "frac_of_floor",
     "speedup_vs_optax",
     "launches",
     "compile_s",

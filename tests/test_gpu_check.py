@@ -245,7 +245,16 @@ def test_the_report_names_failures_and_timing_rows():
     assert "native/apply/fp32/defaults" in md and "ncu not found" in md
     table = gpu_check_report.short_table(doc)
     assert "FAILED correctness: native/apply/fp32/defaults" in table
-    assert "2.00" in table  # 1 / frac_of_copy: twice the floor
+
+    def x_floor(table: str) -> str:
+        (line,) = [t for t in table.splitlines() if t.startswith("w ")]
+        return line.split()[4]  # workload, grads, row, ms, x floor
+
+    assert x_floor(table) == "2.00"  # 1 / frac_of_copy: twice the floor
+    # Where the row has it, the floor is the faster of the copy and copy-loop.
+    doc["steps"]["timing-model"]["rows"][0]["frac_of_floor"] = 0.25
+    assert x_floor(gpu_check_report.short_table(doc)) == "4.00"
+    assert "| 2.000 | --- | - | - | 4.00 | 3.00 |" in gpu_check_report.markdown(doc)
 
 
 def test_the_report_splits_an_in_place_step_into_fixed_costs_kernels_and_the_rest():
