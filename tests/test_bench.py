@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -471,3 +472,15 @@ def test_cpu_stream_probe_builds_and_prints_every_table(tmp_path):
     rows = [line.split() for line in parts]
     assert [(r[0], r[1]) for r in rows] == [(t, p) for t in "12" for p in "124"], run.stdout
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), run.stdout
+
+
+def test_bench_readme_explains_every_column_of_results_csv():
+    text = (ROOT / "bench" / "README.md").read_text()
+    section = text.split("## Columns of results.csv", 1)[1].split("\n## ", 1)[0]
+    documented = {
+        name
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])
+    }
+    assert set(report.COLUMNS) <= documented, set(report.COLUMNS) - documented
