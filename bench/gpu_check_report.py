@@ -144,6 +144,12 @@ def _time_split_table(split: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _x_floor(row: dict[str, Any]) -> float | None:
+    """A row's time over the floor's (the copy alone in JSONs without ``frac_of_floor``)."""
+    frac = row.get("frac_of_floor", row.get("frac_of_copy"))
+    return 1 / frac if frac else None
+
+
 def _timing_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| workload | grads | row | ms | p25-p75 ms | issued ms | GB/s | x floor | x optax "
@@ -151,13 +157,12 @@ def _timing_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        frac = r.get("frac_of_floor", r.get("frac_of_copy"))
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['backend']} "
             f"| {_num(r.get('median_ms'), '.3f')} "
             f"| {_num(r.get('p25_ms'), '.3f')}-{_num(r.get('p75_ms'), '.3f')} "
             f"| {_num(r.get('issue_ms'), '.3f')} | {_num(r.get('gb_per_s'), '.0f')} "
-            f"| {_num(1 / frac if frac else None, '.2f')} "
+            f"| {_num(_x_floor(r), '.2f')} "
             f"| {_num(r.get('speedup_vs_optax'), '.2f')} | {_num(r.get('launches'), 'd')} "
             f"| {_num((r.get('temp_bytes') or math.nan) / 1e6, '.1f')} "
             f"| {_num(r.get('rel_diff_vs_optax'), '.1e')} | {r.get('note', '')} |"
@@ -273,11 +278,10 @@ def short_table(doc: dict[str, Any]) -> str:
         lines.append(f"{'workload':12s} {'grads':10s} {'row':20s} {'ms':>9s} {'xfloor':>7s} "
                      f"{'xoptax':>7s} {'launch':>6s}")  # fmt: skip
         for r in rows:
-            frac = r.get("frac_of_floor", r.get("frac_of_copy"))
             lines.append(
                 f"{r['workload'][:12]:12s} {r['dtype']:10s} {r['backend']:20s} "
                 f"{_num(r.get('median_ms'), '9.3f'):>9s} "
-                f"{_num(1 / frac if frac else None, '7.2f'):>7s} "
+                f"{_num(_x_floor(r), '7.2f'):>7s} "
                 f"{_num(r.get('speedup_vs_optax'), '7.2f'):>7s} {_num(r.get('launches'), '6d'):>6s}"
             )
     split = [r for r in time_split(doc) if r["fixed_ms"] is not None or r["rest_ms"] is not None]

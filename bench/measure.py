@@ -231,10 +231,7 @@ def measure(
     copy_s = timings[steps.COPY].median
     # The floor: the faster of the copy alone and the copy in the step's loop,
     # so that a copy slowed by what one call costs does not flatter the steps.
-    floor_s = min(
-        (timings[n].median for n in (steps.COPY, steps.COPY_LOOP) if n in timings),
-        default=copy_s,
-    )
+    floor_s = min(timings[n].median for n in (steps.COPY, steps.COPY_LOOP) if n in timings)
     optax_s = timings[steps.OPTAX].median
     rows = []
     for name in [*names, *([steps.COPY_LOOP] if spc > 1 else []), steps.COPY]:
