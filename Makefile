@@ -23,13 +23,15 @@ VPY_OLD        := $(VENV_OLD)/bin/python
 STAMP_OLD      := $(VENV_OLD)/.installed
 # What `make test-jax-0.11` runs there: the reference, native, optax and
 # braintools parity tests, and the GPU kernels' tests (interpreted, lowered and
-# compiled for CUDA on the CPU) with the GPU check's harness, since 0.11.2 is
-# the jax of the GPU images (`make test-jax-0.11 TESTS_OLD=tests` runs them all).
+# compiled for CUDA on the CPU) with the GPU check's harness and its profiler
+# reading (bench/device_trace.py), since 0.11.2 is the jax of the GPU images
+# (`make test-jax-0.11 TESTS_OLD=tests` runs them all).
 TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/test_native.py \
 	tests/test_native_api.py tests/test_native_ffi.py tests/test_optax_parity.py \
 	tests/test_braintools_parity.py tests/test_pallas.py tests/test_pallas_backend_run.py \
 	tests/test_pallas_fused.py tests/test_backend_pallas.py tests/test_triton.py \
-	tests/test_triton_compiled.py tests/test_triton_versions.py tests/test_gpu_check.py
+	tests/test_triton_compiled.py tests/test_triton_versions.py tests/test_gpu_check.py \
+	tests/test_device_trace.py
 
 # jaxlib's CUDA Triton extension comes with its CUDA plugin (8 MB; without
 # its dependencies or the PJRT plugin it loads on a machine without a GPU, and

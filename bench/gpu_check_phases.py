@@ -345,6 +345,11 @@ SAMPLE_S = 0.1
 OVERHEAD_LOOPS = (20, 200)
 OVERHEAD_LOOPS_CPU = (1, 10)
 
+# Calls in the one more sample of each timing-model row traced with
+# ``jax.profiler`` (``bench.device_trace``): with more than one, a wait for
+# each call's dispatch shows as a long gap between calls.
+TRACE_CALLS = 3
+
 # A timed row whose first call's update is further than this from optax's
 # (bench.steps.rel_diff) fails its check: a timing of wrong results is none.
 # Seen on the H200: 7.5e-4 at one step per call, 1.9e-5 at 20.
@@ -374,11 +379,16 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         steps_per_call=steps_per_call,
         compile_workers=COMPILE_WORKERS,
     )
+    # The model's fp32 rows are traced, last of the phase: nothing is timed in
+    # this process after the profiler has run.
+    traced = which == "model"
     names = ["reference"]
     for form in C.forms(cpu):
         if form.unavailable() is None:
             names += [form.name, form.name + ":apply"]
     dtypes = list(measure.DTYPES)
+    if traced and not cpu:  # fp32 last (with --cpu, fp32 alone)
+        dtypes.sort(key=lambda d: d == "fp32")
     if which == "tuning":  # the fused launch's geometries, in place, fp32 only
         tuned = [f for f in C.tuning_forms(cpu) if f.unavailable() is None]
         fused = [
@@ -399,7 +409,8 @@ def timing(cpu: bool, which: str, steps_per_call: int = 1) -> dict[str, Any]:
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
         for dtype in [dtypes[which == "array"]] if cpu else dtypes:
             for spc in per_call:
-                run = dataclasses.replace(settings, steps_per_call=spc)
+                trace = TRACE_CALLS if traced and dtype == "fp32" else 0
+                run = dataclasses.replace(settings, steps_per_call=spc, trace_calls=trace)
                 measured = measure.measure(w, dtype, names, run)
                 rows += measured
                 RESULT.add_rows(measured)

@@ -49,8 +49,9 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
     call's share from above). With one loop length ``fixed_ms`` is its time
     and ``call_ms`` is None. ``kernel_ms`` is ncu's kernel time a step of the
     form (``step_kernel_ms``), ``rest_ms`` = step -
-    kernels: time the GPU ran none of the step's kernels. None where a figure
-    is missing.
+    kernels: time the GPU ran none of the step's kernels. ``busy_ms`` is the
+    device's busy time a step in the row's traced sample (``trace_busy_ms``,
+    ``bench.device_trace``). None where a figure is missing.
     """
 
     def rows(step: str, workload: str) -> list[dict[str, Any]]:
@@ -89,6 +90,7 @@ def time_split(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 "fixed_ms": per_step,
                 "call_ms": per_call,
                 "kernel_ms": kernel,
+                "busy_ms": steps[row].get("trace_busy_ms") if row in steps else None,
                 "rest_ms": step - kernel if step is not None and kernel is not None else None,
             }
         )
@@ -128,18 +130,54 @@ def _time_split_table(split: list[dict[str, Any]]) -> list[str]:
         "step costs fixed + call / n there): `fixed`, a step's cost whatever the bytes "
         "(launches, XLA's loop, host work a step), and `call / n`, a call's cost (JAX's "
         "dispatch) shared by the n steps of a `timing-model` call. A `rest` near "
-        "`fixed` + `call / n` is those costs; a `rest` well above them grows with the bytes.",
+        "`fixed` + `call / n` is those costs; a `rest` well above them grows with the bytes. "
+        "`busy`: the device's busy time a step in the row's traced sample (the next table).",
         "",
-        "| row | n | step ms | kernels ms | rest ms | fixed ms | call ms | call / n ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | n | step ms | kernels ms | busy ms | rest ms | fixed ms | call ms | call / n ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in split:
         shared = r["call_ms"] / r["spc"] if r["call_ms"] is not None and r["spc"] else None
         lines.append(
             f"| {r['row']} | {_num(r['spc'], 'd')} | {_num(r['step_ms'], '.3f')} "
-            f"| {_num(r['kernel_ms'], '.3f')} | {_num(r['rest_ms'], '.3f')} "
+            f"| {_num(r['kernel_ms'], '.3f')} | {_num(r.get('busy_ms'), '.3f')} "
+            f"| {_num(r['rest_ms'], '.3f')} "
             f"| {_num(r['fixed_ms'], '.3f')} | {_num(r['call_ms'], '.3f')} "
             f"| {_num(shared, '.3f')} |"
+        )
+    return lines
+
+
+def _trace_table(rows: list[dict[str, Any]]) -> list[str]:
+    traced = [r for r in rows if "trace_busy_ms" in r or "trace_note" in r]
+    if not traced:
+        return []
+    lines = [
+        "",
+        "## The device's timeline (`jax.profiler`, one more sample of each row)",
+        "",
+        "Per step of the traced sample (`steps`: its calls times n): `wall`, from its first "
+        "call to the end of the wait; `span`, from the device's first event (kernel, copy, "
+        "memset) to its last; `busy`, the time some event ran; `idle` = span - busy, in "
+        "long gaps (at least 50 us: about one a call where the device waits for each call's "
+        "dispatch) and short ones (a launch after a launch). wall - span is the first "
+        "call's dispatch and the wait's return. `events`: device events a step.",
+        "",
+        "| workload | grads | row | steps | ms | wall ms | span ms | busy ms | idle ms "
+        "| long gaps | their ms | max gap ms | events | longest kernels, or why none |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in traced:
+        said = r.get("trace_top") or r.get("trace_note", "")
+        lines.append(
+            f"| {r['workload']} | {r['dtype']} | {r['backend']} "
+            f"| {_num(r.get('trace_steps'), 'd')} | {_num(r.get('median_ms'), '.3f')} "
+            f"| {_num(r.get('trace_wall_ms'), '.3f')} | {_num(r.get('trace_span_ms'), '.3f')} "
+            f"| {_num(r.get('trace_busy_ms'), '.3f')} | {_num(r.get('trace_idle_ms'), '.3f')} "
+            f"| {_num(r.get('trace_long_gaps'), 'd')} "
+            f"| {_num(r.get('trace_long_gap_ms'), '.3f')} "
+            f"| {_num(r.get('trace_max_gap_ms'), '.3f')} | {_num(r.get('trace_events'), '.1f')} "
+            f"| {said[:300]} |"
         )
     return lines
 
@@ -211,6 +249,7 @@ def markdown(doc: dict[str, Any]) -> str:
             *_timing_table(rows),
         ]
     lines += _time_split_table(time_split(doc))
+    lines += _trace_table(rows)
     ncu = doc["steps"].get("ncu", {})
     if ncu:
         lines += ["", "## Nsight Compute", ""]
@@ -286,11 +325,29 @@ def short_table(doc: dict[str, Any]) -> str:
             )
     split = [r for r in time_split(doc) if r["fixed_ms"] is not None or r["rest_ms"] is not None]
     if split:
-        heads = ("step ms", "kern ms", "rest ms", "fixed ms", "call ms")
+        heads = ("step ms", "kern ms", "busy ms", "rest ms", "fixed ms", "call ms")
         lines += ["", f"{'in place':20s} " + " ".join(f"{h:>8s}" for h in heads)]
         for r in split:
-            figures = (r["step_ms"], r["kernel_ms"], r["rest_ms"], r["fixed_ms"], r["call_ms"])
+            figures = (
+                r["step_ms"],
+                r["kernel_ms"],
+                r.get("busy_ms"),
+                r["rest_ms"],
+                r["fixed_ms"],
+                r["call_ms"],
+            )
             lines.append(f"{r['row']:20s} " + " ".join(f"{_num(x, '.3f'):>8s}" for x in figures))
+    traced = [r for r in rows if "trace_busy_ms" in r and r["dtype"] == "fp32"]
+    if traced:
+        heads = ("wall ms", "span ms", "busy ms", "gap ms", "gaps")
+        lines += ["", f"{'traced (fp32)':33s} " + " ".join(f"{h:>8s}" for h in heads)]
+        for r in traced:
+            figures = [r.get(f"trace_{k}_ms") for k in ("wall", "span", "busy", "long_gap")]
+            lines.append(
+                f"{r['workload'][:12]:12s} {r['backend']:20s} "
+                + " ".join(f"{_num(x, '.3f'):>8s}" for x in figures)
+                + f" {_num(r.get('trace_long_gaps'), '8d'):>8s}"
+            )
     ncu = doc["steps"].get("ncu", {})
     for f in (ncu.get("forms") or {"": ncu}).values():
         if "dram_bytes_per_param" in f:

@@ -13,8 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import steps, timing
+from bench import device_trace, steps, timing
 from bench.workloads import Workload
+
+# The most device events (launches) a traced sample may hold (``_traces``):
+# the profiler's records and their reading grow with them.
+TRACE_MAX_EVENTS = 60_000
 
 # Row dtype label -> gradient dtype (params and momentum are always float32).
 DTYPES: dict[str, Any] = {"fp32": jnp.float32, "bf16-grads": jnp.bfloat16}
@@ -45,6 +49,10 @@ class Settings:
       compile_workers: How many steps are compiled at once (XLA compiles
         without holding the GIL); every compile ends before any timing starts.
         ``compile_s`` of a step compiled beside others is longer than alone.
+      trace_calls: > 0: after the timing, one more sample of each step (at
+        most this many calls, and no more than its timed samples had) runs
+        under ``jax.profiler`` and its row gets the device's timeline
+        (``bench.device_trace``: the ``trace_*`` keys, or ``trace_note``).
     """
 
     warmup: int = 5
@@ -56,6 +64,7 @@ class Settings:
     max_compile_s: float = 300.0
     steps_per_call: int = 1
     compile_workers: int = 1
+    trace_calls: int = 0
 
 
 @dataclasses.dataclass
@@ -228,6 +237,7 @@ def measure(
             settle_s=settings.settle_s,
         )
     )
+    traces = _traces(runners, timings, settings.trace_calls)
     copy_s = timings[steps.COPY].median
     # The floor: the faster of the copy alone and the copy in the step's loop,
     # so that a copy slowed by what one call costs does not flatter the steps.
@@ -273,9 +283,40 @@ def measure(
             bytes_xla=r.bytes_xla,
             rel_diff_vs_optax=diffs.get(name, float("nan")),
         )
+        row.update(traces.get(name, {}))
         rows.append(row)
     for r in runners.values():
         r.release()
     runners.clear()
     gc.collect()
     return rows
+
+
+def _traces(
+    runners: dict[str, steps.Runner], timings: dict[str, timing.Timing], most: int
+) -> dict[str, dict[str, Any]]:
+    """Each timed runner's ``trace_*`` columns (``Settings.trace_calls``); {} when off.
+
+    A runner whose one call would launch more than ``TRACE_MAX_EVENTS`` is
+    not traced (optax's 851 launches a step, at 100 steps a call).
+    """
+    if most <= 0:
+        return {}
+    calls, out = {}, {}
+    for name, r in runners.items():
+        if name not in timings:
+            continue
+        per_call = max(r.launches, 1) * r.steps_per_call
+        if per_call > TRACE_MAX_EVENTS:
+            out[name] = {"trace_note": f"not traced: {per_call} launches a call"}
+            continue
+        fit = min(
+            most, TRACE_MAX_EVENTS // per_call, timings[name].steps_per_sample // r.steps_per_call
+        )
+        calls[name] = max(1, fit)
+    try:
+        found, note = device_trace.trace(list(runners.values()), calls)
+    except Exception as e:  # the timing stands without its trace
+        failed = "trace failed: " + _error(e)
+        return {**out, **{name: {"trace_note": failed} for name in calls}}
+    return {**out, **{name: device_trace.columns(t, note) for name, t in found.items()}}

@@ -277,7 +277,7 @@ def test_the_report_splits_an_in_place_step_into_fixed_costs_kernels_and_the_res
                 "rows": [
                     row("resnet50", "optax", 1.390),
                     row("resnet50", "native", 0.632),
-                    row("resnet50", "native:apply", 0.290),
+                    {**row("resnet50", "native:apply", 0.290), "trace_busy_ms": 0.19},
                     row("resnet50", "native:apply", 0.5, dtype="bf16-grads"),
                     row("resnet50", "pallas:apply", 0.287),
                 ],
@@ -324,10 +324,51 @@ def test_the_report_splits_an_in_place_step_into_fixed_costs_kernels_and_the_res
     assert pallas["fixed_ms"] == 0.05 and pallas["call_ms"] is None
     assert pallas["kernel_ms"] is None and pallas["rest_ms"] is None
     md = gpu_check_report.markdown(doc)
-    assert "| native:apply | 20 | 0.290 | 0.186 | 0.104 | 0.010 | 2.000 | 0.100 |" in md
-    assert "| pallas:apply | 20 | 0.287 | - | - | 0.050 | - | - |" in md
+    assert native["busy_ms"] == 0.19 and split["pallas:apply"]["busy_ms"] is None
+    assert "| native:apply | 20 | 0.290 | 0.186 | 0.190 | 0.104 | 0.010 | 2.000 | 0.100 |" in md
+    assert "| pallas:apply | 20 | 0.287 | - | - | - | 0.050 | - | - |" in md
     table = gpu_check_report.short_table(doc).split("in place")[1]
     assert "0.104" in table and "2.000" in table and "pallas:apply" in table
+
+
+def test_the_report_shows_each_traced_rows_timeline_or_why_there_is_none():
+    traced = {
+        "workload": "resnet50",
+        "dtype": "fp32",
+        "backend": "native:apply",
+        "median_ms": 0.29,
+        "trace_steps": 300,
+        "trace_events": 3.0,
+        "trace_busy_ms": 0.19,
+        "trace_span_ms": 0.28,
+        "trace_idle_ms": 0.09,
+        "trace_long_gaps": 2,
+        "trace_long_gap_ms": 0.012,
+        "trace_max_gap_ms": 1.8,
+        "trace_wall_ms": 0.29,
+        "trace_top": "UpdateKernel 0.1300 ms x1",
+    }
+    untraced = {**traced, "backend": "optax", "trace_note": "not traced: 85100 launches a call"}
+    for key in [k for k in traced if k.startswith("trace_")]:
+        del untraced[key]
+    doc = {
+        "environment": {"device": "test"},
+        "seconds": 3.0,
+        "steps": {"timing-model": {"status": "ok", "rows": [traced, untraced]}},
+    }
+    md = gpu_check_report.markdown(doc)
+    assert "## The device's timeline" in md
+    assert (
+        "| resnet50 | fp32 | native:apply | 300 | 0.290 | 0.290 | 0.280 | 0.190 | 0.090 | 2 "
+        "| 0.012 | 1.800 | 3.0 | UpdateKernel 0.1300 ms x1 |"
+    ) in md
+    assert "| resnet50 | fp32 | optax | - | 0.290 | - |" in md and "85100 launches" in md
+    traced_part = gpu_check_report.short_table(doc).split("traced (fp32)")[1]
+    (line,) = [t for t in traced_part.splitlines() if "native:apply" in t]
+    assert line.split()[2:] == ["0.290", "0.280", "0.190", "0.012", "2"]
+    # Without traced rows, no table.
+    del doc["steps"]["timing-model"]["rows"][:]
+    assert "timeline" not in gpu_check_report.markdown(doc)
 
 
 @pytest.mark.slow
@@ -357,6 +398,9 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
     assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])
+    # timing-model's rows were traced; a CPU has no device plane, and each row says so.
+    assert all("no device plane" in r["trace_note"] for r in steps["timing-model"]["rows"])
+    assert not any("trace_note" in r for r in steps["timing-array"]["rows"])
     # The fixed costs: every form in place on one-element leaves, fp32 only, at two
     # loop lengths.
     overhead = steps["timing-overhead"]["rows"]
@@ -505,3 +549,27 @@ def test_a_timed_row_far_from_optax_fails_its_check(monkeypatch):
     # One row of each gradient dtype.
     assert [c["case"].split("/")[-1] for c in failed] == ["native:apply"] * 2
     assert "5.0e-01 from optax's" in failed[0]["detail"]
+
+
+def test_only_the_model_phases_fp32_rows_are_traced_and_last(monkeypatch):
+    calls = []
+
+    def fake(w, dtype, names, settings):
+        calls.append((w.name, dtype, settings.steps_per_call, settings.trace_calls))
+        return []
+
+    monkeypatch.setattr(gpu_check_phases.measure, "measure", fake)
+    # The rows' names do not matter here: the reference's alone.
+    monkeypatch.setattr(gpu_check_phases.C, "forms", lambda cpu: [])
+    monkeypatch.setattr(gpu_check_phases.C, "tuning_forms", lambda cpu: [])
+    gpu_check_phases.timing(False, "model", 100)
+    traced = gpu_check_phases.TRACE_CALLS
+    # On a GPU fp32 comes last: nothing is timed in the process after the profiler.
+    assert calls == [("resnet50", "bf16-grads", 100, 0), ("resnet50", "fp32", 100, traced)]
+    calls.clear()
+    gpu_check_phases.timing(True, "model", 1)
+    assert calls == [("tiny-model", "fp32", 1, traced)]
+    for which in ("array", "overhead", "tuning"):
+        calls.clear()
+        gpu_check_phases.timing(False, which, 100)
+        assert calls and all(c[3] == 0 for c in calls), which
