@@ -120,9 +120,10 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
             for spc in per_call:
                 trace = TRACE_CALLS if traced and dtype == "fp32" else 0
                 run = dataclasses.replace(settings, steps_per_call=spc, trace_calls=trace)
-                measured = measure.measure(w, dtype, names, run)
+                # The rows are saved once timed; the trace's columns are added after.
+                measured = measure.measure(w, dtype, names, run, on_timed=result.add_rows)
+                result.save()
                 rows += measured
-                result.add_rows(measured)
                 for r in measured:
                     print(
                         f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "

@@ -135,3 +135,24 @@ def test_a_runner_with_too_many_launches_a_call_is_not_traced(monkeypatch):
     launches = rows["reference:apply"]["launches"]
     assert launches > 0
     assert rows["reference:apply"]["trace_note"] == f"not traced: {2 * launches} launches a call"
+
+
+def test_rows_are_handed_over_before_the_trace_and_a_failed_trace_leaves_them(monkeypatch):
+    seen = []
+
+    def timed(rows):
+        # Handed over timed and not yet traced.
+        seen.append([(r["backend"], "median_ms" in r, "trace_note" in r) for r in rows])
+
+    def broken(runners, calls):
+        raise RuntimeError("the profiler could not start")
+
+    monkeypatch.setattr(device_trace, "trace", broken)
+    w = workloads.sweep_workload(127)
+    base = dict(warmup=1, rounds=3, min_sample_s=0.0, budget_s=1.0, settle_s=0.0)
+    settings = measure.Settings(**base, slow_factor=0, steps_per_call=2, trace_calls=2)
+    rows = measure.measure(w, "fp32", ["reference:apply"], settings, on_timed=timed)
+    assert len(seen) == 1 and all(t and not traced for _, t, traced in seen[0])
+    assert [r["backend"] for r in rows] == [b for b, _, _ in seen[0]]
+    for r in rows:
+        assert "median_ms" in r and r["trace_note"].startswith("trace failed: RuntimeError")

@@ -375,18 +375,21 @@ def test_a_timed_row_far_from_optax_fails_its_check(monkeypatch):
     """A row whose first update is not optax's is a failed check, not a timing;
     rounding (1.9e-5 seen on the GPU) and the copy rows (no update) pass."""
 
-    def rows(w, dtype, names, settings):
+    def rows(w, dtype, names, settings, on_timed):
         base = {"workload": w.name, "dtype": dtype, "median_ms": 1.0, "note": ""}
-        return [
+        out = [
             {**base, "backend": "optax", "rel_diff_vs_optax": 0.0},
             {**base, "backend": "triton:apply", "rel_diff_vs_optax": 1.9e-5},
             {**base, "backend": "native:apply", "rel_diff_vs_optax": 0.5},
             {**base, "backend": "copy", "rel_diff_vs_optax": float("nan")},
         ]
+        on_timed(out)
+        return out
 
     monkeypatch.setattr(gpu_check_timing.measure, "measure", rows)
     result = gpu_check_phases.Partial()
     gpu_check_timing.timing(False, "array", 1, result, 1)
+    assert len(result.result["rows"]) == 8  # saved as timed (on_timed)
     failed = [c for c in result.result["checks"] if not c["ok"]]
     # One row of each gradient dtype.
     assert [c["case"].split("/")[-1] for c in failed] == ["native:apply"] * 2
@@ -396,7 +399,7 @@ def test_a_timed_row_far_from_optax_fails_its_check(monkeypatch):
 def test_only_the_model_phases_fp32_rows_are_traced_and_last(monkeypatch):
     calls = []
 
-    def fake(w, dtype, names, settings):
+    def fake(w, dtype, names, settings, on_timed):
         calls.append((w.name, dtype, settings.steps_per_call, settings.trace_calls))
         return []
 
