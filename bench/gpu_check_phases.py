@@ -14,8 +14,7 @@ Phases:
   random trees of odd shapes, for each option set and gradient dtype, with
   device memory poisoned with NaN before every kernel run; then each form
   twice on the same inputs (bitwise equal).
-* ``timing-model``, ``timing-array`` (``bench.gpu_check_timing``, as the
-  two below): ``bench.measure.measure`` (optax,
+* ``timing-model``, ``timing-array``: ``bench.measure.measure`` (optax,
   every form, a copy of the same bytes) on ResNet-50's parameter set and one
   64M-element array, fp32 and bf16 gradients.
 * ``timing-overhead``: optax, the reference and every form in place on
@@ -23,6 +22,7 @@ Phases:
   a step and a call cost whatever the bytes (XLA's loop, launches, the
   handlers' host work; JAX's dispatch of a call).
 * ``timing-tuning``: the fused launches at other geometries, in place, fp32.
+  (The four timing phases are ``bench.gpu_check_timing``'s.)
 * ``ncu``: Nsight Compute's DRAM bytes and kernel time of every form's step
   on ResNet-50, and its sections for the fused Triton kernel
   (``bench.gpu_check_ncu``; ``ncu-target`` is the program it profiles).
