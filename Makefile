@@ -31,7 +31,7 @@ TESTS_OLD ?= tests/test_backend_reference.py tests/test_backend_native.py tests/
 	tests/test_braintools_parity.py tests/test_pallas.py tests/test_pallas_backend_run.py \
 	tests/test_pallas_fused.py tests/test_backend_pallas.py tests/test_triton.py \
 	tests/test_triton_compiled.py tests/test_triton_versions.py tests/test_gpu_check.py \
-	tests/test_gpu_check_report.py tests/test_device_trace.py
+	tests/test_gpu_check_report.py tests/test_gpu_check_quarantine.py tests/test_device_trace.py
 
 # jaxlib's CUDA Triton extension comes with its CUDA plugin (8 MB; without
 # its dependencies or the PJRT plugin it loads on a machine without a GPU, and

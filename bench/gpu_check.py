@@ -21,6 +21,10 @@ on) and all of them within ``--budget`` seconds:
    last, as the budget allows: ``--only wheels,build,sanitize`` runs it alone). The
    timing steps time 100 steps per jitted call (``--steps-per-call``).
 
+A form that hangs, faults or fails ``smoke`` is quarantined
+(``bench.gpu_check_quarantine``): left out of the later steps, so that it
+cannot cost the others their checks and figures.
+
 It writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the report) and
 ``gpu_check.log`` (every step's output) to ``--out`` (default ``$OUT`` when
 set, else ``bench/out/gpu-check``), the two reports anew after every step (a
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import gpu_check_quarantine as quarantine
 from bench import gpu_check_report as report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,8 +231,21 @@ def _build(
 
 
 def _phase(
-    name: str, cpu: bool, log: Any, timeout: float, env: dict[str, str], steps_per_call: int = 1
+    name: str,
+    cpu: bool,
+    log: Any,
+    timeout: float,
+    env: dict[str, str],
+    steps_per_call: int = 1,
+    held: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
+    """Runs phase ``name`` in a process of its own; its result.
+
+    ``held``: the run's quarantine (``bench.gpu_check_quarantine``), handed to
+    the phase and updated with what its result shows.
+    """
+    held = {} if held is None else held
+    env = dict(env, **{quarantine.ENV: quarantine.encode(held)})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "bench.gpu_check_phases", name, "--json", path]
@@ -240,6 +258,7 @@ def _phase(
                 result = json.load(f)
         except (OSError, ValueError):
             result = {"status": "fail", "reason": f"exited with {rc}, no result"}
+    quarantine.blame(held, name, result, rc)
     if rc is None:  # what it had done before the timeout is kept
         done = len(result.get("checks", []))
         result.update(status="fail", reason=f"timed out after {timeout:.0f} s ({done} checks done)")
@@ -275,17 +294,24 @@ def _phase_environment(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_reports(
-    out: Path, results: dict[str, Any], where: dict[str, Any], seconds: float, done: bool
+    out: Path,
+    results: dict[str, Any],
+    where: dict[str, Any],
+    seconds: float,
+    done: bool,
+    held: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes gpu_check.json and gpu_check.md for the steps so far; returns the document.
 
-    The first phase's ``environment`` (what its process saw) joins ``where``.
+    The first phase's ``environment`` (what its process saw) joins ``where``;
+    ``held`` is the run's quarantine (``bench.gpu_check_quarantine``).
     """
     steps = {n: {k: v for k, v in r.items() if k != "environment"} for n, r in results.items()}
     doc = {
         "environment": {**_phase_environment(results), **where},
         "seconds": seconds,
         "steps": steps,
+        "quarantine": dict(held or {}),
     }
     if not done:
         doc["unfinished"] = f"the run had done {len(steps)} of {len(STEPS)} steps"
@@ -324,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     results: dict[str, Any] = {}
+    held: dict[str, dict[str, str]] = {}  # the quarantine: forms left out of later steps
     where = {**environment(args.cpu), "steps per call (timing)": spc}
     with open(out / "gpu_check.log", "w") as log:
         for name, gpu_timeout, cpu_timeout in STEPS:
@@ -346,14 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "build":
                     results[name] = _build(log, timeout, env)
                 else:
-                    results[name] = _phase(name, args.cpu, log, timeout, env, spc)
+                    results[name] = _phase(name, args.cpu, log, timeout, env, spc, held)
             r = results[name]
             seconds, reason = r.get("seconds", 0.0), r.get("reason", "")
             print(f"{name:14s} {r['status']:8s} {seconds:6.1f} s  {reason}", flush=True)
             # The reports so far: a run cut short (the machine's call limit) keeps them.
-            _write_reports(out, results, where, time.perf_counter() - start, done=False)
+            _write_reports(out, results, where, time.perf_counter() - start, False, held)
     total = time.perf_counter() - start
-    doc = _write_reports(out, results, where, total, done=True)
+    doc = _write_reports(out, results, where, total, True, held)
     print(report.short_table(doc))
     print(f"reports: {out}/gpu_check.{{json,md,log}} ({total:.0f} s)")
     return 0 if all(r["status"] in ("ok", "skipped") for r in results.values()) else 1

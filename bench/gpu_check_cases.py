@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import gpu_check_quarantine as quarantine
 from bench import steps
 
 
@@ -34,22 +35,35 @@ class Form:
       name: Row name in the report.
       backend: The ``lars`` backend name.
       options: Its ``backend_options``.
+      family: The form whose quarantine (``bench.gpu_check_quarantine``)
+        also leaves this one out: a geometry timed beside a form names it;
+        "" for the form itself.
     """
 
     name: str
     backend: str
     options: tuple[tuple[str, Any], ...] = ()
+    family: str = ""
 
     @property
     def options_dict(self) -> dict[str, Any]:
         """``options`` as a dict."""
         return dict(self.options)
 
-    def unavailable(self) -> str | None:
-        """Why the backend cannot run on JAX's platform here; None when it can."""
+    def unavailable(self, hangs_only: bool = False) -> str | None:
+        """Why the form is not run here; None when it is.
+
+        Args:
+          hangs_only: Only a quarantine for a hang counts (``sanitize``).
+
+        Returns:
+          Its quarantine (``bench.gpu_check_quarantine.why``), else why the
+          backend cannot run on JAX's platform here, else None.
+        """
         from lars import _dispatch
 
-        return _dispatch.get(self.backend).unavailable(jax.default_backend())
+        held = quarantine.why(self.family or self.name, hangs_only)
+        return held or _dispatch.get(self.backend).unavailable(jax.default_backend())
 
 
 # The learning rate of every checked and profiled step.
@@ -110,16 +124,21 @@ def tuning_forms(cpu: bool) -> list[Form]:
     """
     if cpu:
         return [
-            Form("triton-nohint", "triton_interpret", (*_INTERPRET_TRITON, ("evict_first", False)))
+            Form(
+                "triton-nohint",
+                "triton_interpret",
+                (*_INTERPRET_TRITON, ("evict_first", False)),
+                "triton",
+            )
         ]
     return [
-        Form("triton-4096-512", "triton", (("chunk", 4096), ("lookahead", 512))),
-        Form("triton-nohint", "triton", (("evict_first", False),)),
-        Form("triton-8192-2048", "triton", (("lookahead", 2048),)),
-        Form("triton-16384-256", "triton", (("chunk", 16384),)),
-        Form("triton-table", "triton", (("pointer_table", True),)),
+        Form("triton-4096-512", "triton", (("chunk", 4096), ("lookahead", 512)), "triton"),
+        Form("triton-nohint", "triton", (("evict_first", False),), "triton"),
+        Form("triton-8192-2048", "triton", (("lookahead", 2048),), "triton"),
+        Form("triton-16384-256", "triton", (("chunk", 16384),), "triton"),
+        Form("triton-table", "triton", (("pointer_table", True),), "triton"),
         *(
-            Form(f"native-fused-{name}", "native", (("fused", True), *geometry))
+            Form(f"native-fused-{name}", "native", (("fused", True), *geometry), "native-fused")
             for name, geometry in NATIVE_FUSED_TUNING.items()
         ),
     ]
@@ -230,6 +249,19 @@ def poison_device_memory(nbytes: int) -> None:
     x = jnp.full((max(1, nbytes // 4),), jnp.nan, jnp.float32)
     x.block_until_ready()
     del x
+
+
+def device_failure() -> str | None:
+    """None when a one-element computation runs on the default device, else its error.
+
+    After a kernel faults, the process's CUDA context is unusable: every later
+    computation raises.
+    """
+    try:
+        jax.block_until_ready(jnp.add(jnp.ones((1,), jnp.float32), 1.0))
+    except Exception as e:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return None
 
 
 def tree_bytes(*trees: Any) -> int:

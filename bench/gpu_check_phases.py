@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -48,22 +49,40 @@ import optax
 
 import lars
 from bench import gpu_check_cases as C
+from bench import gpu_check_quarantine as quarantine
 from bench import gpu_check_timing as T
 from bench import workloads
 
 
 class Partial:
     """The phase's result so far, rewritten to its JSON file after every check
-    and row: a phase killed at its timeout keeps what it had done."""
+    and row: a phase killed at its timeout keeps what it had done, and names
+    the case it was running (``running``)."""
 
     def __init__(self) -> None:
         self.path: str | None = None
-        self.result: dict[str, Any] = {"status": "running", "checks": [], "rows": []}
+        self.result: dict[str, Any] = {
+            "status": "running",
+            "checks": [],
+            "rows": [],
+            "quarantine": {},
+        }
+
+    def running(self, case: str) -> None:
+        """Records that a run of ``case`` is on the device now (until it ends, or its ``check``)."""
+        self.result["running"] = case
+        self.save()
 
     def check(self, case: str, ok: bool, detail: Any = "", **extra: Any) -> None:
         """Records one check."""
+        self.result.pop("running", None)
         self.result["checks"].append({"case": case, "ok": bool(ok), "detail": detail, **extra})
         self.save()
+
+    def quarantine(self, form: str, kind: str, reason: str, step: str) -> None:
+        """Quarantines ``form`` (``bench.gpu_check_quarantine``) for this phase and the next."""
+        if quarantine.add(self.result["quarantine"], form, kind, reason, step):
+            self.save()
 
     def add_rows(self, rows: list[dict[str, Any]]) -> None:
         """Records timing rows."""
@@ -105,19 +124,41 @@ def _lower(
     )
 
 
+# The case ``_run_checks`` runs now, and the seconds of each of its runs.
+CASE: list[str] = []
+RUN_S: list[float] = []
+
+
+@contextlib.contextmanager
+def _running() -> Iterator[None]:
+    """One run of the current case: timed into ``RUN_S``, and named in the
+    result (``running``) while it runs, not while it compiles: a step killed
+    at its timeout then blames a run that hung, not a slow compile."""
+    if CASE:
+        RESULT.running(CASE[0])
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        RUN_S.append(time.perf_counter() - start)
+        if RESULT.result.pop("running", None) is not None:
+            RESULT.save()
+
+
 def _runner(lowered: tuple[Any, Any]) -> Callable:
     """Compiles ``_lower``'s pair; ``run(params, grads, poison)`` runs one step on copies."""
     init, fn = lowered[0].compile(), lowered[1].compile()
 
     def run(params: Any, grads: Any, poison: bool) -> tuple[Any, Any]:
-        state = init(params)
-        # Donated: the step gets its own copies.
-        p, s = jax.tree.map(jnp.copy, (params, state))
-        if poison:
-            C.poison_device_memory(2 * C.tree_bytes(params, grads, state))
-        out = fn(p, s, grads)
-        jax.block_until_ready(out)
-        return out
+        with _running():
+            state = init(params)
+            # Donated: the step gets its own copies.
+            p, s = jax.tree.map(jnp.copy, (params, state))
+            if poison:
+                C.poison_device_memory(2 * C.tree_bytes(params, grads, state))
+            out = fn(p, s, grads)
+            jax.block_until_ready(out)
+            return out
 
     return run
 
@@ -157,29 +198,69 @@ COMPILE_WORKERS = min(8, os.cpu_count() or 1)
 # smoke
 
 
+Check = tuple[str, Callable[[], tuple[bool, Any]]]
+
+
+def _run_checks(checks: list[Check], step: str, cpu: bool) -> dict[str, Any]:
+    """Runs ``checks`` in order, each recorded, and quarantines what hangs or breaks the device.
+
+    A form is quarantined (``bench.gpu_check_quarantine``) when one of its
+    runs takes more than ``SLOW_RUN_S`` ("hang"; not with ``cpu``: the
+    interpreters are slow), or when a check of it
+    raised and a one-element computation fails after it ("fail"); its
+    remaining checks are then recorded as failed without running. A failing
+    device ends the phase: no later check could run.
+    """
+    held = RESULT.result["quarantine"]
+    for name, run_check in checks:
+        form = quarantine.form_of(name)
+        if form in held:
+            RESULT.check(name, False, f"quarantined: {held[form]['reason']}")
+            continue
+        CASE[:] = [name]
+        RUN_S.clear()
+        start = time.perf_counter()
+        raised = False
+        try:
+            ok, detail = run_check()
+        except Exception as e:
+            ok, detail, raised = False, _error(e), True
+        finally:
+            CASE.clear()
+        seconds, run_s = time.perf_counter() - start, max(RUN_S, default=0.0)
+        RESULT.check(name, ok, detail, seconds=round(seconds, 3), run_s=round(run_s, 3))
+        print(f"  {name:58s} {'ok  ' if ok else 'FAIL'} {seconds:6.1f} s {detail}", flush=True)
+        if run_s > quarantine.SLOW_RUN_S and not cpu:
+            why = f"{name}: one run took {run_s:.1f} s (over {quarantine.SLOW_RUN_S:g} s)"
+            RESULT.quarantine(form, quarantine.HANG, why, step)
+        failure = C.device_failure() if raised else None
+        if failure is not None:
+            why = f"{name} raised, and then the device failed: {failure}"
+            RESULT.quarantine(form, quarantine.FAIL, why, step)
+            return {"status": "fail", "reason": f"the device failed after {name}"}
+    return {}
+
+
 def smoke(cpu: bool) -> dict[str, Any]:
     """One step of every form and mode on a tiny tree."""
     params, grads = C.make_tree(((), (37,), (4, 8)), "fp32", seed=0)
+    checks: list[Check] = []
     for form in [None, *C.forms(cpu)]:
         for mode in C.MODES:
             name = f"{'reference' if form is None else form.name}/{mode}"
-            start = time.perf_counter()
             why = None if form is None else form.unavailable()
             if why is not None:
-                RESULT.check(name, False, f"unavailable: {why}")
+                checks.append((name, lambda why=why: (False, f"unavailable: {why}")))
                 continue
-            try:
-                run = _compiled(form, {}, mode, params, grads)
-                new, _ = run(params, grads, poison=False)
+
+            def check(form=form, mode=mode) -> tuple[bool, str]:
+                new, _ = _compiled(form, {}, mode, params, grads)(params, grads, poison=False)
                 finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
                 shapes = jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
-                ok, detail = finite and shapes, "" if finite else "non-finite output"
-            except Exception as e:
-                ok, detail = False, _error(e)
-            seconds = time.perf_counter() - start
-            RESULT.check(name, ok, detail, seconds=seconds)
-            print(f"  smoke {name:28s} {'ok' if ok else 'FAIL'} {seconds:6.1f} s {detail}")
-    return {}
+                return finite and shapes, "" if finite else "non-finite output"
+
+            checks.append((name, check))
+    return _run_checks(checks, "smoke", cpu)
 
 
 # --------------------------------------------------------------------------
@@ -229,17 +310,10 @@ def correctness(cpu: bool) -> dict[str, Any]:
     """
     with concurrent.futures.ThreadPoolExecutor(COMPILE_WORKERS) as pool:
         checks = _correctness_checks(cpu, pool) + _determinism_checks(cpu, pool)
-        for name, run_check in checks:
-            try:
-                ok, detail = run_check()
-            except Exception as e:
-                ok, detail = False, _error(e)
-            RESULT.check(name, ok, detail)
-            print(f"  {name:58s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
-    return {}
-
-
-Check = tuple[str, Callable[[], tuple[bool, Any]]]
+        result = _run_checks(checks, "correctness", cpu)
+        if result:  # the device failed: the compiles not yet started are cancelled
+            pool.shutdown(wait=False, cancel_futures=True)
+        return result
 
 
 def _correctness_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:

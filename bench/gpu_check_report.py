@@ -2,7 +2,8 @@
 
 The document: ``{"environment": {...}, "seconds": float, "steps": {step:
 {"status", "seconds", "reason", "checks": [{"case", "ok", "detail"}],
-"rows": [bench.measure rows], ...}}}``.
+"rows": [bench.measure rows], ...}}, "quarantine": {form: {"kind", "reason",
+"step"}}}`` (``bench.gpu_check_quarantine``).
 """
 
 from __future__ import annotations
@@ -228,6 +229,18 @@ def markdown(doc: dict[str, Any]) -> str:
     failed = failed_checks(doc)
     lines += ["", "## Failed checks", ""]
     lines += [f"- `{s}` {c}: {d}" for s, c, d in failed] or ["None."]
+    held = doc.get("quarantine") or {}
+    if held:
+        lines += ["", "## Quarantined forms", ""]
+        lines += [
+            "Left out of every step after the one named (a hang: of `sanitize` too), "
+            "so that they cannot cost the others their figures "
+            "(bench/gpu_check_quarantine.py).",
+            "",
+            "| form | kind | after | why |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {f} | {e['kind']} | {e['step']} | {e['reason']} |" for f, e in held.items()]
     corr = doc["steps"].get("correctness", {}).get("checks", [])
     if corr:
         lines += ["", "## Correctness (scaled max error against the reference)", ""]
@@ -311,6 +324,8 @@ def short_table(doc: dict[str, Any]) -> str:
         lines.append(f"{name:14s} {step['status']:8s} {step.get('seconds', 0.0):8.1f}  {passed}")
     for s, c, d in failed_checks(doc)[:10]:
         lines.append(f"FAILED {s}: {c}: {d[:160]}")
+    for form, e in (doc.get("quarantine") or {}).items():
+        lines.append(f"QUARANTINED {form} ({e['kind']}, after {e['step']}): {e['reason'][:160]}")
     rows = timing_rows(doc)
     if rows:
         lines.append("")

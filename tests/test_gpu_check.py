@@ -176,7 +176,7 @@ def test_the_build_step_builds_the_cuda_handler_alone(tmp_path):
 def test_the_reports_are_written_after_every_step(tmp_path, monkeypatch):
     """A run cut short (the machine's call limit) leaves the steps it finished."""
 
-    def phase(name, cpu, log, timeout, env, steps_per_call=1):
+    def phase(name, cpu, log, timeout, env, steps_per_call=1, held=None):
         if name == "correctness":
             raise KeyboardInterrupt  # the run is stopped during its second phase
         return {"status": "ok", "seconds": 1.0, "checks": [{"case": name, "ok": True}]}
@@ -236,6 +236,9 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     forms = [f.name for f in gpu_check_cases.forms(cpu=True)]
     smoke = {c["case"] for c in steps["smoke"]["checks"]}
     assert smoke == {f"{f}/{m}" for f in ["reference", *forms] for m in gpu_check_cases.MODES}
+    # Every run timed, none slow: nothing quarantined.
+    assert all(c["run_s"] >= 0 for s in ("smoke", "correctness") for c in steps[s]["checks"])
+    assert doc["quarantine"] == {}
     assert len(steps["correctness"]["checks"]) >= 4 * len(forms)
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends

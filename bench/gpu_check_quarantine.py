@@ -1,0 +1,114 @@
+"""Forms that hung or failed in one step of ``bench.gpu_check``, kept out of the later ones.
+
+A form that has never run on a GPU (the native fused launch, so far) can
+cost the whole run: if its blocks wait for a sum that never comes, they give
+up only after 2^24 tries (``kFusedSpinLimit``, about 10 s a step by the
+estimate at ``SLOW_RUN_S``), a step's hundred-step timing calls would then
+run for many minutes, and a kernel that faults leaves the process's CUDA
+context unusable, so every later check in that process fails too. So the
+run keeps a quarantine, ``{form: {"kind", "reason", "step"}}``:
+
+* ``kind`` "hang": one run of the form took more than ``SLOW_RUN_S`` (its
+  compile not counted), or one of its runs (not a compile) was on the device
+  when its step timed out. The form is left out of every later step,
+  ``sanitize`` too;
+* ``kind`` "fail": it failed ``smoke``, made the device fail (a later
+  one-element computation raised), or its step's process died while it ran.
+  It is left out of every later step but ``sanitize``, whose memcheck says
+  where a kernel faults.
+
+The driver (``bench.gpu_check``, no JAX) adds to it after each step
+(``blame``) and hands it to the next step's process in ``ENV`` as JSON;
+``gpu_check_cases.Form.unavailable`` reads it there, for the form and for
+the geometries timed beside it (``Form.family``). ``smoke`` and
+``correctness`` also quarantine a form as soon as one of its runs is slow or
+leaves the device failing, and skip its remaining checks. The reports list
+the quarantine and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+ENV = "LARS_GPU_CHECK_QUARANTINE"
+HANG, FAIL = "hang", "fail"
+
+# A smoke or correctness run (one step of a tiny tree, or of ResNet-50's in
+# the determinism checks, its compile not counted) takes milliseconds; a
+# native fused step whose blocks wait for a sum that never comes gives up
+# after 2^24 tries of about 0.6 us (three L2 round trips and a 200-ns sleep):
+# about 10 s. Not measured on a GPU.
+SLOW_RUN_S = 5.0
+
+
+def read(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """The quarantine handed to this process (``ENV``), ``{}`` when none."""
+    text = (os.environ if environ is None else environ).get(ENV, "")
+    return json.loads(text) if text else {}
+
+
+def encode(quarantine: Mapping[str, Mapping[str, str]]) -> str:
+    """``quarantine`` as ``ENV``'s value."""
+    return json.dumps(quarantine, sort_keys=True)
+
+
+def why(family: str, hangs_only: bool = False) -> str | None:
+    """Why the forms of ``family`` are quarantined here; None when they are not.
+
+    Args:
+      family: A form's family (``gpu_check_cases.Form.family``).
+      hangs_only: Only a "hang" counts (``sanitize`` runs the forms that failed).
+    """
+    entry = read().get(family)
+    if entry is None or (hangs_only and entry["kind"] != HANG):
+        return None
+    return f"quarantined after {entry['step']}: {entry['reason']}"
+
+
+def form_of(case: str) -> str:
+    """The form a check's case names ("native-fused/apply/fp32/defaults" -> "native-fused")."""
+    return case.split("/", 1)[0]
+
+
+def add(
+    quarantine: dict[str, dict[str, str]], form: str, kind: str, reason: str, step: str
+) -> bool:
+    """Quarantines ``form`` (a "hang" replaces a "fail", not the reverse); True if it changed.
+
+    The reference is never quarantined: every check compares against it.
+    """
+    old = quarantine.get(form)
+    if form == "reference" or (old is not None and (old["kind"] == HANG or kind == FAIL)):
+        return False
+    quarantine[form] = {"kind": kind, "reason": reason, "step": step}
+    return True
+
+
+def blame(
+    quarantine: dict[str, dict[str, str]], step: str, result: Mapping[str, Any], rc: int | None
+) -> None:
+    """Adds what step ``step``'s ``result`` (exit status ``rc``, None: timed out) shows.
+
+    * what the step quarantined itself (``result["quarantine"]``);
+    * the case it was running (``result["running"]``) when it timed out
+      ("hang") or its process died ("fail");
+    * in ``smoke``, every form with a failed check (not one that was
+      unavailable or already quarantined).
+    """
+    for form, entry in result.get("quarantine", {}).items():
+        add(quarantine, form, entry["kind"], entry["reason"], entry.get("step", step))
+    running = result.get("running")
+    if running:
+        if rc is None:
+            add(quarantine, form_of(running), HANG, f"{running} was running at the timeout", step)
+        elif rc != 0:
+            add(quarantine, form_of(running), FAIL, f"the process died in {running}", step)
+    if step == "smoke":
+        for c in result.get("checks", []):
+            detail = str(c.get("detail", ""))
+            if c["ok"] or detail.startswith(("unavailable", "quarantined")):
+                continue
+            add(quarantine, form_of(c["case"]), FAIL, f"{c['case']}: {detail}"[:300], step)
