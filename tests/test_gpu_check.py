@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 from bench import (  # noqa: E402
     gpu_check,
     gpu_check_cases,
+    gpu_check_correctness,
     gpu_check_ncu,
     gpu_check_phases,
     gpu_check_report,
@@ -66,7 +67,8 @@ def test_ncu_profiles_the_unmeasured_forms_first(monkeypatch):
 
 
 def test_every_form_runs_every_option_set_dtype_and_mode_on_a_gpu():
-    cases = {(f.name, m, d, c) for f, m, d, c in gpu_check_phases._correctness_cases(cpu=False)}
+    listed = gpu_check_correctness._correctness_cases(cpu=False)
+    cases = {(f.name, m, d, c) for f, m, d, c in listed}
     forms = {f.name for f in gpu_check_cases.forms(cpu=False)}
     assert forms == {"native", "native-fused", "pallas", "triton", "triton-2pass"}
     for f in forms:
@@ -78,10 +80,32 @@ def test_every_form_runs_every_option_set_dtype_and_mode_on_a_gpu():
                 gpu_check_cases.DTYPES
             )
     # With --cpu every form meets every option set, and both modes.
-    cpu = gpu_check_phases._correctness_cases(cpu=True)
+    cpu = gpu_check_correctness._correctness_cases(cpu=True)
     for f in gpu_check_cases.forms(cpu=True):
         assert {c for g, _, _, c in cpu if g == f} == set(gpu_check_cases.CONFIGS)
         assert {m for g, m, _, _ in cpu if g == f} == set(gpu_check_cases.MODES)
+
+
+def test_the_loop_checks_compare_the_steps_state_carried_over(monkeypatch):
+    """native (the CPU handler) in a 3-step loop matches the reference's loop;
+    against a reference loop of one step less, the same check fails."""
+    import concurrent.futures
+
+    native = [f for f in gpu_check_cases.forms(cpu=True) if f.name == "native"]
+    monkeypatch.setattr(gpu_check_cases, "forms", lambda cpu: native)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        checks = gpu_check_correctness._loop_checks(True, pool)
+        assert [name for name, _ in checks] == ["native/apply/fp32/3-steps"]
+        ok, errs = checks[0][1]()
+        assert ok, errs
+        prepare = gpu_check_correctness._prepare
+
+        def short_reference(pool, form, kwargs, mode, params, grads, steps=1):
+            return prepare(pool, form, kwargs, mode, params, grads, steps - (form is None))
+
+        monkeypatch.setattr(gpu_check_correctness, "_prepare", short_reference)
+        ok, errs = gpu_check_correctness._loop_checks(True, pool)[0][1]()
+        assert not ok and float(errs["params"]) > 1e-3, errs
 
 
 def test_the_odd_shapes_are_there():
@@ -240,6 +264,8 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert all(c["run_s"] >= 0 for s in ("smoke", "correctness") for c in steps[s]["checks"])
     assert doc["quarantine"] == {}
     assert len(steps["correctness"]["checks"]) >= 4 * len(forms)
+    looped = {f"{f}/apply/fp32/{gpu_check_correctness.LOOP_STEPS}-steps" for f in forms}
+    assert looped <= {c["case"] for c in steps["correctness"]["checks"]}
     backends = {r["backend"] for s in ("timing-model", "timing-array") for r in steps[s]["rows"]}
     assert {"optax", "copy", "reference", *forms, *(f + ":apply" for f in forms)} <= backends
     assert all("median_ms" in r for s in ("timing-model", "timing-array") for r in steps[s]["rows"])

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 from bench import (  # noqa: E402
     gpu_check,
     gpu_check_cases,
+    gpu_check_correctness,
     gpu_check_phases,
     gpu_check_report,
     gpu_check_sanitize,
@@ -112,7 +113,7 @@ def test_the_timing_steps_leave_a_quarantined_form_out(monkeypatch):
 def result(monkeypatch, tmp_path):
     partial = gpu_check_phases.Partial()
     partial.path = str(tmp_path / "result.json")
-    monkeypatch.setattr(gpu_check_phases, "RESULT", partial)
+    monkeypatch.setattr(gpu_check_correctness, "RESULT", partial)
     return partial
 
 
@@ -126,13 +127,13 @@ def test_a_slow_run_quarantines_its_form_for_the_rest_of_the_step(monkeypatch, r
             ran.append(case)
             with open(result.path) as f:  # compiling: no run is blamed yet
                 assert "running" not in json.load(f)
-            with gpu_check_phases._running():
+            with gpu_check_correctness._running():
                 # While it runs, the result on disk names it (read after a timeout).
                 with open(result.path) as f:
                     seen_running.append(json.load(f)["running"])
             with open(result.path) as f:
                 assert "running" not in json.load(f)
-            gpu_check_phases.RUN_S.append(run_s)  # as if the run had taken run_s
+            gpu_check_correctness.RUN_S.append(run_s)  # as if the run had taken run_s
             return True, ""
 
         return case, run
@@ -144,11 +145,11 @@ def test_a_slow_run_quarantines_its_form_for_the_rest_of_the_step(monkeypatch, r
         check("triton/update/fp32/defaults"),
     ]
     # With --cpu (interpreted kernels) a slow run is no hang.
-    assert gpu_check_phases._run_checks(checks, "correctness", cpu=True) == {}
+    assert gpu_check_correctness._run_checks(checks, "correctness", cpu=True) == {}
     assert result.result["quarantine"] == {} and len(ran) == 4
     for seen in (ran, seen_running, result.result["checks"]):
         seen.clear()
-    assert gpu_check_phases._run_checks(checks, "correctness", cpu=False) == {}
+    assert gpu_check_correctness._run_checks(checks, "correctness", cpu=False) == {}
     assert ran == [checks[0][0], checks[1][0], checks[3][0]]
     assert seen_running == ran
     held = result.result["quarantine"]["native-fused"]
@@ -178,7 +179,7 @@ def test_a_failing_device_ends_the_step_and_quarantines_the_form(monkeypatch, re
         raising("native-fused/update/fp32/defaults"),  # raised, the device failed
         raising("triton/update/fp32/defaults"),
     ]
-    out = gpu_check_phases._run_checks(checks, "correctness", cpu=False)
+    out = gpu_check_correctness._run_checks(checks, "correctness", cpu=False)
     assert out == {"status": "fail", "reason": f"the device failed after {checks[1][0]}"}
     assert ran == [checks[0][0], checks[1][0]]
     assert set(result.result["quarantine"]) == {"native-fused"}
