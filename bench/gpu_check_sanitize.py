@@ -63,12 +63,15 @@ TARGET_SHARE = 0.6
 def _forms(cpu: bool) -> list[C.Form]:
     """The forms of ``FORMS`` usable here, in that order, the small fused launch second.
 
-    A form quarantined for a failure is checked (memcheck says where a kernel
-    faults), one quarantined for a hang is not (``bench.gpu_check_quarantine``).
+    A form quarantined for a failure is checked, last (memcheck says where a
+    kernel faults, and a fault ends the target's run), without the small
+    fused launch; one quarantined for a hang is not checked
+    (``bench.gpu_check_quarantine``).
     """
     usable = [f for f in C.forms(cpu) if f.name in FORMS and f.unavailable(hangs_only=True) is None]
-    usable.sort(key=lambda f: FORMS.index(f.name))
-    if not cpu and any(f.name == "native-fused" for f in usable):
+    failed = {f.name for f in usable if f.unavailable() is not None}
+    usable.sort(key=lambda f: (f.name in failed, FORMS.index(f.name)))
+    if not cpu and any(f.name == "native-fused" for f in usable) and "native-fused" not in failed:
         usable.insert(1, C.Form("native-fused-small", "native", NATIVE_FUSED_SMALL))
     return usable
 
