@@ -190,7 +190,7 @@ COMPILE_WORKERS = min(8, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------
-# smoke
+# the checks, in order
 
 
 Check = tuple[str, Callable[[], tuple[bool, Any]]]
@@ -201,8 +201,8 @@ def _run_checks(checks: list[Check], step: str, cpu: bool) -> dict[str, Any]:
 
     A form is quarantined (``bench.gpu_check_quarantine``) when one of its
     runs takes more than ``SLOW_RUN_S`` ("hang"; not with ``cpu``: the
-    interpreters are slow), or when a check of it
-    raised and a one-element computation fails after it ("fail"); its
+    interpreters are slow), or when a check of it raised and a one-element
+    computation fails after it ("fail"); its
     remaining checks are then recorded as failed without running. A failing
     device ends the phase: no later check could run.
     """
@@ -234,6 +234,10 @@ def _run_checks(checks: list[Check], step: str, cpu: bool) -> dict[str, Any]:
             RESULT.quarantine(form, quarantine.FAIL, why, step)
             return {"status": "fail", "reason": f"the device failed after {name}"}
     return {}
+
+
+# --------------------------------------------------------------------------
+# smoke
 
 
 def smoke(cpu: bool) -> dict[str, Any]:
