@@ -11,7 +11,8 @@ failing is quarantined at once (``bench.gpu_check_quarantine``).
   random trees of odd shapes, for each option set and gradient dtype, with
   device memory poisoned with NaN before every kernel run; each form
   ``LOOP_STEPS`` steps in one jitted loop against the reference's loop; then
-  each form twice on the same inputs (bitwise equal).
+  each form twice on the same inputs, ``LOOP_STEPS`` steps in a loop
+  (bitwise equal; ResNet-50's set on a GPU).
 """
 
 from __future__ import annotations
@@ -355,9 +356,9 @@ def _correctness_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Ch
     return checks
 
 
-# Steps of the looped checks: every later check runs one step a call, and the
-# timing steps 100 in a loop (the state, the fused launch's counters and its
-# scratch from one step to the next).
+# Steps of the looped checks and the determinism checks: the other checks run
+# one step a call, and the timing steps 100 in a loop (the state, the fused
+# launch's counters and its scratch from one step to the next).
 LOOP_STEPS = 3
 
 
@@ -391,7 +392,12 @@ def _loop_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
 
 
 def _determinism_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
-    """Each form twice on the same inputs, bitwise (ResNet-50's set on a GPU)."""
+    """Each form twice on the same inputs, bitwise: ``LOOP_STEPS`` steps in one loop.
+
+    On ResNet-50's set on a GPU: the first runs at that scale over several
+    steps, as the timing runs them, so that a form that hangs there is
+    quarantined before the timing steps.
+    """
     shapes = C.odd_shapes(cpu) if cpu else workloads.resnet50_shapes()
     poison = not cpu
     params, grads = C.make_tree(shapes, "bf16-grads", seed=7)
@@ -404,7 +410,7 @@ def _determinism_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Ch
             if why is not None:
                 checks.append((name, lambda: (False, "unavailable")))
                 continue
-            program = _prepare(pool, form, kwargs, mode, params, grads)
+            program = _prepare(pool, form, kwargs, mode, params, grads, LOOP_STEPS)
 
             def check(program=program, p=params, g=grads) -> tuple:
                 run = program.result()
