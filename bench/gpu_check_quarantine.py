@@ -36,13 +36,12 @@ from typing import Any
 ENV = "LARS_GPU_CHECK_QUARANTINE"
 HANG, FAIL = "hang", "fail"
 
-# A smoke or correctness run (one step of a tiny tree, or of ResNet-50's in
-# the determinism checks; the step's call alone, not its compile nor the
-# copies of its inputs) takes milliseconds; a
-# native fused step whose blocks wait for a sum that never comes gives up
-# after 2^24 tries of about 0.6 us (three L2 round trips and a 200-ns sleep):
-# about 10 s, and at least 3 s should each try take only its sleep. Not
-# measured on a GPU.
+# A smoke or correctness run (the step's call alone: not its compile, nor the
+# copies of its inputs) takes milliseconds, ResNet-50's three steps in the
+# determinism checks too. A native fused step whose blocks wait for a sum
+# that never comes gives up after 2^24 tries: about 10 s at about 0.6 us a
+# try (three L2 round trips and a 200-ns sleep), at least 3 s were a try only
+# its sleep. Not measured on a GPU.
 SLOW_RUN_S = 2.0
 
 
