@@ -251,6 +251,11 @@ def poison_device_memory(nbytes: int) -> None:
     del x
 
 
+def error_text(e: BaseException) -> str:
+    """An exception as one line: its type and the first 400 characters of its text."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+
+
 def device_failure() -> str | None:
     """None when a one-element computation runs on the default device, else its error.
 
@@ -260,7 +265,7 @@ def device_failure() -> str | None:
     try:
         jax.block_until_ready(jnp.add(jnp.ones((1,), jnp.float32), 1.0))
     except Exception as e:
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        return error_text(e)
     return None
 
 

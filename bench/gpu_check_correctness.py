@@ -80,11 +80,6 @@ class Partial:
 RESULT = Partial()
 
 
-def error_text(e: BaseException) -> str:
-    """An exception as one line: its type and the first 400 characters of its text."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
-
-
 def _lower(
     form: C.Form | None,
     kwargs: dict[str, Any],
@@ -220,7 +215,7 @@ def _run_checks(checks: list[Check], step: str, cpu: bool) -> dict[str, Any]:
         try:
             ok, detail = run_check()
         except Exception as e:
-            ok, detail, raised = False, error_text(e), True
+            ok, detail, raised = False, C.error_text(e), True
         finally:
             CASE.clear()
         seconds, run_s = time.perf_counter() - start, max(RUN_S, default=0.0)

@@ -45,7 +45,6 @@ from bench.gpu_check_correctness import (
     RESULT,
     Partial,
     correctness,
-    error_text,
     smoke,
 )
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             result = PHASES[args.phase](args.cpu)
     except Exception as e:
         traceback.print_exc()
-        result = {"status": "fail", "reason": error_text(e)}
+        result = {"status": "fail", "reason": C.error_text(e)}
     result = {**RESULT.result, **result}
     if not args.phase.endswith("-target"):  # what the phase's process saw (the report's first)
         result["environment"] = _environment()
