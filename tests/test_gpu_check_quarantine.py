@@ -45,6 +45,7 @@ def test_blame_reads_timeouts_deaths_smoke_failures_and_the_steps_own():
     # Failed checks outside smoke, a plain failing exit, unavailable forms: nothing.
     result = {"checks": [{"case": "triton/apply/fp32/defaults", "ok": False, "detail": "x"}]}
     Q.blame(held, "correctness", result, 1)
+    assert set(held) == {"native-fused", "pallas"}
     smoke = {
         "checks": [
             {"case": "reference/update", "ok": False, "detail": "boom"},
@@ -81,12 +82,12 @@ def test_a_quarantined_form_and_its_geometries_are_unavailable(monkeypatch):
     assert forms["native"].unavailable() is None
     # sanitize runs a form that failed (memcheck says where), not one that hung.
     assert forms["native-fused"].unavailable(hangs_only=True) is None
-    # Last (a fault ends the sanitizer's run of the target), without the small launch.
+    # Last (a fault ends the sanitizer's run of the target), without the small
+    # launch. (Here the Triton forms are unavailable: no GPU.)
     assert [f.name for f in gpu_check_sanitize._forms(cpu=False)] == ["native", "native-fused"]
     monkeypatch.setenv(Q.ENV, "")
     names = [f.name for f in gpu_check_sanitize._forms(cpu=False)]
     assert names == ["native", "native-fused-small", "native-fused"]
-    monkeypatch.setenv(Q.ENV, Q.encode(held))
     held["native-fused"]["kind"] = Q.HANG
     monkeypatch.setenv(Q.ENV, Q.encode(held))
     assert forms["native-fused"].unavailable(hangs_only=True) is not None
