@@ -298,7 +298,7 @@ def _correctness_cases(cpu: bool) -> list[tuple[C.Form, str, str, str]]:
 
 
 def correctness(cpu: bool) -> dict[str, Any]:
-    """Every form and mode against the reference, poisoned; then determinism.
+    """Every form and mode against the reference, poisoned, then in a loop; then determinism.
 
     Every program is lowered first, in order, while up to ``COMPILE_WORKERS``
     compile; then each check runs in order as its programs are ready.
