@@ -312,6 +312,27 @@ def correctness(cpu: bool) -> dict[str, Any]:
         return result
 
 
+def _against_reference(
+    got: concurrent.futures.Future,
+    reference: concurrent.futures.Future,
+    want: dict[Any, Any],
+    key: Any,
+    params: Any,
+    grads: Any,
+    poison: bool,
+    tol: float,
+) -> Callable[[], tuple[bool, Any]]:
+    """A check: ``got``'s run against the reference's, which runs once per ``key`` (``want``)."""
+
+    def check() -> tuple[bool, Any]:
+        if key not in want:
+            want[key] = reference.result()(params, grads, poison=False)
+        ok, errs = _compare(got.result()(params, grads, poison), want[key], tol)
+        return ok, {k: f"{v:.2e}" for k, v in errs.items()}
+
+    return check
+
+
 def _correctness_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
     """Each form and mode against the reference, its programs submitted to ``pool``."""
     shapes = C.odd_shapes(cpu)
@@ -340,13 +361,8 @@ def _correctness_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Ch
             variants.append(("+nan", bad_grads))
         for suffix, g in variants:
             key = (mode, dtype, config, suffix)
-
-            def check(key=key, p=params, g=g, got=got, tol=C.TOLERANCE[dtype]) -> tuple:
-                if key not in want:
-                    want[key] = reference[key[:3]].result()(p, g, poison=False)
-                ok, errs = _compare(got.result()(p, g, poison=poison), want[key], tol)
-                return ok, {k: f"{v:.2e}" for k, v in errs.items()}
-
+            ref, tol = reference[mode, dtype, config], C.TOLERANCE[dtype]
+            check = _against_reference(got, ref, want, key, params, g, poison, tol)
             checks.append((name + suffix, check))
     return checks
 
@@ -363,9 +379,9 @@ def _loop_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
     params, grads = C.make_tree(C.odd_shapes(cpu), "fp32", seed=11)
     kwargs = C.config_kwargs(config, params)
     checks: list[Check] = []
+    want: dict[Any, Any] = {}
     for mode in C.MODES[1:] if cpu else C.MODES:
         reference = _prepare(pool, None, kwargs, mode, params, grads, LOOP_STEPS)
-        want: list[Any] = []
         for form in C.forms(cpu):
             name = f"{form.name}/{mode}/fp32/{LOOP_STEPS}-steps"
             why = form.unavailable()
@@ -373,15 +389,8 @@ def _loop_checks(cpu: bool, pool: concurrent.futures.Executor) -> list[Check]:
                 checks.append((name, lambda why=why: (False, f"unavailable: {why}")))
                 continue
             got = _prepare(pool, form, kwargs, mode, params, grads, LOOP_STEPS)
-
-            def check(got=got, reference=reference, want=want) -> tuple:
-                if not want:
-                    want.append(reference.result()(params, grads, poison=False))
-                ok, errs = _compare(
-                    got.result()(params, grads, not cpu), want[0], C.TOLERANCE["fp32"]
-                )
-                return ok, {k: f"{v:.2e}" for k, v in errs.items()}
-
+            tol = C.TOLERANCE["fp32"]
+            check = _against_reference(got, reference, want, mode, params, grads, not cpu, tol)
             checks.append((name, check))
     return checks
 
