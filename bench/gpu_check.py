@@ -254,8 +254,7 @@ def _phase(
             cmd += ["--steps-per-call", str(steps_per_call)]
         rc, seconds = _run([*cmd, *(["--cpu"] if cpu else [])], log, timeout, env)
         try:
-            with open(path) as f:
-                result = json.load(f)
+            result = quarantine.read_result(path)
         except (OSError, ValueError):
             result = {"status": "fail", "reason": f"exited with {rc}, no result"}
     quarantine.blame(held, name, result, rc)

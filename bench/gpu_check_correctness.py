@@ -48,15 +48,29 @@ class Partial:
             "rows": [],
             "quarantine": {},
         }
+        self._marked = False
 
-    def running(self, case: str) -> None:
-        """Records that a run of ``case`` is on the device now (until it ends, or its ``check``)."""
-        self.result["running"] = case
-        self.save()
+    def running(self, case: str | None) -> None:
+        """Records that a run of ``case`` is on the device now; None: that none is.
+
+        In a file of its own beside the result (``path`` +
+        ``gpu_check_quarantine.MARKER``; ``read_result`` joins them): the
+        timing steps mark every timed sample, and rewriting their whole
+        result twice a sample would cost seconds of their budget.
+        """
+        if self.path is None or (case is None and not self._marked):
+            return
+        marker = self.path + quarantine.MARKER
+        if case is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
+        else:
+            quarantine.write_text(marker, case)
+        self._marked = case is not None
 
     def check(self, case: str, ok: bool, detail: Any = "", **extra: Any) -> None:
         """Records one check."""
-        self.result.pop("running", None)
+        self.running(None)
         self.result["checks"].append({"case": case, "ok": bool(ok), "detail": detail, **extra})
         self.save()
 
@@ -73,8 +87,7 @@ class Partial:
     def save(self) -> None:
         """Writes the result so far."""
         if self.path is not None:
-            with open(self.path, "w") as f:
-                json.dump(self.result, f, indent=1, default=str)
+            quarantine.write_text(self.path, json.dumps(self.result, indent=1, default=str))
 
 
 RESULT = Partial()
@@ -131,8 +144,7 @@ def _running() -> Iterator[None]:
         yield
     finally:
         RUN_S.append(time.perf_counter() - start)
-        if RESULT.result.pop("running", None) is not None:
-            RESULT.save()
+        RESULT.running(None)
 
 
 def _runner(lowered: tuple[Any, Any]) -> Callable:

@@ -45,6 +45,32 @@ HANG, FAIL = "hang", "fail"
 SLOW_RUN_S = 2.0
 
 
+# Beside a step's result file (its path + MARKER): the case whose run is on
+# the device now, while one is (``gpu_check_correctness.Partial.running``).
+MARKER = ".running"
+
+
+def write_text(path: str, text: str) -> None:
+    """Replaces ``path``'s text at once: a process killed while writing leaves the old one."""
+    with open(path + ".part", "w") as f:
+        f.write(text)
+    os.replace(path + ".part", path)
+
+
+def read_result(path: str) -> dict[str, Any]:
+    """The result a step left at ``path``, with ``running`` when a run was on the device.
+
+    Raises:
+      OSError, ValueError: No result, or not JSON.
+    """
+    with open(path) as f:
+        result = json.load(f)
+    if os.path.exists(path + MARKER):
+        with open(path + MARKER) as f:
+            result["running"] = f.read()
+    return result
+
+
 def read(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
     """The quarantine handed to this process (``ENV``), ``{}`` when none."""
     text = (os.environ if environ is None else environ).get(ENV, "")

@@ -3,8 +3,9 @@
 ``timing(cpu, which, steps_per_call, result, workers)`` runs one of them
 (``which``: "model", "array", "overhead", "tuning"): ``bench.measure`` on its
 workloads, its rows and checks recorded in ``result`` (the phase's
-``gpu_check_phases.Partial``) as they come. What each measures:
-docs/gpu-check.md.
+``gpu_check_phases.Partial``) as they come, and the form whose calls run on
+the device named there while they do (a step killed at its timeout blames
+it: ``bench.gpu_check_quarantine``). What each measures: docs/gpu-check.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 from typing import Any
 
 from bench import gpu_check_cases as C
-from bench import measure, workloads
+from bench import measure, steps, workloads
 
 
 def _timing_workloads(cpu: bool, which: str) -> list[workloads.Workload]:
@@ -91,6 +92,7 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
     # The model's fp32 rows are traced, last of the phase: nothing is timed in
     # this process after the profiler has run.
     traced = which == "model"
+    step = f"timing-{which}"  # the tuning step times "model" workloads
     names = ["reference"]
     for form in C.forms(cpu):
         if form.unavailable() is None:
@@ -114,14 +116,28 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
         # At two loop lengths: a cost per call and one per step tell apart.
         per_call = list(OVERHEAD_LOOPS_CPU if cpu else OVERHEAD_LOOPS)
     rows = []
+    where = [""]
+    families = {f.name: f.family or f.name for f in C.forms(cpu) + C.tuning_forms(cpu)}
+
+    def watch(runner: str | None) -> None:
+        """Names the form whose calls run now in the result (``Partial.running``):
+        a step killed at its timeout blames it. optax, the reference and the
+        copies are no form: a timeout in their runs blames none."""
+        form, _, mode = (runner or "").partition(":")
+        family = families.get(form)
+        case = f"{family}/{mode or 'update'}/{step}: {runner} {where[0]}"
+        result.running(case if family else None)
+
     for w in _timing_workloads(cpu, which):
         # With ``cpu`` one gradient dtype per workload (interpreters are slow).
         for dtype in [dtypes[which == "array"]] if cpu else dtypes:
             for spc in per_call:
                 trace = TRACE_CALLS if traced and dtype == "fp32" else 0
                 run = dataclasses.replace(settings, steps_per_call=spc, trace_calls=trace)
+                where[0] = f"on {w.name} {dtype}, {spc} a call"
                 # The rows are saved once timed; the trace's columns are added after.
-                measured = measure.measure(w, dtype, names, run, on_timed=result.add_rows)
+                with steps.watching(watch):
+                    measured = measure.measure(w, dtype, names, run, on_timed=result.add_rows)
                 result.save()
                 rows += measured
                 for r in measured:

@@ -35,9 +35,10 @@ condition on the host every step) shows beside the floor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -132,6 +133,47 @@ def make_step(tx_factory: Callable[[Any], optax.GradientTransformation], apply: 
     return step
 
 
+# Who is told whose calls are on the device: ``watch(name)`` before a
+# runner's calls, ``watch(None)`` once they are done (``watching``).
+# ``bench.gpu_check``'s timing steps name the running form in their result
+# with it, so a step killed at its timeout blames the form that hung there,
+# not the compile or the host work around it.
+_WATCHERS: list[Callable[[str | None], None]] = []
+_ON_DEVICE: list[str] = []
+
+
+@contextlib.contextmanager
+def watching(watch: Callable[[str | None], None]) -> Iterator[None]:
+    """Tells ``watch`` whose calls run on the device (``on_device``) within the block."""
+    _WATCHERS.append(watch)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(watch)
+
+
+@contextlib.contextmanager
+def on_device(name: str) -> Iterator[None]:
+    """Runner ``name``'s calls run within the block: the watchers are told.
+
+    Nested blocks tell them once, at the outermost: a caller that times a run
+    (``bench.timing.clock``) opens one outside its timed interval, so the
+    watchers' work is not in the time.
+    """
+    outer = not _ON_DEVICE
+    _ON_DEVICE.append(name)
+    try:
+        if outer:
+            for watch in _WATCHERS:
+                watch(name)
+        yield
+    finally:
+        _ON_DEVICE.pop()
+        if outer:
+            for watch in _WATCHERS:
+                watch(None)
+
+
 def copy_step(x: jax.Array, c: jax.Array, d: jax.Array) -> tuple[jax.Array]:
     """The copy floor: reads and writes ``x`` once."""
     return (x * c + d,)
@@ -174,13 +216,15 @@ class Runner:
         wait): the calling thread's part, JAX's dispatch of the arguments
         included. Where it is about the whole time, that thread set the pace,
         not the device. Work XLA's runtime does on threads of its own (where
-        it enqueues a step's kernels there) is not in it.
+        it enqueues a step's kernels there) is not in it. The watchers
+        (``watching``) are told while the calls run.
         """
-        start = time.perf_counter()
-        for _ in range(calls):
-            self.carry = tuple(self.compiled(*self.carry, *self.fixed))
-        issued = time.perf_counter() - start
-        jax.block_until_ready(self.carry)
+        with on_device(self.name):
+            start = time.perf_counter()
+            for _ in range(calls):
+                self.carry = tuple(self.compiled(*self.carry, *self.fixed))
+            issued = time.perf_counter() - start
+            jax.block_until_ready(self.carry)
         return issued
 
     def release(self) -> None:

@@ -126,3 +126,28 @@ def test_a_sample_of_few_calls_pays_one_dispatch_the_device_did_not_hide():
     assert short.steps_per_sample <= 3 * 20 and long.steps_per_sample >= 15 * 20
     assert short.median > 1.15 * step  # one undisguised dispatch in 2 calls
     assert long.median < 1.08 * step  # ... in 18
+
+
+def test_the_watchers_are_told_once_a_sample_outside_its_time(monkeypatch):
+    """``steps.watching``: told the runner's name before its calls and None after,
+    once per sample (``Runner.run`` inside ``clock`` does not tell them again),
+    and their work is not in the sample's time."""
+    import time as _time
+
+    import numpy as np
+
+    from bench import steps, timing
+
+    told: list[str | None] = []
+
+    def watch(name):
+        told.append(name)
+        _time.sleep(0.05)  # a slow watcher
+
+    runner = steps.Runner("r", lambda x: (x,), (np.zeros(1),), (), 0.0, 1, 0.0, 0.0)
+    with steps.watching(watch):
+        total, _ = timing.clock(runner, 2)
+        runner.run(1)
+    timing.clock(runner, 1)  # no watcher any more
+    assert told == ["r", None, "r", None]
+    assert total < 0.04

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,14 +131,12 @@ def test_a_slow_run_quarantines_its_form_for_the_rest_of_the_step(monkeypatch, r
     def check(case, run_s=0.01):
         def run():
             ran.append(case)
-            with open(result.path) as f:  # compiling: no run is blamed yet
-                assert "running" not in json.load(f)
+            # Compiling: no run is blamed yet.
+            assert "running" not in Q.read_result(result.path)
             with gpu_check_correctness._running():
-                # While it runs, the result on disk names it (read after a timeout).
-                with open(result.path) as f:
-                    seen_running.append(json.load(f)["running"])
-            with open(result.path) as f:
-                assert "running" not in json.load(f)
+                # While it runs, what the driver reads after a timeout names it.
+                seen_running.append(Q.read_result(result.path)["running"])
+            assert "running" not in Q.read_result(result.path)
             gpu_check_correctness.RUN_S.append(run_s)  # as if the run had taken run_s
             return True, ""
 
@@ -235,6 +234,58 @@ def test_the_driver_hands_each_step_the_quarantine_so_far(monkeypatch, tmp_path)
     assert "| triton | hang | correctness | triton/apply/fp32/defaults was running" in md
     short = gpu_check_report.short_table(doc)
     assert "QUARANTINED native (fail, after smoke): native/update: non-finite output" in short
+
+
+def test_the_timing_steps_name_the_form_whose_calls_run(monkeypatch, tmp_path):
+    """While a form's calls are on the device the timing step's result names it
+    (a timeout then blames it), outside the timed interval; optax's and the
+    copy's calls, and the compiles, name none."""
+    from bench import steps, timing
+
+    partial = gpu_check_phases.Partial()
+    partial.path = str(tmp_path / "result.json")
+    partial.save()
+    seen: dict[str, str | None] = {}
+
+    def runner(name):
+        def call(x):
+            seen[name] = Q.read_result(partial.path).get("running")
+            return (x,)
+
+        return steps.Runner(name, call, (np.zeros(1),), (), 0.0, 1, 0.0, 0.0)
+
+    def fake_measure(w, dtype, names, settings, on_timed):
+        assert "running" not in Q.read_result(partial.path)  # compiling
+        runners = [runner(n) for n in ["optax", *names, "copy"]]
+        for r in runners:
+            r.run(1)  # a first call, as measure makes
+        timing.time_runners(runners, warmup=0, rounds=1, min_sample_s=0.0)
+        assert "running" not in Q.read_result(partial.path)
+        return []
+
+    monkeypatch.setattr(gpu_check_timing.measure, "measure", fake_measure)
+    monkeypatch.setenv(Q.ENV, "")
+    gpu_check_timing.timing(False, "model", 100, partial, 1)
+    assert seen["optax"] is None and seen["copy"] is None and seen["reference"] is None
+    assert seen["native:apply"].startswith("native/apply/timing-model: native:apply on ")
+    assert seen["native-fused"].startswith("native-fused/update/timing-model: ")
+    seen.clear()
+    gpu_check_timing.timing(False, "tuning", 100, partial, 1)
+    case = seen["native-fused-16384-128:apply"]
+    assert case.startswith("native-fused/apply/timing-tuning: ")
+    # What the driver blames after a timeout in that run: the family.
+    held: dict = {}
+    Q.blame(held, "timing-tuning", {"running": case}, None)
+    assert set(held) == {"native-fused"} and held["native-fused"]["kind"] == Q.HANG
+
+
+def test_a_result_is_replaced_whole(tmp_path):
+    """A result file is never half written: the text goes to a side file first."""
+    path = str(tmp_path / "r.json")
+    Q.write_text(path, '{"a": 1}')
+    Q.write_text(path, '{"a": 2}')
+    assert Q.read_result(path) == {"a": 2}
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]
 
 
 def test_a_steps_process_reads_the_quarantine(tmp_path):
