@@ -252,9 +252,11 @@ def _phase(
         cmd += ["--timeout", f"{timeout:.0f}"]
         if name.startswith("timing"):
             cmd += ["--steps-per-call", str(steps_per_call)]
+        started = time.time()
         rc, seconds = _run([*cmd, *(["--cpu"] if cpu else [])], log, timeout, env)
         try:
-            result = quarantine.read_result(path)
+            at = started + timeout if rc is None else None  # when it was killed
+            result = quarantine.read_result(path, at)
         except (OSError, ValueError):
             result = {"status": "fail", "reason": f"exited with {rc}, no result"}
     quarantine.blame(held, name, result, rc)

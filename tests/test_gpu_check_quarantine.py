@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,15 @@ def test_blame_reads_timeouts_deaths_smoke_failures_and_the_steps_own():
     assert held["native-fused"]["kind"] == Q.HANG
     assert held["native-fused"]["step"] == "correctness"
     assert "native-fused/apply/deterministic" in held["native-fused"]["reason"]
+    # A run that had begun just before the timeout (a step out of time): no one.
+    late = {"running": "triton/apply/timing-model: triton:apply", "running_s": 0.4}
+    Q.blame(held, "timing-model", late, None)
+    assert set(held) == {"native-fused"}
+    Q.blame(held, "timing-model", {**late, "running_s": 31.0}, None)
+    assert (
+        held["triton"]["kind"] == Q.HANG and "running for 31 s at the" in held["triton"]["reason"]
+    )
+    del held["triton"]
     # Died (a signal) while running a case: failed.
     Q.blame(held, "correctness", {"running": "pallas/update/fp32/defaults"}, -11)
     assert held["pallas"]["kind"] == Q.FAIL
@@ -197,8 +207,9 @@ def test_the_device_probe_runs_here():
 
 
 def test_the_driver_hands_each_step_the_quarantine_so_far(monkeypatch, tmp_path):
-    """smoke fails a form, correctness times out in another: the steps after
-    get both in their environment, and the report lists them."""
+    """smoke fails a form, correctness times out in another's run: the steps
+    after get both in their environment, and the report lists them. A timing
+    step out of time in a sample that had just begun blames no one."""
     envs: dict[str, dict] = {}
 
     def run(cmd, log, timeout, env):
@@ -215,6 +226,11 @@ def test_the_driver_hands_each_step_the_quarantine_so_far(monkeypatch, tmp_path)
             partial.check("native/apply/fp32/defaults", False, "quarantined: ...")
             partial.running("triton/apply/fp32/defaults")
             return None, timeout
+        if step == "timing-model":  # out of time 0.5 s into a sample: no one hung
+            partial.running("pallas/apply/timing-model: pallas:apply")
+            began = time.time() + timeout - 0.5
+            os.utime(partial.path + Q.MARKER, (began, began))
+            return None, timeout
         partial.result["status"] = "ok"
         partial.save()
         return 0, 1.0
@@ -227,6 +243,7 @@ def test_the_driver_hands_each_step_the_quarantine_so_far(monkeypatch, tmp_path)
     assert set(envs["correctness"]) == {"native"}
     assert set(envs["timing-model"]) == set(envs["sanitize"]) == {"native", "triton"}
     assert envs["sanitize"]["triton"]["kind"] == Q.HANG
+    assert "was running for 1" in envs["sanitize"]["triton"]["reason"]  # about the timeout
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["quarantine"] == envs["sanitize"]
     md = (tmp_path / "gpu_check.md").read_text()
@@ -279,12 +296,24 @@ def test_the_timing_steps_name_the_form_whose_calls_run(monkeypatch, tmp_path):
     assert set(held) == {"native-fused"} and held["native-fused"]["kind"] == Q.HANG
 
 
-def test_a_result_is_replaced_whole(tmp_path):
-    """A result file is never half written: the text goes to a side file first."""
-    path = str(tmp_path / "r.json")
-    Q.write_text(path, '{"a": 1}')
-    Q.write_text(path, '{"a": 2}')
-    assert Q.read_result(path) == {"a": 2}
+def test_a_result_is_replaced_whole_and_read_with_its_running_case(tmp_path):
+    """A result file is never half written (the text goes to a side file first);
+    the running case's marker says since when it ran."""
+
+    partial = gpu_check_phases.Partial()
+    partial.path = str(tmp_path / "r.json")
+    partial.save()
+    partial.result["status"] = "ok"
+    partial.save()
+    assert Q.read_result(partial.path) == partial.result
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]
+    partial.running("native/update/x")
+    now = time.time()
+    os.utime(partial.path + Q.MARKER, (now - 40.0, now - 40.0))  # written 40 s ago
+    got = Q.read_result(partial.path, timed_out_at=now)
+    assert got["running"] == "native/update/x" and got["running_s"] == pytest.approx(40.0, abs=1)
+    assert "running_s" not in Q.read_result(partial.path)  # no timeout: not asked
+    partial.running(None)
     assert sorted(os.listdir(tmp_path)) == ["r.json"]
 
 
