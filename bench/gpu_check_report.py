@@ -3,13 +3,16 @@
 The document: ``{"environment": {...}, "seconds": float, "steps": {step:
 {"status", "seconds", "reason", "checks": [{"case", "ok", "detail"}],
 "rows": [bench.measure rows], ...}}, "quarantine": {form: {"kind", "reason",
-"step"}}}`` (``bench.gpu_check_quarantine``).
+"step"}}}`` (``bench.gpu_check_quarantine``). The GPU targets' section and
+lines: ``bench.gpu_check_targets``.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from bench import gpu_check_targets
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -261,6 +264,7 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             *_timing_table(rows),
         ]
+    lines += gpu_check_targets.table(doc)
     lines += _time_split_table(time_split(doc))
     lines += _trace_table(rows)
     ncu = doc["steps"].get("ncu", {})
@@ -338,6 +342,9 @@ def short_table(doc: dict[str, Any]) -> str:
                 f"{_num(_x_floor(r), '7.2f'):>7s} "
                 f"{_num(r.get('speedup_vs_optax'), '7.2f'):>7s} {_num(r.get('launches'), '6d'):>6s}"
             )
+    verdicts = gpu_check_targets.verdicts(doc)
+    if verdicts:
+        lines += ["", *verdicts]
     split = [r for r in time_split(doc) if r["fixed_ms"] is not None or r["rest_ms"] is not None]
     if split:
         heads = ("step ms", "kern ms", "busy ms", "rest ms", "fixed ms", "call ms")

@@ -164,3 +164,71 @@ def test_the_report_shows_each_traced_rows_timeline_or_why_there_is_none():
     # Without traced rows, no table.
     del doc["steps"]["timing-model"]["rows"][:]
     assert "timeline" not in gpu_check_report.markdown(doc)
+
+
+def test_the_targets_say_which_rows_met_them_and_what_the_nearest_missed_by():
+    """bench.gpu_check_targets on made-up rows, the figures worked by hand."""
+    from bench import gpu_check_targets as T
+
+    def row(backend, dtype="fp32", workload="resnet50", group="model", **figures):
+        return {"workload": workload, "group": group, "dtype": dtype, "backend": backend,
+                "median_ms": 1.0, **figures}  # fmt: skip
+
+    model = [
+        row("optax", launches=851, speedup_vs_optax=1.0, frac_of_floor=0.1),
+        row("reference:apply", launches=3, speedup_vs_optax=9.0, frac_of_floor=0.9),
+        # The loop's own launches: copy-loop's 3 less copy's 1.
+        row("copy", launches=1, frac_of_floor=1.0),
+        row("copy-loop", launches=3, frac_of_floor=1.0),
+        # 5 launches less the loop's 2; 1 / 0.85 = 1.18x the floor.
+        row("native-fused:apply", launches=5, speedup_vs_optax=4.8, frac_of_floor=0.85),
+        # 7 - 2 = 5 launches: one too many.
+        row("triton-2pass:apply", launches=7, speedup_vs_optax=5.0, frac_of_floor=0.9),
+        row("native", launches=166, speedup_vs_optax=2.2, frac_of_floor=0.2),
+        {**row("pallas:apply"), "median_ms": None, "note": "run failed"},  # not timed
+        # bf16: nothing meets them; the nearest the floor is 1 / 0.5 = 2x.
+        row("native:apply", "bf16-grads", launches=3, speedup_vs_optax=3.5, frac_of_floor=0.5),
+        row("triton:apply", "bf16-grads", launches=4, speedup_vs_optax=2.9, frac_of_floor=0.4),
+    ]
+    array = [
+        row("native:apply", workload="array-64M", group="sweep", launches=9, frac_of_floor=0.95),
+        row("triton-2pass:apply", workload="array-64M", group="sweep", frac_of_floor=0.67),
+    ]
+    doc = {
+        "environment": {"device": "test"},
+        "seconds": 1.0,
+        "steps": {
+            "timing-model": {"status": "ok", "rows": model},
+            "timing-array": {"status": "ok", "rows": array},
+        },
+    }
+    got = {(t["dtype"], t["row"]): t for t in T.targets(doc) if t["workload"] == "resnet50"}
+    assert set(got) == {
+        ("fp32", "native-fused:apply"),
+        ("fp32", "triton-2pass:apply"),
+        ("fp32", "native"),
+        ("bf16-grads", "native:apply"),
+        ("bf16-grads", "triton:apply"),
+    }
+    fused = got[("fp32", "native-fused:apply")]
+    assert fused["launches"] == 3 and fused["x_floor"] == pytest.approx(1 / 0.85)
+    assert fused["met"] and fused["bandwidth"] is None
+    two = got[("fp32", "triton-2pass:apply")]
+    assert (two["speedup"], two["floor"], two["launch"], two["met"]) == (True, True, False, False)
+    assert got[("bf16-grads", "native:apply")]["launches"] == 3  # no copy-loop row for bf16
+    verdicts = T.verdicts(doc)
+    assert verdicts == [
+        "MET resnet50 fp32: native-fused:apply: 4.80x optax (target 3), 1.18x the floor "
+        "(target 1.25), 3 launches (target 4)",
+        "MISSED resnet50 bf16-grads: nearest the floor native:apply: 3.50x optax (target 3), "
+        "2.00x the floor (target 1.25), 3 launches (target 4)",
+        "MET array-64M fp32: native:apply: 95% of the floor's bandwidth (target 90%)",
+    ]
+    md = gpu_check_report.markdown(doc)
+    assert "## Targets" in md
+    line = "| timing-model | resnet50 | fp32 | triton-2pass:apply | 5.00x yes | 1.11x yes | 5 NO"
+    assert line + " | NO |" in md
+    assert "| timing-array | array-64M | fp32 | triton-2pass:apply | - | 1.49x NO | - | NO |" in md
+    short = gpu_check_report.short_table(doc)
+    assert all(v in short for v in verdicts)
+    assert T.table({"steps": {}}) == [] and T.verdicts({"steps": {}}) == []
