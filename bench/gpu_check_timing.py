@@ -11,6 +11,7 @@ it: ``bench.gpu_check_quarantine``). What each measures: docs/gpu-check.md.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from bench import gpu_check_cases as C
@@ -89,17 +90,17 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
         steps_per_call=steps_per_call,
         compile_workers=workers,
     )
-    # The model's fp32 rows are traced, last of the phase: nothing is timed in
-    # this process after the profiler has run.
+    # The model's fp32 rows are traced, last of the phase (``deferred``):
+    # nothing is timed in this process after the profiler has run. They are
+    # timed first, so that a phase that runs out of time loses bf16's rows
+    # and the trace, not fp32's.
     traced = which == "model"
     step = f"timing-{which}"  # the tuning step times "model" workloads
     names = ["reference"]
     for form in C.forms(cpu):
         if form.unavailable() is None:
             names += [form.name, form.name + ":apply"]
-    dtypes = list(measure.DTYPES)
-    if traced and not cpu:  # fp32 last (with --cpu, fp32 alone)
-        dtypes.sort(key=lambda d: d == "fp32")
+    dtypes = list(measure.DTYPES)  # fp32 first (with --cpu, fp32 alone)
     if which == "tuning":  # the fused launch's geometries, in place, fp32 only
         tuned = [f for f in C.tuning_forms(cpu) if f.unavailable() is None]
         fused = [
@@ -116,6 +117,7 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
         # At two loop lengths: a cost per call and one per step tell apart.
         per_call = list(OVERHEAD_LOOPS_CPU if cpu else OVERHEAD_LOOPS)
     rows = []
+    deferred: list[Callable[[], None]] = []  # the traces, run after every timing
     where = [""]
     families = {f.name: f.family or f.name for f in C.forms(cpu) + C.tuning_forms(cpu)}
 
@@ -137,7 +139,9 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
                 where[0] = f"on {w.name} {dtype}, {spc} a call"
                 # The rows are saved once timed; the trace's columns are added after.
                 with steps.watching(watch):
-                    measured = measure.measure(w, dtype, names, run, on_timed=result.add_rows)
+                    measured = measure.measure(
+                        w, dtype, names, run, on_timed=result.add_rows, deferred=deferred
+                    )
                 result.save()
                 rows += measured
                 for r in measured:
@@ -148,6 +152,11 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
                         f"{r['note']}",
                         flush=True,
                     )
+    where[0] = "under the profiler"
+    for trace_rows in deferred:  # their columns go into the rows saved above
+        with steps.watching(watch):
+            trace_rows()
+        result.save()
     for r in rows:
         case = f"{r['workload']}/{r['dtype']}/{r['backend']}"
         if len(per_call) > 1:

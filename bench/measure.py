@@ -122,6 +122,7 @@ def measure(
     settings: Settings,
     history: History | None = None,
     on_timed: Callable[[list[dict[str, Any]]], None] | None = None,
+    deferred: list[Callable[[], None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Times optax, each backend and the copy floor on one workload.
 
@@ -134,6 +135,10 @@ def measure(
       on_timed: Called with the rows once they are timed, before the trace
         (``settings.trace_calls``), which then adds its columns to the same
         dicts: a caller that saves them keeps the timing if the trace fails.
+      deferred: Where given, the trace is not run here: a call that runs it
+        (adds its columns to the rows, then drops the steps' buffers) is
+        appended, for the caller to run after its other timings, since
+        nothing should be timed in a process after the profiler has run.
 
     Returns:
       One dict of the measured columns of ``bench.report.COLUMNS`` per step:
@@ -291,13 +296,20 @@ def measure(
         rows.append(row)
     if on_timed is not None:
         on_timed(rows)
-    traces = _traces(runners, timings, settings.trace_calls)
-    for row in rows:
-        row.update(traces.get(row["backend"], {}))
-    for r in runners.values():
-        r.release()
-    runners.clear()
-    gc.collect()
+
+    def trace() -> None:
+        traces = _traces(runners, timings, settings.trace_calls)
+        for row in rows:
+            row.update(traces.get(row["backend"], {}))
+        for r in runners.values():
+            r.release()
+        runners.clear()
+        gc.collect()
+
+    if deferred is not None and settings.trace_calls > 0:
+        deferred.append(trace)
+    else:
+        trace()
     return rows
 
 

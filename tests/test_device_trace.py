@@ -156,3 +156,24 @@ def test_rows_are_handed_over_before_the_trace_and_a_failed_trace_leaves_them(mo
     assert [r["backend"] for r in rows] == [b for b, _, _ in seen[0]]
     for r in rows:
         assert "median_ms" in r and r["trace_note"].startswith("trace failed: RuntimeError")
+
+
+def test_a_deferred_trace_runs_when_the_caller_asks_and_then_drops_the_buffers(monkeypatch):
+    """measure(deferred=...): the rows come back untraced, the steps kept; the
+    call left behind traces them into the same rows and releases the steps."""
+    released = []
+    monkeypatch.setattr(steps.Runner, "release", lambda self: released.append(self.name))
+    w = workloads.sweep_workload(127)
+    base = dict(warmup=1, rounds=3, min_sample_s=0.0, budget_s=1.0, settle_s=0.0)
+    settings = measure.Settings(**base, slow_factor=0, steps_per_call=2, trace_calls=2)
+    deferred: list = []
+    rows = measure.measure(w, "fp32", ["reference:apply"], settings, deferred=deferred)
+    assert len(deferred) == 1 and released == []
+    assert not any(k.startswith("trace_") for r in rows for k in r)
+    deferred[0]()
+    assert all("no device plane" in r["trace_note"] for r in rows)
+    assert sorted(released) == sorted(r["backend"] for r in rows)
+    # Nothing to trace: nothing is left behind.
+    untraced = measure.Settings(**base, slow_factor=0, steps_per_call=2)
+    measure.measure(w, "fp32", ["reference:apply"], untraced, deferred=deferred)
+    assert len(deferred) == 1

@@ -408,7 +408,7 @@ def test_a_timed_row_far_from_optax_fails_its_check(monkeypatch):
     """A row whose first update is not optax's is a failed check, not a timing;
     rounding (1.9e-5 seen on the GPU) and the copy rows (no update) pass."""
 
-    def rows(w, dtype, names, settings, on_timed):
+    def rows(w, dtype, names, settings, on_timed, deferred):
         base = {"workload": w.name, "dtype": dtype, "median_ms": 1.0, "note": ""}
         out = [
             {**base, "backend": "optax", "rel_diff_vs_optax": 0.0},
@@ -432,8 +432,10 @@ def test_a_timed_row_far_from_optax_fails_its_check(monkeypatch):
 def test_only_the_model_phases_fp32_rows_are_traced_and_last(monkeypatch):
     calls = []
 
-    def fake(w, dtype, names, settings, on_timed):
+    def fake(w, dtype, names, settings, on_timed, deferred):
         calls.append((w.name, dtype, settings.steps_per_call, settings.trace_calls))
+        if settings.trace_calls:  # as measure does: the trace is left for the caller
+            deferred.append(lambda: calls.append(("traced", dtype)))
         return []
 
     monkeypatch.setattr(gpu_check_timing.measure, "measure", fake)
@@ -442,11 +444,16 @@ def test_only_the_model_phases_fp32_rows_are_traced_and_last(monkeypatch):
     monkeypatch.setattr(gpu_check_timing.C, "tuning_forms", lambda cpu: [])
     gpu_check_timing.timing(False, "model", 100, gpu_check_phases.Partial(), 1)
     traced = gpu_check_timing.TRACE_CALLS
-    # On a GPU fp32 comes last: nothing is timed in the process after the profiler.
-    assert calls == [("resnet50", "bf16-grads", 100, 0), ("resnet50", "fp32", 100, traced)]
+    # On a GPU fp32 is timed first (a phase out of time loses bf16's rows, not
+    # fp32's) and traced last: nothing is timed in the process after the profiler.
+    assert calls == [
+        ("resnet50", "fp32", 100, traced),
+        ("resnet50", "bf16-grads", 100, 0),
+        ("traced", "fp32"),
+    ]
     calls.clear()
     gpu_check_timing.timing(True, "model", 1, gpu_check_phases.Partial(), 1)
-    assert calls == [("tiny-model", "fp32", 1, traced)]
+    assert calls == [("tiny-model", "fp32", 1, traced), ("traced", "fp32")]
     for which in ("array", "overhead", "tuning"):
         calls.clear()
         gpu_check_timing.timing(False, which, 100, gpu_check_phases.Partial(), 1)

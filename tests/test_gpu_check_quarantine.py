@@ -108,7 +108,7 @@ def test_a_quarantined_form_and_its_geometries_are_unavailable(monkeypatch):
 def test_the_timing_steps_leave_a_quarantined_form_out(monkeypatch):
     names_seen = []
 
-    def fake(w, dtype, names, settings, on_timed):
+    def fake(w, dtype, names, settings, on_timed, deferred):
         names_seen.append(list(names))
         return []
 
@@ -271,7 +271,7 @@ def test_the_timing_steps_name_the_form_whose_calls_run(monkeypatch, tmp_path):
 
         return steps.Runner(name, call, (np.zeros(1),), (), 0.0, 1, 0.0, 0.0)
 
-    def fake_measure(w, dtype, names, settings, on_timed):
+    def fake_measure(w, dtype, names, settings, on_timed, deferred):
         assert "running" not in Q.read_result(partial.path)  # compiling
         runners = [runner(n) for n in ["optax", *names, "copy"]]
         for r in runners:
