@@ -10,8 +10,8 @@ run keeps a quarantine, ``{form: {"kind", "reason", "step"}}``:
 
 * ``kind`` "hang": one run of the form took more than ``SLOW_RUN_S`` (the
   step's call alone), or one of its runs (not a compile) had been on the
-  device for more than that when its step timed out. The form is left out of every later step,
-  ``sanitize`` too;
+  device for more than that when its step timed out. The form is left out
+  of every later step, ``sanitize`` too;
 * ``kind`` "fail": it failed ``smoke``, made the device fail (a later
   one-element computation raised), or its step's process died while it ran.
   It is left out of every later step but ``sanitize``, whose memcheck says

@@ -14,10 +14,10 @@ and on one 64M-element array, at least ``ARRAY_COPY_MIN`` of the floor's
 bandwidth on the bytes a step must move there (``must_move``): one leaf of
 256 MB, far above L2, has its norms before any update, so w and g are read
 twice (28 bytes a parameter with fp32 grads, 24 with bf16, against the
-floor's 20 and 18). ``targets(doc)`` gives one line per timed
-form (``timing-model``, ``timing-tuning`` and ``timing-array``),
-``verdicts(doc)`` one per workload and gradient dtype: the rows that met
-every target, else the one nearest the floor and what it missed by.
+floor's 20 and 18). ``targets(doc)`` gives one line per timed form
+(``timing-model``, ``timing-tuning`` and ``timing-array``), ``verdicts(doc)``
+one per workload and gradient dtype: the rows that met every target, else
+the one nearest the floor and what it missed by.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     Keys: step, workload, group ("model" or "sweep"), dtype, row, x_optax,
     x_floor, launches (the loop's own left out), array_bandwidth (the
     fraction of the copy's bandwidth on ``must_move``'s bytes; sweep rows
-    only), and ``speedup``, ``floor``,
-    ``launch``, ``bandwidth`` (True, False, or None where the target does not
-    apply or the figure is missing), ``met`` (every applicable target met).
+    only), and ``speedup``, ``floor``, ``launch``, ``bandwidth`` (True,
+    False, or None where the target does not apply), ``met`` (every target
+    that applies met; a missing figure misses its target).
     """
     out = []
     for step in _STEPS:
@@ -86,8 +86,10 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             frac = _floor_frac(r)
             x_floor = 1 / frac if frac else None
-            floor_bytes, leaf_bytes = must_move(r["dtype"])
-            bandwidth = frac * leaf_bytes / floor_bytes if frac else None
+            bandwidth = None
+            if frac and r["dtype"] in _GRAD_BYTES:
+                floor_bytes, leaf_bytes = must_move(r["dtype"])
+                bandwidth = frac * leaf_bytes / floor_bytes
             x_optax = r.get("speedup_vs_optax")
             launches = r.get("launches")
             if launches is not None:
@@ -123,7 +125,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(t: dict[str, Any]) -> str:
     if t["group"] == "sweep":
-        leaf_bytes = must_move(t["dtype"])[1]
+        leaf_bytes = must_move(t["dtype"])[1] if t["dtype"] in _GRAD_BYTES else "?"
         return (
             f"{_pct(t['array_bandwidth'])} of the copy's bandwidth on the {leaf_bytes} bytes "
             f"a parameter it must move (target {ARRAY_COPY_MIN:.0%}; {_x(t['x_floor'])} the floor)"
