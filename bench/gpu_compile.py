@@ -77,8 +77,12 @@ runtime_version { major: 13 minor: 0 }
 device_description_str: "NVIDIA H200"
 """
 
-# Steps per call in the loop rows: bench.gpu_check's timing loop.
-LOOP_STEPS = 20
+# Steps per call in the loop rows: bench.gpu_check's timing loop
+# (``GPU_STEPS_PER_CALL``). Every loop row's ``while`` must have this known
+# trip count in the compiled HLO (``bench.hlo.loop_trip_count``): without one
+# XLA's GPU runtime copies the loop's condition to the host and waits for it
+# every step, and the timing would count that wait in each step.
+LOOP_STEPS = 100
 
 # Launches a step in the loop (bench.hlo.count_loop_launches) that a row may
 # not exceed, from this tool's counts (jax 0.11.2, 2026-12-05); issue target:
@@ -173,12 +177,15 @@ def compile_row(
     lr = place(jax.ShapeDtypeStruct((), jnp.float32))
     compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(params, state, grads, lr).compile()
     text = compiled.as_text()
+    trip_count = None
     if steps_per_call > 1:
         launches = hlo.count_loop_launches(text, steps_per_call)
+        trip_count = hlo.loop_trip_count(text)
     else:
         launches = hlo.count_launches(text)
     return {
         "launches": launches,
+        "trip_count": trip_count,
         "temp_mb": hlo.temp_bytes(compiled) / 1e6,
         "compile_s": time.perf_counter() - start,
         "hlo": text,
@@ -231,10 +238,14 @@ def run(quick: bool, out: Path | None, keep_hlo: bool) -> list[dict[str, Any]]:
                         slug = f"{workload.name}-{dtype}-{row.replace(':', '-')}-{key}.hlo.txt"
                         (out / slug).write_text(text)
                     r[f"launches_{key}"] = got["launches"]
+                    if k > 1:
+                        r["trip_count"] = got["trip_count"]
                     r[f"temp_mb_{key}"] = round(got["temp_mb"], 1)
                     r[f"compile_s_{key}"] = round(got["compile_s"], 1)
                 bound = LAUNCH_BOUNDS.get(row)
                 r["bound"] = bound
+                if "error" not in r and r.get("trip_count") != LOOP_STEPS:
+                    r["error"] = f"the loop's trip count is not known ({r.get('trip_count')})"
                 r["ok"] = "error" not in r and (bound is None or r["launches_loop"] <= bound)
                 results.append(r)
                 print(_line(r), flush=True)

@@ -124,24 +124,49 @@ def count_loop_launches(hlo_text: str, steps: int) -> int:
     entry, comps = parse_computations(hlo_text)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    count = _counter(comps)
+    loop = _outer_while(comps, entry)
+    if loop is not None:
+        return _counter(comps)(_BODY.search(loop).group(1), 0)
+    return -(-_counter(comps)(entry, 0) // steps)
 
-    def find_body(name: str, depth: int) -> str | None:
+
+def _outer_while(comps: dict[str, list[tuple[str, str]]], entry: str) -> str | None:
+    """The line of the outermost ``while``: the first met from ``entry`` through ``call``s."""
+
+    def find(name: str, depth: int) -> str | None:
         for opcode, line in comps.get(name, []):
-            body = _BODY.search(line) if opcode == "while" else None
+            if opcode == "while" and _BODY.search(line):
+                return line
             callee = _TO_APPLY.search(line) if opcode == "call" else None
-            if body:
-                return body.group(1)
             if callee and depth < 8:
-                found = find_body(callee.group(1), depth + 1)
+                found = find(callee.group(1), depth + 1)
                 if found:
                     return found
         return None
 
-    body = find_body(entry, 0)
-    if body is not None:
-        return count(body, 0)
-    return -(-count(entry, 0) // steps)
+    return find(entry, 0)
+
+
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def loop_trip_count(hlo_text: str) -> int | None:
+    """The trip count XLA knows for the outermost ``while`` (its backend config); None if none.
+
+    On a GPU, XLA's while loop with a known trip count runs its body that many
+    times from the host without reading a condition back; without one, every
+    step copies the condition to the host and waits for it (``WhileThunk`` at
+    the XLA that jax 0.11 pins), which a timed loop would count per step.
+
+    Raises:
+      ValueError: if the text has no ENTRY computation.
+    """
+    entry, comps = parse_computations(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    loop = _outer_while(comps, entry)
+    found = _TRIP_COUNT.search(loop) if loop is not None else None
+    return int(found.group(1)) if found else None
 
 
 def cost_bytes_accessed(compiled: Any) -> float:

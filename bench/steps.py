@@ -29,8 +29,9 @@ runtime runs the copy's fusion on one thread (jax 0.12.0.1, 2-core Xeon:
 17.6-19.9 ms for a copy moving 234 MB in a loop, 10.9-12.6 ms alone on two
 threads), which would make the floor slower than the memory allows. A
 ``copy-loop`` row (``COPY_LOOP``) times the copy in the same loop, so that what
-the loop costs a step (on a GPU, XLA's while loop may wait for its trip
-condition on the host every step) shows beside the floor.
+the loop costs a step (on a GPU, the host issues the loop's body step by
+step; its trip count is known, so it does not wait for a condition:
+``bench.gpu_compile`` checks it) shows beside the floor.
 """
 
 from __future__ import annotations

@@ -217,6 +217,23 @@ def test_count_loop_launches_counts_one_step():
     assert hlo.count_loop_launches(text, 4) == 2
 
 
+def test_loop_trip_count_is_read_from_the_outer_whiles_backend_config():
+    # The synthetic loop has no backend config: no known trip count.
+    assert hlo.loop_trip_count(LOOP_HLO) is None
+    assert hlo.loop_trip_count(SYNTHETIC_HLO) is None  # no while at all
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo.loop_trip_count("HloModule m\n")
+    # XLA's CPU compiler annotates a fori_loop with a static bound, as its GPU
+    # compiler does (bench.gpu_compile checks the H200's).
+    x, c, d = jnp.ones(1000), jnp.float32(1.0), jnp.float32(0.0)
+    text = jax.jit(steps.looped(steps.copy_step, 1, 7)).lower(x, c, d).compile().as_text()
+    assert hlo.loop_trip_count(text) == 7
+    # A loop whose end is only known at run time has none.
+    n = jnp.int32(7)
+    dynamic = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda i, y: y * 2.0, x))
+    assert hlo.loop_trip_count(dynamic.lower(x, n).compile().as_text()) is None
+
+
 def test_measure_with_steps_per_call_times_each_step_of_the_loop():
     work = workloads.small_arrays_workload(3, 257)
     settings = measure.Settings(

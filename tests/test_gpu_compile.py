@@ -16,7 +16,12 @@ import pytest
 from bench import gpu_compile
 
 
-def _stand_in(monkeypatch, launches: dict[str, int], broken: tuple[str, ...] = ()) -> list:
+def _stand_in(
+    monkeypatch,
+    launches: dict[str, int],
+    broken: tuple[str, ...] = (),
+    unknown_trips: tuple[str, ...] = (),
+) -> list:
     calls = []
 
     @contextlib.contextmanager
@@ -28,7 +33,14 @@ def _stand_in(monkeypatch, launches: dict[str, int], broken: tuple[str, ...] = (
         assert sharding == "sharding"
         if name in broken:
             raise ValueError(f"{name} does not lower\nsecond line")
-        return {"launches": launches.get(name, 1), "temp_mb": 0.5, "compile_s": 0.1, "hlo": "x"}
+        trips = None if name in unknown_trips or steps_per_call == 1 else steps_per_call
+        return {
+            "launches": launches.get(name, 1),
+            "trip_count": trips,
+            "temp_mb": 0.5,
+            "compile_s": 0.1,
+            "hlo": "x",
+        }
 
     monkeypatch.setattr(gpu_compile, "h200", fake_h200)
     monkeypatch.setattr(gpu_compile, "compile_row", fake_compile)
@@ -66,6 +78,22 @@ def test_a_row_that_does_not_compile_fails_with_its_error(monkeypatch, tmp_path)
     rows = {r["row"]: r for r in json.loads((tmp_path / "gpu_compile.json").read_text())["rows"]}
     assert rows["triton:apply"]["error"] == "ValueError: triton:apply does not lower"
     assert "does not lower" in (tmp_path / "gpu_compile.md").read_text()
+
+
+def test_a_loop_without_a_known_trip_count_fails_its_row(monkeypatch, tmp_path):
+    """Without one the GPU runtime waits on the host for the condition every step."""
+    _stand_in(monkeypatch, dict(gpu_compile.LAUNCH_BOUNDS), unknown_trips=("optax",))
+    assert gpu_compile.main(["--quick", "--out", str(tmp_path)]) == 1
+    rows = {r["row"]: r for r in json.loads((tmp_path / "gpu_compile.json").read_text())["rows"]}
+    assert [r for r, v in rows.items() if not v["ok"]] == ["optax"]
+    assert rows["optax"]["error"] == "the loop's trip count is not known (None)"
+    assert rows["native:apply"]["trip_count"] == gpu_compile.LOOP_STEPS
+
+
+def test_the_loop_is_the_gpu_checks(monkeypatch):
+    from bench import gpu_check
+
+    assert gpu_compile.LOOP_STEPS == gpu_check.GPU_STEPS_PER_CALL
 
 
 def test_full_run_compiles_every_form_both_ways(monkeypatch):
