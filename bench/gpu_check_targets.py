@@ -187,6 +187,11 @@ def table(doc: dict[str, Any]) -> list[str]:
         "one leaf larger than L2 (w and g read twice: 28 bytes a parameter with fp32 "
         "grads, 24 with bf16) (bench/gpu_check_targets.py).",
         "",
+        *(
+            ["With `--cpu` the kernels are interpreted: these figures say nothing of them.", ""]
+            if str(doc.get("environment", {}).get("mode", "")).startswith("cpu")
+            else []
+        ),
         "| step | workload | grads | row | x optax | x floor | launches | array: of copy's "
         "bandwidth | met |",
         "|---|---|---|---|---:|---:|---:|---:|---|",

@@ -288,6 +288,7 @@ def test_the_cpu_run_passes_every_phase_and_writes_its_reports(tmp_path):
     assert all("median_ms" in tuning[name] for name in ["triton:apply", *tuned])
     md = (tmp_path / "gpu_check.md").read_text()
     assert "## Timing" in md and "## Correctness" in md and "## Targets" in md
+    assert "With `--cpu` the kernels are interpreted" in md
     assert "step           status" in out.stdout  # the short table, printed last
     # A verdict on the targets for each workload and gradient dtype timed (interpreted
     # kernels: whether they are met says nothing).
