@@ -8,7 +8,8 @@ call, a copy, an unfused op), except the bookkeeping ops that run no code
 (e.g. the command-buffer wrapper of the GPU backend) is replaced by the count
 of the computation it calls; a ``while`` or ``conditional`` counts once (its
 body is not unrolled). ``count_loop_launches`` counts one step of a step
-compiled as a loop (``bench.steps.looped``).
+compiled as a loop (``bench.steps.looped``), and ``loop_trip_count`` reads
+whether XLA knows that loop's trip count.
 """
 
 from __future__ import annotations
