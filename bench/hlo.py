@@ -99,15 +99,21 @@ def _counter(comps: dict[str, list[tuple[str, str]]]) -> Callable[[str, int], in
     return count
 
 
+def _with_entry(hlo_text: str) -> tuple[str, dict[str, list[tuple[str, str]]]]:
+    """``parse_computations``, raising ValueError where there is no ENTRY computation."""
+    entry, comps = parse_computations(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return entry, comps
+
+
 def count_launches(hlo_text: str) -> int:
     """Kernel launches per execution of a compiled program (see the module doc).
 
     Raises:
       ValueError: if the text has no ENTRY computation.
     """
-    entry, comps = parse_computations(hlo_text)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
+    entry, comps = _with_entry(hlo_text)
     return _counter(comps)(entry, 0)
 
 
@@ -122,9 +128,7 @@ def count_loop_launches(hlo_text: str, steps: int) -> int:
     Raises:
       ValueError: if the text has no ENTRY computation.
     """
-    entry, comps = parse_computations(hlo_text)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
+    entry, comps = _with_entry(hlo_text)
     loop = _outer_while(comps, entry)
     if loop is not None:
         return _counter(comps)(_BODY.search(loop).group(1), 0)
@@ -162,9 +166,7 @@ def loop_trip_count(hlo_text: str) -> int | None:
     Raises:
       ValueError: if the text has no ENTRY computation.
     """
-    entry, comps = parse_computations(hlo_text)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
+    entry, comps = _with_entry(hlo_text)
     loop = _outer_while(comps, entry)
     found = _TRIP_COUNT.search(loop) if loop is not None else None
     return int(found.group(1)) if found else None
