@@ -187,8 +187,8 @@ def _trace_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _x_floor(row: dict[str, Any]) -> float | None:
-    """A row's time over the floor's (the copy alone in JSONs without ``frac_of_floor``)."""
-    frac = row.get("frac_of_floor", row.get("frac_of_copy"))
+    """A row's time over the floor's (``gpu_check_targets.floor_frac``)."""
+    frac = gpu_check_targets.floor_frac(row)
     return 1 / frac if frac else None
 
 

@@ -49,7 +49,8 @@ _NOT_FORMS = ("optax", "reference", "reference:apply", "copy", "copy-loop")
 _STEPS = ("timing-model", "timing-tuning", "timing-array")
 
 
-def _floor_frac(row: dict[str, Any]) -> float | None:
+def floor_frac(row: dict[str, Any]) -> float | None:
+    """A timing row's floor over its time (the copy alone's in JSONs without ``frac_of_floor``)."""
     frac = row.get("frac_of_floor", row.get("frac_of_copy"))
     return frac if frac and not math.isnan(frac) else None
 
@@ -84,7 +85,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         for r in rows:
             if r["backend"] in _NOT_FORMS or r.get("median_ms") is None:
                 continue
-            frac = _floor_frac(r)
+            frac = floor_frac(r)
             x_floor = 1 / frac if frac else None
             bandwidth = None
             if frac and r["dtype"] in _GRAD_BYTES:

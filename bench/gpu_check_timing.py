@@ -130,33 +130,32 @@ def timing(cpu: bool, which: str, steps_per_call: int, result: Any, workers: int
         case = f"{family}/{mode or 'update'}/{step}: {runner} {where[0]}"
         result.running(case if family else None)
 
-    for w in _timing_workloads(cpu, which):
-        # With ``cpu`` one gradient dtype per workload (interpreters are slow).
-        for dtype in [dtypes[which == "array"]] if cpu else dtypes:
-            for spc in per_call:
-                trace = TRACE_CALLS if traced and dtype == "fp32" else 0
-                run = dataclasses.replace(settings, steps_per_call=spc, trace_calls=trace)
-                where[0] = f"on {w.name} {dtype}, {spc} a call"
-                # The rows are saved once timed; the trace's columns are added after.
-                with steps.watching(watch):
+    with steps.watching(watch):
+        for w in _timing_workloads(cpu, which):
+            # With ``cpu`` one gradient dtype per workload (interpreters are slow).
+            for dtype in [dtypes[which == "array"]] if cpu else dtypes:
+                for spc in per_call:
+                    trace = TRACE_CALLS if traced and dtype == "fp32" else 0
+                    run = dataclasses.replace(settings, steps_per_call=spc, trace_calls=trace)
+                    where[0] = f"on {w.name} {dtype}, {spc} a call"
+                    # The rows are saved once timed; the trace's columns are added after.
                     measured = measure.measure(
                         w, dtype, names, run, on_timed=result.add_rows, deferred=deferred
                     )
-                result.save()
-                rows += measured
-                for r in measured:
-                    print(
-                        f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
-                        f"{r.get('median_ms', float('nan')):9.3f} ms "
-                        f"(compile {r.get('compile_s', float('nan')):5.1f} s, {spc} a call) "
-                        f"{r['note']}",
-                        flush=True,
-                    )
-    where[0] = "under the profiler"
-    for trace_rows in deferred:  # their columns go into the rows saved above
-        with steps.watching(watch):
+                    result.save()
+                    rows += measured
+                    for r in measured:
+                        print(
+                            f"  {w.name:12s} {dtype:10s} {r['backend']:20s} "
+                            f"{r.get('median_ms', float('nan')):9.3f} ms "
+                            f"(compile {r.get('compile_s', float('nan')):5.1f} s, {spc} a call) "
+                            f"{r['note']}",
+                            flush=True,
+                        )
+        where[0] = "under the profiler"
+        for trace_rows in deferred:  # their columns go into the rows saved above
             trace_rows()
-        result.save()
+            result.save()
     for r in rows:
         case = f"{r['workload']}/{r['dtype']}/{r['backend']}"
         if len(per_call) > 1:
